@@ -1,0 +1,1 @@
+"""Deterministic S3-backed multimodal data pipeline."""

@@ -1,0 +1,1 @@
+"""Launchers: the train entry point, torchrun and SLURM scripts, the quickstart."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: set up (or reuse) the venv, then run the whole suite.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k config -x`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh dev,hf
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "tests/run.sh: pytest collected no tests; that is a failure" >&2
+  exit 1
+fi
+exit "$rc"

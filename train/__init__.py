@@ -1,0 +1,1 @@
+"""Model, optimizer, trainer and config of the mmpt pretraining system."""

@@ -1,0 +1,373 @@
+"""Typed run configuration: dataclasses with defaults, loaded from TOML, overridable from the CLI.
+
+A config is seven sections (model, vision, data, parallel, optim, train, checkpoint). Loading
+goes TOML file -> `--section.field=value` overrides -> validation. Every error names the field,
+the bad value and what is allowed; unknown keys are errors, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message names the field."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The text model: DeepSeek-V3 / Kimi K2 architecture (names follow the HF config)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    num_layers: int = 4
+    first_k_dense: int = 1  # the first layers use a dense SwiGLU MLP instead of MoE
+    intermediate_size: int = 384  # dense MLP width
+    num_heads: int = 4
+    q_lora_rank: int = 64  # 0 means a full-rank q projection (as DeepSeek-V2-Lite)
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16  # one rope key of this width is shared by all heads
+    v_head_dim: int = 32
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 96
+    n_group: int = 1  # group-limited routing (K2 uses one group)
+    topk_group: int = 1
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    # Aux-loss-free balancing: bias += rate * sign(mean_load - load), outside autograd.
+    bias_update_rate: float = 1e-3
+    seq_aux_loss_coef: float = 0.0  # optional small sequence-level balance loss
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 50000.0
+    max_position_embeddings: int = 4096
+    # YaRN context extension; factor 1.0 means plain RoPE.
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int = 4096
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 1.0
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+    # Placeholder tokens replaced by projected vision embeddings (one per merged patch). They
+    # are never embedded, so they may lie outside the vocabulary (as in Kimi K2.5).
+    image_token_id: int = 3
+    video_token_id: int = 4
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"
+
+
+@dataclass
+class VisionConfig:
+    """MoonViT-3D encoder and the patch-merger projector to the LM width."""
+
+    enabled: bool = True
+    patch_size: int = 14
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    in_channels: int = 3
+    pos_emb_height: int = 16  # learned 2-D position grid, interpolated to each image
+    pos_emb_width: int = 16
+    pos_emb_time: int = 4  # time embedding slots: frames per video chunk
+    merge_size: int = 2  # 2x2 spatial patch merge before the projector
+    frames_per_chunk: int = 4  # video: frames averaged into one spatio-temporal volume
+    projector_hidden_size: int = 0  # 0: same as the merged width
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    projector_ln_eps: float = 1e-5
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is mixed and packed (the data issue fills this in)."""
+
+    manifest: str = ""  # URL of a dataset manifest: s3://bucket/prefix or a local path
+    seq_len: int = 256
+    vision_fraction: float = 0.1
+    seed: int = 0
+    global_batch_size: int = 8  # sequences per optimizer step, over all DP replicas
+    num_workers: int = 0
+    tokenizer: str = ""
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    virtual_stages: int = 1
+    dp: int = 1
+    ep: int = 1
+    microbatches: int = 1
+    schedule: Literal["interleaved_1f1b", "1f1b", "interleaved_zero_bubble"] = "interleaved_1f1b"
+    dep: bool = True  # decoupled encoder process for the vision encoder
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    adamw_lr: float = 2e-3
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    qk_clip_tau: float = 100.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    log_every: int = 1
+    run_dir: str = "runs/default"
+    max_bad_steps: int = 3
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # local path or s3://bucket/prefix; empty disables checkpointing
+    every: int = 10
+    keep_last: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Convert a TOML or CLI value to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}={value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(where, value, args[0])
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}={value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(f"{where}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}={value!r} must be a string")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _section_from_dict(name: str, cls: type, raw: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {name}.{unknown[0]}; known keys of [{name}]: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; sections are: {', '.join(SECTIONS)}")
+    hints = typing.get_type_hints(Config)
+    parts = {}
+    for name in SECTIONS:
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[{name}] must be a table, got {section!r}")
+        parts[name] = _section_from_dict(name, hints[name], section)
+    cfg = Config(**parts)
+    validate(cfg)
+    return cfg
+
+
+def _parse_cli_value(text: str) -> Any:
+    """Parse an override value as a TOML value; a bare word that is not TOML is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ['--model.hidden_size=64', '--data.manifest', 's3://b/m'] into nested dicts."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r} must look like --section.field=value")
+        key, sep, text = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            i += 1
+            text = args[i]
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"override --{key}: unknown section {section!r}; sections are: {', '.join(SECTIONS)}")
+        out.setdefault(section, {})[name] = _parse_cli_value(text)
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config (or the defaults when path is None) and apply CLI overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    for section, values in parse_overrides(overrides or []).items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of cfg with some fields changed, validated: replace(cfg, model={'num_layers': 2})."""
+    raw = cfg.to_dict()
+    for name, values in sections.items():
+        raw[name].update(values)
+    return from_dict(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, where: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}={value!r} is invalid: {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    m, v, d, p, o, t, c = (cfg.model, cfg.vision, cfg.data, cfg.parallel, cfg.optim, cfg.train,
+                           cfg.checkpoint)
+    for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_heads",
+                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
+                 "topk_group", "max_position_embeddings", "rope_original_max_position_embeddings"):
+        _require(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "must be > 0")
+    for name in ("q_lora_rank", "n_shared_experts", "first_k_dense"):
+        _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "must be >= 0")
+    _require(m.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", m.qk_rope_head_dim,
+             "must be even (rotary pairs)")
+    _require(m.first_k_dense <= m.num_layers, "model.first_k_dense", m.first_k_dense,
+             f"must be <= model.num_layers={m.num_layers}")
+    _require(m.num_experts_per_tok <= m.n_routed_experts, "model.num_experts_per_tok",
+             m.num_experts_per_tok, f"must be <= model.n_routed_experts={m.n_routed_experts}")
+    _require(m.n_routed_experts % m.n_group == 0, "model.n_group", m.n_group,
+             f"must divide model.n_routed_experts={m.n_routed_experts}")
+    _require(m.topk_group <= m.n_group, "model.topk_group", m.topk_group,
+             f"must be <= model.n_group={m.n_group}")
+    for name in ("image_token_id", "video_token_id"):
+        _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "must be >= 0")
+    _require(m.rope_factor >= 1.0, "model.rope_factor", m.rope_factor, "must be >= 1.0")
+    _require(m.rms_norm_eps > 0, "model.rms_norm_eps", m.rms_norm_eps, "must be > 0")
+
+    if v.enabled:
+        for name in ("patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "in_channels", "pos_emb_height", "pos_emb_width", "pos_emb_time",
+                     "merge_size", "frames_per_chunk"):
+            _require(getattr(v, name) > 0, f"vision.{name}", getattr(v, name), "must be > 0")
+        _require(v.hidden_size % v.num_heads == 0, "vision.num_heads", v.num_heads,
+                 f"must divide vision.hidden_size={v.hidden_size}")
+        _require((v.hidden_size // v.num_heads) % 4 == 0, "vision.hidden_size", v.hidden_size,
+                 "per-head width must be a multiple of 4 (axial 2-D rope pairs)")
+        _require(v.frames_per_chunk <= v.pos_emb_time, "vision.frames_per_chunk",
+                 v.frames_per_chunk, f"must be <= vision.pos_emb_time={v.pos_emb_time}")
+        _require(v.projector_hidden_size >= 0, "vision.projector_hidden_size",
+                 v.projector_hidden_size, "must be >= 0")
+
+    _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    _require(0.0 <= d.vision_fraction < 1.0, "data.vision_fraction", d.vision_fraction,
+             "must be in [0, 1)")
+    _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+
+    for name in ("pp", "virtual_stages", "dp", "ep", "microbatches"):
+        _require(getattr(p, name) > 0, f"parallel.{name}", getattr(p, name), "must be > 0")
+    _require(p.dp % p.ep == 0, "parallel.ep", p.ep, f"must divide parallel.dp={p.dp}")
+    _require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
+             f"must divide model.n_routed_experts={m.n_routed_experts}")
+    _require(m.num_layers >= p.pp * p.virtual_stages, "model.num_layers", m.num_layers,
+             f"must be >= parallel.pp * parallel.virtual_stages = {p.pp * p.virtual_stages} "
+             "(every pipeline chunk needs a layer)")
+    _require(d.global_batch_size % (p.dp * p.microbatches) == 0, "data.global_batch_size",
+             d.global_batch_size,
+             f"must be divisible by parallel.dp * parallel.microbatches = {p.dp * p.microbatches}")
+
+    _require(o.lr >= 0, "optim.lr", o.lr, "must be >= 0")
+    _require(o.adamw_lr >= 0, "optim.adamw_lr", o.adamw_lr, "must be >= 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _require(o.qk_clip_tau > 0, "optim.qk_clip_tau", o.qk_clip_tau, "must be > 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+
+    _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
+    _require(t.max_bad_steps > 0, "train.max_bad_steps", t.max_bad_steps, "must be > 0")
+    _require(c.every > 0, "checkpoint.every", c.every, "must be > 0")
+    _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
