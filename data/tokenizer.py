@@ -1,0 +1,161 @@
+"""One tokenizer interface, two backends: HF `tokenizers` (tokenizer.json) and tiktoken BPE rank files.
+
+    tok = load_tokenizer("tok/tokenizer.json")      # HF backend
+    tok = load_tokenizer("tok/tokenizer.tiktoken")  # tiktoken backend (Kimi's format)
+    ids = tok.encode("text")                        # never parses special tokens out of text
+    tok.image_id, tok.video_id, tok.special          # fixed special-token ids
+
+A tiktoken rank file has one "<base64 token bytes> <rank>" line per token (rank = id = merge
+priority). The split pattern and special tokens live in a sidecar JSON `<file>.json`:
+{"pattern": "...", "special_tokens": {"<|pad|>": 0, ...}}; without a sidecar the default pattern
+and our special tokens after the last rank are used.
+
+Special tokens have fixed roles. Our own trained tokenizers (data/train_tokenizer.py) give them
+ids 0..6 in SPECIAL_TOKENS order, so the model config's image_token_id=3 / video_token_id=4 match.
+Text that contains a special token's spelling is tokenized as ordinary text (no injection).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+
+# role -> token string; ids 0..6 in this order in our own tokenizers.
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad": "<|pad|>",
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "image": "<|image|>",  # one per LM vision token of an image
+    "video": "<|video|>",  # one per LM vision token of a video chunk
+    "media_begin": "<|media_begin|>",  # opens an image / a video chunk
+    "media_end": "<|media_end|>",  # closes it
+}
+# GPT-4-style split pattern: supported by both tiktoken's regex engine and HF's (onig).
+DEFAULT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+class Tokenizer:
+    """Backend-independent part: special-token ids by role, fingerprint, vocab size."""
+
+    backend: str
+    fingerprint: str  # sha256 of the backend name and the tokenizer file(s): identifies token counts
+    vocab_size: int  # ids are < vocab_size (special tokens included)
+    special: dict[str, int]  # role -> id
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def __getattr__(self, name: str) -> int:  # tok.pad_id, tok.image_id, ...
+        if name.endswith("_id") and name[:-3] in self.__dict__.get("special", {}):
+            return self.special[name[:-3]]
+        raise AttributeError(name)
+
+    def info(self) -> dict:
+        """What the manifest records about the tokenizer."""
+        return {"backend": self.backend, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
+                "special_tokens": {SPECIAL_TOKENS.get(r, r): i for r, i in self.special.items()}}
+
+    def _set_special(self, ids_by_name: dict[str, int], where: str) -> None:
+        missing = [t for t in SPECIAL_TOKENS.values() if t not in ids_by_name]
+        if missing:
+            raise ValueError(f"{where}: tokenizer lacks special tokens {missing}")
+        self.special = {role: ids_by_name[t] for role, t in SPECIAL_TOKENS.items()}
+
+
+class HFTokenizer(Tokenizer):
+    backend = "hf"
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _HF
+
+        raw = Path(path).read_bytes()
+        self._tok = _HF.from_str(raw.decode("utf-8"))
+        self._tok.encode_special_tokens = True  # special spellings in text stay ordinary text
+        self.fingerprint = hashlib.sha256(b"hf\0" + raw).hexdigest()
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self._set_special({t: vocab[t] for t in SPECIAL_TOKENS.values() if t in vocab}, str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+def read_rank_file(path: str | Path) -> dict[bytes, int]:
+    ranks = {}
+    for n, line in enumerate(Path(path).read_text(encoding="ascii").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: not a '<base64> <rank>' line ({e})") from None
+    return ranks
+
+
+def write_rank_file(path: str | Path, ranks: dict[bytes, int], pattern: str,
+                    special_tokens: dict[str, int]) -> None:
+    lines = [f"{base64.b64encode(t).decode('ascii')} {r}" for t, r in sorted(ranks.items(), key=lambda x: x[1])]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="ascii")
+    side = {"pattern": pattern, "special_tokens": dict(sorted(special_tokens.items(), key=lambda x: x[1]))}
+    Path(str(path) + ".json").write_text(json.dumps(side, indent=1) + "\n", encoding="utf-8")
+
+
+class TiktokenTokenizer(Tokenizer):
+    backend = "tiktoken"
+
+    def __init__(self, path: str | Path):
+        import tiktoken
+
+        path = Path(path)
+        ranks = read_rank_file(path)
+        side_path = Path(str(path) + ".json")
+        h = hashlib.sha256(b"tiktoken\0" + path.read_bytes())
+        if side_path.exists():
+            side_raw = side_path.read_bytes()
+            h.update(b"\0" + side_raw)
+            side = json.loads(side_raw)
+            pattern = side.get("pattern", DEFAULT_PATTERN)
+            specials = {str(k): int(v) for k, v in side.get("special_tokens", {}).items()}
+        else:
+            pattern, base = DEFAULT_PATTERN, max(ranks.values()) + 1
+            specials = {t: base + i for i, t in enumerate(SPECIAL_TOKENS.values())}
+        self.fingerprint = h.hexdigest()
+        self._enc = tiktoken.Encoding(name=path.stem, pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens=specials)
+        self.vocab_size = max(max(ranks.values()), max(specials.values(), default=0)) + 1
+        self._set_special(specials, str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._enc.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """HF backend for *.json, tiktoken backend for anything else (a rank file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return HFTokenizer(path) if path.suffix == ".json" else TiktokenTokenizer(path)
