@@ -9,6 +9,7 @@ import sys
 # exit code; it parses its own arguments. Later issues add rows here.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "model-info": ("train.model.info", "main", "parameter counts (total / activated) of a config"),
+    "ingest": ("data.ingest", "main", "build webdataset shards + indexes + manifest from local inputs"),
     "plot": ("train.plot", "main", "PNG of loss, throughput and expert balance of a run"),
     "train": ("launch.train", "main", "train from a TOML config (one rank per process under torchrun)"),
 }
