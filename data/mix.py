@@ -1,0 +1,244 @@
+"""Deterministic blending: keyed permutations per source and a token-count mixer.
+
+Everything here is index arithmetic on metadata; nothing is read or decoded.
+
+- `derive_key(seed, fingerprint, *purpose)`: a 64-bit key from blake2b, never Python's `hash`.
+- `KeyedPermutation(n, key)`: a bijection of [0, n) (Feistel network on the next even bit width,
+  cycle walking back into range). Counter based: perm(i) needs only (key, i).
+- `SourceStream`: the endless sample order of one source. Stream position p lies in epoch
+  p // n and maps to usable sample perm_epoch(p % n); every epoch has its own key.
+- `TokenMixer`: picks which source gives the next document. Two levels, both error-minimising on
+  token counts, never random draws:
+    1. modality: with E = (vision tokens so far) - f * (all tokens so far), it takes the next
+       document from the vision group or the text group, whichever leaves |E| smaller (ties go
+       to text). So |E| stays within one document's tokens at every prefix of the stream, as long
+       as vision documents are themselves more than a fraction f vision tokens (image-caption
+       pairs are; a test checks the bound on the real corpus).
+    2. source within the group: the source whose realised token share is furthest below its
+       weight share (largest weight * group_tokens - weight_sum * source_tokens; ties: lowest index).
+  Its state is a few integers per source (`state()` / `from_state`), so a resume never replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_M64 = (1 << 64) - 1
+_ROUNDS = 6
+
+
+def derive_key(seed: int, fingerprint: str, *purpose: object) -> int:
+    """A 64-bit key for one purpose (e.g. ("order", "text", epoch)); stable across processes."""
+    text = "\x1f".join([str(int(seed)), fingerprint, *(str(p) for p in purpose)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a cheap avalanche on uint64 lanes (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class KeyedPermutation:
+    """A keyed bijection of [0, n): apply with perm(indices) (int or integer array)."""
+
+    def __init__(self, n: int, key: int):
+        if n <= 0:
+            raise ValueError(f"permutation domain must be non-empty, got n={n}")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.round_keys = [np.uint64(derive_key(key, "feistel", r)) for r in range(_ROUNDS)]
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self.half)
+        left, right = x >> half, x & self.mask
+        for k in self.round_keys:
+            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+        return (left << half) | right
+
+    def __call__(self, idx):
+        scalar = np.isscalar(idx)
+        x = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        if x.size and (x.min() < 0 or x.max() >= self.n):
+            raise IndexError(f"permutation index out of [0, {self.n})")
+        with np.errstate(over="ignore"):
+            y = self._encrypt(x.astype(np.uint64))
+            out = y >= np.uint64(self.n)
+            while out.any():  # cycle walking: the domain is < 4n, so few steps are needed
+                y[out] = self._encrypt(y[out])
+                out = y >= np.uint64(self.n)
+        y = y.astype(np.int64)
+        return int(y[0]) if scalar else y
+
+
+@dataclass
+class SourceSpec:
+    """What the mixer needs to know about one source: per-sample token counts from metadata.
+
+    `tokens[i]` is the packed length of usable sample i (text + vision placeholders + special
+    tokens), `vision[i]` its vision placeholder tokens; `usable` maps the usable sample numbers
+    to the source's sample numbers (samples that can never be packed are left out, counted).
+    """
+
+    name: str
+    group: str  # "text" or "vision"
+    weight: float
+    tokens: np.ndarray
+    vision: np.ndarray
+    usable: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.group not in ("text", "vision"):
+            raise ValueError(f"source {self.name!r}: group must be 'text' or 'vision', got {self.group!r}")
+        if not self.weight > 0:
+            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        if len(self.tokens) == 0:
+            raise ValueError(f"source {self.name!r} has no usable samples")
+        if self.usable is None:
+            self.usable = np.arange(len(self.tokens), dtype=np.int64)
+
+
+class SourceStream:
+    """Endless keyed order of one source's usable samples; cached a block at a time."""
+
+    BLOCK = 4096
+
+    def __init__(self, spec: SourceSpec, seed: int, fingerprint: str, index: int):
+        self.spec, self.seed, self.fingerprint, self.index = spec, seed, fingerprint, index
+        self.n = len(spec.tokens)
+        self._perm_epoch = -1
+        self._perm: KeyedPermutation | None = None
+        self._block_start = -1
+        self._block: list[int] = []
+
+    def _permutation(self, epoch: int) -> KeyedPermutation:
+        if epoch != self._perm_epoch:
+            key = derive_key(self.seed, self.fingerprint, "order", self.index, self.spec.name, epoch)
+            self._perm, self._perm_epoch = KeyedPermutation(self.n, key), epoch
+        return self._perm
+
+    def usable_at(self, position: int) -> int:
+        """Usable sample number at stream position `position` (any epoch)."""
+        epoch, offset = divmod(position, self.n)
+        start = offset - offset % self.BLOCK
+        if (epoch, start) != (self._perm_epoch, self._block_start) or not self._block:
+            stop = min(start + self.BLOCK, self.n)
+            self._block = self._permutation(epoch)(np.arange(start, stop)).tolist()
+            self._block_start = start
+        return self._block[offset - start]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One document of the mixed stream."""
+
+    source: int  # index into the mixer's sources
+    sample: int  # the source's sample number (not the usable number)
+    epoch: int
+    tokens: int
+    vision: int
+
+
+@dataclass
+class MixState:
+    """Mixer state after some draws: a few integers per source (JSON-friendly)."""
+
+    positions: list[int]
+    tokens: list[int]
+    vision: list[int]
+    draws: int = 0
+
+    def copy(self) -> "MixState":
+        return MixState(list(self.positions), list(self.tokens), list(self.vision), self.draws)
+
+    def to_dict(self) -> dict:
+        return {"positions": list(self.positions), "tokens": list(self.tokens),
+                "vision": list(self.vision), "draws": self.draws}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixState":
+        return cls(list(d["positions"]), list(d["tokens"]), list(d["vision"]), int(d["draws"]))
+
+
+@dataclass
+class TokenMixer:
+    """Error-minimising token-count blending of several sources (see the module docstring)."""
+
+    sources: list[SourceSpec]
+    vision_fraction: float
+    seed: int
+    fingerprint: str
+    state: MixState = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        f = self.vision_fraction
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"vision_fraction must be in [0, 1), got {f}")
+        self.groups = {g: [i for i, s in enumerate(self.sources) if s.group == g]
+                       for g in ("text", "vision")}
+        if not self.groups["text"]:
+            raise ValueError("the mix needs at least one text source")
+        if f > 0 and not self.groups["vision"]:
+            raise ValueError(f"vision_fraction={f} but no source has images or video")
+        self.streams = [SourceStream(s, self.seed, self.fingerprint, i)
+                        for i, s in enumerate(self.sources)]
+        if self.state is None:
+            n = len(self.sources)
+            self.state = MixState([0] * n, [0] * n, [0] * n)
+
+    def _pick_in_group(self, group: str) -> int:
+        members = self.groups[group]
+        weight_sum = sum(self.sources[i].weight for i in members)
+        group_tokens = sum(self.state.tokens[i] for i in members)
+        best, best_deficit = members[0], None
+        for i in members:
+            deficit = self.sources[i].weight * group_tokens - weight_sum * self.state.tokens[i]
+            if best_deficit is None or deficit > best_deficit:
+                best, best_deficit = i, deficit
+        return best
+
+    def _candidate(self, source: int) -> tuple[int, int, int]:
+        stream, spec = self.streams[source], self.sources[source]
+        u = stream.usable_at(self.state.positions[source])
+        return u, int(spec.tokens[u]), int(spec.vision[u])
+
+    def next(self) -> Draw:
+        st, f = self.state, self.vision_fraction
+        source = self._pick_in_group("text")
+        if f > 0:
+            vsource = self._pick_in_group("vision")
+            error = sum(st.vision) - f * sum(st.tokens)
+            _, nt, vt = self._candidate(source)
+            _, nv, vv = self._candidate(vsource)
+            if abs(error + vv - f * nv) < abs(error + vt - f * nt):
+                source = vsource
+        u, n, v = self._candidate(source)
+        spec = self.sources[source]
+        epoch = st.positions[source] // len(spec.tokens)
+        st.positions[source] += 1
+        st.tokens[source] += n
+        st.vision[source] += v
+        st.draws += 1
+        return Draw(source, int(spec.usable[u]), epoch, n, v)
+
+    def report(self) -> dict:
+        """Realised mix so far: token shares per source and the vision token share."""
+        total = sum(self.state.tokens) or 1
+        return {
+            "documents": self.state.draws,
+            "tokens": sum(self.state.tokens),
+            "vision_share": sum(self.state.vision) / total,
+            "target_vision_share": self.vision_fraction,
+            "sources": {s.name: {"tokens": self.state.tokens[i], "share": self.state.tokens[i] / total,
+                                 "documents": self.state.positions[i],
+                                 "epochs": self.state.positions[i] / len(s.tokens)}
+                        for i, s in enumerate(self.sources)},
+        }
