@@ -292,6 +292,14 @@ def summary(manifest: dict, url: str) -> str:
     return "\n".join(lines)
 
 
+def corpus_sources(corpus: Path) -> list[Source]:
+    """The four sources of a directory in the data.corpus layout."""
+    c = Path(corpus)
+    return [Source("text", "text", c / "text"), Source("images", "image", c / "images"),
+            Source("videos", "video", c / "videos"),
+            Source("interleaved", "interleaved", c / "interleaved" / "docs.jsonl")]
+
+
 def _source_arg(kind: str):
     def parse(s: str) -> Source:
         name, sep, path = s.partition("=")
@@ -326,10 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sources = args.text + args.images + args.videos + args.interleaved
     if args.corpus:
-        c = Path(args.corpus)
-        sources += [Source("text", "text", c / "text"), Source("images", "image", c / "images"),
-                    Source("videos", "video", c / "videos"),
-                    Source("interleaved", "interleaved", c / "interleaved" / "docs.jsonl")]
+        sources += corpus_sources(Path(args.corpus))
     from data.store import open_store
     from data.tokenizer import load_tokenizer
 
