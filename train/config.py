@@ -103,6 +103,12 @@ class DataConfig:
     global_batch_size: int = 8  # sequences per optimizer step, over all DP replicas
     num_workers: int = 0
     tokenizer: str = ""
+    # Vision preprocessing (data/vision.py): pixel budgets per image / video frame, frame sampling.
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 512 * 512
+    video_max_pixels: int = 256 * 256
+    video_fps: float = 2.0  # frames sampled per second of video
+    video_max_frames: int = 64  # per video; spread evenly over longer videos
 
 
 @dataclass
@@ -344,6 +350,11 @@ def validate(cfg: Config) -> None:
              "must be in [0, 1)")
     _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    for name in ("image_min_pixels", "image_max_pixels", "video_max_pixels", "video_max_frames"):
+        _require(getattr(d, name) > 0, f"data.{name}", getattr(d, name), "must be > 0")
+    _require(d.image_min_pixels <= d.image_max_pixels, "data.image_min_pixels", d.image_min_pixels,
+             f"must be <= data.image_max_pixels={d.image_max_pixels}")
+    _require(d.video_fps > 0, "data.video_fps", d.video_fps, "must be > 0")
 
     for name in ("pp", "virtual_stages", "dp", "ep", "microbatches"):
         _require(getattr(p, name) > 0, f"parallel.{name}", getattr(p, name), "must be > 0")
