@@ -1,5 +1,7 @@
 """MuonClip: Muon + AdamW (muon.py), QK-Clip (qk_clip.py), LR schedule and grad clipping."""
 
 from train.optim.muon import MuonClip, build_optimizer, newton_schulz5, param_groups, uses_muon
+from train.optim.qk_clip import QKClip, QKClipStats, qk_clip_
 
-__all__ = ["MuonClip", "build_optimizer", "newton_schulz5", "param_groups", "uses_muon"]
+__all__ = ["MuonClip", "QKClip", "QKClipStats", "build_optimizer", "newton_schulz5",
+           "param_groups", "qk_clip_", "uses_muon"]
