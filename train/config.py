@@ -135,6 +135,7 @@ class OptimConfig:
     warmup_steps: int = 10
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr_ratio
 
 
 @dataclass
@@ -376,6 +377,8 @@ def validate(cfg: Config) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
+             "must be in (0, 1]")
 
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
