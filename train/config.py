@@ -109,6 +109,11 @@ class DataConfig:
     video_max_pixels: int = 256 * 256
     video_fps: float = 2.0  # frames sampled per second of video
     video_max_frames: int = 64  # per video; spread evenly over longer videos
+    # Mixing and packing (data/mix.py, data/pack.py): BFD packs inside windows of this many
+    # sequences; weights "name=w,..." split each modality's tokens between its sources
+    # (empty: by source size in tokens).
+    window_sequences: int = 32
+    source_weights: str = ""
 
 
 @dataclass
@@ -351,6 +356,15 @@ def validate(cfg: Config) -> None:
              "must be in [0, 1)")
     _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _require(d.window_sequences > 0, "data.window_sequences", d.window_sequences, "must be > 0")
+    for part in filter(None, (x.strip() for x in d.source_weights.split(","))):
+        name, sep, w = part.partition("=")
+        try:
+            ok = bool(sep and name.strip()) and float(w) > 0
+        except ValueError:
+            ok = False
+        _require(ok, "data.source_weights", d.source_weights,
+                 "must look like 'name=weight,...' with positive weights")
     for name in ("image_min_pixels", "image_max_pixels", "video_max_pixels", "video_max_frames"):
         _require(getattr(d, name) > 0, f"data.{name}", getattr(d, name), "must be > 0")
     _require(d.image_min_pixels <= d.image_max_pixels, "data.image_min_pixels", d.image_min_pixels,
