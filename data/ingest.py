@@ -51,6 +51,7 @@ class Sample:
     text: str  # all text of the sample, for token/byte counts
     images: list[dict] = field(default_factory=list)
     videos: list[dict] = field(default_factory=list)
+    segments: list[dict] | None = None  # interleaved: [{"text": str} | {"image": member}] in order
 
 
 def parse_size(s: str) -> int:
@@ -191,7 +192,7 @@ def _interleaved_item(line: bytes, base: Path, max_pixels: int):
             else:
                 raise InputError(f"segment {i} is neither {{'text': str}} nor {{'image': path}}")
         members["json"] = canonical_json({"segments": out})
-        return Sample("interleaved", members, "".join(texts), images=images)
+        return Sample("interleaved", members, "".join(texts), images=images, segments=out)
     return load
 
 
@@ -265,7 +266,7 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             builder.add(f"{count:012d}", sample.kind, sample.members,
                         text_tokens=tokenizer.count(sample.text) if sample.text else 0,
                         text_bytes=len(sample.text.encode("utf-8")), images=sample.images,
-                        videos=sample.videos)
+                        videos=sample.videos, layout=_layout(sample, tokenizer))
             count += 1
             if builder.nbytes >= shard_size:
                 flush()
@@ -278,6 +279,14 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
                               tokenizer.info(), skipped)
     store.put(MANIFEST_KEY, canonical_json(manifest))
     return manifest
+
+
+def _layout(sample: Sample, tokenizer) -> list[dict] | None:
+    """Interleaved reading order with per-text-segment token counts (see data/shards.py)."""
+    if sample.segments is None:
+        return None
+    return [{"text_tokens": tokenizer.count(s["text"])} if "text" in s else {"image": s["image"]}
+            for s in sample.segments]
 
 
 def summary(manifest: dict, url: str) -> str:

@@ -42,7 +42,10 @@ Index (<shard>.idx.json)
       ],
       "videos": [                        # video samples
         {"member": "mp4", "frames": 90, "height": 240, "width": 320, "fps": 30.0}
-      ]
+      ],
+      "layout": [                        # interleaved samples only: reading order with each text
+        {"text_tokens": 57}, {"image": "img0.jpg"}   # segment's own token count, so the loader
+      ]                                  # knows where images sit without tokenizing
     }
   ]
 }
@@ -132,7 +135,8 @@ class ShardBuilder:
         return self._buf.tell()
 
     def add(self, key: str, kind: str, members: dict[str, bytes], *, text_tokens: int, text_bytes: int,
-            images: list[dict] | None = None, videos: list[dict] | None = None) -> None:
+            images: list[dict] | None = None, videos: list[dict] | None = None,
+            layout: list[dict] | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"sample {key}: kind {kind!r} not in {KINDS}")
         offsets = {}
@@ -146,6 +150,8 @@ class ShardBuilder:
         self.samples.append({"key": key, "kind": kind, "members": offsets, "text_tokens": int(text_tokens),
                              "text_bytes": int(text_bytes), "images": list(images or []),
                              "videos": list(videos or [])})
+        if layout is not None:
+            self.samples[-1]["layout"] = list(layout)
 
     def finish(self) -> tuple[bytes, dict]:
         self._buf.write(b"\0" * (2 * BLOCK))  # end-of-archive marker
