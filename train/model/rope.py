@@ -52,7 +52,7 @@ def inv_freq_and_attention_factor(cfg: ModelConfig) -> tuple[torch.Tensor, float
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep_extrapolated = 1 - ramp  # high-frequency dims keep their original frequency
-    interpolated = extrapolated / factor
+    interpolated = 1.0 / (factor * pos_freqs)
     inv_freq = interpolated * (1 - keep_extrapolated) + extrapolated * keep_extrapolated
     return inv_freq, float(attention_factor)
 
