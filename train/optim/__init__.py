@@ -2,6 +2,8 @@
 
 from train.optim.muon import MuonClip, build_optimizer, newton_schulz5, param_groups, uses_muon
 from train.optim.qk_clip import QKClip, QKClipStats, qk_clip_
+from train.optim.schedule import clip_grad_norm_, global_grad_norm, lr_multiplier, set_lr
 
-__all__ = ["MuonClip", "QKClip", "QKClipStats", "build_optimizer", "newton_schulz5",
-           "param_groups", "qk_clip_", "uses_muon"]
+__all__ = ["MuonClip", "QKClip", "QKClipStats", "build_optimizer", "clip_grad_norm_",
+           "global_grad_norm", "lr_multiplier", "newton_schulz5", "param_groups", "qk_clip_",
+           "set_lr", "uses_muon"]
