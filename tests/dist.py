@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -49,7 +50,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, args: tuple, kwargs: 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
         out = fn(rank, world, *args, **kwargs)
-        results.put((rank, True, out))
+        # Plain pickle copies tensors by value; the queue's own (torch) pickler would share
+        # their storage by file descriptor, which dies with this process before the parent reads.
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # report everything, including SystemExit/KeyboardInterrupt
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -58,6 +61,10 @@ def _child(fn: Callable, rank: int, world: int, port: int, args: tuple, kwargs: 
                 dist.destroy_process_group()
             except Exception:
                 pass
+        # mp.Queue.put hands the pickled result to a feeder thread: wait for it to reach the
+        # pipe, or os._exit drops large results (the rank then "gave no result").
+        results.close()
+        results.join_thread()
         # Skip atexit handlers and buffered-stream flushing inherited from the parent (pytest).
         os._exit(0)
 
@@ -81,7 +88,7 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 300.0
                 break
             try:
                 rank, ok, value = results.get(timeout=min(left, 1.0))
-                outcome[rank] = (ok, value)
+                outcome[rank] = (ok, pickle.loads(value) if ok else value)
                 if not ok:
                     # Give the others a moment to report their own failures, then stop waiting.
                     deadline = min(deadline, time.monotonic() + 5.0)
