@@ -5,7 +5,7 @@ import torch
 
 from train.config import VisionConfig
 from train.model.hf_kimi import vision_config_to_hf, vision_state_from_hf, vision_state_to_hf
-from train.model.vision import VisionTower, num_patches, patchify, vision_tokens
+from train.model.vision import VisionTower, num_patches, vision_tokens
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.kimi_k25 import modeling_kimi_k25 as hf_kimi  # noqa: E402
@@ -132,27 +132,16 @@ def test_weight_conversion_round_trip():
         assert torch.equal(back[k], hf_state[k]), k
 
 
-def test_patchify_layout():
-    """Rows are frame-major, raster per frame, each row a (C, p, p) crop flattened (the layout of
-    HF's Kimi-K2.5 processor, whose patchify needs torchvision, so a plain loop is the reference)."""
-    p = CFG.patch_size
-    frames = torch.randn(2, 3, 3 * p, 5 * p)
-    patches, grid = patchify(frames, p)
-    assert grid == (2, 3, 5)
-    expected = [frames[f, :, r * p:(r + 1) * p, c * p:(c + 1) * p].flatten()
-                for f in range(2) for r in range(3) for c in range(5)]
-    assert torch.equal(patches, torch.stack(expected))
-    with pytest.raises(ValueError, match="multiple of patch_size"):
-        patchify(frames[..., :-1], p)
-
-
 def test_meta_build_and_deterministic_init():
+    """The tower builds on the meta device and the shared init_weights fills it reproducibly."""
+    from train.model import init_weights
+
     with torch.device("meta"):
         tower = VisionTower(CFG, LM_HIDDEN)
     tower.to_empty(device="cpu")
-    tower.init_weights(torch.Generator().manual_seed(3))
+    init_weights(tower, seed=3)
     again = VisionTower(CFG, LM_HIDDEN)
-    again.init_weights(torch.Generator().manual_seed(3))
+    init_weights(again, seed=3)
     for (name, a), (_, b) in zip(tower.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     patches, grid_thw = random_inputs(IMAGES)

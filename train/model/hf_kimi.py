@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from train.config import VisionConfig
+from train.config import Config, VisionConfig, from_dict
+from train.model import hf_deepseek
 
 Tensor = torch.Tensor
 
+HF_LM = "model.language_model."  # DeepseekV3ForCausalLM's "model." inside Kimi-K2.5
 HF_TOWER = "model.vision_tower."
 HF_PROJECTOR = "model.mm_projector."
 
@@ -106,7 +108,13 @@ def _vision_name_pairs(num_layers: int) -> list[tuple[str, str]]:
 
 def vision_state_from_hf(hf_state: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
     """HF state dict (full model names) -> VisionTower state dict."""
-    out = {ours: hf_state[theirs] for ours, theirs in _vision_name_pairs(num_layers)}
+    pairs = _vision_name_pairs(num_layers)
+    known = {theirs for _, theirs in pairs} | {HF_TOWER + "patch_embed.proj.weight",
+                                                HF_TOWER + "patch_embed.proj.bias"}
+    extra = sorted(k for k in hf_state if k.startswith((HF_TOWER, HF_PROJECTOR)) and k not in known)
+    if extra:
+        raise KeyError(f"unexpected HF vision tensors (vision.num_layers={num_layers}?): {extra[:3]}")
+    out = {ours: hf_state[theirs] for ours, theirs in pairs}
     conv_w = hf_state[HF_TOWER + "patch_embed.proj.weight"]  # [D, C, p, p]
     out["patch_embed.weight"] = conv_w.reshape(conv_w.shape[0], -1)  # (C, p, p) = patch row order
     out["patch_embed.bias"] = hf_state[HF_TOWER + "patch_embed.proj.bias"]
@@ -119,4 +127,66 @@ def vision_state_to_hf(state: dict[str, Tensor], num_layers: int, patch_size: in
     w = state["patch_embed.weight"]
     out[HF_TOWER + "patch_embed.proj.weight"] = w.reshape(w.shape[0], -1, patch_size, patch_size)
     out[HF_TOWER + "patch_embed.proj.bias"] = state["patch_embed.bias"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model
+# --------------------------------------------------------------------------------------------
+
+
+def config_to_hf(cfg: Config):
+    """The `Kimi_K25Config` describing the same network as cfg's model + vision sections."""
+    from transformers import Kimi_K25Config
+
+    if not cfg.vision.enabled:
+        raise ValueError("vision.enabled=false: a text-only model maps to DeepseekV3 "
+                         "(train.model.hf_deepseek), not Kimi-K2.5")
+    text = hf_deepseek.config_to_hf(cfg.model).to_dict()
+    return Kimi_K25Config(
+        text_config=text, **vision_config_to_hf(cfg.vision),
+        image_token_id=cfg.model.image_token_id, video_token_id=cfg.model.video_token_id,
+        tie_word_embeddings=cfg.model.tie_word_embeddings,
+    )
+
+
+def config_from_hf(hf_config, base: Config | None = None) -> Config:
+    """A validated Config whose model + vision sections describe `hf_config` (a Kimi_K25Config);
+    the other sections come from `base` (defaults when None)."""
+    model = hf_deepseek.config_from_hf(hf_config.text_config)
+    model.update(image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
+                 tie_word_embeddings=bool(hf_config.tie_word_embeddings))
+    raw = (base or Config()).to_dict()
+    raw["model"].update(model)
+    raw["vision"].update(vision_config_from_hf(hf_config))
+    return from_dict(raw)
+
+
+def state_dict_to_hf(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    """Our KimiK25 state dict -> Kimi_K25ForConditionalGeneration state dict (in-memory names)."""
+    lm = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+    vision = {k[len("vision."):]: v for k, v in state.items() if k.startswith("vision.")}
+    unknown = set(state) - {"lm." + k for k in lm} - {"vision." + k for k in vision}
+    if unknown:
+        raise KeyError(f"unexpected KimiK25 parameter names {sorted(unknown)[:3]}")
+    out = {}
+    for name, tensor in hf_deepseek.state_dict_to_hf(lm).items():
+        out[HF_LM + name[len("model."):] if name.startswith("model.") else name] = tensor
+    out.update(vision_state_to_hf(vision, cfg.vision.num_layers, cfg.vision.patch_size))
+    return out
+
+
+def state_dict_from_hf(hf_state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    """Kimi_K25ForConditionalGeneration state dict -> our KimiK25 state dict."""
+    text = {}
+    for name, tensor in hf_state.items():
+        if name.startswith(HF_LM):
+            text["model." + name[len(HF_LM):]] = tensor
+        elif name.startswith("lm_head."):
+            text[name] = tensor
+        elif not name.startswith((HF_TOWER, HF_PROJECTOR)):
+            raise KeyError(f"unexpected Kimi-K2.5 parameter name {name!r}")
+    out = {"lm." + k: v for k, v in hf_deepseek.state_dict_from_hf(text).items()}
+    vision = vision_state_from_hf(hf_state, cfg.vision.num_layers)
+    out.update({"vision." + k: v for k, v in vision.items()})
     return out

@@ -2,7 +2,8 @@
 
 Input is NaViT-style patch-n-pack: every image (or video chunk of up to `frames_per_chunk`
 frames of one size) is cut into p x p patches, flattened to rows of C*p*p values in (C, p, p)
-order, raster order per frame, frames one after another, and all items are concatenated.
+order, raster order per frame, frames one after another, and all items are concatenated
+(`data/vision.py` emits this layout, the same as HF's Kimi-K2.5 processors).
 `grid_thw` [M, 3] says how many frames / patch rows / patch columns each item has.
 
 Per item: linear patch embedding -> + learned 2-D position grid resampled bicubically to (h, w)
@@ -42,20 +43,6 @@ def num_patches(grid_thw: torch.Tensor | list) -> int:
 def vision_tokens(grid_thw: torch.Tensor | list, merge_size: int = 2) -> int:
     """LM placeholder tokens these items produce: (h/m)*(w/m) per item, whatever its frames."""
     return sum((h // merge_size) * (w // merge_size) for _, h, w in grid_list(grid_thw))
-
-
-def patchify(frames: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, Grid]:
-    """Frames [T, C, H, W] (H, W multiples of patch_size) -> (patches [T*h*w, C*p*p], (T, h, w)).
-
-    This is the input layout VisionTower expects (and the one HF's Kimi-K2.5 processor emits).
-    """
-    t, c, height, width = frames.shape
-    p = patch_size
-    if height % p or width % p:
-        raise ValueError(f"frame size {height}x{width} is not a multiple of patch_size={p}")
-    h, w = height // p, width // p
-    patches = frames.reshape(t, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(t * h * w, c * p * p)
-    return patches, (t, h, w)
 
 
 def time_embedding_table(num_frames: int, dim: int) -> torch.Tensor:
@@ -265,21 +252,6 @@ class VisionTower(nn.Module):
         """pixel_patches [N, C*p*p], grid_thw [M, 3] -> [sum (h/m)*(w/m), lm_hidden], grid order."""
         grids = self.check_grids(pixel_patches, grid_thw)
         return self.projector(self.merge(self._encode(pixel_patches, grids), grids))
-
-    # -- init -----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
-        """Deterministic init from `generator` (works after `to_empty` from the meta device):
-        normal(0, std) matrices and position grid, zero biases, unit LayerNorm scales."""
-        for name, p in sorted(self.named_parameters()):
-            if name.endswith(".bias"):
-                p.zero_()
-            elif p.dim() == 1:  # LayerNorm scales
-                p.fill_(1.0)
-            else:
-                sample = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-                p.copy_(sample)
 
     def extra_repr(self) -> str:
         c = self.cfg
