@@ -6,7 +6,7 @@ Everything here is index arithmetic on metadata; nothing is read or decoded.
 - `KeyedPermutation(n, key)`: a bijection of [0, n) (Feistel network on the next even bit width,
   cycle walking back into range). Counter based: perm(i) needs only (key, i).
 - `SourceStream`: the endless sample order of one source. Stream position p lies in epoch
-  p // n and maps to usable sample perm_epoch(p % n); every epoch has its own key.
+  p // n and maps to unit perm_epoch(p % n); every epoch has its own key.
 - `TokenMixer`: picks which source gives the next document. Two levels, both error-minimising on
   token counts, never random draws:
     1. modality: with E = (vision tokens so far) - f * (all tokens so far), it takes the next
@@ -83,9 +83,11 @@ class KeyedPermutation:
 class SourceSpec:
     """What the mixer needs to know about one source: per-sample token counts from metadata.
 
-    `tokens[i]` is the packed length of usable sample i (text + vision placeholders + special
-    tokens), `vision[i]` its vision placeholder tokens; `usable` maps the usable sample numbers
-    to the source's sample numbers (samples that can never be packed are left out, counted).
+    The mixer orders *units*: a document, or a part of a document too long for one packing
+    window. `tokens[i]` is the packed length of unit i (text + vision placeholders + special
+    tokens), `vision[i]` its vision placeholder tokens, `samples[i]` the source's sample number
+    it belongs to and `offsets[i]` its first token in that document. Samples that can never be
+    packed have no unit (the catalog counts them).
     """
 
     name: str
@@ -93,7 +95,8 @@ class SourceSpec:
     weight: float
     tokens: np.ndarray
     vision: np.ndarray
-    usable: np.ndarray | None = None
+    samples: np.ndarray | None = None
+    offsets: np.ndarray | None = None
 
     def __post_init__(self):
         if self.group not in ("text", "vision"):
@@ -102,12 +105,14 @@ class SourceSpec:
             raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
         if len(self.tokens) == 0:
             raise ValueError(f"source {self.name!r} has no usable samples")
-        if self.usable is None:
-            self.usable = np.arange(len(self.tokens), dtype=np.int64)
+        if self.samples is None:
+            self.samples = np.arange(len(self.tokens), dtype=np.int64)
+        if self.offsets is None:
+            self.offsets = np.zeros(len(self.tokens), dtype=np.int64)
 
 
 class SourceStream:
-    """Endless keyed order of one source's usable samples; cached a block at a time."""
+    """Endless keyed order of one source's units; cached a block at a time."""
 
     BLOCK = 4096
 
@@ -125,8 +130,8 @@ class SourceStream:
             self._perm, self._perm_epoch = KeyedPermutation(self.n, key), epoch
         return self._perm
 
-    def usable_at(self, position: int) -> int:
-        """Usable sample number at stream position `position` (any epoch)."""
+    def unit_at(self, position: int) -> int:
+        """Unit number at stream position `position` (any epoch)."""
         epoch, offset = divmod(position, self.n)
         start = offset - offset % self.BLOCK
         if (epoch, start) != (self._perm_epoch, self._block_start) or not self._block:
@@ -141,10 +146,15 @@ class Draw:
     """One document of the mixed stream."""
 
     source: int  # index into the mixer's sources
-    sample: int  # the source's sample number (not the usable number)
+    sample: int  # the source's sample number
     epoch: int
     tokens: int
     vision: int
+    offset: int = 0  # first token of this unit in the document
+    index: int = 0  # position in the mixed stream (0, 1, 2, ...)
+
+    def to_list(self) -> list[int]:
+        return [self.source, self.sample, self.epoch, self.tokens, self.vision, self.offset, self.index]
 
 
 @dataclass
@@ -207,7 +217,7 @@ class TokenMixer:
 
     def _candidate(self, source: int) -> tuple[int, int, int]:
         stream, spec = self.streams[source], self.sources[source]
-        u = stream.usable_at(self.state.positions[source])
+        u = stream.unit_at(self.state.positions[source])
         return u, int(spec.tokens[u]), int(spec.vision[u])
 
     def next(self) -> Draw:
@@ -227,7 +237,7 @@ class TokenMixer:
         st.tokens[source] += n
         st.vision[source] += v
         st.draws += 1
-        return Draw(source, int(spec.usable[u]), epoch, n, v)
+        return Draw(source, int(spec.samples[u]), epoch, n, v, int(spec.offsets[u]), st.draws - 1)
 
     def report(self) -> dict:
         """Realised mix so far: token shares per source and the vision token share."""

@@ -1,18 +1,20 @@
 """Packing documents into fixed-length sequences inside fixed global windows (metadata only).
 
 A *window* is S consecutive sequences of the global sequence stream (S = data.window_sequences):
-window k holds global sequences [k*S, (k+1)*S). It takes a contiguous run of documents from the
-mixed stream (data/mix.py): as many as fit its token capacity S*seq_len, fewer when
-best-fit-decreasing cannot place them all (then the last documents move to the next window). A
-window therefore depends only on the mixer state at its start, which is a few integers.
+window k holds global sequences [k*S, (k+1)*S). It takes units (documents, or parts of documents
+longer than a window; see data/catalog.py) from the mixed stream (data/mix.py) in order, the
+units deferred by the previous window first. A unit is admitted if its pieces still fit (checked
+by placing them best-fit into the window's free space); otherwise it is deferred to the next
+window. Once `lookahead` units are held back, or the capacity S*seq_len is used up, the window
+closes. The admitted units are then laid out by best-fit-decreasing. A window therefore depends
+only on the plan state at its start: the mixer state (a few integers per source) and at most
+`lookahead` deferred units.
 
-Documents:
-- A document's token layout is known from metadata: its length and its *atoms*, the spans that
+Units:
+- A unit's token layout is known from metadata: its length and its *atoms*, the spans that
   must stay in one sequence (a vision item with its start/end markers).
-- A document longer than seq_len is cut into pieces of at most seq_len tokens, each cut at the
-  last position <= seq_len that is not inside an atom. A document with an atom longer than
-  seq_len, or with more pieces than a window has sequences, can never be packed: `piece_cuts`
-  returns None and the catalog leaves it out (a counted skip).
+- A unit longer than seq_len is cut into pieces of at most seq_len tokens, each cut at the
+  last position <= seq_len that is not inside an atom (`piece_cuts`; None if impossible).
 - Best-fit-decreasing: pieces sorted by length (longest first, ties in stream order), each put in
   the sequence with the least free space that still holds it (ties: lowest sequence number).
   Within a sequence, pieces are laid out in stream order.
@@ -53,15 +55,15 @@ def piece_cuts(length: int, atoms: tuple[tuple[int, int], ...], seq_len: int,
     return pieces
 
 
-def best_fit_decreasing(lengths: list[int], num_bins: int, capacity: int) -> list[int] | None:
-    """Bin of each item (best-fit-decreasing), or None when some item fits nowhere."""
+def best_fit_decreasing(lengths: list[int], num_bins: int, capacity: int) -> list[int]:
+    """Bin of each item by best-fit-decreasing; -1 for an item that fits in no bin."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     free = [(capacity, b) for b in range(num_bins)]  # sorted by (free space, bin)
-    where = [0] * len(lengths)
+    where = [-1] * len(lengths)
     for i in order:
         slot = bisect.bisect_left(free, (lengths[i], -1))
         if slot == len(free):
-            return None
+            continue
         space, b = free.pop(slot)
         where[i] = b
         bisect.insort(free, (space - lengths[i], b))
@@ -70,7 +72,7 @@ def best_fit_decreasing(lengths: list[int], num_bins: int, capacity: int) -> lis
 
 @dataclass(frozen=True)
 class Piece:
-    """Tokens [start, end) of the window's document `doc` (an index into Window.docs)."""
+    """Tokens [start, end) of the window's unit `doc` (an index into Window.docs)."""
 
     doc: int
     start: int
@@ -78,72 +80,131 @@ class Piece:
 
 
 @dataclass
+class PlanState:
+    """Where planning stands at a window start: the mixer state and the deferred units."""
+
+    mix: MixState
+    carry: list[Draw]
+
+    def copy(self) -> "PlanState":
+        return PlanState(self.mix.copy(), list(self.carry))
+
+    def to_dict(self) -> dict:
+        return {"mix": self.mix.to_dict(), "carry": [d.to_list() for d in self.carry]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanState":
+        return cls(MixState.from_dict(d["mix"]), [Draw(*map(int, x)) for x in d["carry"]])
+
+
+@dataclass
 class Window:
     index: int
-    docs: list[Draw]
+    docs: list[Draw]  # in stream order
     sequences: list[list[Piece]]  # S sequences of pieces in layout order
-    start_state: MixState
-    end_state: MixState
+    start_state: PlanState
+    end_state: PlanState
 
     def tokens(self) -> int:
         return sum(d.tokens for d in self.docs)
 
 
 class WindowPlanner:
-    """Plans windows in order from a mixer; `layout(draw)` gives (length, atoms) of a document.
+    """Plans windows in order from a mixer; `layout(draw)` gives (length, atoms) of a unit.
 
-    Planning is sequential (window k+1 starts where window k stopped), metadata only, and
-    resumable from (k, mixer state at the start of window k) without replaying earlier windows.
+    A window takes units in stream order, the deferred ones first: a unit that does not fit the
+    remaining token budget is deferred to the next window (at most `lookahead` deferrals are
+    held; then the window closes), and units that best-fit-decreasing cannot place are deferred
+    too. Planning is sequential, metadata only, and resumable from (k, PlanState at window k's
+    start) without replaying earlier windows.
     """
 
-    def __init__(self, mixer: TokenMixer, layout, seq_len: int, window_sequences: int):
-        if seq_len <= 0 or window_sequences <= 0:
-            raise ValueError("seq_len and window_sequences must be > 0")
-        self.mixer, self.layout = mixer, layout
+    def __init__(self, mixer: TokenMixer, layout, seq_len: int, window_sequences: int,
+                 lookahead: int = 8):
+        if seq_len <= 0 or window_sequences <= 0 or lookahead < 0:
+            raise ValueError("seq_len and window_sequences must be > 0, lookahead >= 0")
+        self.mixer, self.layout, self.lookahead = mixer, layout, lookahead
         self.seq_len, self.num_seqs = seq_len, window_sequences
         self.capacity = seq_len * window_sequences
         self.next_index = 0
-        self.next_state = mixer.state.copy()
+        self.next_state = PlanState(mixer.state.copy(), [])
 
-    def seek(self, index: int, state: MixState) -> None:
+    def seek(self, index: int, state: PlanState) -> None:
         self.next_index, self.next_state = index, state.copy()
 
     def _pieces(self, draw: Draw) -> list[tuple[int, int]]:
         length, atoms = self.layout(draw)
         cuts = piece_cuts(length, atoms, self.seq_len, self.num_seqs)
         if cuts is None or length != draw.tokens:
-            raise ValueError(f"document {draw} cannot be packed (length {length}); the catalog "
+            raise ValueError(f"unit {draw} cannot be packed (length {length}); the catalog "
                              "should have left it out")
         return cuts
 
     def next(self) -> Window:
         start = self.next_state.copy()
-        self.mixer.state = start.copy()
-        docs, cuts, snapshots, total = [], [], [], 0
-        while True:
+        self.mixer.state = start.mix.copy()
+        free = [(self.seq_len, b) for b in range(self.num_seqs)]  # online best fit, for admission
+        docs, carry, cuts, total = [], [], {}, 0
+
+        def admit(d: Draw) -> bool:
+            pieces = self._pieces(d)
+            trial = list(free)
+            for a, b in sorted(pieces, key=lambda p: (p[0] - p[1], p[0])):
+                slot = bisect.bisect_left(trial, (b - a, -1))
+                if slot == len(trial):
+                    return False
+                space, s = trial.pop(slot)
+                bisect.insort(trial, (space - (b - a), s))
+            free[:] = trial
+            docs.append(d)
+            cuts[d.index] = pieces
+            return True
+
+        for d in start.carry:  # deferred units first, oldest first
+            if admit(d):
+                total += d.tokens
+            else:
+                carry.append(d)
+        while total < self.capacity:
             before = self.mixer.state.copy()
-            draw = self.mixer.next()
-            if docs and total + draw.tokens > self.capacity:
-                self.mixer.state = before
+            d = self.mixer.next()
+            if admit(d):
+                total += d.tokens
+            elif len(carry) < self.lookahead:
+                carry.append(d)
+            else:
+                self.mixer.state = before  # not drawn after all: the next window draws it
                 break
-            snapshots.append(before)
-            docs.append(draw)
-            cuts.append(self._pieces(draw))
-            total += draw.tokens
-        while True:
-            flat = [(d, a, b) for d, pcs in enumerate(cuts) for a, b in pcs]
-            where = best_fit_decreasing([b - a for _, a, b in flat], self.num_seqs, self.seq_len)
-            if where is not None:
-                break
-            self.mixer.state = snapshots.pop()  # the last document moves to the next window
-            docs.pop()
-            cuts.pop()
+        # The admitted set fits (admission placed it); lay it out by best-fit-decreasing, which
+        # almost always places it too, else keep the admission layout.
+        docs.sort(key=lambda d: d.index)
+        flat = [(i, a, b) for i, d in enumerate(docs) for a, b in cuts[d.index]]
+        where = best_fit_decreasing([b - a for _, a, b in flat], self.num_seqs, self.seq_len)
+        if -1 in where:
+            where = _online_best_fit([b - a for _, a, b in flat], [cuts[d.index] for d in docs],
+                                     self.num_seqs, self.seq_len)
         sequences: list[list[Piece]] = [[] for _ in range(self.num_seqs)]
-        for (d, a, b), s in zip(flat, where):
-            sequences[s].append(Piece(d, a, b))  # flat is in stream order already
-        window = Window(self.next_index, docs, sequences, start, self.mixer.state.copy())
+        for (i, a, b), s in zip(flat, where):  # flat is in stream order
+            sequences[s].append(Piece(i, a, b))
+        window = Window(self.next_index, docs, sequences, start, PlanState(self.mixer.state.copy(), carry))
         self.next_index, self.next_state = self.next_index + 1, window.end_state.copy()
         return window
+
+
+def _online_best_fit(lengths: list[int], groups: list[list], num_bins: int, capacity: int) -> list[int]:
+    """Best fit unit by unit (each unit's pieces longest first), as admission placed them."""
+    free = [(capacity, b) for b in range(num_bins)]
+    where, at = [], 0
+    for pieces in groups:
+        idx = list(range(at, at + len(pieces)))
+        out = {}
+        for i in sorted(idx, key=lambda i: (-lengths[i], i)):
+            space, s = free.pop(bisect.bisect_left(free, (lengths[i], -1)))
+            out[i] = s
+            bisect.insort(free, (space - lengths[i], s))
+        where += [out[i] for i in idx]
+        at += len(pieces)
+    return where
 
 
 @dataclass

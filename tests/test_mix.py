@@ -61,8 +61,8 @@ def _spec(name, group, n, rng, weight=1.0, vision=False):
 def test_stream_epochs_cover_every_sample_once_and_differ():
     spec = _spec("t", "text", 37, np.random.default_rng(0))
     stream = SourceStream(spec, seed=3, fingerprint="fp", index=0)
-    epoch0 = [stream.usable_at(p) for p in range(37)]
-    epoch1 = [stream.usable_at(p) for p in range(37, 74)]
+    epoch0 = [stream.unit_at(p) for p in range(37)]
+    epoch1 = [stream.unit_at(p) for p in range(37, 74)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(37))
     assert epoch0 != epoch1
 

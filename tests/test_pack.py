@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data.mix import SourceSpec, TokenMixer
-from data.pack import IGNORE, WindowPlanner, best_fit_decreasing, pack_row, piece_cuts
+from data.pack import IGNORE, PlanState, WindowPlanner, best_fit_decreasing, pack_row, piece_cuts
 
 
 def test_piece_cuts_cover_the_document_and_never_split_an_atom():
@@ -23,23 +23,28 @@ def test_piece_cuts_cover_the_document_and_never_split_an_atom():
 def _reference_bfd(lengths, num_bins, capacity):
     """The plain loop: longest first, the fullest bin that still fits, lowest bin on ties."""
     free = [capacity] * num_bins
-    where = [None] * len(lengths)
+    where = [-1] * len(lengths)
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         fits = [b for b in range(num_bins) if free[b] >= lengths[i]]
-        if not fits:
-            return None
-        b = min(fits, key=lambda b: (free[b], b))
-        free[b] -= lengths[i]
-        where[i] = b
+        if fits:
+            b = min(fits, key=lambda b: (free[b], b))
+            free[b] -= lengths[i]
+            where[i] = b
     return where
 
 
 def test_bfd_matches_the_plain_loop():
     rng = np.random.default_rng(0)
-    for trial in range(200):
+    failures = 0
+    for trial in range(300):
         n, bins, cap = int(rng.integers(1, 40)), int(rng.integers(1, 8)), int(rng.integers(20, 120))
         lengths = rng.integers(1, cap + 1, n).tolist()
-        assert best_fit_decreasing(lengths, bins, cap) == _reference_bfd(lengths, bins, cap)
+        where = best_fit_decreasing(lengths, bins, cap)
+        assert where == _reference_bfd(lengths, bins, cap)
+        failures += -1 in where
+        for b in range(bins):
+            assert sum(l for l, w in zip(lengths, where) if w == b) <= cap
+    assert 0 < failures < 300  # both outcomes were exercised
 
 
 def _sources(seed):
@@ -67,31 +72,56 @@ def _planner(seed=0, seq_len=256, window=8):
     return WindowPlanner(mixer, _layout_for(sources), seq_len, window), sources
 
 
-def test_windows_are_contiguous_runs_of_the_mixed_stream_and_fit():
+def test_windows_take_the_stream_in_order_with_few_deferrals_and_fit():
     planner, sources = _planner()
     windows = [planner.next() for _ in range(30)]
-    stream = [d for w in windows for d in w.docs]
+    placed = [d for w in windows for d in w.docs]
+    pending = windows[-1].end_state.carry
     mixer = TokenMixer(_sources(0), 0.1, seed=0, fingerprint="fp")
-    assert stream == [mixer.next() for _ in range(len(stream))]
-    layout = _layout_for(sources)
+    drawn = [mixer.next() for _ in range(windows[-1].end_state.mix.draws)]
+    # Every drawn unit is placed exactly once or still deferred; none lost, none duplicated.
+    assert sorted(placed + pending, key=lambda d: d.index) == drawn
+    assert len(pending) <= 8
+    first_window = {d.index: w.index for w in windows for d in w.docs}
+    # Deferral is short: a unit lands at most a few windows after the units drawn around it.
+    lag = [first_window[d.index] - first_window[max(i for i in first_window if i <= d.index)]
+           for d in placed]
+    assert max(lag) <= 3
+    _check_windows(windows, _layout_for(sources), 8, 256)
+    eff = sum(w.tokens() for w in windows) / (30 * 8 * 256)
+    assert eff > 0.95, eff
+    # Long units were split across sequences.
+    assert any(len(v) > 1 for w in windows for v in _pieces_per_doc(w).values())
+
+
+def test_admission_layout_is_the_fallback_when_bfd_cannot_place_the_set(monkeypatch):
+    import data.pack as pack
+
+    used = []
+    real = pack._online_best_fit
+    monkeypatch.setattr(pack, "_online_best_fit", lambda *a: used.append(1) or real(*a))
+    planner, sources = _planner(seed=0, seq_len=256, window=8)
+    windows = [planner.next() for _ in range(300)]
+    assert used  # BFD does fail now and then on a set that online best fit placed
+    _check_windows(windows, _layout_for(sources), 8, 256)
+
+
+def _check_windows(windows, layout, num_seqs, seq_len):
     for w in windows:
-        assert len(w.sequences) == 8
+        assert len(w.sequences) == num_seqs
+        assert [d.index for d in w.docs] == sorted(d.index for d in w.docs)
         covered = {i: [] for i in range(len(w.docs))}
         for seq in w.sequences:
-            assert sum(p.end - p.start for p in seq) <= 256
+            assert sum(p.end - p.start for p in seq) <= seq_len
             assert [(p.doc, p.start) for p in seq] == sorted((p.doc, p.start) for p in seq)
             for p in seq:
                 covered[p.doc].append((p.start, p.end))
-        for i, d in enumerate(w.docs):  # every document whole, each atom inside one piece
+        for i, d in enumerate(w.docs):  # every unit whole, each atom inside one piece
             spans = sorted(covered[i])
             assert spans[0][0] == 0 and spans[-1][1] == d.tokens
             assert all(b == a for (_, b), (a, _) in zip(spans, spans[1:]))
             for a, b in layout(d)[1]:
                 assert any(s <= a and b <= e for s, e in spans)
-    eff = sum(w.tokens() for w in windows) / (30 * 8 * 256)
-    assert eff > 0.85, eff
-    # Long documents were split across sequences.
-    assert any(len(v) > 1 for w in windows for v in _pieces_per_doc(w).values())
 
 
 def _pieces_per_doc(window):
@@ -106,7 +136,7 @@ def test_planner_resumes_from_a_window_start_state():
     planner, _ = _planner(seed=1)
     straight = [planner.next() for _ in range(12)]
     resumed, _ = _planner(seed=1)
-    resumed.seek(7, straight[7].start_state)
+    resumed.seek(7, PlanState.from_dict(straight[7].start_state.to_dict()))
     again = [resumed.next() for _ in range(5)]
     assert [(w.index, w.docs, w.sequences) for w in again] == \
            [(w.index, w.docs, w.sequences) for w in straight[7:]]

@@ -1,0 +1,103 @@
+"""The one typed batch the loader yields and the model consumes.
+
+Text side, all [B, S]:
+    input_ids     token ids; vision placeholders are the tokenizer's image/video ids, one per LM
+                  vision token (a merged 2x2 patch; a video chunk's frames are averaged into it)
+    labels        next token of the same document; IGNORE (-100) wherever loss_mask is False
+    loss_mask     True where the loss is taken: not on padding, not at a document's last token,
+                  not where the label is a vision placeholder or a media_end marker (both are
+                  implied by what precedes them). media_begin IS a target: the model learns
+                  where media appear.
+    position_ids  0, 1, ... restarting in every document piece (and in the padding tail)
+    doc_ids       0, 1, ... per document piece within a row; the padding tail has its own id,
+                  so attention causal within equal ids never mixes documents or padding
+Vision side, items ordered as their placeholder runs appear (row-major):
+    pixel_patches [N, 3*p*p] float32 patch rows (layout of data/vision.py / VisionTower)
+    grid_thw      [M, 3] (frames, patch rows, patch cols) per item (an image or a video chunk)
+    vision_spans  [M, 3] (row, first placeholder position, placeholder count) per item
+Packing / provenance:
+    cu_seqlens    [K+1] int32 boundaries of all segments (pieces and padding tails) of the
+                  flattened [B*S] batch, for varlen attention kernels
+    sample_ids    [P, 7] per document piece: (row, source, shard, member, epoch, start, end);
+                  start/end are token offsets in the document
+    sequence_ids  [B] global sequence numbers of the rows
+    skipped       [(source name, shard, member, reason)] documents dropped while building this
+                  batch (unreadable media): their tokens became padding, counted, deterministic
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    pixel_patches: torch.Tensor
+    grid_thw: torch.Tensor
+    vision_spans: torch.Tensor
+    sample_ids: torch.Tensor
+    sequence_ids: torch.Tensor
+    skipped: list = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skipped"}
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
+        return Batch(**moved, skipped=list(self.skipped))
+
+    def digest(self) -> str:
+        """sha256 over every tensor's dtype, shape and bytes: equal digests = byte-identical batches."""
+        h = hashlib.sha256()
+        for name, t in self.tensors().items():
+            t = t.contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        h.update(repr(self.skipped).encode())
+        return h.hexdigest()
+
+    def non_padding_tokens(self) -> int:
+        """Tokens that belong to a document (the rest of the B*S slots are padding)."""
+        return int((self.sample_ids[:, 6] - self.sample_ids[:, 5]).sum()) if len(self.sample_ids) else 0
+
+    def select_rows(self, lo: int, hi: int) -> "Batch":
+        """Rows [lo, hi) with their own vision items and patches (e.g. for micro-batches)."""
+        keep = (self.vision_spans[:, 0] >= lo) & (self.vision_spans[:, 0] < hi)
+        per_item = self.grid_thw.prod(dim=1)
+        starts = torch.cumsum(per_item, 0) - per_item
+        patch_rows = [torch.arange(int(s), int(s + n)) for s, n, k in zip(starts, per_item, keep) if k]
+        patches = (self.pixel_patches[torch.cat(patch_rows)] if patch_rows
+                   else self.pixel_patches[:0])
+        spans = self.vision_spans[keep].clone()
+        spans[:, 0] -= lo
+        sids = self.sample_ids[(self.sample_ids[:, 0] >= lo) & (self.sample_ids[:, 0] < hi)].clone()
+        sids[:, 0] -= lo
+        seq = self.input_ids.shape[1]
+        bounds = self.cu_seqlens.long()
+        inside = bounds[(bounds >= lo * seq) & (bounds <= hi * seq)] - lo * seq
+        return Batch(self.input_ids[lo:hi], self.labels[lo:hi], self.loss_mask[lo:hi],
+                     self.position_ids[lo:hi], self.doc_ids[lo:hi], inside.to(torch.int32),
+                     patches, self.grid_thw[keep], spans, sids, self.sequence_ids[lo:hi],
+                     [s for s in self.skipped])
+
+    def split(self, n: int) -> list["Batch"]:
+        """n equal micro-batches of rows (n must divide the row count)."""
+        if n <= 0 or self.rows % n:
+            raise ValueError(f"cannot split {self.rows} rows into {n} equal micro-batches")
+        step = self.rows // n
+        return [self.select_rows(i * step, (i + 1) * step) for i in range(n)]

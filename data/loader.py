@@ -1,0 +1,338 @@
+"""The data loader: planned windows -> documents read, tokenized and decoded in workers -> Batch.
+
+    loader = DataLoaderWithState(cfg, dp_rank=r, dp_size=d)      # cfg: train.config.Config
+    for step, batch in zip(range(steps), loader):   # batch: data.batch.Batch, rows = B / dp_size
+        ...
+    state = loader.state_dict()                      # a few integers; JSON-friendly
+    loader.load_state_dict(state)                    # resume (any worker count / DP size)
+
+Determinism. The global sequence stream is fixed by (seed, manifest fingerprint): the mixer
+(data/mix.py) orders documents, the planner (data/pack.py) packs them into windows of S
+sequences, window k holding global sequences [k*S, (k+1)*S). Global batch j (counted from the
+resume point g0) is sequences g0 + j*B + [0, B); DP rank r of D takes [r*B/D, (r+1)*B/D) of it.
+DataLoader worker w of W builds the local batches j = w, w+W, ... and torch's DataLoader hands
+them out in round-robin order, so batch j always comes out j-th. Nothing depends on W or D
+except who does the work. Loader state is (fingerprint, seed, sequences consumed) plus the
+plan state at the start of the window holding the next sequence (a few integers per source and
+the few deferred units), so a resume never replays the stream.
+
+Workers plan windows (metadata only, cheap) and materialize only their own rows: ranged GETs
+through the tiered cache, online tokenization, image/video decoding and patchification.
+A document whose media cannot be decoded or whose bytes are missing (truncated shard) is a
+counted skip: its tokens become padding with no loss, recorded in Batch.skipped; the stream
+does not shift. Store outages (after the store's retries) raise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.batch import Batch
+from data.catalog import Catalog, parse_weights
+from data.decode import DecodeError
+from data.media import MediaRules
+from data.mix import MixState, TokenMixer
+from data.pack import PlanState, Window, WindowPlanner, pack_row
+from data.shards import ShardError, open_dataset, read_member
+
+STATE_FORMAT = "mmpt-loader/1"
+
+
+class ResumeError(ValueError):
+    """A loader state does not belong to this dataset / configuration."""
+
+
+@dataclass
+class Doc:
+    """A materialized document: its tokens and its media items (placeholder run start, patches, grid)."""
+
+    tokens: np.ndarray
+    items: list[tuple[int, int, torch.Tensor, tuple[int, int, int]]]  # (start, count, patches, grid)
+    error: str = ""
+
+
+class WindowCursor:
+    """Windows in increasing order from a planner, keeping the few still needed."""
+
+    def __init__(self, planner: WindowPlanner):
+        self.planner = planner
+        self.cache: OrderedDict[int, Window] = OrderedDict()
+
+    def get(self, k: int) -> Window:
+        if k in self.cache:
+            return self.cache[k]
+        if k < self.planner.next_index:
+            raise RuntimeError(f"window {k} was planned and dropped (windows only go forward)")
+        while self.planner.next_index <= k:
+            w = self.planner.next()
+            self.cache[w.index] = w
+            while len(self.cache) > 8:
+                self.cache.popitem(last=False)
+        return self.cache[k]
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """Local batches of one DP rank, from global sequence `start` on (see the module docstring)."""
+
+    def __init__(self, url: str, *, seq_len: int, window_sequences: int, global_batch: int,
+                 dp_rank: int, dp_size: int, seed: int, vision_fraction: float, weights: dict,
+                 tokenizer: str, media: MediaRules, store_opts: dict | None = None,
+                 cache_opts: dict | None = None):
+        if global_batch % dp_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by dp_size={dp_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
+        self.url, self.seq_len, self.S, self.B = url, seq_len, window_sequences, global_batch
+        self.rank, self.dp = dp_rank, dp_size
+        self.local = global_batch // dp_size
+        self.seed, self.fraction, self.media = seed, vision_fraction, media
+        self.tokenizer_path, self.store_opts, self.cache_opts = tokenizer, store_opts or {}, cache_opts
+        self.store = _open_cached(url, self.store_opts, cache_opts)
+        self.manifest = _read_manifest(url, self.store)
+        self.catalog = Catalog(self.store, self.manifest, media=media, seq_len=seq_len,
+                               window_sequences=window_sequences, weights=weights)
+        self.fingerprint = self.catalog.fingerprint
+        self.start, self.start_window, self.start_state = 0, 0, self._fresh_state()
+        self._tokenizer = None
+        self._docs: OrderedDict = OrderedDict()
+
+    # -- planning (metadata only)
+    def _fresh_state(self) -> PlanState:
+        n = len(self.catalog.sources)
+        return PlanState(MixState([0] * n, [0] * n, [0] * n), [])
+
+    def new_cursor(self, window: int | None = None, state: PlanState | None = None) -> WindowCursor:
+        mixer = TokenMixer(self.catalog.sources, self.fraction, self.seed, self.fingerprint)
+        planner = WindowPlanner(mixer, self.catalog.layout, self.seq_len, self.S)
+        planner.seek(self.start_window if window is None else window,
+                     self.start_state if state is None else state)
+        return WindowCursor(planner)
+
+    def set_start(self, sequence: int, window: int, state: PlanState) -> None:
+        if window * self.S > sequence or sequence >= (window + 1) * self.S:
+            raise ResumeError(f"sequence {sequence} is not in window {window} of {self.S} sequences")
+        self.start, self.start_window, self.start_state = sequence, window, state.copy()
+
+    def batch_sequences(self, j: int) -> range:
+        first = self.start + j * self.B + self.rank * self.local
+        return range(first, first + self.local)
+
+    # -- materialization (inside workers)
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from data.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+            fp = self.manifest["tokenizer"]["fingerprint"]
+            if self._tokenizer.fingerprint != fp:
+                raise ValueError(f"tokenizer {self.tokenizer_path} has fingerprint "
+                                 f"{self._tokenizer.fingerprint[:16]}, the dataset was tokenized with "
+                                 f"{fp[:16]}: token counts would not match the index")
+        return self._tokenizer
+
+    def _text(self, shard_key: str, entry: dict, member: str, cache: dict) -> str:
+        if member not in cache:
+            cache[member] = read_member(self.store, shard_key, entry, member).decode("utf-8")
+        return cache[member]
+
+    def _build_doc(self, source: int, sample: int, epoch: int) -> Doc:
+        tok = self.tokenizer
+        shard_key, entry = self.catalog.entry(source, sample)
+        segs = self.catalog.segments(source, sample)
+        name = f"{self.catalog.names[source]}/{entry['key']}"
+        parts, items, at, raw = [], [], 0, {}
+        for seg in segs:
+            if seg.kind == "text":
+                if seg.member == "json":
+                    texts = [s["text"] for s in json.loads(self._text(shard_key, entry, "json", raw))["segments"]
+                             if "text" in s]
+                    ids = tok.encode(texts[seg.text_index])
+                else:
+                    ids = tok.encode(self._text(shard_key, entry, seg.member, raw))
+                if len(ids) != seg.tokens:
+                    raise ValueError(f"{name}: {len(ids)} tokens, the index says {seg.tokens}: the "
+                                     "tokenizer differs from the one used at ingest")
+                parts.append(np.asarray(ids, dtype=np.int64))
+                at += seg.tokens
+                continue
+            data = read_member(self.store, shard_key, entry, seg.member)
+            chunks = self.media.load(seg.kind, data, seg.meta, f"{name}.{seg.member}",
+                                     (self.seed, self.fingerprint, source, sample, epoch))
+            placeholder = tok.image_id if seg.kind == "image" else tok.video_id
+            for (patches, grid), n in zip(chunks, seg.chunks, strict=True):
+                if self.media.tokens_of(grid) != n:
+                    raise ValueError(f"{name}: media gives {self.media.tokens_of(grid)} tokens, "
+                                     f"the index metadata {n}")
+                parts.append(np.array([tok.media_begin_id] + [placeholder] * n + [tok.media_end_id]))
+                items.append((at + 1, n, patches, grid))
+                at += n + 2
+        parts.append(np.array([tok.eos_id]))
+        return Doc(np.concatenate(parts).astype(np.int64), items)
+
+    def doc(self, source: int, sample: int, epoch: int) -> Doc:
+        key = (source, sample, epoch)
+        if key not in self._docs:
+            try:
+                self._docs[key] = self._build_doc(source, sample, epoch)
+            except (DecodeError, ShardError, UnicodeDecodeError) as e:
+                self._docs[key] = Doc(np.zeros(0, np.int64), [], f"{type(e).__name__}: {e}")
+            while len(self._docs) > 64:
+                self._docs.popitem(last=False)
+        return self._docs[key]
+
+    def build_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
+        tok = self.tokenizer
+        no_loss = np.array([tok.image_id, tok.video_id, tok.media_end_id])
+        rows, spans, patches, grids, sids, skipped = [], [], [], [], [], []
+        for r, g in enumerate(sequences):
+            window = cursor.get(g // self.S)
+            pieces = []
+            for p in window.sequences[g % self.S]:
+                d = window.docs[p.doc]
+                doc = self.doc(d.source, d.sample, d.epoch)
+                shard, member = self.catalog.locate(d.source, d.sample)
+                if doc.error:
+                    skipped.append((self.catalog.names[d.source], shard, member, doc.error))
+                    continue
+                lo, hi = d.offset + p.start, d.offset + p.end  # document coordinates
+                at = sum(b - a for _, a, b in pieces)
+                for start, n, pt, grid in doc.items:
+                    if lo <= start and start + n <= hi:
+                        spans.append((r, at + start - lo, n))
+                        patches.append(pt)
+                        grids.append(grid)
+                pieces.append((doc.tokens, lo, hi))
+                sids.append((r, d.source, shard, member, d.epoch, lo, hi))
+            rows.append(pack_row(pieces, self.seq_len, tok.pad_id, no_loss))
+        seqlens = [n for row in rows for n in row.seqlens]
+        stack = lambda name: torch.from_numpy(np.stack([getattr(x, name) for x in rows]))  # noqa: E731
+        return Batch(
+            input_ids=stack("input_ids"), labels=stack("labels"), loss_mask=stack("loss_mask"),
+            position_ids=stack("position_ids"), doc_ids=stack("doc_ids"),
+            cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(seqlens)]), dtype=torch.int32),
+            pixel_patches=(torch.cat(patches) if patches else torch.zeros(0, self.media.patch_dim)),
+            grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
+            vision_spans=torch.tensor(spans, dtype=torch.int64).reshape(-1, 3),
+            sample_ids=torch.tensor(sids, dtype=torch.int64).reshape(-1, 7),
+            sequence_ids=torch.tensor(list(sequences), dtype=torch.int64),
+            skipped=skipped)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        cursor = self.new_cursor()
+        j = w
+        while True:
+            yield self.build_batch(cursor, self.batch_sequences(j))
+            j += nw
+
+
+def _open_cached(url: str, store_opts: dict, cache_opts: dict | None):
+    from data.shards import split_dataset_url
+    from data.store import open_store
+
+    store = open_store(split_dataset_url(url)[0], **store_opts)
+    if cache_opts is None:
+        return store
+    from data.cache import TieredCache
+
+    return TieredCache(store, **cache_opts)
+
+
+def _read_manifest(url: str, store) -> dict:
+    from data.shards import read_manifest, split_dataset_url
+
+    return read_manifest(store, split_dataset_url(url)[1])
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class DataLoaderWithState:
+    """torch DataLoader over a PackedStream, counting what was consumed; O(1) state."""
+
+    def __init__(self, cfg, *, dp_rank: int = 0, dp_size: int = 1,
+                 store_opts: dict | None = None, cache_opts: dict | None = None):
+        data_cfg = self.cfg = cfg.data
+        media = MediaRules.from_config(cfg)
+        self.weights = parse_weights(data_cfg.source_weights)
+        self.stream = PackedStream(
+            data_cfg.manifest, seq_len=data_cfg.seq_len, window_sequences=data_cfg.window_sequences,
+            global_batch=data_cfg.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+            seed=data_cfg.seed, vision_fraction=data_cfg.vision_fraction, weights=self.weights,
+            tokenizer=data_cfg.tokenizer, media=media, store_opts=store_opts, cache_opts=cache_opts)
+        self.consumed = 0  # batches handed out since the stream's start sequence
+        self._cursor: WindowCursor | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.stream.fingerprint
+
+    def __iter__(self):
+        self.stream.set_start(*self._position())
+        self.consumed = 0
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.cfg.num_workers,
+            worker_init_fn=_worker_init, prefetch_factor=2 if self.cfg.num_workers else None,
+            persistent_workers=False)
+        for batch in loader:
+            self.consumed += 1
+            yield batch
+
+    def _position(self) -> tuple[int, int, PlanState]:
+        """(next global sequence, its window, plan state at that window's start)."""
+        seq = self.stream.start + self.consumed * self.stream.B
+        k = seq // self.stream.S
+        if self._cursor is None or self._cursor.planner.next_index > k:
+            self._cursor = self.stream.new_cursor()
+        return seq, k, self._cursor.get(k).start_state
+
+    def state_dict(self) -> dict:
+        seq, k, state = self._position()
+        s = self.stream
+        return {"format": STATE_FORMAT, "fingerprint": s.fingerprint, "seed": s.seed,
+                "seq_len": s.seq_len, "window_sequences": s.S, "vision_fraction": s.fraction,
+                "source_weights": dict(self.weights), "sequences_consumed": seq, "window": k,
+                "plan_state": state.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.stream
+        if state.get("format") != STATE_FORMAT:
+            raise ResumeError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        if state["fingerprint"] != s.fingerprint:
+            raise ResumeError(f"loader state is for dataset fingerprint {state['fingerprint']}, but "
+                              f"{self.cfg.manifest} has fingerprint {s.fingerprint}: the data changed; "
+                              "refusing to restart the stream silently")
+        mine = {"seed": s.seed, "seq_len": s.seq_len, "window_sequences": s.S,
+                "vision_fraction": s.fraction, "source_weights": dict(self.weights)}
+        for key, value in mine.items():
+            if state[key] != value:
+                raise ResumeError(f"loader state has {key}={state[key]!r}, this loader {value!r}: "
+                                  "the sample order would differ")
+        s.set_start(int(state["sequences_consumed"]), int(state["window"]),
+                    PlanState.from_dict(state["plan_state"]))
+        self.consumed, self._cursor = 0, None
+
+    def report(self) -> dict:
+        """Realised mix and packing efficiency of everything planned up to the consumed position."""
+        seq, k, _ = self._position()
+        return plan_report(self.stream, max(k, 1))
+
+
+def plan_report(stream: PackedStream, windows: int) -> dict:
+    """Mix and packing efficiency of the first `windows` windows (metadata only)."""
+    cursor = stream.new_cursor(0, stream._fresh_state())
+    tokens = 0
+    for k in range(windows):
+        tokens += cursor.get(k).tokens()
+    mix = cursor.planner.mixer.report()
+    return {"windows": windows, "sequences": windows * stream.S,
+            "packing_efficiency": tokens / (windows * stream.S * stream.seq_len),
+            "mix": mix, "catalog": stream.catalog.summary()}

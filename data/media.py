@@ -1,0 +1,60 @@
+"""The loader's view of media: token arithmetic from index metadata, and decode -> patches.
+
+A thin adapter over data/decode.py (pillow, decord/PyAV with a timeout) and data/vision.py (NaViT
+resize + patchify), so the catalog and the loader share one definition of "how many placeholder
+tokens does this image / video chunk take". Items are images (grid t = 1) and video chunks of up
+to frames_per_chunk frames; each costs (h / merge) * (w / merge) placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.decode import DEFAULT_TIMEOUT_S, decode_image, decode_video_frames
+from data.vision import (VisionPreprocess, grid_tokens, preprocess_image, preprocess_video,
+                         resized_size, sample_frame_indices)
+
+
+class MediaRules:
+    def __init__(self, pre: VisionPreprocess, video_backend: str = "auto",
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.pre, self.video_backend, self.timeout_s = pre, video_backend, timeout_s
+        self.patch_dim = 3 * pre.patch_size * pre.patch_size
+
+    @classmethod
+    def from_config(cls, cfg) -> "MediaRules":
+        return cls(VisionPreprocess.from_config(cfg))
+
+    def tokens_of(self, grid) -> int:
+        return grid_tokens(tuple(grid), self.pre.merge_size)
+
+    def chunk_tokens(self, kind: str, meta: dict) -> list[int]:
+        """Placeholder tokens of each item of one image (one item) or video (one per chunk)."""
+        p, f = self.pre, self.pre.factor
+        if kind == "image":
+            H, W = resized_size(meta["height"], meta["width"], p.max_pixels, p.min_pixels, f)
+            return [(H // f) * (W // f)]
+        H, W = resized_size(meta["height"], meta["width"], p.video_max_pixels, p.min_pixels, f)
+        n = len(self._frames(meta))
+        return [(H // f) * (W // f)] * -(-n // p.frames_per_chunk)
+
+    def _frames(self, meta: dict) -> list[int]:
+        return sample_frame_indices(meta["frames"], meta["fps"], self.pre.sample_fps, self.pre.max_frames)
+
+    def load(self, kind: str, data: bytes, meta: dict, name: str, key) -> list[tuple[torch.Tensor, tuple]]:
+        """Decode one image / video into [(patches [n, 3*p*p] float32, grid (t, h, w))] per item.
+
+        `key` (seed, fingerprint, source, sample, epoch) is what augmentation would be seeded
+        from; no augmentation is applied here yet.
+        """
+        if kind == "image":
+            patches, grid = preprocess_image(decode_image(data, name), self.pre)
+            return [(torch.from_numpy(patches), grid)]
+        frames = decode_video_frames(data, self._frames(meta), name, self.video_backend, self.timeout_s)
+        patches, grids = preprocess_video(frames, self.pre)
+        out, at = [], 0
+        for g in grids:
+            n = g[0] * g[1] * g[2]
+            out.append((torch.from_numpy(patches[at:at + n]), g))
+            at += n
+        return out
