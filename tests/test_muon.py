@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import _muon as torch_muon
 
 from train.optim.muon import (MuonClip, build_optimizer, muon_lr_scale, newton_schulz5,
-                              param_groups)
+                              optimizer_for, param_groups)
 
 SHAPES = [(24, 40), (40, 24), (32, 32)]  # wide, tall (transposed), square
 
@@ -202,3 +202,32 @@ def test_muon_rejects_bad_shapes():
         MuonClip([nn.Parameter(torch.zeros(4))])
     with pytest.raises(ValueError, match="algo"):
         MuonClip([dict(algo="sgd", params=[nn.Parameter(torch.zeros(2, 2))])])
+
+
+def test_optimizer_for_named_pieces_uses_the_same_roles():
+    """ZeRO-1 hands over (name, fp32 master) pairs, expert stacks possibly cut as "fqn@a:b"."""
+    cfg = types.SimpleNamespace(lr=0.02, adamw_lr=3e-3, weight_decay=0.1, momentum=0.95,
+                                betas=(0.9, 0.95), eps=1e-8)
+    named = [(n, p.detach().clone()) for n, p in _Toy().named_parameters() if p.requires_grad]
+    named.append(("lm.layers.0.mlp.experts.w_up@2:4", torch.zeros(2, 6, 8)))
+    opt = optimizer_for(named, cfg)
+    algos = {g["algo"]: g["param_names"] for g in opt.param_groups}
+    muon, _ = param_groups(_Toy())
+    assert algos["muon"] == [n for n, _ in muon] + ["lm.layers.0.mlp.experts.w_up@2:4"]
+
+
+def test_init_state_then_step_equals_lazy_state():
+    params, grads = _params_and_grads(8, shapes=[(6, 10), (5,)])
+    runs = []
+    for eager in (False, True):
+        ps = [nn.Parameter(p.clone()) for p in params]
+        opt = MuonClip([dict(algo="muon", params=[ps[0]]), dict(algo="adamw", params=[ps[1]])])
+        if eager:
+            opt.init_state()
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

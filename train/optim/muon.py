@@ -23,14 +23,15 @@ The router weight goes to Muon as in Moonlight / DeepSeek-style Muon setups (it 
 matrix); the router's selection bias is a buffer updated by the balancing rule, not a parameter.
 
 The optimizer is per-parameter (each update reads only its own gradient and state), so ZeRO-1 by
-whole-parameter ownership can run it on the owned subset: `build_optimizer(..., owned=pred)`.
+whole-parameter ownership can run it on the owned subset: `build_optimizer(..., owned=pred)`,
+or `optimizer_for(named_tensors, cfg.optim)` over the fp32 master copies it owns.
 Groups carry `param_names` (fully qualified names), which checkpoints use as state keys.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +113,21 @@ class MuonClip(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every parameter's (zero) state now instead of at its first step, so a fresh
+        optimizer has tensors a checkpoint can be loaded into. Stepping from these zeros is
+        bit-identical to stepping from lazily created ones."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if group["algo"] == "muon" and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["algo"] == "adamw" and "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         loss = None
         if closure is not None:
@@ -169,9 +185,16 @@ class MuonClip(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------
 
 
+def split_piece_name(name: str) -> tuple[str, int | None]:
+    """"fqn@a:b" (rows a..b of a stacked expert weight, as ZeRO-1 pieces are named) ->
+    (fqn, a); a plain FQN -> (fqn, None)."""
+    fqn, sep, rows = name.partition("@")
+    return (fqn, int(rows.partition(":")[0])) if sep else (fqn, None)
+
+
 def is_expert_stack(name: str, p: Tensor) -> bool:
     """A stacked routed-expert weight [E, rows, cols]: `...experts.w_gate|w_up|w_down`."""
-    parts = name.split(".")
+    parts = split_piece_name(name)[0].split(".")
     return p.ndim == 3 and len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in _EXPERT_STACKS
 
 
@@ -179,7 +202,7 @@ def uses_muon(name: str, p: Tensor, module: nn.Module | None = None) -> bool:
     """The role rule (module docstring): True for hidden matrices and stacked expert weights."""
     if isinstance(module, nn.Embedding):
         return False
-    parts = name.split(".")
+    parts = split_piece_name(name)[0].split(".")
     if any("embed" in part for part in parts):
         return False
     if len(parts) >= 2 and parts[-2] == "head":  # the output projection (lm.head.weight)
@@ -204,6 +227,19 @@ def build_optimizer(model: nn.Module, optim_cfg, *, owned: Callable[[str, Tensor
                     ns_dtype: torch.dtype = torch.bfloat16) -> MuonClip:
     """MuonClip over `model`'s params (or the `owned` subset), hyper-parameters from cfg.optim."""
     muon, adamw = param_groups(model, owned)
+    return _muonclip(muon, adamw, optim_cfg, ns_dtype)
+
+
+def optimizer_for(named: Sequence[tuple[str, Tensor]], optim_cfg, *,
+                  ns_dtype: torch.dtype = torch.bfloat16) -> MuonClip:
+    """MuonClip over (name, tensor) pairs, roles from the names and shapes alone: the
+    `make_optimizer` of parallel.zero.ZeroOptimizer (names may be "fqn@a:b" expert pieces)."""
+    muon = [(n, t) for n, t in named if uses_muon(n, t)]
+    adamw = [(n, t) for n, t in named if not uses_muon(n, t)]
+    return _muonclip(muon, adamw, optim_cfg, ns_dtype)
+
+
+def _muonclip(muon, adamw, optim_cfg, ns_dtype) -> MuonClip:
     groups = []
     for algo, named, lr in (("muon", muon, optim_cfg.lr), ("adamw", adamw, optim_cfg.adamw_lr)):
         if named:
