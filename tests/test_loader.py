@@ -1,0 +1,202 @@
+"""The loader on the real corpus (local directory): determinism, resume, DP/worker changes, mix,
+batch structure, bad data. S3 and fault-injection tests are in test_loader_s3.py."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.loader import DataLoaderWithState, ResumeError, plan_report
+from tests.corpus_fixtures import make_dataset
+from train.config import load_config
+
+SEQ, WINDOW, GLOBAL = 256, 8, 4
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("loader"))
+
+
+def _cfg(ds, **data):
+    over = {"manifest": ds.url, "tokenizer": str(ds.tokenizer), "seq_len": SEQ,
+            "window_sequences": WINDOW, "global_batch_size": GLOBAL, **data}
+    return load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def _loader(ds, dp_rank=0, dp_size=1, **data):
+    return DataLoaderWithState(_cfg(ds, **data), dp_rank=dp_rank, dp_size=dp_size)
+
+
+def _take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _digests(batches):
+    return [b.digest() for b in batches]
+
+
+def test_same_seed_gives_byte_identical_batches_and_another_seed_another_order(ds):
+    a = _take(_loader(ds), 6)
+    b = _take(_loader(ds), 6)
+    assert _digests(a) == _digests(b)
+    c = _take(_loader(ds, seed=1), 6)
+    ids = lambda bs: [tuple(map(tuple, x.sample_ids[:, 1:5].tolist())) for x in bs]  # noqa: E731
+    assert ids(a) != ids(c)
+
+
+def test_resume_gives_the_batches_of_an_uninterrupted_run(ds):
+    straight = _digests(_take(_loader(ds), 9))
+    first = _loader(ds)
+    head = _digests(_take(first, 4))
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
+    assert set(state) >= {"fingerprint", "seed", "sequences_consumed", "window", "plan_state"}
+    second = _loader(ds)
+    second.load_state_dict(state)
+    assert head + _digests(_take(second, 5)) == straight
+
+
+def test_resume_after_changing_the_number_of_workers(ds):
+    straight = _digests(_take(_loader(ds, num_workers=0), 7))
+    first = _loader(ds, num_workers=2)
+    head = _digests(_take(first, 3))
+    second = _loader(ds, num_workers=1)
+    second.load_state_dict(first.state_dict())
+    assert head + _digests(_take(second, 4)) == straight
+
+
+def _global_rows(per_rank_batches):
+    """Concatenate the ranks' rows of each step back into global batches."""
+    return [torch.cat([b.input_ids for b in step]) for step in zip(*per_rank_batches)]
+
+
+def test_resume_after_changing_the_data_parallel_size(ds):
+    straight = _take(_loader(ds), 6)
+    two = [_loader(ds, dp_rank=r, dp_size=2) for r in range(2)]
+    head = [_take(l, 2) for l in two]
+    assert all(b.rows == GLOBAL // 2 for b in head[0])
+    states = [l.state_dict() for l in two]
+    assert states[0] == states[1]  # every rank holds the same O(1) state
+    four = [_loader(ds, dp_rank=r, dp_size=4) for r in range(4)]
+    for l in four:
+        l.load_state_dict(states[0])
+    tail = [_take(l, 4) for l in four]
+    rows = _global_rows(head) + _global_rows(tail)
+    assert all(torch.equal(x, y.input_ids) for x, y in zip(rows, straight))
+    assert [torch.cat([b.sequence_ids for b in s]).tolist() for s in zip(*tail)] == \
+           [b.sequence_ids.tolist() for b in straight[2:]]
+    # Each rank's share carries its own vision items: pixel rows match the rank's grids.
+    for step in zip(*tail):
+        for b in step:
+            assert b.pixel_patches.shape[0] == int(b.grid_thw.prod(dim=1).sum())
+
+
+def test_a_fingerprint_mismatch_on_resume_is_an_error_naming_both(ds):
+    loader = _loader(ds)
+    state = loader.state_dict()
+    state["fingerprint"] = "0" * 64
+    with pytest.raises(ResumeError) as e:
+        loader.load_state_dict(state)
+    assert "0" * 64 in str(e.value) and loader.fingerprint in str(e.value)
+    state = loader.state_dict()
+    state["seed"] = 99
+    with pytest.raises(ResumeError, match="seed"):
+        loader.load_state_dict(state)
+
+
+def test_vision_share_holds_at_every_prefix_within_one_document(ds):
+    loader = _loader(ds)
+    cursor = loader.stream.new_cursor()
+    windows = [cursor.get(k) for k in range(60)]
+    drawn = sorted([d for w in windows for d in w.docs] + windows[-1].end_state.carry,
+                   key=lambda d: d.index)
+    assert [d.index for d in drawn] == list(range(len(drawn)))
+    vision = total = biggest = 0
+    for d in drawn:  # the mixed stream, unit by unit
+        vision, total, biggest = vision + d.vision, total + d.tokens, max(biggest, d.tokens)
+        assert abs(vision - 0.1 * total) <= biggest, (d.index, vision, total)
+    assert abs(vision / total - 0.1) < 0.01
+    # What the model sees, window by window: the placed units lag the stream by a few deferrals.
+    vision = total = 0
+    for w in windows:
+        vision += sum(d.vision for d in w.docs)
+        total += w.tokens()
+        held = sum(d.tokens for d in w.end_state.carry)
+        assert abs(vision - 0.1 * total) <= biggest + held
+    rep = plan_report(loader.stream, 60)
+    assert abs(rep["mix"]["vision_share"] - 0.1) < 0.01
+    assert rep["packing_efficiency"] > 0.9
+    assert set(rep["mix"]["sources"]) == {"text", "images", "videos", "interleaved"}
+
+
+def test_batches_are_consistent_and_cover_every_planned_unit_once(ds, tmp_path):
+    loader = _loader(ds)
+    batches = _take(loader, 8)  # 8 batches x 4 rows = windows 0..3
+    cursor = loader.stream.new_cursor()
+    planned = sorted((d.source, d.sample, d.epoch, d.offset, d.offset + d.tokens)
+                     for k in range(4) for d in cursor.get(k).docs)
+    pieces = {}
+    tok = loader.stream.tokenizer
+    for b in batches:
+        B, S = b.input_ids.shape
+        assert (B, S) == (GLOBAL, SEQ)
+        placeholder = (b.input_ids == tok.image_id) | (b.input_ids == tok.video_id)
+        # One placeholder per LM vision token; the spans point at whole placeholder runs.
+        assert int(placeholder.sum()) == int((b.grid_thw[:, 1] // 2 * (b.grid_thw[:, 2] // 2)).sum())
+        assert int(b.vision_spans[:, 2].sum()) == int(placeholder.sum())
+        for r, start, n in b.vision_spans.tolist():
+            assert placeholder[r, start:start + n].all()
+            assert b.input_ids[r, start - 1] == tok.media_begin_id and b.input_ids[r, start + n] == tok.media_end_id
+        assert b.pixel_patches.shape == (int(b.grid_thw.prod(dim=1).sum()), 3 * 14 * 14)
+        # Labels: next token within the piece's document, no loss on placeholders/media_end/padding.
+        assert not b.loss_mask[placeholder.roll(1, dims=1) & placeholder].any()
+        assert torch.equal(b.labels != -100, b.loss_mask)
+        targets = b.labels[b.loss_mask]
+        assert not ((targets == tok.image_id) | (targets == tok.video_id) | (targets == tok.media_end_id)).any()
+        same_doc = b.doc_ids[:, 1:] == b.doc_ids[:, :-1]
+        inner = b.loss_mask[:, :-1] & same_doc
+        assert torch.equal(b.labels[:, :-1][inner], b.input_ids[:, 1:][inner])
+        # Position ids restart per piece; cu_seqlens covers every segment of every row.
+        starts = torch.ones_like(b.doc_ids, dtype=torch.bool)
+        starts[:, 1:] = ~same_doc
+        assert (b.position_ids[starts] == 0).all()
+        assert torch.equal(b.position_ids[:, 1:][same_doc], b.position_ids[:, :-1][same_doc] + 1)
+        assert int(b.cu_seqlens[-1]) == B * S and int(b.cu_seqlens.diff().min()) > 0
+        for row in b.sample_ids.tolist():
+            r, src, shard, member, epoch, lo, hi = row
+            sample = int(np.flatnonzero((loader.stream.catalog._where[src] == (shard, member)).all(1))[0])
+            pieces.setdefault((src, sample, epoch), []).append((lo, hi))
+    # Every planned unit is in the batches exactly once, as contiguous pieces.
+    covered = []
+    for (src, sample, epoch), spans in pieces.items():
+        spans.sort()
+        runs = [list(spans[0])]
+        for lo, hi in spans[1:]:
+            if lo == runs[-1][1]:
+                runs[-1][1] = hi
+            else:
+                runs.append([lo, hi])
+        covered += [(src, sample, epoch, lo, hi) for lo, hi in runs]
+    assert sorted(covered) == planned
+
+
+def test_a_batch_feeds_the_vision_tower_and_the_language_model(ds):
+    from train.model.lm import DecoderLM
+    from train.model.vision import VisionTower
+
+    cfg = _cfg(ds)
+    batch = next(b for b in _take(_loader(ds), 8) if len(b.grid_thw))
+    tower = VisionTower(cfg.vision, cfg.model.hidden_size)
+    lm = DecoderLM(cfg.model)
+    with torch.no_grad():
+        emb = tower(batch.pixel_patches, batch.grid_thw)
+        h = lm.embed_tokens(batch.input_ids, emb)  # checks placeholder count == embeddings
+    assert h.shape == (*batch.input_ids.shape, cfg.model.hidden_size)
