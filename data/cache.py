@@ -43,6 +43,7 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
+from data import store as store_module
 from data.store import ObjectStore, _check_range, validate_key
 
 __all__ = ["TieredCache", "merge_stats", "format_stats"]
@@ -89,10 +90,12 @@ class TieredCache(ObjectStore):
     # -- per-process state
     def _process_state(self) -> None:
         if self._pid != os.getpid():
-            self._lock = threading.Lock()
-            self._flights: dict[tuple, _Flight] = {}
-            self.reset_stats()
-            self._pid = os.getpid()
+            with store_module._INIT_LOCK:  # first use after a fork may come from many threads
+                if self._pid != os.getpid():
+                    self._lock = threading.Lock()
+                    self._flights: dict[tuple, _Flight] = {}
+                    self.reset_stats()
+                    self._pid = os.getpid()
 
     def reset_stats(self) -> None:
         self._counts = dict.fromkeys(_COUNTERS, 0)

@@ -232,6 +232,19 @@ def _etag_md5(resp: dict) -> str | None:
     return m[1] if m else None
 
 
+# Guards lazy per-process initialisation (first use in a process may come from many threads at
+# once). Re-created in a forked child, where a copy held by another parent thread would deadlock.
+_INIT_LOCK = threading.Lock()
+
+
+def _new_init_lock() -> None:
+    global _INIT_LOCK
+    _INIT_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_init_lock)
+
+
 class _Retry(Exception):
     """Internal: this attempt failed in a way worth retrying; ``reason`` is counted in stats."""
 
@@ -271,28 +284,33 @@ class S3Store(ObjectStore):
     # -- per-process state: boto3 clients and locks must not cross a fork
     def _state(self):
         if self._pid != os.getpid():
-            import boto3
-            from botocore.config import Config
-
-            session = boto3.session.Session(profile_name=self.profile)
-            config = Config(
-                retries={"max_attempts": 1, "mode": "standard"},  # our loop does the retrying
-                connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
-                max_pool_connections=self.max_concurrency,
-                s3={"addressing_style": "path"},
-                # plain requests/replies: we check integrity ourselves (MD5, lengths)
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            self._client = session.client("s3", endpoint_url=self.endpoint_url,
-                                          region_name=self.region, config=config, **self._keys)
-            self._sem = threading.BoundedSemaphore(self.max_concurrency)
-            self._lock = threading.Lock()
-            self._rng = random.Random(self.seed)
-            self._counts = {"requests": 0, "retries": 0, "bytes_read": 0, "bytes_written": 0}
-            self._retry_reasons: dict[str, int] = {}
-            self._pid = os.getpid()
+            with _INIT_LOCK:
+                if self._pid != os.getpid():
+                    self._init_process_state()
         return self
+
+    def _init_process_state(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session(profile_name=self.profile)
+        config = Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},  # our loop retries
+            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+            max_pool_connections=self.max_concurrency,
+            s3={"addressing_style": "path"},
+            # plain requests/replies: we check integrity ourselves (MD5, lengths)
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = session.client("s3", endpoint_url=self.endpoint_url,
+                                      region_name=self.region, config=config, **self._keys)
+        self._sem = threading.BoundedSemaphore(self.max_concurrency)
+        self._lock = threading.Lock()
+        self._rng = random.Random(self.seed)
+        self._counts = {"requests": 0, "retries": 0, "bytes_read": 0, "bytes_written": 0}
+        self._retry_reasons: dict[str, int] = {}
+        self._pid = os.getpid()
 
     def __getstate__(self):
         keep = ("bucket", "prefix", "endpoint_url", "region", "max_concurrency", "max_attempts",
