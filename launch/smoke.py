@@ -8,8 +8,10 @@ exists, and this loop only when asked for with `mmpt train --smoke` (or while th
 trainer yet).
 
 What it does, per rank:
-- builds the MLP from `train.seed` (identical on every rank) and wraps it in DDP, so gradients
-  are averaged over all ranks with the process group `launch.train` initialised;
+- builds the MLP from `train.seed` (identical on every rank) and averages gradients over all
+  ranks with one all-reduce per parameter on the process group `launch.train` initialised (not
+  DDP: DDP re-buckets gradients after its first step, which changes the summation order, so a
+  resumed run would differ from an uninterrupted one in the last bits);
 - draws each step's batch from a generator keyed by (seed, step, rank): the data depends on the
   position only, so a resumed run sees exactly the batches an uninterrupted run would;
 - rank 0 logs loss and a parameter fingerprint per step to `RUN_DIR/metrics.jsonl`
@@ -39,7 +41,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from train.config import Config
 from train.metrics import MetricsLogger
@@ -135,16 +136,18 @@ def run(cfg: Config) -> dict:
             opt.load_state_dict(state["optim"])
             start = state["step"]
             logger.event(f"[smoke] resumed from step {start} ({ckpt_dir})")
-    ddp = DistributedDataParallel(model)  # averages gradients over all ranks
     per_rank = max(1, cfg.data.global_batch_size // world)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
     for step in range(start + 1, cfg.train.steps + 1):
         _maybe_crash(step, rank, world)
         x, y = (t.to(device) for t in batch_at(seed, step, rank, per_rank))
-        loss = nn.functional.mse_loss(ddp(x), y)
+        loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for p in model.parameters():  # data parallel: the mean gradient over all ranks
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
         opt.step()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)

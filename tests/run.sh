@@ -3,7 +3,8 @@
 # Extra arguments go to pytest, e.g. `bash tests/run.sh -k config -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh dev,hf
+# The SLURM launcher test needs slurm-wlm and munge; setup installs them when missing.
+MMPT_WITH_SLURM="${MMPT_WITH_SLURM:-1}" bash launch/setup.sh dev,hf
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
