@@ -26,6 +26,8 @@ does not shift. Store outages (after the store's retries) raise.
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ from data.pack import PlanState, Window, WindowPlanner, pack_row
 from data.shards import ShardError, open_dataset, read_member
 
 STATE_FORMAT = "mmpt-loader/1"
+log = logging.getLogger(__name__)
 
 
 class ResumeError(ValueError):
@@ -181,7 +184,11 @@ class PackedStream(torch.utils.data.IterableDataset):
             try:
                 self._docs[key] = self._build_doc(source, sample, epoch)
             except (DecodeError, ShardError, UnicodeDecodeError) as e:
-                self._docs[key] = Doc(np.zeros(0, np.int64), [], f"{type(e).__name__}: {e}")
+                # Object addresses in library messages would make the batch differ run to run.
+                reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")
+                log.warning("skipping %s sample %s: %s", self.catalog.names[source],
+                            self.catalog.locate(source, sample), reason)
+                self._docs[key] = Doc(np.zeros(0, np.int64), [], reason)
             while len(self._docs) > 64:
                 self._docs.popitem(last=False)
         return self._docs[key]
@@ -198,7 +205,9 @@ class PackedStream(torch.utils.data.IterableDataset):
                 doc = self.doc(d.source, d.sample, d.epoch)
                 shard, member = self.catalog.locate(d.source, d.sample)
                 if doc.error:
-                    skipped.append((self.catalog.names[d.source], shard, member, doc.error))
+                    entry = (self.catalog.names[d.source], shard, member, doc.error)
+                    if entry not in skipped:
+                        skipped.append(entry)
                     continue
                 lo, hi = d.offset + p.start, d.offset + p.end  # document coordinates
                 at = sum(b - a for _, a, b in pieces)

@@ -200,3 +200,87 @@ def test_a_batch_feeds_the_vision_tower_and_the_language_model(ds):
         emb = tower(batch.pixel_patches, batch.grid_thw)
         h = lm.embed_tokens(batch.input_ids, emb)  # checks placeholder count == embeddings
     assert h.shape == (*batch.input_ids.shape, cfg.model.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data: counted, deterministic skips or clear errors, never a hang.
+
+
+def _planned_units(loader, windows):
+    cursor = loader.stream.new_cursor()
+    return [d for k in range(windows) for d in cursor.get(k).docs]
+
+
+def _overwrite_member(root: Path, loader, draw, ext, make_bad):
+    """Replace one member's bytes inside its tar (same size: the index stays valid)."""
+    shard_key, entry = loader.stream.catalog.entry(draw.source, draw.sample)
+    member = next(e for e in entry["members"] if e.endswith(ext))
+    loc = entry["members"][member]
+    path = root / shard_key
+    data = bytearray(path.read_bytes())
+    old = bytes(data[loc["offset"]:loc["offset"] + loc["size"]])
+    data[loc["offset"]:loc["offset"] + loc["size"]] = make_bad(old)
+    path.write_bytes(bytes(data))
+    return shard_key
+
+
+@pytest.fixture(scope="module")
+def bad_ds(ds, tmp_path_factory):
+    """A copy of the dataset with a corrupt JPEG, a truncated MP4 and a truncated text shard,
+    chosen among the units of the first windows so the loader meets them early."""
+    import shutil
+    from dataclasses import replace
+
+    root = tmp_path_factory.mktemp("bad") / "ds"
+    shutil.copytree(ds.url, root)
+    copy = replace(ds, url=str(root))
+    loader = _loader(copy)
+    units = _planned_units(loader, 8)
+    kinds = loader.stream.catalog.kinds
+    image = next(d for d in units if kinds[d.source] == "image"
+                 and "jpg" in loader.stream.catalog.entry(d.source, d.sample)[1]["members"])
+    video = next(d for d in units if kinds[d.source] == "video")
+    _overwrite_member(root, loader, image, "jpg", lambda b: b"\0" * 64 + b[64:])  # no JPEG header
+    _overwrite_member(root, loader, video, "mp4", lambda b: b[:len(b) // 2] + b"\0" * (len(b) - len(b) // 2))
+    # Truncate the tar holding a text unit: every member past the cut is gone.
+    text = next(d for d in units if kinds[d.source] == "text")
+    shard_key, entry = loader.stream.catalog.entry(text.source, text.sample)
+    cut = entry["members"]["txt"]["offset"] + 10
+    tar = root / shard_key
+    tar.write_bytes(tar.read_bytes()[:cut])
+    return copy, {"image": image, "video": video, "text": text}
+
+
+def test_corrupt_media_and_truncated_shards_are_counted_deterministic_skips(ds, bad_ds):
+    copy, broken = bad_ds
+    a, b = _take(_loader(copy), 16), _take(_loader(copy), 16)
+    assert _digests(a) == _digests(b)  # deterministic, also with the failures
+    skipped = [s for batch in a for s in batch.skipped]
+    reasons = " | ".join(s[3] for s in skipped)
+    for expected in ("not a readable JPEG", "cannot decode", "truncated tar"):
+        assert expected in reasons, reasons
+    assert {"images", "videos", "text"} <= {s[0] for s in skipped}
+    # The stream does not shift: each batch holds the intact dataset's pieces minus the skipped
+    # units (whose slots became padding without loss).
+    intact = _take(_loader(ds), 16)
+    names = [x["name"] for x in json.loads((Path(ds.url) / "manifest.json").read_text())["sources"]]
+    for good, bad in zip(intact, a):
+        gone = {s[:3] for s in bad.skipped}
+        keep = [row for row in good.sample_ids.tolist() if (names[row[1]], row[2], row[3]) not in gone]
+        assert keep == bad.sample_ids.tolist()
+        assert bad.loss_mask.sum() <= good.loss_mask.sum()
+    # With workers the same batches come out.
+    assert _digests(_take(_loader(copy, num_workers=2), 16)) == _digests(a)
+
+
+def test_a_missing_index_is_a_clear_error_naming_the_file(ds, tmp_path):
+    import shutil
+
+    from data.shards import ShardError
+
+    root = tmp_path / "ds"
+    shutil.copytree(ds.url, root)
+    victim = sorted(root.glob("images/*.idx.json"))[0]
+    victim.unlink()
+    with pytest.raises(ShardError, match=f"{victim.parent.name}/{victim.name}.*missing shard index"):
+        DataLoaderWithState(_cfg(ds, manifest=str(root)))
