@@ -1,0 +1,19 @@
+"""Sharded, resumable checkpoints (DCP over our object store; local directory or S3).
+
+    from train.checkpoint import CheckpointManager, training_state, restore_rng
+    mgr = CheckpointManager(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
+    state = training_state(model, optimizer, rank)          # flat, layout-independent keys
+    loaded = mgr.load_latest(state)                         # None: start fresh
+    if loaded: restore_rng(state, rank, loaded.missing); step = loaded.step; loader.load_state_dict(loaded.meta["loader"])
+    ...
+    mgr.save(step, training_state(model, optimizer, rank), meta={"loader": loader.state_dict()})
+"""
+
+from train.checkpoint.manager import CheckpointManager, Loaded, step_dir
+from train.checkpoint.state import (model_tensors, optimizer_tensors, restore_rng, rng_tensors,
+                                    training_state)
+from train.checkpoint.storage import CorruptCheckpoint, StoreReader, StoreWriter
+
+__all__ = ["CheckpointManager", "CorruptCheckpoint", "Loaded", "StoreReader", "StoreWriter",
+           "model_tensors", "optimizer_tensors", "restore_rng", "rng_tensors", "step_dir",
+           "training_state"]
