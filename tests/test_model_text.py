@@ -157,6 +157,27 @@ def test_moe_backward_reaches_all_expert_weights():
     assert torch.all(moe.experts.w_down.grad[~used] == 0)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
+def test_grouped_mm_experts_equal_the_expert_loop():
+    experts = make_lm().layers["1"].mlp.experts
+    gen = torch.Generator().manual_seed(14)
+    counts = torch.tensor([3, 0, 5, 1, 0, 7, 2, 4])  # empty experts included
+    x = torch.randn(int(counts.sum()), 64, generator=gen, requires_grad=True)
+    outs, grads = [], []
+    for grouped in (True, False):
+        experts.use_grouped_mm = grouped
+        experts.zero_grad()
+        x.grad = None
+        y = experts(x, counts)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(15))).sum().backward()
+        outs.append(y)
+        grads.append([x.grad] + [p.grad for p in experts.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.all(grads[0][1][1] == 0)  # the empty expert's weights get zero gradient
+
+
 def test_router_bias_changes_selection_not_weights():
     model = make_lm(n_group=1, topk_group=1)
     moe = model.layers["1"].mlp
