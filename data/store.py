@@ -63,16 +63,13 @@ class StoreUnavailable(StoreError):
     """The store kept failing with retryable errors until the retry budget ran out."""
 
 
-_BAD_PART = {"", ".", ".."}
-
-
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative object key, else raise ValueError naming it."""
     if not isinstance(key, str) or not key:
         raise ValueError(f"object key must be a non-empty string, got {key!r}")
     if key.startswith("/") or "\\" in key or "\x00" in key:
         raise ValueError(f"object key {key!r} must be relative and use '/' separators")
-    if any(part in _BAD_PART for part in key.split("/")):
+    if any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"object key {key!r} has an empty, '.' or '..' part")
     return key
 
@@ -235,14 +232,7 @@ def _etag_md5(resp: dict) -> str | None:
 # Guards lazy per-process initialisation (first use in a process may come from many threads at
 # once). Re-created in a forked child, where a copy held by another parent thread would deadlock.
 _INIT_LOCK = threading.Lock()
-
-
-def _new_init_lock() -> None:
-    global _INIT_LOCK
-    _INIT_LOCK = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_init_lock)
+os.register_at_fork(after_in_child=lambda: globals().update(_INIT_LOCK=threading.Lock()))
 
 
 class _Retry(Exception):
@@ -467,8 +457,7 @@ class S3Store(ObjectStore):
 
     def exists(self, key):
         try:
-            self.size(key)
-            return True
+            return self.size(key) >= 0
         except NotFound:
             return False
 

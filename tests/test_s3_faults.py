@@ -4,6 +4,7 @@ bytes; retries are counted; an unreachable or hanging store fails clearly in bou
 
 import random
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,8 +149,6 @@ def test_a_server_that_closes_every_connection(s3):
     srv.bind(("127.0.0.1", 0))
     srv.listen(16)
     srv.settimeout(0.1)
-    import threading
-
     stop = threading.Event()
 
     def serve():
