@@ -57,6 +57,9 @@ else
   exit 2
 fi
 
+# A fresh TCPStore per restart attempt (see launch/slurm/train.sbatch: pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 set -x
 exec torchrun --nnodes="$nnodes" --nproc-per-node="$NPROC_PER_NODE" "${rdzv[@]}" \
   --max-restarts="${MAX_RESTARTS:-0}" -m train.cli train "$@"

@@ -34,19 +34,20 @@ from train.config import Config, ConfigError, load_config
 TRAINER_MODULE = "train.trainer"
 
 
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text!r} must be an integer") from None
+
+
 def dist_env() -> dict[str, int | str]:
     """Rank layout from torchrun's environment; a plain `mmpt train` is rank 0 of 1."""
-    def num(name: str, default: int) -> int:
-        text = os.environ.get(name)
-        if text is None:
-            return default
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"environment variable {name}={text!r} must be an integer") from None
-
-    env = {"rank": num("RANK", 0), "world_size": num("WORLD_SIZE", 1),
-           "local_rank": num("LOCAL_RANK", 0),
+    env = {"rank": _env_int("RANK", 0), "world_size": _env_int("WORLD_SIZE", 1),
+           "local_rank": _env_int("LOCAL_RANK", 0),
            "master_addr": os.environ.get("MASTER_ADDR", ""),
            "master_port": os.environ.get("MASTER_PORT", "")}
     if not 0 <= env["rank"] < env["world_size"]:
@@ -78,17 +79,19 @@ def init_process_group(cfg: Config, env: dict) -> str:
             raise ConfigError(f"LOCAL_RANK={env['local_rank']} but this node has only "
                               f"{torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(env["local_rank"])
-        backend = "nccl"
+        backend, device = "nccl", torch.device("cuda", env["local_rank"])
     else:
         torch.set_num_threads(1)
-        backend = "gloo"
-    timeout = timedelta(seconds=int(os.environ.get("MMPT_PG_TIMEOUT_S", "1800")))
+        backend, device = "gloo", None
+    # Collective timeout; launch/slurm/nccl-roce.env explains the default.
+    timeout = timedelta(seconds=_env_int("MMPT_PG_TIMEOUT_S", 1800))
     if env["world_size"] == 1 and not env["master_port"]:
         # A plain single process: an in-memory store, no port to pick.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
+                                timeout=timeout, device_id=device)
     else:  # env:// reads MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set by torchrun
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        dist.init_process_group(backend, init_method="env://", timeout=timeout,
+                                device_id=device)
     return backend
 
 
