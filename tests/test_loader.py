@@ -284,3 +284,21 @@ def test_a_missing_index_is_a_clear_error_naming_the_file(ds, tmp_path):
     victim.unlink()
     with pytest.raises(ShardError, match=f"{victim.parent.name}/{victim.name}.*missing shard index"):
         DataLoaderWithState(_cfg(ds, manifest=str(root)))
+
+
+def test_mmpt_data_inspect_prints_the_report_and_renders_a_sequence(ds, tmp_path, capsys):
+    from PIL import Image
+
+    from train.cli import main
+
+    png = tmp_path / "seq.png"
+    rc = main(["data", "inspect", "--manifest", ds.url, "--tokenizer", str(ds.tokenizer),
+               "--config", str(TINY), "--window-sequences", str(WINDOW), "--windows", "10",
+               "--png", str(png)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for needle in ("vision share", "packing efficiency", "cache:", "images", "wrote"):
+        assert needle in out, out
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[1] > 600 and img.shape[0] > 60
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # photo pixels were pasted in place

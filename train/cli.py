@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "model-info": ("train.model.info", "main", "parameter counts (total / activated) of a config"),
     "ingest": ("data.ingest", "main", "build webdataset shards + indexes + manifest from local inputs"),
+    "data": ("data.inspect", "main", "data inspect: realised mix, packing efficiency, cache stats, PNG of a sequence"),
     "plot": ("train.plot", "main", "PNG of loss, throughput and expert balance of a run"),
     "train": ("launch.train", "main", "train from a TOML config (one rank per process under torchrun)"),
 }
