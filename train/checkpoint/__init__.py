@@ -10,10 +10,10 @@
 """
 
 from train.checkpoint.manager import CheckpointManager, Loaded, step_dir
-from train.checkpoint.state import (model_tensors, optimizer_tensors, restore_rng, rng_tensors,
-                                    training_state)
+from train.checkpoint.state import (fill_masters, model_tensors, optimizer_tensors, restore_rng,
+                                    rng_tensors, training_state)
 from train.checkpoint.storage import CorruptCheckpoint, StoreReader, StoreWriter
 
 __all__ = ["CheckpointManager", "CorruptCheckpoint", "Loaded", "StoreReader", "StoreWriter",
-           "model_tensors", "optimizer_tensors", "restore_rng", "rng_tensors", "step_dir",
+           "fill_masters", "model_tensors", "optimizer_tensors", "restore_rng", "rng_tensors", "step_dir",
            "training_state"]

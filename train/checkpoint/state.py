@@ -4,6 +4,7 @@
     model/<fqn>/expert-<e>              routed expert e (global index) of a stacked [E, r, c] weight
     optim/<fqn>/<state>                 optimizer state of that parameter (momentum_buffer,
     optim/<fqn>/expert-<e>/<state>        exp_avg, exp_avg_sq, step), same expert split
+    master/<fqn>[/expert-<e>]           ZeRO-1's fp32 master copy, saved by its owner
     rng/rank-<r>/cpu, rng/rank-<r>/cuda-<d>   generator states (per rank: optional on load)
 
 Keys never mention a pipeline stage, a data-parallel rank or an expert-parallel shard, so a
@@ -51,8 +52,9 @@ def optimizer_tensors(optimizer, model: nn.Module) -> dict[str, Tensor]:
 
     `optimizer` is a MuonClip (or any torch optimizer with named groups) over the model's
     params, or a parallel.zero.ZeroOptimizer: then its inner optimizer steps fp32 masters named
-    "fqn" or "fqn@a:b" (rows a..b of an expert stack), and each master is saved as
-    optim/<fqn>[/expert-<e>]/master beside its state, by its owner only.
+    "fqn" or "fqn@a:b" (rows a..b of an expert stack), and each master is saved by its owner as
+    master/<fqn>[/expert-<e>]. Load with optional=("rng/", "master/") to accept checkpoints
+    without masters (then copy each master from its loaded parameter: what `fill_masters` does).
     """
     zero = hasattr(optimizer, "owned")
     inner = optimizer.optimizer if zero else optimizer
@@ -68,19 +70,29 @@ def optimizer_tensors(optimizer, model: nn.Module) -> dict[str, Tensor]:
                              "optimizer_for set them) to key the state by parameter name")
         for name, p in zip(group["param_names"], group["params"]):
             fqn, rows = split_piece_name(name)
-            entries = dict(inner.state.get(p, {}))
+            first = offsets[fqn] + (rows or 0) if fqn in offsets else None
             if zero:
-                entries["master"] = p.detach()
-            for sname, value in entries.items():
+                out.update(_split(f"master/{fqn}", p.detach(), first))
+            for sname, value in inner.state.get(p, {}).items():
                 if not isinstance(value, Tensor):
                     raise TypeError(f"optimizer state {name}/{sname} is {type(value).__name__}, "
                                     "not a tensor")
-                first = None
-                if fqn in offsets and value.shape == p.shape:
-                    first = offsets[fqn] + (rows or 0)
-                for key, t in _split(f"optim/{fqn}", value, first).items():
-                    out[f"{key}/{sname}"] = t
+                parts = _split(f"optim/{fqn}", value, first if value.shape == p.shape else None)
+                out.update({f"{key}/{sname}": t for key, t in parts.items()})
     return out
+
+
+@torch.no_grad()
+def fill_masters(zero, missing: list[str]) -> int:
+    """After a load that found no master/ entries (a checkpoint from a plain optimizer), set
+    those ZeRO-1 masters from the loaded parameters; returns how many were filled."""
+    filled = 0
+    for piece in getattr(zero, "owned", []):
+        key = f"master/{piece.name}"
+        if any(k == key or k.startswith(f"{key}/expert-") for k in missing):
+            piece.master.copy_(piece.view(piece.param.detach()))
+            filled += 1
+    return filled
 
 
 def rng_tensors(rank: int) -> dict[str, Tensor]:
