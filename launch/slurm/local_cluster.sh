@@ -139,6 +139,15 @@ stop_daemon() {
 }
 
 stop() {
+  # Cancel what still runs first: slurmstepd would outlive slurmd and keep the job's processes.
+  if running "$dir/slurmctld.pid"; then
+    export SLURM_CONF="$conf"
+    scancel --partition=local 2>/dev/null || true
+    for _ in $(seq 100); do
+      [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+      sleep 0.2
+    done
+  fi
   # munged stays up: it is shared by anything on the machine that uses munge.
   stop_daemon "$dir/slurmd.pid" slurmd
   stop_daemon "$dir/slurmctld.pid" slurmctld
