@@ -6,6 +6,5 @@ from train.optim.qk_clip import QKClip, QKClipStats, qk_clip_
 from train.optim.schedule import clip_grad_norm_, global_grad_norm, lr_multiplier, set_lr
 
 __all__ = ["MuonClip", "QKClip", "QKClipStats", "build_optimizer", "clip_grad_norm_",
-           "global_grad_norm", "lr_multiplier", "newton_schulz5", "optimizer_for", "param_groups",
-           "qk_clip_",
-           "set_lr", "uses_muon"]
+           "global_grad_norm", "lr_multiplier", "newton_schulz5", "optimizer_for",
+           "param_groups", "qk_clip_", "set_lr", "uses_muon"]
