@@ -137,9 +137,13 @@ def patchify(frames: np.ndarray, p: VisionPreprocess) -> np.ndarray:
     ps = p.patch_size
     scale = (1.0 / (255.0 * np.asarray(p.std, np.float32))).astype(np.float32)
     shift = (-np.asarray(p.mean, np.float32) / np.asarray(p.std, np.float32)).astype(np.float32)
-    x = frames.reshape(T, H // ps, ps, W // ps, ps, C).transpose(0, 1, 3, 5, 2, 4)  # T gh gw C py px
-    x = x.astype(np.float32) * scale[:, None, None] + shift[:, None, None]
-    return np.ascontiguousarray(x).reshape(T * (H // ps) * (W // ps), C * ps * ps)
+    # Reorder the uint8 pixels first (1 byte per element), then normalise in place: ~4x faster
+    # than converting the strided view, and bit-identical (same float32 operations).
+    x = np.ascontiguousarray(frames.reshape(T, H // ps, ps, W // ps, ps, C).transpose(0, 1, 3, 5, 2, 4))
+    x = x.reshape(-1, C, ps * ps).astype(np.float32)  # T*gh*gw, C, py*px
+    x *= scale[:, None]
+    x += shift[:, None]
+    return x.reshape(T * (H // ps) * (W // ps), C * ps * ps)
 
 
 def preprocess_image(rgb: np.ndarray, p: VisionPreprocess = VisionPreprocess()) -> tuple[np.ndarray, tuple[int, int, int]]:
