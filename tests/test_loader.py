@@ -302,3 +302,32 @@ def test_mmpt_data_inspect_prints_the_report_and_renders_a_sequence(ds, tmp_path
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape[1] > 600 and img.shape[0] > 60
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # photo pixels were pasted in place
+
+
+def test_micro_batch_split_keeps_each_rows_vision_items_and_segments(ds):
+    batch = next(b for b in _take(_loader(ds, global_batch_size=8), 6) if len(b.grid_thw) >= 2)
+    parts = batch.split(4)
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), batch.input_ids)
+    assert torch.equal(torch.cat([p.pixel_patches for p in parts]), batch.pixel_patches)
+    assert torch.equal(torch.cat([p.grid_thw for p in parts]), batch.grid_thw)
+    for i, p in enumerate(parts):
+        assert p.pixel_patches.shape[0] == int(p.grid_thw.prod(dim=1).sum())
+        assert int(p.cu_seqlens[0]) == 0 and int(p.cu_seqlens[-1]) == p.input_ids.numel()
+        for r, start, n in p.vision_spans.tolist():
+            assert (p.input_ids[r, start:start + n] == batch.input_ids[2 * i + r, start:start + n]).all()
+    with pytest.raises(ValueError, match="micro-batches"):
+        batch.split(3)
+
+
+def test_source_weights_split_a_modality_by_tokens_and_bad_weights_are_rejected(ds):
+    from train.config import ConfigError
+
+    loader = _loader(ds, source_weights="images=1,videos=1,interleaved=2")
+    rep = plan_report(loader.stream, 40)["mix"]["sources"]
+    vision = {k: rep[k]["tokens"] for k in ("images", "videos", "interleaved")}
+    total = sum(vision.values())
+    assert abs(vision["interleaved"] / total - 0.5) < 0.1 and abs(vision["videos"] / total - 0.25) < 0.1
+    with pytest.raises(ConfigError, match="data.source_weights"):
+        _cfg(ds, source_weights="images=-1")
+    with pytest.raises(ValueError, match="unknown source.*nosuch"):
+        _loader(ds, source_weights="nosuch=1")
