@@ -1,0 +1,194 @@
+"""MuonClip under ZeRO-1 (whole-parameter ownership) and EP equals the single-process optimizer.
+
+Two gloo ranks, each with its own micro-batch; a real forward/backward of the tiny decoder with
+two attention heads forced far above tau, so QK-Clip acts on every step. Per step: loss summed
+and divided by the global token count, gradients reduced to owners, global grad-norm clip,
+MuonClip on the owned fp32 masters, broadcast, QK-Clip (MAX of the max logits over the ranks) on
+the live weights and the owners' masters, schedule from the step. Reference: one process, both
+micro-batches, the same optimizer, clip and schedule. Parameters after 3 steps agree to fp32
+round-off; the checkpointed optimizer state agrees key by key too.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.expert import is_expert_param, shard_experts
+from parallel.zero import ShardGroup, ZeroOptimizer
+from tests.dist import run_distributed
+from train.checkpoint import CheckpointManager, fill_masters, model_tensors, optimizer_tensors
+from train.config import ModelConfig
+from train.model import init_weights
+from train.model.lm import DecoderLM
+from train.optim.muon import build_optimizer, optimizer_for
+from train.optim.qk_clip import QKClip, q_weight
+from train.optim.schedule import clip_grad_norm_, set_lr
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, first_k_dense=1,
+                  intermediate_size=48, num_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=16)
+OPTIM = types.SimpleNamespace(lr=0.02, adamw_lr=3e-3, weight_decay=0.1, momentum=0.95,
+                              betas=(0.9, 0.95), eps=1e-8, warmup_steps=1, schedule="cosine",
+                              min_lr_ratio=0.1, decay_fraction=0.2)
+TAU, STEPS, WORLD, MAX_NORM = 100.0, 3, 2, 1.0
+BATCH, SEQ = 2, 16
+GLOBAL_TOKENS = WORLD * BATCH * (SEQ - 1)
+
+
+def _model() -> DecoderLM:
+    model = DecoderLM(CFG)
+    init_weights(model, 0)
+    attn = model.layers["0"].attn
+    with torch.no_grad():  # heads 0 and 2 of layer 0 start with logits well above tau
+        for h in (0, 2):
+            q_weight(attn)[h * 12:(h + 1) * 12] *= 100
+            attn.kv_b_proj.weight[h * 16:h * 16 + 8] *= 100
+    return model
+
+
+def _loss(model, step: int, rank: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(5, 64, (BATCH, SEQ), generator=gen)
+    logits = model(ids, position_ids=torch.arange(SEQ).expand(BATCH, -1),
+                   doc_ids=torch.zeros_like(ids))
+    ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1),
+                                     reduction="sum")
+    return ce / GLOBAL_TOKENS
+
+
+def _reference():
+    model = _model()
+    opt = build_optimizer(model, OPTIM, ns_dtype=torch.float32)
+    clip = QKClip(model, TAU)
+    clipped = 0
+    for step in range(STEPS):
+        set_lr(opt, step, OPTIM, STEPS)
+        for rank in range(WORLD):
+            _loss(model, step, rank).backward()
+        clip_grad_norm_(list(model.parameters()), MAX_NORM)
+        opt.step()
+        clipped += clip.step().clipped_heads
+        opt.zero_grad()
+    return model, opt, clipped
+
+
+def _zero_replica(rank, world, ep):
+    model = _model()
+    shard_experts(model, dist.group.WORLD, rank, ep)
+    singles = [dist.new_group([r]) for r in range(world)]  # expert-data-parallel groups at EP2
+    dense = [(n, p) for n, p in model.named_parameters() if not (ep > 1 and is_expert_param(n))]
+    groups = [ShardGroup(dist.group.WORLD, dense, split_dim0=is_expert_param)]
+    if ep > 1:
+        experts = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
+        groups.append(ShardGroup(singles[rank], experts))
+    zero = ZeroOptimizer(groups, lambda named: optimizer_for(named, OPTIM, ns_dtype=torch.float32),
+                         max_grad_norm=MAX_NORM, norm_group=dist.group.WORLD)
+    return model, zero
+
+
+def _state(model, zero):
+    return {**model_tensors(model), **optimizer_tensors(zero, model)}
+
+
+def _numpy(state):
+    return {k: v.detach().numpy().copy() for k, v in state.items()}
+
+
+def _body(rank, world, ep, root):
+    model, zero = _zero_replica(rank, world, ep)
+    clip = QKClip(model, TAU, group=dist.group.WORLD)
+    clipped = 0
+    for step in range(STEPS):
+        if zero.optimizer is not None:
+            set_lr(zero.optimizer, step, OPTIM, STEPS)
+        _loss(model, step, rank).backward()
+        zero.step()
+        clipped += clip.step(masters=zero.masters()).clipped_heads
+        zero.zero_grad()
+    params = _numpy(model_tensors(model))
+    state = _numpy(optimizer_tensors(zero, model))
+    CheckpointManager(root).save(STEPS, _state(model, zero))
+    return params, state, clipped
+
+
+def _load_body(rank, world, ep, root):
+    model, zero = _zero_replica(rank, world, ep)
+    state = _state(model, zero)
+    loaded = CheckpointManager(root).load_latest(state)
+    assert loaded.step == STEPS and loaded.missing == []
+    return _numpy(state)
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["zero1-dp2", "zero1-dp2-ep2"])
+def test_zero1_muonclip_equals_single_process(ep, tmp_path):
+    results = run_distributed(_body, WORLD, ep, str(tmp_path))
+    ref_model, ref_opt, ref_clipped = _reference()
+    assert ref_clipped >= 2  # QK-Clip really acted
+    ref_params = model_tensors(ref_model)
+    ref_state = optimizer_tensors(ref_opt, ref_model)
+    seen_state = set()
+    for params, state, clipped in results:
+        assert clipped == ref_clipped
+        for key, value in params.items():
+            ref = ref_params[key]
+            # fp32 round-off: grad-norm sums and gradient reductions run in another order
+            torch.testing.assert_close(torch.from_numpy(value), ref.detach(), rtol=1e-5,
+                                       atol=1e-6, msg=key)
+        for key, value in state.items():
+            if key.startswith("master/"):  # the owner's fp32 master equals the parameter
+                ref = ref_params["model/" + key.removeprefix("master/")]
+            else:
+                ref = ref_state[key]
+            torch.testing.assert_close(torch.from_numpy(value), ref.detach(), rtol=1e-5,
+                                       atol=1e-6, msg=key)
+            seen_state.add(key)
+    # Between them the ranks hold every piece of optimizer state exactly as the reference does.
+    assert {k for k in seen_state if not k.startswith("master/")} == set(ref_state)
+    assert {k.removeprefix("master/") for k in seen_state if k.startswith("master/")} == {
+        k.removeprefix("model/") for k in ref_params if k in {f"model/{n}" for n, _ in
+                                                             ref_model.named_parameters()}
+        or "/expert-" in k}
+
+    # The ZeRO checkpoint loads into a plain single-process optimizer (masters ignored) and into
+    # ZeRO at the other expert layout, bit for bit.
+    saved = {}
+    for params, state, _ in results:
+        saved.update(params)
+        saved.update(state)
+    plain_model = _model()
+    plain_opt = build_optimizer(plain_model, OPTIM, ns_dtype=torch.float32)
+    plain = {**model_tensors(plain_model), **optimizer_tensors(plain_opt, plain_model)}
+    assert CheckpointManager(str(tmp_path)).load_latest(plain).step == STEPS
+    for key, value in plain.items():
+        assert torch.equal(value, torch.from_numpy(saved[key])), key
+    for state in run_distributed(_load_body, WORLD, 3 - ep, str(tmp_path)):
+        for key, value in state.items():
+            assert (value == saved[key]).all(), key
+
+
+def _masters_from_plain(rank, world, root):
+    model, zero = _zero_replica(rank, world, 2)
+    state = _state(model, zero)
+    loaded = CheckpointManager(root).load_latest(state, optional=("rng/", "master/"))
+    assert fill_masters(zero, loaded.missing) == len(zero.owned)
+    return {p.key: (p.master.detach().numpy().copy(), p.view(p.param.detach()).numpy().copy())
+            for p in zero.owned}
+
+
+def test_zero_loads_a_plain_checkpoint_and_fills_masters(tmp_path):
+    model = _model()
+    opt = build_optimizer(model, OPTIM, ns_dtype=torch.float32)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    CheckpointManager(str(tmp_path)).save(1, {**model_tensors(model),
+                                               **optimizer_tensors(opt, model)})
+    for owned in run_distributed(_masters_from_plain, WORLD, str(tmp_path)):
+        for key, (master, param) in owned.items():
+            assert (master == param).all(), key
