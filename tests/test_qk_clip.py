@@ -11,6 +11,7 @@ import torch
 from tests.dist import run_distributed
 from train.config import ModelConfig
 from train.model import init_weights
+from train.model.attention import DocMask
 from train.model.lm import DecoderLM
 from train.optim.muon import build_optimizer
 from train.optim.qk_clip import QKClip, clip_factors, q_weight, qk_clip_
@@ -196,3 +197,25 @@ def test_max_logits_are_max_reduced_over_ranks():
         if "attn" in name:
             assert torch.equal(torch.from_numpy(results[0][name]), p.detach()), name
             assert torch.equal(torch.from_numpy(results[1][name]), p.detach()), name
+
+
+def test_pipeline_chunks_are_tracked_together():
+    """A rank's pipeline chunks (pieces of the model, full-model names) form one QKClip."""
+    whole, split = _model(), _model()
+    first, second = copy.deepcopy(split), copy.deepcopy(split)
+    del first.layers["1"]
+    del second.layers["0"]
+    clip = QKClip([first, second], TAU)
+    assert [name for name, _ in clip.layers] == ["layers.0.attn", "layers.1.attn"]
+    ref = QKClip(whole, TAU)
+    batch = _batch()
+    with torch.no_grad():
+        _loss(whole, batch)
+        h = first.embed_tokens(batch[0], None)
+        cos, sin = first.rope(batch[1])
+        mask = DocMask(batch[2])
+        h = first.layers["0"](h, cos, sin, mask)
+        second.layers["1"](h, cos, sin, mask)
+    assert torch.equal(clip.reduced_max_logits(), ref.reduced_max_logits())
+    with pytest.raises(ValueError, match="share a name"):
+        QKClip([first, first], TAU)

@@ -14,7 +14,7 @@ multiplied by exactly 1.0, i.e. untouched bit for bit.
 
 Usage in a trainer (each pipeline stage clips its own layers):
 
-    clip = QKClip(stage_module, tau=cfg.optim.qk_clip_tau, group=dp_group_of_this_stage)
+    clip = QKClip(stage_modules, tau=cfg.optim.qk_clip_tau, group=dp_group_of_this_stage)
     ... forward/backward of all micro-batches; optimizer.step(); ZeRO-1 broadcast ...
     stats = clip.step(masters=None)  # on EVERY rank of the group, after the params agree
 
@@ -26,7 +26,7 @@ after the ZeRO-1 broadcast on every rank keeps replicas identical without a seco
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,12 +91,19 @@ class QKClipStats:
 class QKClip:
     """Tracks each MLA layer's per-head max logit over a step's forwards and clips after it."""
 
-    def __init__(self, model: nn.Module, tau: float, group: dist.ProcessGroup | None = None):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], tau: float,
+                 group: dist.ProcessGroup | None = None):
+        """`model`: the module, or this rank's pipeline chunks (names as in the full model)."""
         if tau <= 0:
             raise ValueError(f"qk_clip_tau={tau!r} must be > 0")
         self.tau = tau
         self.group = group
-        self.layers = [(name, m) for name, m in model.named_modules() if is_mla(m)]
+        chunks = [model] if isinstance(model, nn.Module) else list(model)
+        self.layers = [(name, m) for chunk in chunks for name, m in chunk.named_modules()
+                       if is_mla(m)]
+        names = [name for name, _ in self.layers]
+        if len(set(names)) != len(names):
+            raise ValueError("two MLA modules share a name across the given chunks")
         self._running: dict[str, Tensor | None] = {name: None for name, _ in self.layers}
         self._hooks = []
         for name, m in self.layers:
@@ -139,6 +146,10 @@ class QKClip:
         self._running = {name: None for name, _ in self.layers}
         top = float(maxima.max()) if maxima.numel() else float("-inf")
         return QKClipStats(max_logit=top, clipped_heads=clipped)
+
+    def reset(self) -> None:
+        """Forget the maxima seen since the last step without clipping (a skipped step)."""
+        self._running = {name: None for name, _ in self.layers}
 
     def remove(self) -> None:
         for h in self._hooks:
