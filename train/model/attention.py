@@ -81,8 +81,9 @@ class DocMask:
                 return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
             batch, seq = doc.shape
+            # Compiled mask construction on CUDA avoids materialising the S x S mask.
             self._block = create_block_mask(same_doc_causal, batch, None, seq, seq,
-                                            device=doc.device)
+                                            device=doc.device, _compile=doc.is_cuda)
         return self._block
 
 

@@ -63,6 +63,19 @@ class Router(nn.Module):
         return scores, idx, weights * self.scaling
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: _grouped_mm's backward
+    rejects expanded (stride 0) gradients such as the one `out.sum().backward()` sends."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class GroupedExperts(nn.Module):
     """Routed experts with stacked weights; dim 0 is the expert (the EP shard dimension).
 
@@ -97,7 +110,7 @@ class GroupedExperts(nn.Module):
         def mm(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return torch._grouped_mm(inp, w.to(dtype).transpose(-2, -1), offs=offsets)
 
-        return mm(F.silu(mm(x, self.w_gate)) * mm(x, self.w_up), self.w_down)
+        return _ContiguousGrad.apply(mm(F.silu(mm(x, self.w_gate)) * mm(x, self.w_up), self.w_down))
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         outs = []
