@@ -1,12 +1,16 @@
 """MuonClip under ZeRO-1 (whole-parameter ownership) and EP equals the single-process optimizer.
 
-Two gloo ranks, each with its own micro-batch; a real forward/backward of the tiny decoder with
+Part 1, ZeRO-1 alone: two gloo ranks, each with its own micro-batch; a real forward/backward of the tiny decoder with
 two attention heads forced far above tau, so QK-Clip acts on every step. Per step: loss summed
 and divided by the global token count, gradients reduced to owners, global grad-norm clip,
 MuonClip on the owned fp32 masters, broadcast, QK-Clip (MAX of the max logits over the ranks) on
 the live weights and the owners' masters, schedule from the step. Reference: one process, both
 micro-batches, the same optimizer, clip and schedule. Parameters after 3 steps agree to fp32
 round-off; the checkpointed optimizer state agrees key by key too.
+
+Part 2, the whole runtime (parallel/runtime.py: PP2 x V2 x DP2, EP2, DEP, ZeRO-1 on 4 ranks)
+with MuonClip, the schedule and QK-Clip on each stage's layers over its DP group, against one
+process over the global batches.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.expert import is_expert_param, shard_experts
+from parallel.mesh import build_mesh
+from parallel.runtime import ParallelRuntime
 from parallel.zero import ShardGroup, ZeroOptimizer
 from tests.dist import run_distributed
+from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
 from train.checkpoint import CheckpointManager, fill_masters, model_tensors, optimizer_tensors
-from train.config import ModelConfig
-from train.model import init_weights
-from train.model.lm import DecoderLM
+from train.config import ModelConfig, replace
+from train.model import build_model, init_weights
+from train.model.lm import DecoderLM, lm_loss_sum
+from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import build_optimizer, optimizer_for
 from train.optim.qk_clip import QKClip, q_weight
 from train.optim.schedule import clip_grad_norm_, set_lr
@@ -192,3 +200,86 @@ def test_zero_loads_a_plain_checkpoint_and_fills_masters(tmp_path):
     for owned in run_distributed(_masters_from_plain, WORLD, str(tmp_path)):
         for key, (master, param) in owned.items():
             assert (master == param).all(), key
+
+
+# ------------------------------------------------------------------------------------------
+# Part 2: PP2 x V2 x DP2 with EP2 and DEP through ParallelRuntime, QK-Clip per stage
+# ------------------------------------------------------------------------------------------
+
+PP_TAU = 0.03  # the tiny model's initial max logits are 0.024-0.039: most heads clip each step
+
+
+def _pp_config():
+    cfg = tiny_config(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4, dep=True)
+    return replace(cfg, optim={"qk_clip_tau": PP_TAU, "warmup_steps": 1, "lr": 0.01,
+                               "adamw_lr": 0.003})
+
+
+def _pp_steps(n=3):
+    return [[make_batch(8, 32, seed=100 * s + d, vision=not (s == 1 and d == 1)) for d in range(2)]
+            for s in range(n)]
+
+
+def _pp_body(rank, world, steps):
+    cfg = _pp_config()
+    mesh = build_mesh(cfg)
+    model = build_model(cfg)
+    init_weights(model, 0)
+    rt = ParallelRuntime(cfg, model, mesh,
+                         lambda named: optimizer_for(named, cfg.optim, ns_dtype=torch.float32))
+    clip = QKClip(rt.stage_modules, cfg.optim.qk_clip_tau, group=mesh.dp_group)
+    losses, clipped = [], []
+    for step, per_replica in enumerate(steps):
+        if rt.zero.optimizer is not None:
+            set_lr(rt.zero.optimizer, step, cfg.optim, len(steps))
+        losses.append(rt.step(per_replica[mesh.dp_rank]).loss)
+        clipped.append(clip.step(masters=rt.zero.masters()).clipped_heads)
+    state = {}
+    for module in rt.stage_modules:
+        state.update(model_tensors(module))
+    state.update({f"model/vision.{k.removeprefix('model/')}": v
+                  for k, v in model_tensors(rt.dep.encoder).items()})
+    return mesh.dp_rank, losses, clipped, _numpy(state)
+
+
+def _pp_reference(steps):
+    cfg = _pp_config()
+    model = build_model(cfg)
+    init_weights(model, 0)
+    opt = build_optimizer(model, cfg.optim, ns_dtype=torch.float32)
+    clip = QKClip(model, cfg.optim.qk_clip_tau)
+    losses, clipped = [], []
+    for step, per_replica in enumerate(steps):
+        b = concat_batches(per_replica)
+        set_lr(opt, step, cfg.optim, len(steps))
+        logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
+                       pixel_patches=b["pixel_patches"], grid_thw=b["grid_thw"])
+        loss_sum, n = lm_loss_sum(logits, b["labels"], b["loss_mask"])
+        (loss_sum / n).backward()
+        clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
+        opt.step()
+        clipped.append(clip.step().clipped_heads)
+        opt.zero_grad()
+        update_router_bias(model, collect_expert_loads(model), cfg.model.bias_update_rate)
+        losses.append((loss_sum / n).item())
+    return losses, clipped, model_tensors(model)
+
+
+def test_runtime_pp2_v2_dp2_ep2_dep_muonclip_equals_single_process():
+    steps = _pp_steps()
+    ref_losses, ref_clipped, ref_state = _pp_reference(steps)
+    assert all(c > 0 for c in ref_clipped) and min(ref_clipped) < 8  # clips some heads, not all
+    out = run_distributed(_pp_body, 4, steps, timeout=300)
+    covered = set()
+    for dp_rank in range(2):
+        per_stage = [o for o in out if o[0] == dp_rank]
+        # the two pipeline ranks of a replica clip disjoint layers: together, the reference
+        assert [sum(c) for c in zip(*(o[2] for o in per_stage))] == ref_clipped
+    for _, losses, _, state in out:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0,
+                                   atol=1e-5)
+        for key, value in state.items():
+            torch.testing.assert_close(torch.from_numpy(value), ref_state[key], rtol=0,
+                                       atol=1e-5, msg=key)
+            covered.add(key)
+    assert covered == set(ref_state)
