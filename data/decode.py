@@ -15,7 +15,9 @@ Timeouts: `with_timeout(fn, *args, timeout_s=..., name=...)` runs a decode in a 
 raises DecodeTimeout if it does not finish in time. Threads (not subprocesses) because DataLoader
 workers are daemonic processes and may not start children; both decoders release the GIL while
 decoding. A decode that truly never returns leaves one abandoned daemon thread behind; the worker
-goes on with the next sample (and the sample is reported as failed).
+goes on with the next sample (and the sample is reported as failed). Errors carry only a message,
+never a traceback holding a decoder: we saw a forked DataLoader worker hang in decord when the parent
+still held a live VideoReader (pinned by a kept exception), so readers are opened and dropped per call.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class DecodeTimeout(DecodeError):
 def _open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as e:  # pillow's own, higher, limit tripped first
+        raise DecodeError(f"{name}: {e} (our limit: {max_pixels} pixels; decompression bomb?)") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
         raise DecodeError(f"{name}: not a readable JPEG/PNG/WebP image ({type(e).__name__}: {e})") from None
     w, h = img.size
@@ -129,14 +133,16 @@ class PyAVDecoder(VideoDecoder):
         with self._open(data) as c:
             stream = c.streams.video[0]
             stream.thread_type = "NONE"
+            n = 0
             for i, frame in enumerate(c.decode(stream)):
+                n = i + 1
                 if i in want:
                     got[i] = frame.to_ndarray(format="rgb24")
                 if i >= want[-1]:
                     break
         missing = [i for i in want if i not in got]
         if missing:
-            raise DecodeError(f"frames {missing[:5]} not in video ({len(got)} decoded)")
+            raise DecodeError(f"frames {missing[:5]} not in video ({n} frames)")
         return np.stack([got[i] for i in indices])
 
 
@@ -155,8 +161,10 @@ class DecordDecoder(VideoDecoder):
 
     def frames(self, data: bytes, indices: list[int]) -> np.ndarray:
         vr = self._reader(data)
-        if indices and max(indices) >= len(vr):
-            raise DecodeError(f"frame {max(indices)} not in video ({len(vr)} frames)")
+        n = len(vr)
+        if indices and max(indices) >= n:
+            del vr  # never let an error's traceback keep a reader alive: a forked child could hang
+            raise DecodeError(f"frame {max(indices)} not in video ({n} frames)")
         return vr.get_batch(list(indices)).asnumpy()
 
 
@@ -183,8 +191,10 @@ def with_timeout(fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, name: str = "m
     def run():
         try:
             box["value"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
-            box["error"] = e
+        except DecodeError as e:  # keep only the message: a traceback would pin decoder objects
+            box["error"] = f"{name}: {e}"
+        except Exception as e:  # noqa: BLE001  (reported in the caller's thread)
+            box["error"] = f"{name}: cannot decode ({type(e).__name__}: {e})"
 
     t = threading.Thread(target=run, name=f"decode:{name}", daemon=True)
     t.start()
@@ -192,10 +202,7 @@ def with_timeout(fn, *args, timeout_s: float = DEFAULT_TIMEOUT_S, name: str = "m
     if t.is_alive():
         raise DecodeTimeout(f"{name}: decoding took longer than {timeout_s:g} s (abandoned)")
     if "error" in box:
-        e = box["error"]
-        if isinstance(e, DecodeError):
-            raise DecodeError(f"{name}: {e}") from None
-        raise DecodeError(f"{name}: cannot decode ({type(e).__name__}: {e})") from None
+        raise DecodeError(box["error"])
     return box["value"]
 
 
