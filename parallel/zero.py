@@ -121,8 +121,8 @@ class ZeroOptimizer:
         is skipped when it is not finite)."""
         for g in self.groups:
             self._reduce_grads(g)
-        norm = clip_grad_norm_([p.master for p in self.owned], self.max_grad_norm,
-                               group=self.norm_group)
+        norm = clip_grad_norm_([p.master for p in self.owned if p.master.grad is not None],
+                               self.max_grad_norm, group=self.norm_group)
         # A non-finite norm (NaN/inf loss or gradient) is the same on every rank: all skip the
         # update, so parameters, masters and optimizer state stay as they were.
         if not torch.isfinite(norm):
@@ -147,16 +147,22 @@ class ZeroOptimizer:
         return out
 
     def _reduce_grads(self, g: ShardGroup) -> None:
+        """Sum grads onto owners. A piece with no grad on any rank (e.g. the vision tower in a
+        text-only step) keeps master.grad = None, so the optimizer skips it as torch's would."""
         rank = dist.get_rank(g.group)
         for owner, pieces in sorted(self._by_owner(g).items()):
-            flat = torch.cat([
-                (p.view(p.param.grad).float() if p.param.grad is not None
-                 else torch.zeros(p.view(p.param).shape, device=p.param.device)).reshape(-1)
-                for p in pieces])
+            parts = [(p.view(p.param.grad).float() if p.param.grad is not None
+                      else torch.zeros(p.view(p.param).shape, device=p.param.device)).reshape(-1)
+                     for p in pieces]
+            has_grad = torch.tensor([float(p.param.grad is not None) for p in pieces],
+                                    device=pieces[0].param.device)
+            flat = torch.cat(parts + [has_grad])
             dist.reduce(flat, dst=dist.get_global_rank(g.group, owner), group=g.group)
             if owner == rank:
-                for p, part in zip(pieces, flat.split([p.view(p.param).numel() for p in pieces])):
-                    p.master.grad = part.view_as(p.master).clone()
+                sizes = [p.view(p.param).numel() for p in pieces]
+                chunks = flat.split(sizes + [len(pieces)])
+                for p, part, seen in zip(pieces, chunks, chunks[-1].tolist()):
+                    p.master.grad = part.view_as(p.master).clone() if seen else None
 
     def _broadcast_params(self, g: ShardGroup) -> None:
         rank = dist.get_rank(g.group)
