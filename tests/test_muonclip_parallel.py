@@ -234,12 +234,9 @@ def _pp_body(rank, world, steps):
             set_lr(rt.zero.optimizer, step, cfg.optim, len(steps))
         losses.append(rt.step(per_replica[mesh.dp_rank]).loss)
         clipped.append(clip.step(masters=rt.zero.masters()).clipped_heads)
-    state = {}
-    for module in rt.stage_modules:
-        state.update(model_tensors(module))
-    state.update({f"model/vision.{k.removeprefix('model/')}": v
-                  for k, v in model_tensors(rt.dep.encoder).items()})
-    return mesh.dp_rank, losses, clipped, _numpy(state)
+    state = model_tensors(rt.stage_modules + [("vision.", rt.dep.encoder)])
+    optim = optimizer_tensors(rt.zero, rt.stage_modules + [("vision.", rt.dep.encoder)])
+    return mesh.dp_rank, losses, clipped, _numpy(state), _numpy(optim)
 
 
 def _pp_reference(steps):
@@ -262,12 +259,12 @@ def _pp_reference(steps):
         opt.zero_grad()
         update_router_bias(model, collect_expert_loads(model), cfg.model.bias_update_rate)
         losses.append((loss_sum / n).item())
-    return losses, clipped, model_tensors(model)
+    return losses, clipped, model_tensors(model), optimizer_tensors(opt, model)
 
 
 def test_runtime_pp2_v2_dp2_ep2_dep_muonclip_equals_single_process():
     steps = _pp_steps()
-    ref_losses, ref_clipped, ref_state = _pp_reference(steps)
+    ref_losses, ref_clipped, ref_state, ref_optim = _pp_reference(steps)
     assert all(c > 0 for c in ref_clipped) and min(ref_clipped) < 8  # clips some heads, not all
     out = run_distributed(_pp_body, 4, steps, timeout=300)
     covered = set()
@@ -275,11 +272,17 @@ def test_runtime_pp2_v2_dp2_ep2_dep_muonclip_equals_single_process():
         per_stage = [o for o in out if o[0] == dp_rank]
         # the two pipeline ranks of a replica clip disjoint layers: together, the reference
         assert [sum(c) for c in zip(*(o[2] for o in per_stage))] == ref_clipped
-    for _, losses, _, state in out:
+    for _, losses, _, state, optim in out:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0,
                                    atol=1e-5)
         for key, value in state.items():
             torch.testing.assert_close(torch.from_numpy(value), ref_state[key], rtol=0,
                                        atol=1e-5, msg=key)
             covered.add(key)
-    assert covered == set(ref_state)
+        for key, value in optim.items():  # the checkpoint keys of the sharded optimizer state
+            want = ref_state["model/" + key[7:]] if key.startswith("master/") else ref_optim[key]
+            torch.testing.assert_close(torch.from_numpy(value), want, rtol=1e-4, atol=1e-5,
+                                       msg=key)
+            covered.add(key)
+    assert covered == set(ref_state) | set(ref_optim) | {
+        "master/" + k[6:] for k in ref_state if not k.endswith("e_score_correction_bias")}

@@ -16,20 +16,34 @@ RNG entries are copies, put back with `restore_rng` after loading.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from train.optim.muon import is_expert_stack, split_piece_name
 
 
-def _expert_offsets(model: nn.Module) -> dict[str, int]:
+Modules = nn.Module | Sequence[nn.Module | tuple[str, nn.Module]]
+
+
+def _pieces(model: Modules) -> list[tuple[str, nn.Module]]:
+    """(name prefix, module) pairs: a whole model, or a rank's pieces with full-model names
+    (pipeline chunks as they are, the DEP encoder as ("vision.", encoder))."""
+    if isinstance(model, nn.Module):
+        return [("", model)]
+    return [m if isinstance(m, tuple) else ("", m) for m in model]
+
+
+def _expert_offsets(model: Modules) -> dict[str, int]:
     """FQN of each stacked expert weight -> global index of its local expert 0."""
     out = {}
-    for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False):
-            fqn = f"{mname}.{pname}" if mname else pname
-            if is_expert_stack(fqn, p):
-                out[fqn] = int(getattr(module, "first_expert", 0))
+    for prefix, piece in _pieces(model):
+        for mname, module in piece.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                fqn = prefix + (f"{mname}.{pname}" if mname else pname)
+                if is_expert_stack(fqn, p):
+                    out[fqn] = int(getattr(module, "first_expert", 0))
     return out
 
 
@@ -39,15 +53,20 @@ def _split(key: str, t: Tensor, first_expert: int | None) -> dict[str, Tensor]:
     return {f"{key}/expert-{first_expert + i}": t[i] for i in range(t.shape[0])}
 
 
-def model_tensors(model: nn.Module) -> dict[str, Tensor]:
+def model_tensors(model: Modules) -> dict[str, Tensor]:
+    """Parameters and persistent buffers of `model` (or of a rank's pieces, see _pieces)."""
     offsets = _expert_offsets(model)
     out: dict[str, Tensor] = {}
-    for fqn, t in model.state_dict(keep_vars=True).items():
-        out.update(_split(f"model/{fqn}", t.detach(), offsets.get(fqn)))
+    for prefix, piece in _pieces(model):
+        for name, t in piece.state_dict(keep_vars=True).items():
+            fqn = prefix + name
+            if f"model/{fqn}" in out:
+                raise ValueError(f"two model pieces both hold {fqn}")
+            out.update(_split(f"model/{fqn}", t.detach(), offsets.get(fqn)))
     return out
 
 
-def optimizer_tensors(optimizer, model: nn.Module) -> dict[str, Tensor]:
+def optimizer_tensors(optimizer, model: Modules) -> dict[str, Tensor]:
     """State of every param the optimizer holds, keyed by FQN (groups need `param_names`).
 
     `optimizer` is a MuonClip (or any torch optimizer with named groups) over the model's
@@ -116,9 +135,11 @@ def restore_rng(tensors: dict[str, Tensor], rank: int, missing: list[str] = ()) 
     return True
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                   rank: int = 0) -> dict[str, Tensor]:
-    """model + optimizer + RNG tensors of this rank, ready for CheckpointManager.save/load."""
+def training_state(model: Modules, optimizer, rank: int = 0) -> dict[str, Tensor]:
+    """model + optimizer + RNG tensors of this rank, ready for CheckpointManager.save/load.
+
+    Under parallel.runtime.ParallelRuntime: training_state(
+        rt.stage_modules + ([("vision.", rt.dep.encoder)] if rt.dep else []), rt.zero, rank)."""
     state = model_tensors(model)
     if optimizer is not None:
         state.update(optimizer_tensors(optimizer, model))
