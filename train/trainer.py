@@ -1,0 +1,324 @@
+"""The training loop: data -> DEP -> PP/EP schedule -> MuonClip (+ QK-Clip) -> logging, checkpoints.
+
+`run(cfg)` is what `mmpt train` calls on every rank once the default process group exists
+(launch/train.py). One step:
+
+  1. next batch of this data-parallel replica (data/loader.py; every pipeline rank of a replica
+     reads the same rows), the lr of the step (a pure function of the step, train/optim/schedule);
+  2. `ParallelRuntime.step` (parallel/runtime.py): DEP vision forward over all ranks, the
+     interleaved 1F1B schedule with expert all-to-alls, DEP recompute + backward, router-bias
+     update, ZeRO-1 MuonClip step with the global grad-norm clip;
+  3. QK-Clip of the MLA layers this rank holds (MAX of the per-head logits over the stage's DP
+     group, live weights and fp32 masters alike);
+  4. metrics on rank 0: loss, lr, grad norm, tokens/s, MFU (or achieved FLOP/s where the peak of
+     the device is unknown), expert load max/mean, realised vision share, max attention logit;
+  5. every `checkpoint.every` steps (and at the end) a sharded checkpoint of model, optimizer,
+     data-loader state, RNG states and step (train/checkpoint), resumed from at start.
+
+Bad steps: a non-finite loss or gradient norm means ZeRO-1 skipped the update (no parameter,
+master or optimizer-state change; QK-Clip is skipped too); the step is counted and logged, and
+`train.max_bad_steps` consecutive bad steps stop the run with `BadStepsError`.
+
+Steps are numbered 1..train.steps; a checkpoint of step N holds the state after N steps.
+Test hook: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits checkpoint N
+(it writes RUN_DIR/paused-before-commit-N and sleeps), so a test can SIGKILL the run mid-write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from parallel.mesh import build_mesh
+from parallel.runtime import ParallelRuntime, muonclip_factory
+from train.checkpoint import CheckpointManager, restore_rng, step_dir, training_state
+from train.config import Config, ConfigError
+from train.metrics import MetricsLogger
+from train.model import build_model, init_weights
+from train.model.flops import training_flops_per_token
+from train.optim.qk_clip import QKClip
+from train.optim.schedule import schedule_multiplier, set_lr
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' data sheets; MFU is reported
+# only where the device is known. H200 has the H100's compute (more, faster memory).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+PAUSE_ENV = "MMPT_PAUSE_BEFORE_COMMIT"
+
+
+class BadStepsError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, or None when unknown (CPU, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# What this rank holds, under full-model names
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_pieces(rt: ParallelRuntime) -> list:
+    """This rank's modules under full-model names (its pipeline chunks, the DEP encoder as
+    ("vision.", encoder)): what checkpoints and fingerprints walk (train/checkpoint/state.py)."""
+    return rt.stage_modules + ([("vision.", rt.dep.encoder)] if rt.dep is not None else [])
+
+
+def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and bytes of model/ and optim/ entries: equal = bit-identical state."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in tensors if not k.startswith("rng/")):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of a step
+# ---------------------------------------------------------------------------------------------
+
+
+def runtime_batch(batch) -> dict:
+    """A data.batch.Batch as the mapping ParallelRuntime.step takes (no vision: None)."""
+    has_vision = batch.grid_thw.shape[0] > 0
+    return dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                doc_ids=batch.doc_ids, labels=batch.labels, loss_mask=batch.loss_mask,
+                pixel_patches=batch.pixel_patches if has_vision else None,
+                grid_thw=batch.grid_thw.long() if has_vision else None)
+
+
+def check_tokenizer(cfg: Config, tokenizer) -> None:
+    """The model's placeholder ids and vocabulary must be the ones the data was tokenized with."""
+    m = cfg.model
+    for field, role in (("image_token_id", "image"), ("video_token_id", "video")):
+        want = tokenizer.special[role]
+        if getattr(m, field) != want:
+            raise ConfigError(f"model.{field}={getattr(m, field)} but the tokenizer "
+                              f"{cfg.data.tokenizer} uses id {want} for its {role} placeholder")
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids ({cfg.data.tokenizer})")
+
+
+class _PauseBeforeCommit:
+    """Store wrapper for the kill-during-checkpoint-write tests (module docstring)."""
+
+    def __init__(self, store, step: int, flag: Path):
+        self._store, self._key, self._flag = store, f"{step_dir(step)}/COMMITTED", flag
+
+    def put(self, key, data, *args, **kwargs):
+        if key == self._key:
+            self._flag.write_text(f"{os.getpid()}\n")
+            while True:  # until SIGKILL
+                time.sleep(1)
+        return self._store.put(key, data, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
+    if not cfg.checkpoint.dir:
+        return None
+    from data.store import open_store
+
+    store = open_store(cfg.checkpoint.dir)
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:
+        store = _PauseBeforeCommit(store, int(pause), Path(cfg.train.run_dir) /
+                                   f"paused-before-commit-{int(pause)}")
+    return CheckpointManager(store, keep_last=cfg.checkpoint.keep_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Everything one rank needs for training; `fit()` runs the loop (see the module docstring)."""
+
+    def __init__(self, cfg: Config, make_loader: Callable | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("the trainer needs an initialised default process group "
+                               "(run it through `mmpt train`)")
+        if not cfg.data.manifest:
+            raise ConfigError("data.manifest is empty: ingest a dataset (`mmpt ingest`) and pass "
+                              "--data.manifest=URL")
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if cfg.train.device == "cuda" else torch.device("cpu"))
+        self.dtype = getattr(torch, cfg.train.dtype)
+        torch.manual_seed(cfg.train.seed)
+        self.mesh = build_mesh(cfg, self.device.type)
+
+        model = build_model(cfg)
+        init_weights(model, cfg.train.seed)
+        model.to(device=self.device, dtype=self.dtype)
+        self.rt = ParallelRuntime(cfg, model, self.mesh, make_optimizer=muonclip_factory(cfg.optim),
+                                  dtype=self.dtype, device=self.device)
+        del model  # the runtime keeps this rank's pieces
+        self.pieces = rank_pieces(self.rt)
+        # Each pipeline position clips its own layers; logits are MAXed over its DP group.
+        self.qk_clip = QKClip(self.rt.stage_modules, cfg.optim.qk_clip_tau,
+                              group=self.mesh.dp_group)
+
+        if make_loader is None:
+            from data.loader import DataLoaderWithState
+
+            make_loader = DataLoaderWithState
+        self.loader = make_loader(cfg, dp_rank=self.mesh.dp_rank, dp_size=cfg.parallel.dp)
+        tokenizer = getattr(getattr(self.loader, "stream", None), "tokenizer", None)
+        if tokenizer is not None:
+            check_tokenizer(cfg, tokenizer)
+        self.ckpt = checkpoint_manager(cfg)
+        self.logger = MetricsLogger(cfg.train.run_dir, cfg.train.steps, enabled=self.rank == 0)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.skipped_steps = 0
+        self.peak = peak_flops(self.device)
+        self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return training_state(self.pieces, self.rt.zero, self.rank)
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint, if any; returns whether one was loaded."""
+        if self.ckpt is None:
+            return False
+        state = self.state()
+        loaded = self.ckpt.load_latest(state)
+        for name, reason in self.ckpt.skipped:
+            self.logger.event(f"checkpoint {name} skipped: {reason}")
+        if loaded is None:
+            return False
+        restore_rng(state, self.rank, loaded.missing)
+        self.loader.load_state_dict(loaded.meta["loader"])
+        self.step = loaded.step
+        self.bad_in_a_row = loaded.meta.get("bad_in_a_row", 0)
+        self.skipped_steps = loaded.meta.get("skipped_steps", 0)
+        self.logger.event(f"resumed from {self.ckpt.store.url}/{loaded.name} (step {self.step})")
+        return True
+
+    def save(self) -> None:
+        meta = {"loader": self.loader.state_dict(), "bad_in_a_row": self.bad_in_a_row,
+                "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict()}
+        t0 = time.monotonic()
+        name = self.ckpt.save(self.step, self.state(), meta)
+        self.logger.event(f"checkpoint {self.ckpt.store.url}/{name} "
+                          f"({time.monotonic() - t0:.1f} s)")
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def train_step(self, batch) -> dict:
+        cfg, m = self.cfg, self.mesh
+        t0 = time.monotonic()
+        mult = schedule_multiplier(self.step, cfg.optim, cfg.train.steps)
+        if self.rt.zero.optimizer is not None:
+            set_lr(self.rt.zero.optimizer, self.step, cfg.optim, cfg.train.steps)
+        inputs = runtime_batch(batch)
+        counts = torch.tensor([
+            float(((batch.input_ids == cfg.model.image_token_id)
+                   | (batch.input_ids == cfg.model.video_token_id)).sum()),
+            float(batch.non_padding_tokens())], dtype=torch.float64)
+        dist.all_reduce(counts, group=m.dp_group)
+
+        out = self.rt.step(inputs)
+        good = math.isfinite(out.loss) and math.isfinite(out.grad_norm)
+        if good:
+            clip = self.qk_clip.step(masters=self.rt.zero.masters())
+            max_logit = torch.tensor([clip.max_logit, float(clip.clipped_heads)])
+        else:
+            self.qk_clip.reset()
+            max_logit = torch.tensor([float("nan"), 0.0])
+        # Every pipeline position clips its own layers: the run's max over the PP group.
+        top = max_logit[:1].clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=m.pp_group)
+        heads = max_logit[1:].clone()
+        dist.all_reduce(heads, group=m.pp_group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.monotonic() - t0
+
+        tokens = cfg.data.global_batch_size * cfg.data.seq_len
+        tok_s = tokens / max(seconds, 1e-9)
+        flops_s = tok_s * self.flops_per_token
+        balance = max((s["max"] / s["mean"] for s in out.expert_load.values() if s["mean"] > 0),
+                      default=float("nan"))
+        metrics = {"loss": out.loss, "lr": cfg.optim.lr * mult, "grad_norm": out.grad_norm,
+                   "tok_s": tok_s, "step_s": seconds, "flops_s": flops_s,
+                   "expert_load_max_mean": balance,
+                   "vision_share": float(counts[0] / counts[1]) if counts[1] > 0 else 0.0,
+                   "max_logit": float(top), "clipped_heads": int(heads),
+                   "loss_tokens": out.loss_tokens, "skipped_steps": self.skipped_steps}
+        if self.peak is not None:
+            metrics["mfu"] = flops_s / (self.peak * self.world)
+        if batch.skipped:
+            metrics["skipped_docs"] = len(batch.skipped)
+        return metrics | {"good": good}
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.resume()
+        if self.step >= cfg.train.steps:
+            self.logger.event(f"nothing to do: step {self.step} >= train.steps={cfg.train.steps}")
+        batches = iter(self.loader)
+        while self.step < cfg.train.steps:
+            batch = next(batches)
+            metrics = self.train_step(batch)
+            self.step += 1
+            if metrics.pop("good"):
+                self.bad_in_a_row = 0
+            else:
+                self.bad_in_a_row += 1
+                self.skipped_steps += 1
+                metrics["skipped_steps"] = self.skipped_steps
+                self.logger.event(f"step {self.step}: non-finite loss {metrics['loss']} or grad "
+                                  f"norm {metrics['grad_norm']}; update skipped "
+                                  f"({self.bad_in_a_row} in a row, {self.skipped_steps} in all)")
+                if self.bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise BadStepsError(
+                        f"{self.bad_in_a_row} consecutive steps (up to step {self.step}) had a "
+                        f"non-finite loss or gradient norm (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr / optim.adamw_lr, "
+                        "check the data, or resume from an earlier checkpoint")
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                self.logger.log(self.step, metrics)
+            if self.ckpt is not None and (self.step % cfg.checkpoint.every == 0
+                                          or self.step == cfg.train.steps):
+                self.save()
+        return self.finish()
+
+    def finish(self) -> dict:
+        """Gather every rank's state fingerprint into RUN_DIR/final-state.json (rank 0)."""
+        prints = [None] * self.world
+        dist.all_gather_object(prints, state_fingerprint(self.state()))
+        result = {"step": self.step, "skipped_steps": self.skipped_steps, "world": self.world,
+                  "layout": {k: getattr(self.cfg.parallel, k) for k in ("pp", "virtual_stages",
+                                                                        "dp", "ep")},
+                  "fingerprints": prints}
+        if self.rank == 0:
+            path = Path(self.cfg.train.run_dir) / "final-state.json"
+            path.write_text(json.dumps(result, indent=1) + "\n")
+        self.logger.close()
+        return result
+
+
+def run(cfg: Config) -> dict:
+    """Train cfg on the initialised default process group (one call per rank)."""
+    return Trainer(cfg).fit()
