@@ -109,11 +109,6 @@ def split_model(model: nn.Module, pp: int, virtual_stages: int, pp_rank: int, *,
     return out
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor, n_tokens: float) -> torch.Tensor:
-    """target [B, S, 2] = (labels, loss mask): summed loss over the global loss-token count."""
-    return lm_loss_sum(logits, target[..., 0], target[..., 1])[0] / n_tokens
-
-
 class PipelineRunner:
     """Builds the stages and schedule for one micro-batch shape and runs steps on it."""
 
@@ -134,6 +129,12 @@ class PipelineRunner:
         self.dtype, self.device = dtype, torch.device(device)
         self._built_for: tuple[int, int] | None = None
         self.schedule = None
+        self._n_tokens = 1.0  # loss-token count of the global batch, set per step
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target [B, S, 2] = (labels, loss mask): summed loss over the global token count.
+        (The count is an attribute, not a loss kwarg: torch < 2.13 schedules take none.)"""
+        return lm_loss_sum(logits, target[..., 0], target[..., 1])[0] / self._n_tokens
 
     def modules(self) -> list[StageModule]:
         return [m for _, m in self.stage_modules]
@@ -156,7 +157,7 @@ class PipelineRunner:
                                         input_args=(inp,), output_args=(out,), group=self.pp_group))
         cls = self.SCHEDULES[self.schedule_name]
         arg = stages[0] if cls is Schedule1F1B else stages
-        self.schedule = cls(arg, self.microbatches, loss_fn=_loss, scale_grads=False)
+        self.schedule = cls(arg, self.microbatches, loss_fn=self._loss, scale_grads=False)
         self._built_for = (mb_rows, seq_len)
 
     def run(self, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
@@ -173,6 +174,7 @@ class PipelineRunner:
             st.has_backward = sched._has_backward
             st.clear_runtime_states()
         losses: list[torch.Tensor] = []
+        self._n_tokens = float(n_loss_tokens)
         sched._step_microbatches([(x,) for x in inputs], kwargs, targets, losses,
-                                 return_outputs=False, loss_kwargs={"n_tokens": float(n_loss_tokens)})
+                                 return_outputs=False)
         return losses

@@ -37,6 +37,7 @@ class StepResult:
     grad_norm: float  # before clipping
     expert_load: dict[str, dict[str, float]]  # MoE layer -> min/mean/max tokens per expert
     loss_tokens: int
+    encoder_load: tuple[int, ...] = ()  # DEP: patches each rank encoded this step (the plan)
 
 
 def muonclip_factory(optim_cfg) -> MakeOptimizer:
@@ -135,11 +136,12 @@ class ParallelRuntime:
 
         total = torch.zeros(1, dtype=torch.float64)
         for x in losses:  # only the last stage has losses; other ranks add zero
-            total += x.detach().double()
+            total += x.detach().double().cpu()
         dist.all_reduce(total)
         stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts)
+        plan = self.dep.plan if self.dep is not None else None
         return StepResult(loss=float(total), grad_norm=float(grad_norm), expert_load=stats,
-                          loss_tokens=n_tokens)
+                          loss_tokens=n_tokens, encoder_load=plan.load if plan else ())
 
 
 def _gather_stats(loads: dict[str, Tensor], mesh: ParallelMesh, num_layers: int,

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from train.optim.schedule import clip_grad_norm_
 
 MakeOptimizer = Callable[[list[tuple[str, Tensor]]], torch.optim.Optimizer]
 
@@ -121,8 +120,7 @@ class ZeroOptimizer:
         is skipped when it is not finite)."""
         for g in self.groups:
             self._reduce_grads(g)
-        norm = clip_grad_norm_([p.master for p in self.owned if p.master.grad is not None],
-                               self.max_grad_norm, group=self.norm_group)
+        norm = self._clip_grad_norm()
         # A non-finite norm (NaN/inf loss or gradient) is the same on every rank: all skip the
         # update, so parameters, masters and optimizer state stay as they were.
         if not torch.isfinite(norm):
@@ -131,6 +129,23 @@ class ZeroOptimizer:
             self.optimizer.step()
         for g in self.groups:
             self._broadcast_params(g)
+        return norm
+
+    def _clip_grad_norm(self) -> Tensor:
+        """Global grad norm over the world (every piece has exactly one owner there), then
+        torch's clip rule, max_norm / (norm + 1e-6) capped at 1; 0 only measures. Same math as
+        train.optim.schedule.clip_grad_norm_, on the masters' device (that one is CPU-only)."""
+        device = next(p.device for g in self.groups for _, p in g.params)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        grads = [p.master.grad for p in self.owned if p.master.grad is not None]
+        for g in grads:
+            total += g.double().pow(2).sum()
+        dist.all_reduce(total, group=self.norm_group)
+        norm = total.sqrt().float()
+        if self.max_grad_norm > 0 and torch.isfinite(norm):
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
         return norm
 
     def zero_grad(self) -> None:
