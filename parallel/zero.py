@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from train.optim.schedule import clip_grad_norm_
+
 
 MakeOptimizer = Callable[[list[tuple[str, Tensor]]], torch.optim.Optimizer]
 
@@ -132,21 +134,11 @@ class ZeroOptimizer:
         return norm
 
     def _clip_grad_norm(self) -> Tensor:
-        """Global grad norm over the world (every piece has exactly one owner there), then
-        torch's clip rule, max_norm / (norm + 1e-6) capped at 1; 0 only measures. Same math as
-        train.optim.schedule.clip_grad_norm_, on the masters' device (that one is CPU-only)."""
+        """Global grad norm of the owned fp32 masters over the world (every piece has exactly
+        one owner there), with torch's clip rule; 0 only measures."""
         device = next(p.device for g in self.groups for _, p in g.params)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        grads = [p.master.grad for p in self.owned if p.master.grad is not None]
-        for g in grads:
-            total += g.double().pow(2).sum()
-        dist.all_reduce(total, group=self.norm_group)
-        norm = total.sqrt().float()
-        if self.max_grad_norm > 0 and torch.isfinite(norm):
-            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
-        return norm
+        return clip_grad_norm_([p.master for p in self.owned], self.max_grad_norm,
+                               group=self.norm_group, device=device)
 
     def zero_grad(self) -> None:
         for g in self.groups:

@@ -68,12 +68,17 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, optim_cfg, total_steps: 
 
 
 def global_grad_norm(params: Iterable[Tensor], *, group: dist.ProcessGroup | None = None,
-                     copies: Callable[[Tensor], int] | None = None) -> Tensor:
-    """The L2 norm of all distinct gradients over `group` (module docstring); float32 scalar."""
-    total = torch.zeros((), dtype=torch.float64)
+                     copies: Callable[[Tensor], int] | None = None,
+                     device: torch.device | str | None = None) -> Tensor:
+    """The L2 norm of all distinct gradients over `group` (module docstring); float32 scalar.
+
+    The sum lives on `device` (default: the first gradient's, else CPU): NCCL reduces only
+    device tensors, and a rank that holds no gradient must still join the all-reduce."""
+    params = [p for p in params if p.grad is not None]
+    if device is None:
+        device = params[0].grad.device if params else "cpu"
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
-        if p.grad is None:
-            continue
         n = 1 if copies is None else copies(p)
         if n < 1:
             raise ValueError(f"copies(p)={n} for a parameter of shape {tuple(p.shape)}: must be >= 1")
@@ -86,14 +91,15 @@ def global_grad_norm(params: Iterable[Tensor], *, group: dist.ProcessGroup | Non
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, *,
                     group: dist.ProcessGroup | None = None,
-                    copies: Callable[[Tensor], int] | None = None) -> Tensor:
+                    copies: Callable[[Tensor], int] | None = None,
+                    device: torch.device | str | None = None) -> Tensor:
     """Scale grads in place so the global norm is at most max_norm; returns the norm before.
 
     max_norm 0 only measures. A non-finite norm leaves the grads alone (the trainer skips the
     step). The coefficient max_norm / (norm + 1e-6), capped at 1, is torch's.
     """
     params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params, group=group, copies=copies)
+    norm = global_grad_norm(params, group=group, copies=copies, device=device)
     if max_norm > 0 and torch.isfinite(norm):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in params:
