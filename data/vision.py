@@ -19,11 +19,13 @@ sample's vision token count from the shard index alone, before anything is decod
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+import torch
 
 
 @dataclass(frozen=True)
@@ -125,31 +127,57 @@ def sample_vision_tokens(sample: dict, p: VisionPreprocess = VisionPreprocess())
                    for v in sample.get("videos", ()))
 
 
-def _resize(rgb: np.ndarray, H: int, W: int) -> np.ndarray:
-    if rgb.shape[:2] == (H, W):
-        return rgb
-    return np.asarray(Image.fromarray(rgb).resize((W, H), Image.Resampling.BICUBIC))
+def resize_frames(frames: np.ndarray, H: int, W: int) -> np.ndarray:
+    """uint8 [T, h, w, 3] -> uint8 [T, H, W, 3], bicubic (a = -0.5) with antialiasing when shrinking.
+
+    This is torch's uint8 path (SIMD, Pillow-derived: same kernel, support and two passes with a
+    uint8 intermediate as pillow's BICUBIC, fixed-point weights of lower precision, so a few pixels
+    differ from pillow by 1-2 levels). It is also what HF's Kimi-K2.5 image processor runs
+    (torchvision resize, BICUBIC, antialias, uint8 on CPU). ~4x faster than pillow here; the frames
+    of a video go through in one call. Each output pixel depends on the input only, so results do
+    not depend on the thread count.
+    """
+    if frames.shape[1:3] == (H, W):
+        return frames
+    with warnings.catch_warnings():  # decoded images are read-only numpy arrays; we only read them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(frames)
+    x = x.permute(0, 3, 1, 2)  # a channels-last view: the layout the uint8 kernel works in
+    out = torch.nn.functional.interpolate(x, size=(H, W), mode="bicubic", align_corners=False, antialias=True)
+    return out.permute(0, 2, 3, 1).numpy()  # channels-last in, channels-last out: no copy
+
+
+@functools.lru_cache(maxsize=8)
+def _norm_rows(mean: tuple, std: tuple, ps: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scale, shift) per element of a patch row (channel-major): x * scale + shift ==
+    (x / 255 - mean) / std."""
+    m, sd = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * sd)).astype(np.float32)
+    shift = (-m / sd).astype(np.float32)
+    scale, shift = np.repeat(scale, ps * ps), np.repeat(shift, ps * ps)
+    scale.flags.writeable = shift.flags.writeable = False
+    return scale, shift
 
 
 def patchify(frames: np.ndarray, p: VisionPreprocess) -> np.ndarray:
     """uint8 [T, H, W, 3] (H, W multiples of patch_size) -> normalised float32 [T*gh*gw, 3*p*p]."""
     T, H, W, C = frames.shape
     ps = p.patch_size
-    scale = (1.0 / (255.0 * np.asarray(p.std, np.float32))).astype(np.float32)
-    shift = (-np.asarray(p.mean, np.float32) / np.asarray(p.std, np.float32)).astype(np.float32)
+    scale, shift = _norm_rows(tuple(p.mean), tuple(p.std), ps)
     # Reorder the uint8 pixels first (1 byte per element), then normalise in place: ~4x faster
-    # than converting the strided view, and bit-identical (same float32 operations).
+    # than converting the strided view, and bit-identical (same float32 operations). The per-channel
+    # constants are repeated along a whole patch row so the in-place ops run over long rows.
     x = np.ascontiguousarray(frames.reshape(T, H // ps, ps, W // ps, ps, C).transpose(0, 1, 3, 5, 2, 4))
-    x = x.reshape(-1, C, ps * ps).astype(np.float32)  # T*gh*gw, C, py*px
-    x *= scale[:, None]
-    x += shift[:, None]
-    return x.reshape(T * (H // ps) * (W // ps), C * ps * ps)
+    x = x.reshape(T * (H // ps) * (W // ps), C * ps * ps).astype(np.float32)
+    x *= scale
+    x += shift
+    return x
 
 
 def preprocess_image(rgb: np.ndarray, p: VisionPreprocess = VisionPreprocess()) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 [H, W, 3] -> (patches [N, 3*p*p] float32, grid (1, gh, gw))."""
     H, W = resized_size(rgb.shape[0], rgb.shape[1], p.max_pixels, p.min_pixels, p.factor)
-    x = _resize(rgb, H, W)[None]
+    x = resize_frames(rgb[None], H, W)
     return patchify(x, p), (1, H // p.patch_size, W // p.patch_size)
 
 
@@ -158,7 +186,7 @@ def preprocess_video(frames: np.ndarray, p: VisionPreprocess = VisionPreprocess(
     to frames_per_chunk frames; patches of a chunk are frame-major)."""
     T, h, w, _ = frames.shape
     H, W = resized_size(h, w, p.video_max_pixels, p.min_pixels, p.factor)
-    x = np.stack([_resize(f, H, W) for f in frames])
+    x = resize_frames(frames, H, W)
     gh, gw = H // p.patch_size, W // p.patch_size
     grids = [(min(p.frames_per_chunk, T - s), gh, gw) for s in range(0, T, p.frames_per_chunk)]
     return patchify(x, p), grids
