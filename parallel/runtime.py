@@ -41,20 +41,10 @@ class StepResult:
 
 
 def muonclip_factory(optim_cfg) -> MakeOptimizer:
-    """MuonClip (train/optim) over the pieces a rank owns; roles from the parameter name."""
-    from train.optim.muon import MuonClip, uses_muon
+    """MuonClip (train/optim) over the pieces a rank owns; roles from the parameter names."""
+    from train.optim.muon import optimizer_for
 
-    def make(named: list[tuple[str, Tensor]]) -> torch.optim.Optimizer:
-        groups = {"muon": [], "adamw": []}
-        for key, t in named:
-            groups["muon" if uses_muon(key.split("@")[0], t) else "adamw"].append((key, t))
-        spec = [dict(algo=a, lr=optim_cfg.lr if a == "muon" else optim_cfg.adamw_lr,
-                     params=[t for _, t in ps], param_names=[k for k, _ in ps])
-                for a, ps in groups.items() if ps]
-        return MuonClip(spec, lr=optim_cfg.lr, adamw_lr=optim_cfg.adamw_lr,
-                        weight_decay=optim_cfg.weight_decay, momentum=optim_cfg.momentum,
-                        betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
-    return make
+    return lambda named: optimizer_for(named, optim_cfg)
 
 
 class ParallelRuntime:
