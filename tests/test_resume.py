@@ -1,0 +1,89 @@
+"""Exact resume with real processes: 4 torchrun ranks, PP2 x V2 x DP2 with EP2 and DEP, float32
+CPU, the tiny model on the real small corpus (ingested into a local directory).
+
+One uninterrupted reference run of 8 steps, and one run that is SIGKILLed twice and resumed:
+  1. killed DURING the checkpoint write of step 4 (MMPT_PAUSE_BEFORE_COMMIT stops rank 0 after
+     the shards and metadata are written, before the COMMITTED marker), with step 2 committed;
+  2. resumed: step-4 is reported incomplete and skipped, training restarts from step 2; killed
+     again (SIGKILL, whole process tree) after a seeded random step in [5, 7];
+  3. resumed to the end.
+Every step any attempt logged must have the reference's loss and grad norm bit for bit, and the
+final model + optimizer state of every rank the reference's (sha256 fingerprints).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.resume_check import (compare, final_fingerprints, finish, kill_group, kill_step,
+                                 logged_steps, start_run, wait_until)
+from tests.corpus_fixtures import make_dataset
+
+STEPS, EVERY, KILL_AFTER, SEED = 8, 2, 4, 7
+TIMEOUT = 240.0
+
+
+def overrides(ds, ckpt) -> list[str]:
+    """The tiny config at test size: 64-token rows, 4 sequences per step, small media."""
+    return [f"--data.manifest={ds.url}", f"--data.tokenizer={ds.tokenizer}", "--data.seq_len=64",
+            "--data.global_batch_size=4", "--data.image_max_pixels=12544",
+            "--data.video_max_pixels=3136", "--data.video_max_frames=8",
+            f"--train.steps={STEPS}", f"--checkpoint.every={EVERY}", f"--checkpoint.dir={ckpt}",
+            "--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.dp=2",
+            "--parallel.ep=2", "--parallel.microbatches=2", "--parallel.dep=true"]
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("resume-data"))
+
+
+def _events(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["event"] for x in lines if '"event"' in x]
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp_path):
+    cfg = "configs/tiny.toml"
+    ref = start_run("reference", tmp_path, cfg, overrides(ds, tmp_path / "ref-ckpt"), 4)
+    finish(ref, "reference", tmp_path, TIMEOUT)
+
+    args = overrides(ds, tmp_path / "ckpt")
+    # 1. Killed during the write of checkpoint 4: its shards exist, its COMMITTED marker not.
+    first = start_run("attempt1", tmp_path, cfg, args, 4, env={"MMPT_PAUSE_BEFORE_COMMIT": "4"})
+    flag = tmp_path / "attempt1" / "paused-before-commit-4"
+    wait_until(first, flag.exists, TIMEOUT, "the pause before committing step 4")
+    kill_group(first)
+    step4 = tmp_path / "ckpt" / "step-00000004"
+    assert (step4 / "metadata.json").exists() and not (step4 / "COMMITTED").exists()
+    assert (tmp_path / "ckpt" / "step-00000002" / "COMMITTED").exists()
+
+    # 2. Resumes from step 2 (skipping the incomplete 4); killed after a seeded random step.
+    at = kill_step(SEED, KILL_AFTER, STEPS)
+    second = start_run("attempt2", tmp_path, cfg, args, 4)
+    wait_until(second, lambda: at in logged_steps(tmp_path / "attempt2"), TIMEOUT, f"step {at}")
+    kill_group(second)
+    committed = max(int(d.name[5:]) for d in (tmp_path / "ckpt").iterdir()
+                    if (d / "COMMITTED").exists())
+    assert at - EVERY <= committed <= at  # the kill may land before or after the commit of `at`
+    events = _events(tmp_path / "attempt2")
+    assert any("step-00000004 skipped: incomplete" in e for e in events), events
+    assert any("resumed from" in e and "(step 2)" in e for e in events), events
+
+    # 3. Resumes from the newest complete checkpoint and finishes.
+    third = start_run("attempt3", tmp_path, cfg, args, 4)
+    finish(third, "attempt3", tmp_path, TIMEOUT)
+    resumed_at = [e for e in _events(tmp_path / "attempt3") if "resumed from" in e]
+    assert resumed_at and f"(step {committed})" in resumed_at[0], resumed_at
+
+    runs = [tmp_path / f"attempt{i}" for i in (1, 2, 3)]
+    table, bad = compare(tmp_path / "reference", runs)
+    assert not bad, table
+    logged = set().union(*(logged_steps(r) for r in runs))
+    assert logged == set(range(1, STEPS + 1)), table
+    assert logged_steps(runs[1])[0] == 3 and logged_steps(runs[2])[-1] == STEPS
+    prints = final_fingerprints(tmp_path / "attempt3")
+    assert len(prints) == 4 and prints == final_fingerprints(tmp_path / "reference")
