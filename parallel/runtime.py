@@ -120,9 +120,11 @@ class ParallelRuntime:
             self.dep.backward()
 
         loads = reduce_expert_loads(self.stage_modules, m.dp_group)
-        apply_router_bias_update(self.stage_modules, loads, cfg.model.bias_update_rate)
         grad_norm = self.zero.step()
         self.zero.zero_grad()
+        # A non-finite grad norm means ZeRO-1 skipped the step; the router bias stays too.
+        if torch.isfinite(grad_norm):
+            apply_router_bias_update(self.stage_modules, loads, cfg.model.bias_update_rate)
 
         total = torch.zeros(1, dtype=torch.float64)
         for x in losses:  # only the last stage has losses; other ranks add zero
