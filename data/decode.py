@@ -76,7 +76,12 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX
     img = _open_image(data, name, max_pixels)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        try:
+            upright = img.getexif().get(0x0112, 1) == 1
+        except Exception:  # a broken EXIF block: exif_transpose reports it, as it always has
+            upright = False
+        if not upright:  # skips exif_transpose's full copy of an already upright image
+            img = ImageOps.exif_transpose(img)
         if img.mode != "RGB":
             img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")
         return np.asarray(img)
