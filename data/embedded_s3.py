@@ -149,7 +149,7 @@ class EmbeddedS3:
         client = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1",
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5,
+            config=Config(retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=5,
                           s3={"addressing_style": "path"}))
         deadline = time.monotonic() + self.start_timeout
         last = "no answer yet"
