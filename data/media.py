@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from data.augment import augment_sample
 from data.decode import DEFAULT_TIMEOUT_S, decode_image, decode_video_frames
 from data.vision import (VisionPreprocess, grid_tokens, preprocess_image, preprocess_video,
                          resized_size, sample_frame_indices)
@@ -17,13 +18,14 @@ from data.vision import (VisionPreprocess, grid_tokens, preprocess_image, prepro
 
 class MediaRules:
     def __init__(self, pre: VisionPreprocess, video_backend: str = "auto",
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, augment: bool = False):
         self.pre, self.video_backend, self.timeout_s = pre, video_backend, timeout_s
+        self.augment = augment
         self.patch_dim = 3 * pre.patch_size * pre.patch_size
 
     @classmethod
     def from_config(cls, cfg) -> "MediaRules":
-        return cls(VisionPreprocess.from_config(cfg))
+        return cls(VisionPreprocess.from_config(cfg), augment=cfg.data.augment)
 
     def tokens_of(self, grid) -> int:
         return grid_tokens(tuple(grid), self.pre.merge_size)
@@ -44,11 +46,15 @@ class MediaRules:
     def load(self, kind: str, data: bytes, meta: dict, name: str, key) -> list[tuple[torch.Tensor, tuple]]:
         """Decode one image / video into [(patches [n, 3*p*p] float32, grid (t, h, w))] per item.
 
-        `key` (seed, fingerprint, source, sample, epoch) is what augmentation would be seeded
-        from; no augmentation is applied here yet.
+        `key` (seed, fingerprint, source, sample, epoch) seeds image augmentation when it is
+        on: the same sample in the same epoch is augmented alike in every worker and run.
         """
         if kind == "image":
-            patches, grid = preprocess_image(decode_image(data, name), self.pre)
+            rgb = decode_image(data, name)
+            if self.augment:
+                seed, fingerprint, source, sample, epoch = key
+                rgb, _, _ = augment_sample(rgb, seed, [fingerprint, source, sample], epoch)
+            patches, grid = preprocess_image(rgb, self.pre)
             return [(torch.from_numpy(patches), grid)]
         frames = decode_video_frames(data, self._frames(meta), name, self.video_backend, self.timeout_s)
         patches, grids = preprocess_video(frames, self.pre)

@@ -331,3 +331,18 @@ def test_source_weights_split_a_modality_by_tokens_and_bad_weights_are_rejected(
         _cfg(ds, source_weights="images=-1")
     with pytest.raises(ValueError, match="unknown source.*nosuch"):
         _loader(ds, source_weights="nosuch=1")
+
+
+def test_augmentation_is_keyed_and_changes_only_image_pixels(ds):
+    plain = _take(_loader(ds), 4)
+    aug = _take(_loader(ds, augment=True), 4)
+    again = _take(_loader(ds, augment=True, num_workers=2), 4)
+    assert _digests(aug) == _digests(again)  # keyed by (seed, sample, epoch): any worker, any run
+    with_images = [i for i, b in enumerate(plain) if b.grid_thw.shape[0] > 0 and (b.grid_thw[:, 0] == 1).any()]
+    assert with_images, "the first batches hold no image to augment"
+    for p, a in zip(plain, aug):
+        # Same tokens, layout and grids: augmentation keeps the image size, so the plan holds.
+        assert torch.equal(p.input_ids, a.input_ids) and torch.equal(p.grid_thw, a.grid_thw)
+        assert p.pixel_patches.shape == a.pixel_patches.shape
+    i = with_images[0]
+    assert not torch.equal(plain[i].pixel_patches, aug[i].pixel_patches)

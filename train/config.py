@@ -114,6 +114,9 @@ class DataConfig:
     # (empty: by source size in tokens).
     window_sequences: int = 32
     source_weights: str = ""
+    # Image augmentation (data/augment.py): crop/flip/rotation/colour jitter keyed only by
+    # (seed, sample id, epoch); the output keeps the image size, so token counts stay exact.
+    augment: bool = False
 
 
 @dataclass
