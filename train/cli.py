@@ -13,6 +13,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("data.inspect", "main", "data inspect: realised mix, packing efficiency, cache stats, PNG of a sequence"),
     "plot": ("train.plot", "main", "PNG of loss, throughput and expert balance of a run"),
     "train": ("launch.train", "main", "train from a TOML config (one rank per process under torchrun)"),
+    "export-hf": ("train.hf_export", "export_main",
+                  "write the newest checkpoint as a transformers Kimi-K2.5 directory"),
+    "import-hf": ("train.hf_export", "import_main",
+                  "make a checkpoint to continue pretraining from a transformers directory"),
 }
 
 

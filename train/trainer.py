@@ -36,10 +36,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime, muonclip_factory
-from train.checkpoint import CheckpointManager, restore_rng, step_dir, training_state
+from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step_dir,
+                              training_state)
 from train.config import Config, ConfigError
+from train.hf_export import WEIGHTS_ONLY
 from train.metrics import MetricsLogger
 from train.model import build_model, init_weights
 from train.model.flops import training_flops_per_token
@@ -202,13 +205,23 @@ class Trainer:
         if self.ckpt is None:
             return False
         state = self.state()
-        loaded = self.ckpt.load_latest(state)
+        # Optimizer entries may be absent only from a weights-only checkpoint (mmpt import-hf).
+        loaded = self.ckpt.load_latest(state, optional=("rng/", "optim/", "master/"))
         for name, reason in self.ckpt.skipped:
             self.logger.event(f"checkpoint {name} skipped: {reason}")
         if loaded is None:
             return False
+        lacking = [k for k in loaded.missing if k.startswith(("optim/", "master/"))]
+        if loaded.meta.get(WEIGHTS_ONLY):
+            fill_masters(self.rt.zero, lacking)  # fresh optimizer state, masters = weights
+            self.logger.event(f"starting from the weights of {loaded.meta.get('imported_from')} "
+                              "with a fresh optimizer state")
+        elif lacking:
+            raise RuntimeError(f"checkpoint {self.ckpt.store.url}/{loaded.name} lacks optimizer "
+                               f"state this layout needs, e.g. {lacking[:3]}")
         restore_rng(state, self.rank, loaded.missing)
-        self.loader.load_state_dict(loaded.meta["loader"])
+        if "loader" in loaded.meta:
+            self.loader.load_state_dict(loaded.meta["loader"])
         self.step = loaded.step
         self.bad_in_a_row = loaded.meta.get("bad_in_a_row", 0)
         self.skipped_steps = loaded.meta.get("skipped_steps", 0)
