@@ -9,11 +9,17 @@ One uninterrupted reference run of 8 steps, and one run that is SIGKILLed twice 
   3. resumed to the end.
 Every step any attempt logged must have the reference's loss and grad norm bit for bit, and the
 final model + optimizer state of every rank the reference's (sha256 fingerprints).
+
+Resharding (in-process ranks): a checkpoint written at PP2 x V2 x DP2 loads at PP1 x DP4 (EP2 in
+both, so expert optimizer state is split differently under ZeRO-1) with every parameter, fp32
+master and optimizer-state entry identical, trains on, and its checkpoint loads back at PP2 x DP2.
 """
 
 from __future__ import annotations
 
 import json
+
+import torch
 
 import pytest
 
@@ -87,3 +93,77 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     assert logged_steps(runs[1])[0] == 3 and logged_steps(runs[2])[-1] == STEPS
     prints = final_fingerprints(tmp_path / "attempt3")
     assert len(prints) == 4 and prints == final_fingerprints(tmp_path / "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# Resharding: PP2 x V2 x DP2 (EP2) <-> PP1 x DP4 (EP2), in-process ranks (tests/dist.py)
+# --------------------------------------------------------------------------------------------
+
+PP2_DP2 = ["--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.dp=2"]
+PP1_DP4 = ["--parallel.pp=1", "--parallel.virtual_stages=1", "--parallel.dp=4"]
+
+
+def _layout_cfg(ds, tmp_path, layout, steps, run):
+    from train.config import load_config
+
+    args = [a for a in overrides(ds, tmp_path / "ckpt") if not a.startswith(
+        ("--parallel.pp", "--parallel.virtual_stages", "--parallel.dp=", "--train.steps",
+         "--data.global_batch_size"))]
+    return load_config("configs/tiny.toml", [*args, *layout, f"--train.steps={steps}",
+                                             "--data.global_batch_size=8",
+                                             f"--train.run_dir={tmp_path / run}"])
+
+
+def _state_after_load_and_fit(rank, world, cfg):
+    """(state right after resuming, state after training to cfg.train.steps), model/optim/master
+    entries of this rank, cloned."""
+    from train.trainer import Trainer
+
+    def snapshot(t):
+        return {k: v.clone() for k, v in t.state().items() if not k.startswith("rng/")}
+
+    trainer = Trainer(cfg)
+    trainer.resume()
+    loaded = snapshot(trainer)
+    trainer.fit()
+    return trainer.step, loaded, snapshot(trainer)
+
+
+def _union(states: list[dict]) -> dict:
+    """One dict of every rank's entries; replicas of an entry must agree bit for bit."""
+    out = {}
+    for state in states:
+        for k, v in state.items():
+            if k in out:
+                assert torch.equal(out[k], v), f"ranks disagree about {k}"
+            out[k] = v
+    return out
+
+
+def _assert_same(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), (what, sorted(a.keys() ^ b.keys())[:5])
+    for k in a:
+        assert torch.equal(a[k], b[k]), (what, k)
+    assert any(k.startswith("optim/") and k.endswith("/momentum_buffer") for k in a)
+    assert any(k.startswith("master/") for k in a) and any("/expert-7" in k for k in a)
+
+
+@pytest.mark.timeout(600)
+def test_checkpoint_reshards_pp2_dp2_to_pp1_dp4_and_back(ds, tmp_path):
+    from tests.dist import run_distributed
+
+    saved = run_distributed(_state_after_load_and_fit, 4,
+                            _layout_cfg(ds, tmp_path, PP2_DP2, 1, "a"), timeout=300)
+    wide = run_distributed(_state_after_load_and_fit, 4,
+                           _layout_cfg(ds, tmp_path, PP1_DP4, 2, "b"), timeout=300)
+    assert [s for s, _, _ in wide] == [2] * 4
+    _assert_same(_union([f for _, _, f in saved]), _union([l for _, l, _ in wide]),
+                 "PP2xDP2 step 1 -> PP1xDP4")
+    back = run_distributed(_state_after_load_and_fit, 4,
+                           _layout_cfg(ds, tmp_path, PP2_DP2, 2, "c"), timeout=300)
+    _assert_same(_union([f for _, _, f in wide]), _union([l for _, l, _ in back]),
+                 "PP1xDP4 step 2 -> PP2xDP2")
+    # The resumed data stream continues where the other layout left it.
+    from train.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [2]

@@ -190,6 +190,7 @@ class Trainer:
         self.ckpt = checkpoint_manager(cfg)
         self.logger = MetricsLogger(cfg.train.run_dir, cfg.train.steps, enabled=self.rank == 0)
         self.step = 0
+        self.resumed = False  # resume() ran (fit() calls it unless the caller did)
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self.peak = peak_flops(self.device)
@@ -202,6 +203,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint, if any; returns whether one was loaded."""
+        self.resumed = True
         if self.ckpt is None:
             return False
         state = self.state()
@@ -287,7 +289,8 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        self.resume()
+        if not self.resumed:
+            self.resume()
         if self.step >= cfg.train.steps:
             self.logger.event(f"nothing to do: step {self.step} >= train.steps={cfg.train.steps}")
         batches = iter(self.loader)
