@@ -93,13 +93,15 @@ def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def runtime_batch(batch) -> dict:
-    """A data.batch.Batch as the mapping ParallelRuntime.step takes (no vision: None)."""
+def runtime_batch(batch, device: torch.device) -> dict:
+    """A data.batch.Batch as the mapping ParallelRuntime.step takes (no vision: None), on the
+    device (collectives under NCCL need device tensors)."""
     has_vision = batch.grid_thw.shape[0] > 0
-    return dict(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                doc_ids=batch.doc_ids, labels=batch.labels, loss_mask=batch.loss_mask,
-                pixel_patches=batch.pixel_patches if has_vision else None,
-                grid_thw=batch.grid_thw.long() if has_vision else None)
+    b = batch.to(device, non_blocking=True) if device.type != "cpu" else batch
+    return dict(input_ids=b.input_ids, position_ids=b.position_ids,
+                doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
+                pixel_patches=b.pixel_patches if has_vision else None,
+                grid_thw=b.grid_thw.long() if has_vision else None)
 
 
 def check_tokenizer(cfg: Config, tokenizer) -> None:
@@ -168,9 +170,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.mesh = build_mesh(cfg, self.device.type)
 
-        model = build_model(cfg)
+        with self.device:
+            model = build_model(cfg)
         init_weights(model, cfg.train.seed)
-        model.to(device=self.device, dtype=self.dtype)
+        for p in model.parameters():  # buffers (the routers' selection bias) stay float32
+            p.data = p.data.to(self.dtype)
         self.rt = ParallelRuntime(cfg, model, self.mesh, make_optimizer=muonclip_factory(cfg.optim),
                                   dtype=self.dtype, device=self.device)
         del model  # the runtime keeps this rank's pieces
@@ -246,21 +250,22 @@ class Trainer:
         mult = schedule_multiplier(self.step, cfg.optim, cfg.train.steps)
         if self.rt.zero.optimizer is not None:
             set_lr(self.rt.zero.optimizer, self.step, cfg.optim, cfg.train.steps)
-        inputs = runtime_batch(batch)
+        inputs = runtime_batch(batch, self.device)
         counts = torch.tensor([
             float(((batch.input_ids == cfg.model.image_token_id)
                    | (batch.input_ids == cfg.model.video_token_id)).sum()),
-            float(batch.non_padding_tokens())], dtype=torch.float64)
+            float(batch.non_padding_tokens())], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=m.dp_group)
 
         out = self.rt.step(inputs)
         good = math.isfinite(out.loss) and math.isfinite(out.grad_norm)
         if good:
             clip = self.qk_clip.step(masters=self.rt.zero.masters())
-            max_logit = torch.tensor([clip.max_logit, float(clip.clipped_heads)])
+            max_logit = torch.tensor([clip.max_logit, float(clip.clipped_heads)],
+                                     device=self.device)
         else:
             self.qk_clip.reset()
-            max_logit = torch.tensor([float("nan"), 0.0])
+            max_logit = torch.tensor([float("nan"), 0.0], device=self.device)
         # Every pipeline position clips its own layers: the run's max over the PP group.
         top = max_logit[:1].clone()
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=m.pp_group)
