@@ -14,7 +14,8 @@
 #    reference bit for bit) and exits non-zero if they do not;
 # 5. writes the training plot (`mmpt plot`).
 # Everything lands in $MMPT_QUICKSTART_DIR (default runs/quickstart), recreated on each run.
-# Knobs: MMPT_QUICKSTART_STEPS (default 30), MMPT_QUICKSTART_KILL_AFTER (default 12).
+# Knobs: MMPT_QUICKSTART_STEPS (default 30), MMPT_QUICKSTART_KILL_AFTER (default 12),
+# MMPT_VENV (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t_start=$(date +%s)
@@ -22,8 +23,9 @@ say() { echo "[quickstart $(( $(date +%s) - t_start ))s] $*"; }
 
 say "1/5 venv + install (launch/setup.sh)"
 bash launch/setup.sh
-py=.venv/bin/python
-mmpt=.venv/bin/mmpt
+venv="${MMPT_VENV:-.venv}"  # launch/setup.sh honours the same variable
+py="$venv/bin/python"
+mmpt="$venv/bin/mmpt"
 
 work="${MMPT_QUICKSTART_DIR:-runs/quickstart}"
 steps="${MMPT_QUICKSTART_STEPS:-30}"

@@ -33,17 +33,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start_run(name: str, out: Path, config: str, overrides: list[str], nproc: int,
-              env: dict | None = None) -> subprocess.Popen:
+              env: dict | None = None, max_restarts: int = 0) -> subprocess.Popen:
     """Start `torchrun -m train.cli train` in its own process group; log to OUT/NAME.log.
 
-    The run directory is OUT/NAME; the checkpoint directory comes from the overrides/config."""
+    The run directory is OUT/NAME; the checkpoint directory comes from the overrides/config.
+    With max_restarts > 0 torchrun restarts the whole group after a rank fails (the trainer then
+    resumes from the newest complete checkpoint)."""
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "train.cli", "train", "--config", config,
+           f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "-m", "train.cli",
+           "train", "--config", config,
            *overrides, f"--train.run_dir={run_dir}"]
     log = open(out / f"{name}.log", "ab")
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    # A fresh TCPStore per restart attempt, as launch/slurm/train.sbatch explains (a restarted
+    # group could otherwise read the previous attempt's gloo bootstrap addresses).
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env,
                             start_new_session=True)
     log.close()

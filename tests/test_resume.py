@@ -6,7 +6,8 @@ One uninterrupted reference run of 8 steps, and one run that is SIGKILLed twice 
      the shards and metadata are written, before the COMMITTED marker), with step 2 committed;
   2. resumed: step-4 is reported incomplete and skipped, training restarts from step 2; killed
      again (SIGKILL, whole process tree) after a seeded random step in [5, 7];
-  3. resumed to the end.
+  3. resumed; one rank exits before the last step, torchrun (--max-restarts=1) restarts the
+     group, which resumes from the newest checkpoint again and finishes.
 Every step any attempt logged must have the reference's loss and grad norm bit for bit, and the
 final model + optimizer state of every rank the reference's (sha256 fingerprints).
 
@@ -79,11 +80,15 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     assert any("step-00000004 skipped: incomplete" in e for e in events), events
     assert any("resumed from" in e and "(step 2)" in e for e in events), events
 
-    # 3. Resumes from the newest complete checkpoint and finishes.
-    third = start_run("attempt3", tmp_path, cfg, args, 4)
+    # 3. Resumes from the newest complete checkpoint; one rank crashes before the last step,
+    #    torchrun restarts the group (--max-restarts=1), which resumes again and finishes.
+    third = start_run("attempt3", tmp_path, cfg, args, 4, max_restarts=1,
+                      env={"MMPT_CRASH_AT_STEP": str(STEPS)})
     finish(third, "attempt3", tmp_path, TIMEOUT)
+    assert f"injected crash before step {STEPS}" in (tmp_path / "attempt3.log").read_text()
     resumed_at = [e for e in _events(tmp_path / "attempt3") if "resumed from" in e]
-    assert resumed_at and f"(step {committed})" in resumed_at[0], resumed_at
+    assert len(resumed_at) == 2 and f"(step {committed})" in resumed_at[0], resumed_at
+    assert f"(step {STEPS - 2})" in resumed_at[1], resumed_at
 
     runs = [tmp_path / f"attempt{i}" for i in (1, 2, 3)]
     table, bad = compare(tmp_path / "reference", runs)

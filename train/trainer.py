@@ -20,8 +20,10 @@ master or optimizer-state change; QK-Clip is skipped too); the step is counted a
 `train.max_bad_steps` consecutive bad steps stop the run with `BadStepsError`.
 
 Steps are numbered 1..train.steps; a checkpoint of step N holds the state after N steps.
-Test hook: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits checkpoint N
-(it writes RUN_DIR/paused-before-commit-N and sleeps), so a test can SIGKILL the run mid-write.
+Test hooks: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits checkpoint N
+(it writes RUN_DIR/paused-before-commit-N and sleeps), so a test can SIGKILL the run mid-write;
+MMPT_CRASH_AT_STEP=N makes the last rank exit with status 3 before step N, in the first attempt
+only (TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts` restarts the group.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from train.optim.schedule import schedule_multiplier, set_lr
 # only where the device is known. H200 has the H100's compute (more, faster memory).
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 PAUSE_ENV = "MMPT_PAUSE_BEFORE_COMMIT"
+CRASH_ENV = "MMPT_CRASH_AT_STEP"
 
 
 class BadStepsError(RuntimeError):
@@ -300,6 +303,7 @@ class Trainer:
             self.logger.event(f"nothing to do: step {self.step} >= train.steps={cfg.train.steps}")
         batches = iter(self.loader)
         while self.step < cfg.train.steps:
+            self._maybe_crash(self.step + 1)
             batch = next(batches)
             metrics = self.train_step(batch)
             self.step += 1
@@ -324,6 +328,15 @@ class Trainer:
                                           or self.step == cfg.train.steps):
                 self.save()
         return self.finish()
+
+    def _maybe_crash(self, step: int) -> None:
+        """The restart-test hook (module docstring)."""
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if (os.environ.get(CRASH_ENV) == str(step) and first_attempt
+                and self.rank == self.world - 1):
+            print(f"rank {self.rank}: injected crash before step {step} ({CRASH_ENV})",
+                  flush=True)
+            os._exit(3)
 
     def finish(self) -> dict:
         """Gather every rank's state fingerprint into RUN_DIR/final-state.json (rank 0)."""
