@@ -52,6 +52,7 @@ def _events(run_dir):
     return [json.loads(x)["event"] for x in lines if '"event"' in x]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp_path):
     cfg = "configs/tiny.toml"
