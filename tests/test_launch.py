@@ -2,8 +2,9 @@
 running launch/slurm/train.sbatch (with an injected crash and automatic restart), world-size
 errors, and the Dockerfile lint.
 
-The training loop here is the launcher stand-in `launch/smoke.py` (a tiny MLP, `--smoke`): these
-tests are about processes, rendezvous, restarts and checkpoints, not about the model.
+The SLURM test runs the real trainer (tiny model, PP2 x V2 x DP2, EP2, DEP) on the real small
+corpus; the others use the launcher stand-in `launch/smoke.py` (a tiny MLP, `--smoke`), since
+they are about processes, rendezvous and arguments, not about the model.
 """
 
 from __future__ import annotations
@@ -233,39 +234,57 @@ def test_launch_scripts_parse_and_nccl_env_sources():
     assert got["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
-def _smoke_on_ranks(rank: int, world: int, tmp: str, steps: int, every: int) -> dict:
-    cfg = load_config(TINY, _overrides(Path(tmp), steps=steps, every=every, dp=world))
-    return smoke.run(cfg)
+def _trainer_args(ds, job_dir: Path, steps: int, every: int) -> list[str]:
+    """The real trainer on the tiny model at test size: 4 ranks, PP2 x V2 x DP2, EP2, DEP."""
+    return ["--config", TINY, f"--data.manifest={ds.url}", f"--data.tokenizer={ds.tokenizer}",
+            "--data.seq_len=64", "--data.global_batch_size=4", "--data.image_max_pixels=12544",
+            "--data.video_max_pixels=3136", "--data.video_max_frames=8", "--parallel.pp=2",
+            "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2",
+            f"--train.steps={steps}", f"--train.run_dir={job_dir / 'run'}",
+            f"--checkpoint.dir={job_dir / 'ckpt'}", f"--checkpoint.every={every}"]
 
 
-def test_slurm_sbatch_trains_checkpoints_and_restarts(slurm_cluster, tmp_path):
-    """sbatch the project's script on a real one-node cluster: 4 CPU ranks train and checkpoint;
-    one rank dies before step 5, torchrun restarts the group, the run resumes from the step-3
-    checkpoint and ends bit-identical to an uninterrupted 4-rank run."""
+def _trainer_on_ranks(rank: int, world: int, args: list[str]) -> dict:
+    from train.trainer import run
+
+    return run(load_config(args[1], args[2:]))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from tests.corpus_fixtures import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("slurm-data"))
+
+
+def test_slurm_sbatch_trains_checkpoints_and_restarts(slurm_cluster, dataset, tmp_path):
+    """sbatch the project's script on a real one-node cluster running the real trainer: 4 CPU
+    ranks (PP2 x V2 x DP2, EP2, DEP) train and checkpoint; one rank dies before step 5, torchrun
+    restarts the group, the run resumes from the step-3 checkpoint and ends bit-identical (losses
+    and every rank's model + optimizer state) to an uninterrupted 4-rank run."""
     steps, job_dir = 6, tmp_path / "job"
     out = tmp_path / "slurm.out"
-    job = _sbatch(slurm_cluster, out, {"MMPT_MAX_RESTARTS": "1", "MMPT_SMOKE_CRASH_AT_STEP": "5"},
-                  _smoke_args(job_dir, steps=steps, every=3, dp=4)[1:])
+    args = _trainer_args(dataset, job_dir, steps=steps, every=3)
+    job = _sbatch(slurm_cluster, out, {"MMPT_MAX_RESTARTS": "1", "MMPT_CRASH_AT_STEP": "5"}, args)
     state = _wait_job(slurm_cluster, job, out)
     log = out.read_text()
     assert state == "COMPLETED", f"SLURM job {job} ended {state}:\n{log}"
     assert "train.sbatch: job" in log and "1 node(s) x 4 rank(s)" in log
-    assert "injected crash before step 5" in log and "resumed from step 3" in log
+    assert "injected crash before step 5" in log
+    assert "step-00000003 (step 3)" in log  # the restarted group resumed from step 3
 
-    finals = _finals(job_dir / "run", 4)
-    assert {(f["world"], f["attempt"], f["start_step"]) for f in finals} == {(4, 1, 3)}
-    assert len({f["fingerprint"] for f in finals}) == 1
     records = read_metrics(job_dir / "run")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    assert [r["attempt"] for r in records] == [0, 0, 0, 1, 1, 1]
-    assert sorted(p.name for p in (job_dir / "ckpt").glob("*.pt")) == \
-        ["smoke-step-00000003.pt", "smoke-step-00000006.pt"]
-    _assert_matches_reference(job_dir / "ckpt" / "smoke-step-00000006.pt", steps, 4)
+    for name in ("step-00000003", "step-00000006"):
+        assert (job_dir / "ckpt" / name / "COMMITTED").is_file()
+    finals = json.loads((job_dir / "run" / "final-state.json").read_text())
+    assert finals["world"] == 4 and finals["step"] == steps
 
-    # The same run without the crash, on 4 forked gloo ranks: identical losses and parameters.
+    # The same run without the crash, on 4 forked gloo ranks: identical losses and state.
     ref_dir = tmp_path / "uninterrupted"
-    ref = run_distributed(_smoke_on_ranks, 4, str(ref_dir), steps, 3, timeout=120)
-    assert {r["fingerprint"] for r in ref} == {finals[0]["fingerprint"]}
+    ref = run_distributed(_trainer_on_ranks, 4, _trainer_args(dataset, ref_dir, steps, 3),
+                          timeout=300)
+    assert ref[0]["fingerprints"] == finals["fingerprints"]
     assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(ref_dir / "run")]
 
 
