@@ -304,8 +304,10 @@ class Trainer:
         batches = iter(self.loader)
         while self.step < cfg.train.steps:
             self._maybe_crash(self.step + 1)
+            t0 = time.monotonic()
             batch = next(batches)
-            metrics = self.train_step(batch)
+            data_s = time.monotonic() - t0  # waiting for the loader (tok_s excludes it)
+            metrics = self.train_step(batch) | {"data_s": data_s}
             self.step += 1
             if metrics.pop("good"):
                 self.bad_in_a_row = 0
