@@ -40,7 +40,7 @@ from data.catalog import Catalog, parse_weights
 from data.decode import DecodeError
 from data.media import MediaRules
 from data.mix import MixState, TokenMixer
-from data.pack import PlanState, Window, WindowPlanner, pack_row
+from data.pack import PlanState, Window, WindowPlanner, pack_rows
 from data.shards import ShardError, open_dataset, read_member
 
 STATE_FORMAT = "mmpt-loader/1"
@@ -150,19 +150,22 @@ class PackedStream(torch.utils.data.IterableDataset):
         shard_key, entry = self.catalog.entry(source, sample)
         segs = self.catalog.segments(source, sample)
         name = f"{self.catalog.names[source]}/{entry['key']}"
-        parts, items, at, raw = [], [], 0, {}
+        # The index gives the document's length; fill one buffer (no per-segment arrays to join).
+        tokens = np.empty(sum(seg.tokens for seg in segs) + 1, dtype=np.int64)
+        items, at, raw = [], 0, {}
         for seg in segs:
             if seg.kind == "text":
                 if seg.member == "json":
-                    texts = [s["text"] for s in json.loads(self._text(shard_key, entry, "json", raw))["segments"]
-                             if "text" in s]
-                    ids = tok.encode(texts[seg.text_index])
+                    if "json texts" not in raw:
+                        raw["json texts"] = [s["text"] for s in json.loads(
+                            self._text(shard_key, entry, "json", raw))["segments"] if "text" in s]
+                    ids = tok.encode_array(raw["json texts"][seg.text_index])
                 else:
-                    ids = tok.encode(self._text(shard_key, entry, seg.member, raw))
+                    ids = tok.encode_array(self._text(shard_key, entry, seg.member, raw))
                 if len(ids) != seg.tokens:
                     raise ValueError(f"{name}: {len(ids)} tokens, the index says {seg.tokens}: the "
                                      "tokenizer differs from the one used at ingest")
-                parts.append(np.asarray(ids, dtype=np.int64))
+                tokens[at:at + seg.tokens] = ids
                 at += seg.tokens
                 continue
             data = read_member(self.store, shard_key, entry, seg.member)
@@ -173,11 +176,13 @@ class PackedStream(torch.utils.data.IterableDataset):
                 if self.media.tokens_of(grid) != n:
                     raise ValueError(f"{name}: media gives {self.media.tokens_of(grid)} tokens, "
                                      f"the index metadata {n}")
-                parts.append(np.array([tok.media_begin_id] + [placeholder] * n + [tok.media_end_id]))
+                tokens[at] = tok.media_begin_id
+                tokens[at + 1:at + 1 + n] = placeholder
+                tokens[at + 1 + n] = tok.media_end_id
                 items.append((at + 1, n, patches, grid))
                 at += n + 2
-        parts.append(np.array([tok.eos_id]))
-        return Doc(np.concatenate(parts).astype(np.int64), items)
+        tokens[at] = tok.eos_id
+        return Doc(tokens, items)
 
     def doc(self, source: int, sample: int, epoch: int) -> Doc:
         key = (source, sample, epoch)
@@ -200,7 +205,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         rows, spans, patches, grids, sids, skipped = [], [], [], [], [], []
         for r, g in enumerate(sequences):
             window = cursor.get(g // self.S)
-            pieces = []
+            pieces, at = [], 0
             for p in window.sequences[g % self.S]:
                 d = window.docs[p.doc]
                 doc = self.doc(d.source, d.sample, d.epoch)
@@ -211,7 +216,6 @@ class PackedStream(torch.utils.data.IterableDataset):
                         skipped.append(entry)
                     continue
                 lo, hi = d.offset + p.start, d.offset + p.end  # document coordinates
-                at = sum(b - a for _, a, b in pieces)
                 for start, n, pt, grid in doc.items:
                     if lo <= start and start + n <= hi:
                         spans.append((r, at + start - lo, n))
@@ -219,13 +223,14 @@ class PackedStream(torch.utils.data.IterableDataset):
                         grids.append(grid)
                 pieces.append((doc.tokens, lo, hi))
                 sids.append((r, d.source, shard, member, d.epoch, lo, hi))
-            rows.append(pack_row(pieces, self.seq_len, tok.pad_id, no_loss))
-        seqlens = [n for row in rows for n in row.seqlens]
-        stack = lambda name: torch.from_numpy(np.stack([getattr(x, name) for x in rows]))  # noqa: E731
+                at += hi - lo
+            rows.append(pieces)
+        packed = pack_rows(rows, self.seq_len, tok.pad_id, no_loss)
         return Batch(
-            input_ids=stack("input_ids"), labels=stack("labels"), loss_mask=stack("loss_mask"),
-            position_ids=stack("position_ids"), doc_ids=stack("doc_ids"),
-            cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(seqlens)]), dtype=torch.int32),
+            input_ids=torch.from_numpy(packed.input_ids), labels=torch.from_numpy(packed.labels),
+            loss_mask=torch.from_numpy(packed.loss_mask), position_ids=torch.from_numpy(packed.position_ids),
+            doc_ids=torch.from_numpy(packed.doc_ids),
+            cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(packed.seqlens)]), dtype=torch.int32),
             pixel_patches=(torch.cat(patches) if patches else torch.zeros(0, self.media.patch_dim)),
             grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
             vision_spans=torch.tensor(spans, dtype=torch.int64).reshape(-1, 3),

@@ -19,7 +19,7 @@ Units:
   the sequence with the least free space that still holds it (ties: lowest sequence number).
   Within a sequence, pieces are laid out in stream order.
 
-Row layout (`pack_row`): labels are the next token of the same document (also across a cut: the
+Row layout (`pack_rows`): labels are the next token of the same document (also across a cut: the
 last token of a piece predicts the first of the next piece), position ids restart at 0 in every
 piece, doc ids count the row's pieces from 0 and padding gets the next id of its own.
 """
@@ -209,44 +209,57 @@ def _online_best_fit(lengths: list[int], groups: list[list], num_bins: int, capa
 
 @dataclass
 class Row:
-    """One packed sequence as numpy arrays of length seq_len."""
+    """Packed sequences as numpy arrays: [seq_len] from pack_row, [rows, seq_len] from pack_rows."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     loss_mask: np.ndarray
     position_ids: np.ndarray
     doc_ids: np.ndarray
-    seqlens: list[int]  # lengths of the row's segments (pieces, then padding if any)
+    seqlens: list[int]  # lengths of the segments (pieces, then padding if any), row after row
 
 
 def pack_row(pieces: list[tuple[np.ndarray, int, int]], seq_len: int, pad_id: int,
              no_loss_ids: np.ndarray) -> Row:
-    """Lay out pieces (document tokens, start, end) into one row; see the module docstring.
+    """Lay out pieces (document tokens, start, end) into one row; see the module docstring."""
+    rows = pack_rows([pieces], seq_len, pad_id, no_loss_ids)
+    return Row(rows.input_ids[0], rows.labels[0], rows.loss_mask[0], rows.position_ids[0],
+               rows.doc_ids[0], rows.seqlens)
+
+
+def pack_rows(rows: list[list[tuple[np.ndarray, int, int]]], seq_len: int, pad_id: int,
+              no_loss_ids: np.ndarray) -> Row:
+    """Lay out each row's pieces (document tokens, start, end) into [len(rows), seq_len] arrays.
 
     No loss is taken where the label is IGNORE, a padding position, or a token in no_loss_ids
     (vision placeholders and the vision end markers, which are implied by what precedes them).
+    The arrays are written in place, once per batch (no per-row arrays to stack afterwards).
     """
-    ids = np.full(seq_len, pad_id, dtype=np.int64)
-    labels = np.full(seq_len, IGNORE, dtype=np.int64)
-    pos = np.zeros(seq_len, dtype=np.int64)
-    doc = np.zeros(seq_len, dtype=np.int64)
-    total = sum(b - a for _, a, b in pieces)
-    if total > seq_len:
-        raise ValueError(f"pieces hold {total} tokens, more than seq_len={seq_len}")
-    seqlens, at = [], 0
-    for d, (tokens, a, b) in enumerate(pieces):
-        n = b - a
-        ids[at:at + n] = tokens[a:b]
-        nxt = tokens[a + 1:b + 1]  # next tokens of the document (one fewer at its end)
-        labels[at:at + len(nxt)] = nxt
-        pos[at:at + n] = np.arange(n)
-        doc[at:at + n] = d
-        seqlens.append(n)
-        at += n
-    if at < seq_len:
-        doc[at:] = len(pieces)
-        pos[at:] = np.arange(seq_len - at)
-        seqlens.append(seq_len - at)
+    shape = (len(rows), seq_len)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE, dtype=np.int64)
+    pos = np.empty(shape, dtype=np.int64)
+    doc = np.empty(shape, dtype=np.int64)
+    ramp = np.arange(seq_len, dtype=np.int64)
+    seqlens: list[int] = []
+    for r, pieces in enumerate(rows):
+        total = sum(b - a for _, a, b in pieces)
+        if total > seq_len:
+            raise ValueError(f"pieces hold {total} tokens, more than seq_len={seq_len}")
+        row_ids, row_labels, row_pos, row_doc = ids[r], labels[r], pos[r], doc[r]
+        at = 0
+        for d, (tokens, a, b) in enumerate(pieces):
+            n = b - a
+            row_ids[at:at + n] = tokens[a:b]
+            nxt = tokens[a + 1:b + 1]  # next tokens of the document (one fewer at its end)
+            row_labels[at:at + len(nxt)] = nxt
+            row_pos[at:at + n] = ramp[:n]
+            row_doc[at:at + n] = d
+            seqlens.append(n)
+            at += n
+        if at < seq_len:
+            row_doc[at:] = len(pieces)
+            row_pos[at:] = ramp[:seq_len - at]
+            seqlens.append(seq_len - at)
     labels[np.isin(labels, no_loss_ids)] = IGNORE
-    mask = labels != IGNORE
-    return Row(ids, labels, mask, pos, doc, seqlens)
+    return Row(ids, labels, labels != IGNORE, pos, doc, seqlens)

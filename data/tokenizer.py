@@ -22,6 +22,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 # role -> token string; ids 0..6 in this order in our own tokenizers.
 SPECIAL_TOKENS: dict[str, str] = {
     "pad": "<|pad|>",
@@ -52,6 +54,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """The ids of encode(text) as a 1-D integer numpy array (the loader's hot path)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
 
     def count(self, text: str) -> int:
         return len(self.encode(text))
@@ -145,6 +151,14 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # uint32 straight from tiktoken's buffer: no Python list of ints. With no special token
+        # allowed, tiktoken's encode is encode_ordinary (special spellings stay ordinary text).
+        try:
+            return self._enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        except UnicodeEncodeError:  # lone surrogates: encode_ordinary repairs them first
+            return np.asarray(self.encode(text), dtype=np.int64)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self._enc.encode_ordinary(t) for t in texts]

@@ -35,6 +35,18 @@ def test_backends_agree_on_corpus_and_tricky_text(built):
     assert hf.vocab_size == tk.vocab_size == load_config("configs/tiny.toml").model.vocab_size == 2048
 
 
+def test_encode_array_is_encode(built):
+    """The loader's array path (tiktoken: encode_to_numpy) gives exactly encode()'s ids."""
+    corpus, path = built
+    texts = corpus_texts(corpus) + TRICKY + ["<|media_begin|>x<|pad|>"]
+    for tok in (load_tokenizer(path), load_tokenizer(path.with_suffix(".tiktoken"))):
+        # tiktoken repairs lone surrogates (json.loads can produce them); HF rejects them
+        for t in texts + (["lone surrogate \ud800 here"] if tok.backend == "tiktoken" else []):
+            arr = tok.encode_array(t)
+            assert arr.ndim == 1 and arr.dtype.kind in "iu", (tok.backend, arr.dtype)
+            assert arr.tolist() == tok.encode(t), f"{tok.backend}: encode_array differs on {t[:60]!r}"
+
+
 def test_special_tokens_fixed_ids_match_model_config(built):
     _, path = built
     for tok in (load_tokenizer(path), load_tokenizer(path.with_suffix(".tiktoken"))):
