@@ -162,12 +162,17 @@ class Catalog:
     # -- lookups used by the planner and the loader workers
     def locate(self, source: int, sample: int) -> tuple[int, int]:
         """(shard number within the source, sample number within the shard)."""
-        k, m = self._where[source][sample]
-        return int(k), int(m)
+        k, m = self._where[source][sample].tolist()  # Python ints in one call (a hot lookup)
+        return k, m
 
     def entry(self, source: int, sample: int) -> tuple[str, dict]:
         k, m = self.locate(source, sample)
         return self.shard_keys[source][k], self.samples[source][k][m]
+
+    def document(self, source: int, sample: int) -> tuple[str, dict, list[Segment]]:
+        """(shard key, index entry, segments) of one sample: what the loader needs to build it."""
+        key, entry = self.entry(source, sample)
+        return key, entry, self._segments(self.kinds[source], entry)
 
     def segments(self, source: int, sample: int) -> list[Segment]:
         return self._segments(self.kinds[source], self.entry(source, sample)[1])

@@ -147,8 +147,7 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     def _build_doc(self, source: int, sample: int, epoch: int) -> Doc:
         tok = self.tokenizer
-        shard_key, entry = self.catalog.entry(source, sample)
-        segs = self.catalog.segments(source, sample)
+        shard_key, entry, segs = self.catalog.document(source, sample)
         name = f"{self.catalog.names[source]}/{entry['key']}"
         # The index gives the document's length; fill one buffer (no per-segment arrays to join).
         tokens = np.empty(sum(seg.tokens for seg in segs) + 1, dtype=np.int64)
