@@ -12,26 +12,20 @@ MASTER_PORT. Each process then:
    touching the network, so a mismatch fails at once on every rank with the numbers named;
 2. initialises the default process group: gloo for `train.device = "cpu"` (one compute thread
    per rank, so N ranks on N cores do not oversubscribe), nccl for "cuda" (device = LOCAL_RANK);
-3. calls `run(cfg)`: the trainer `train.trainer.run(cfg)`, or the launcher stand-in
-   `launch.smoke.run(cfg)` with `--smoke` (and while no trainer module exists yet).
+3. calls the trainer, `train.trainer.run(cfg)`, and destroys the process group when it returns
+   or fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
-import sys
-from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from train.config import Config, ConfigError, load_config
-
-TRAINER_MODULE = "train.trainer"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -97,31 +91,12 @@ def init_process_group(cfg: Config, env: dict) -> str:
     return backend
 
 
-def select_run(smoke: bool) -> Callable[[Config], object]:
-    """The training loop to call: the real trainer, or the launcher stand-in when asked for."""
-    if not smoke and importlib.util.find_spec(TRAINER_MODULE) is not None:
-        return importlib.import_module(TRAINER_MODULE).run
-    from launch import smoke as smoke_loop
-
-    if not smoke:
-        print(f"mmpt train: {TRAINER_MODULE} does not exist yet; running the launcher SMOKE "
-              "loop (launch/smoke.py) instead", file=sys.stderr)
-    return smoke_loop.run
-
-
-def run(cfg: Config, smoke: bool = False) -> object:
-    return select_run(smoke)(cfg)
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="mmpt train", allow_abbrev=False,
         description="Train from a TOML config; under torchrun, one rank per process. Any "
                     "config field can be overridden as --section.field=value.")
     ap.add_argument("--config", required=True, help="TOML config file, e.g. configs/tiny.toml")
-    ap.add_argument("--smoke", action="store_true",
-                    help="run the launcher stand-in loop (launch/smoke.py: a tiny MLP) instead "
-                         "of the trainer; for testing launchers only")
     return ap
 
 
@@ -130,13 +105,15 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     env = dist_env()
     check_world_size(cfg, env["world_size"])
+    from train.trainer import run  # seconds of imports: config and world-size errors come first
+
     backend = init_process_group(cfg, env)
     if env["rank"] == 0:
         print(f"mmpt train: {env['world_size']} ranks ({backend}), pp={cfg.parallel.pp} "
               f"dp={cfg.parallel.dp} ep={cfg.parallel.ep}, run_dir={cfg.train.run_dir}",
               flush=True)
     try:
-        run(cfg, smoke=args.smoke)
+        run(cfg)
     finally:
         dist.destroy_process_group()
     return 0

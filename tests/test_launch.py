@@ -1,16 +1,19 @@
-"""Launchers: `mmpt train` under torchrun (two agents on loopback), a real one-node SLURM cluster
-running launch/slurm/train.sbatch (with an injected crash and automatic restart), world-size
-errors, and the Dockerfile lint.
+"""Launchers running the real trainer (tiny model, real small corpus, test shapes): `mmpt train`
+argument and world-size errors, a plain one-process `mmpt train`, two torchrun agents on loopback
+forming one 4-rank group, a real one-node SLURM cluster running launch/slurm/train.sbatch (with an
+injected crash and automatic restart), the Docker entrypoint on the host, and the Dockerfile lint.
 
-The SLURM test runs the real trainer (tiny model, PP2 x V2 x DP2, EP2, DEP) on the real small
-corpus; the others use the launcher stand-in `launch/smoke.py` (a tiny MLP, `--smoke`), since
-they are about processes, rendezvous and arguments, not about the model.
+The 4-rank tests (PP2 x V2 x DP2, EP2, DEP) compare against one uninterrupted single-node 4-rank
+torchrun run of the same config (the module's `reference` fixture): losses and grad norms of every
+step, and every rank's final model + optimizer state, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,116 +21,118 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+import torch.distributed as dist
 
-from launch import smoke
-from tests.dist import free_port, run_distributed
+from launch.resume_check import compare, final_fingerprints, finish, start_run
+from tests.corpus_fixtures import make_dataset
+from tests.dist import free_port
 from train import cli
-from train.config import load_config
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.toml")
 VENV_BIN = Path(sys.executable).parent
+STEPS, EVERY, CRASH_AT = 6, 3, 5  # the 4-rank runs; the SLURM run crashes before step 5
+FOUR_RANKS = ["--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.dp=2",
+              "--parallel.ep=2"]
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "TORCHELASTIC_RESTART_COUNT")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
-def _overrides(tmp: Path, steps: int, every: int, dp: int) -> list[str]:
-    """Config overrides of a smoke run writing to tmp/run and tmp/ckpt."""
-    return [f"--parallel.dp={dp}", f"--train.steps={steps}", f"--train.run_dir={tmp / 'run'}",
-            f"--checkpoint.dir={tmp / 'ckpt'}", f"--checkpoint.every={every}"]
+def _overrides(ds, ckpt: Path, steps: int = STEPS, every: int = EVERY,
+               layout: list[str] = FOUR_RANKS) -> list[str]:
+    """The tiny config at test size (64-token rows, 4 sequences per step, small media) on the
+    ingested small corpus; the run directory is the caller's."""
+    return [f"--data.manifest={ds.url}", f"--data.tokenizer={ds.tokenizer}", "--data.seq_len=64",
+            "--data.global_batch_size=4", "--data.image_max_pixels=12544",
+            "--data.video_max_pixels=3136", "--data.video_max_frames=8", *layout,
+            f"--train.steps={steps}", f"--checkpoint.dir={ckpt}", f"--checkpoint.every={every}"]
 
 
-def _smoke_args(tmp: Path, steps: int, every: int, dp: int) -> list[str]:
-    """`mmpt train ...` arguments of a smoke run (sbatch takes them without the leading `train`)."""
-    return ["train", "--config", TINY, "--smoke", *_overrides(tmp, steps, every, dp)]
+def _final_state(run_dir: Path) -> dict:
+    return json.loads((run_dir / "final-state.json").read_text())
 
 
-def _finals(run_dir: Path, world: int) -> list[dict]:
-    files = sorted(run_dir.glob("smoke-final-rank*.json"))
-    assert len(files) == world, f"expected {world} rank reports, found {[f.name for f in files]}"
-    return [json.loads((run_dir / f"smoke-final-rank{r}.json").read_text()) for r in range(world)]
+def _assert_matches_reference(run_dir: Path, reference: Path) -> None:
+    """Every step's loss and grad norm, and every rank's final state, equal the reference's."""
+    table, bad = compare(reference, [run_dir])
+    assert not bad, table
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1)), table
+    final = _final_state(run_dir)
+    assert final["world"] == 4 and final["step"] == STEPS
+    assert final["fingerprints"] == final_fingerprints(reference)
 
 
-def _reference_params(seed: int, steps: int, world: int, global_batch: int, lr: float,
-                      momentum: float) -> list[torch.Tensor]:
-    """One process, the whole global batch per step: what `world` DDP ranks must reproduce."""
-    model = smoke.make_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    per_rank = global_batch // world
-    for step in range(1, steps + 1):
-        parts = [smoke.batch_at(seed, step, r, per_rank) for r in range(world)]
-        x = torch.cat([p[0] for p in parts])
-        y = torch.cat([p[1] for p in parts])
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return [p.detach() for p in model.parameters()]
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("launch-data"))
 
 
-def _assert_matches_reference(ckpt: Path, steps: int, world: int) -> None:
-    cfg = load_config(TINY)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["step"] == steps
-    ref = _reference_params(cfg.train.seed, steps, world, cfg.data.global_batch_size,
-                            cfg.optim.lr, cfg.optim.momentum)
-    got = list(state["model"].values())
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> Path:
+    """Run directory of one uninterrupted single-node 4-rank torchrun run (STEPS steps)."""
+    out = tmp_path_factory.mktemp("reference")
+    proc = start_run("reference", out, TINY, _overrides(dataset, out / "ckpt"), 4)
+    finish(proc, "reference", out, timeout=300)
+    return out / "reference"
 
 
 # --------------------------------------------------------------------------------------------
-# mmpt train: argument and world-size errors, resume (in-process, one rank)
+# mmpt train: argument and world-size errors, a plain single process (no torchrun)
 # --------------------------------------------------------------------------------------------
 
 
-def test_world_size_mismatch_is_a_clear_error(monkeypatch, capsys):
+def test_world_size_mismatch_is_a_clear_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")  # never contacted: the check comes first
-    rc = cli.main(["train", "--config", TINY, "--smoke", "--parallel.pp=1", "--parallel.dp=2",
-                   "--parallel.ep=1"])
+    # A manifest that does not exist: the check must come before any data is read.
+    rc = cli.main(["train", "--config", TINY, "--parallel.pp=1", "--parallel.dp=2",
+                   "--parallel.ep=1", f"--data.manifest={tmp_path / 'no-dataset'}",
+                   f"--train.run_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "world size 4 does not match parallel.pp * parallel.dp = 1 * 2 = 2" in err
     assert "--parallel.dp=4" in err
+    assert not (tmp_path / "run").exists()
 
 
-def test_bad_override_names_the_field(monkeypatch, capsys):
+def test_bad_override_names_the_field(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    rc = cli.main(["train", "--config", TINY, "--smoke", "--train.stepz=3"])
+    rc = cli.main(["train", "--config", TINY, "--train.stepz=3",
+                   f"--data.manifest={tmp_path / 'no-dataset'}",
+                   f"--train.run_dir={tmp_path / 'run'}"])
     assert rc == 2
     assert "train.stepz" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
-def test_single_process_resume_is_bit_identical(tmp_path, monkeypatch):
+def test_plain_mmpt_train_runs_one_process(dataset, tmp_path, monkeypatch, capsys):
+    """Without torchrun, `mmpt train` is rank 0 of 1 on an in-memory store (no port), trains,
+    checkpoints and tears the process group down. (Resume is tested with real processes in
+    test_resume.py and in the SLURM test below.)"""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RESTART_COUNT", "MMPT_SMOKE_CRASH_AT_STEP"):
+                 "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(name, raising=False)
-    full, split = tmp_path / "full", tmp_path / "split"
-    assert cli.main(_smoke_args(full, steps=8, every=4, dp=1)) == 0
-    assert cli.main(_smoke_args(split, steps=4, every=4, dp=1)) == 0  # stops after the ckpt
-    assert cli.main(_smoke_args(split, steps=8, every=4, dp=1)) == 0  # resumes at step 4
-    a, b = _finals(full / "run", 1)[0], _finals(split / "run", 1)[0]
-    assert b["start_step"] == 4 and a["start_step"] == 0
-    assert a["fingerprint"] == b["fingerprint"]
-    la, lb = read_metrics(full / "run"), read_metrics(split / "run")
-    assert [r["step"] for r in lb] == list(range(1, 9))
-    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-    # A damaged newest checkpoint is reported and skipped; the older complete one is used.
-    newest = split / "ckpt" / "smoke-step-00000008.pt"
-    newest.write_bytes(newest.read_bytes()[:100])
-    state = smoke.load_newest(split / "ckpt", log=lambda *_: None)
-    assert state is not None and state["step"] == 4
+    one = ["--parallel.pp=1", "--parallel.virtual_stages=1", "--parallel.dp=1", "--parallel.ep=1"]
+    run_dir = tmp_path / "run"
+    rc = cli.main(["train", "--config", TINY, *_overrides(dataset, tmp_path / "ckpt", 2, 2, one),
+                   f"--train.run_dir={run_dir}"])
+    assert rc == 0
+    assert "mmpt train: 1 ranks (gloo), pp=1 dp=1 ep=1" in capsys.readouterr().out
+    assert not dist.is_initialized()
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert _final_state(run_dir)["world"] == 1
+    assert (tmp_path / "ckpt" / "step-00000002" / "COMMITTED").is_file()
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,35 +140,51 @@ def test_single_process_resume_is_bit_identical(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def test_two_torchrun_agents_rendezvous_on_loopback(tmp_path):
-    port, steps = free_port(), 6
+def _rendezvous(agent_log: str) -> dict:
+    """The rank layout a torchrun agent logged at LOGLEVEL=INFO ("Rendezvous complete ...")."""
+    fields = {}
+    for name in ("group_rank", "group_world_size", "global_ranks", "global_world_sizes"):
+        # The lines carry the logger's "I... file.py:553]" prefix.
+        m = re.search(rf"^(?:.*\] )?\s*{name}=(.+)$", agent_log, re.MULTILINE)
+        assert m, f"torchrun agent did not log {name}; output:\n{agent_log}"
+        fields[name] = json.loads(m.group(1))
+    return fields
+
+
+def test_two_torchrun_agents_on_loopback_match_one_node(dataset, reference, tmp_path):
+    """Two agents (2 ranks each) meet at a c10d rendezvous on 127.0.0.1 and train the real tiny
+    model as one 4-rank group (PP2 x V2 x DP2, EP2, DEP): every step and every rank's final
+    state bit-identical to the single-node 4-rank run."""
+    port, run_dir = free_port(), tmp_path / "run"
     cmd = [str(VENV_BIN / "torchrun"), "--nnodes=2", "--nproc-per-node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=loopback",
-           "--local-addr=127.0.0.1", "--max-restarts=0", "-m", "train.cli",
-           *_smoke_args(tmp_path, steps=steps, every=3, dp=4)]
-    agents = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = []
-    for a in agents:
-        try:
-            outs.append(a.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for b in agents:
-                b.kill()
-            raise
+           "--local-addr=127.0.0.1", "--max-restarts=0", "-m", "train.cli", "train",
+           "--config", TINY, *_overrides(dataset, tmp_path / "ckpt"),
+           f"--train.run_dir={run_dir}"]
+    logs = [tmp_path / f"agent{i}.log" for i in range(2)]
+    agents = []
+    for log in logs:  # LOGLEVEL=INFO: each agent logs the ranks the rendezvous gave it
+        with open(log, "w") as f:
+            agents.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(LOGLEVEL="INFO"), stdout=f,
+                                           stderr=subprocess.STDOUT))
+    try:
+        for a in agents:
+            a.wait(timeout=300)
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+                a.wait()
+    outs = [log.read_text(errors="replace") for log in logs]
     for a, out in zip(agents, outs):
         assert a.returncode == 0, out
-    finals = _finals(tmp_path / "run", 4)
-    assert [f["world"] for f in finals] == [4] * 4
-    assert sorted((f["node_rank"], f["local_rank"]) for f in finals) == \
-        [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert len({f["pid"] for f in finals}) == 4
-    assert len({f["fingerprint"] for f in finals}) == 1  # all ranks hold the same parameters
-    records = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
-    assert all(r["world"] == 4 for r in records)
-    # 4 data-parallel ranks == one process on the whole global batch (float32 round-off).
-    _assert_matches_reference(tmp_path / "ckpt" / "smoke-step-00000006.pt", steps, 4)
+    layouts = sorted((_rendezvous(out) for out in outs), key=lambda f: f["group_rank"])
+    assert [f["group_rank"] for f in layouts] == [0, 1]
+    assert [f["global_ranks"] for f in layouts] == [[0, 1], [2, 3]]
+    assert all(f["group_world_size"] == 2 and f["global_world_sizes"] == [4, 4]
+               for f in layouts)
+    assert (tmp_path / "ckpt" / f"step-{STEPS:08d}" / "COMMITTED").is_file()
+    _assert_matches_reference(run_dir, reference)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,58 +255,26 @@ def test_launch_scripts_parse_and_nccl_env_sources():
     assert got["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
 
-def _trainer_args(ds, job_dir: Path, steps: int, every: int) -> list[str]:
-    """The real trainer on the tiny model at test size: 4 ranks, PP2 x V2 x DP2, EP2, DEP."""
-    return ["--config", TINY, f"--data.manifest={ds.url}", f"--data.tokenizer={ds.tokenizer}",
-            "--data.seq_len=64", "--data.global_batch_size=4", "--data.image_max_pixels=12544",
-            "--data.video_max_pixels=3136", "--data.video_max_frames=8", "--parallel.pp=2",
-            "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2",
-            f"--train.steps={steps}", f"--train.run_dir={job_dir / 'run'}",
-            f"--checkpoint.dir={job_dir / 'ckpt'}", f"--checkpoint.every={every}"]
-
-
-def _trainer_on_ranks(rank: int, world: int, args: list[str]) -> dict:
-    from train.trainer import run
-
-    return run(load_config(args[1], args[2:]))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from tests.corpus_fixtures import make_dataset
-
-    return make_dataset(tmp_path_factory.mktemp("slurm-data"))
-
-
-def test_slurm_sbatch_trains_checkpoints_and_restarts(slurm_cluster, dataset, tmp_path):
+def test_slurm_sbatch_trains_checkpoints_and_restarts(slurm_cluster, dataset, reference,
+                                                        tmp_path):
     """sbatch the project's script on a real one-node cluster running the real trainer: 4 CPU
     ranks (PP2 x V2 x DP2, EP2, DEP) train and checkpoint; one rank dies before step 5, torchrun
-    restarts the group, the run resumes from the step-3 checkpoint and ends bit-identical (losses
-    and every rank's model + optimizer state) to an uninterrupted 4-rank run."""
-    steps, job_dir = 6, tmp_path / "job"
-    out = tmp_path / "slurm.out"
-    args = _trainer_args(dataset, job_dir, steps=steps, every=3)
-    job = _sbatch(slurm_cluster, out, {"MMPT_MAX_RESTARTS": "1", "MMPT_CRASH_AT_STEP": "5"}, args)
+    restarts the group, the run resumes from the step-3 checkpoint and ends bit-identical (losses,
+    grad norms, every rank's model + optimizer state) to the uninterrupted 4-rank run."""
+    job_dir, out = tmp_path / "job", tmp_path / "slurm.out"
+    args = ["--config", TINY, *_overrides(dataset, job_dir / "ckpt"),
+            f"--train.run_dir={job_dir / 'run'}"]
+    job = _sbatch(slurm_cluster, out, {"MMPT_MAX_RESTARTS": "1",
+                                       "MMPT_CRASH_AT_STEP": str(CRASH_AT)}, args)
     state = _wait_job(slurm_cluster, job, out)
     log = out.read_text()
     assert state == "COMPLETED", f"SLURM job {job} ended {state}:\n{log}"
     assert "train.sbatch: job" in log and "1 node(s) x 4 rank(s)" in log
-    assert "injected crash before step 5" in log
-    assert "step-00000003 (step 3)" in log  # the restarted group resumed from step 3
-
-    records = read_metrics(job_dir / "run")
-    assert [r["step"] for r in records] == list(range(1, steps + 1))
-    for name in ("step-00000003", "step-00000006"):
-        assert (job_dir / "ckpt" / name / "COMMITTED").is_file()
-    finals = json.loads((job_dir / "run" / "final-state.json").read_text())
-    assert finals["world"] == 4 and finals["step"] == steps
-
-    # The same run without the crash, on 4 forked gloo ranks: identical losses and state.
-    ref_dir = tmp_path / "uninterrupted"
-    ref = run_distributed(_trainer_on_ranks, 4, _trainer_args(dataset, ref_dir, steps, 3),
-                          timeout=300)
-    assert ref[0]["fingerprints"] == finals["fingerprints"]
-    assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(ref_dir / "run")]
+    assert f"injected crash before step {CRASH_AT}" in log
+    assert f"step-{EVERY:08d} (step {EVERY})" in log  # the restarted group resumed from it
+    for step in (EVERY, STEPS):
+        assert (job_dir / "ckpt" / f"step-{step:08d}" / "COMMITTED").is_file()
+    _assert_matches_reference(job_dir / "run", reference)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,18 +290,28 @@ def test_dockerfile_passes_hadolint():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_docker_entrypoint_runs_torchrun(tmp_path):
-    """The image's entrypoint, run on the host: `train` starts torchrun with NPROC_PER_NODE ranks."""
+def test_docker_entrypoint_runs_torchrun(dataset, tmp_path):
+    """The image's entrypoint, run on the host: `train` starts torchrun with NPROC_PER_NODE=2
+    ranks, which train the real tiny model (PP1 x DP2, EP2); a multi-node launch without a
+    rendezvous endpoint is refused."""
     env = _env(NPROC_PER_NODE="2", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
     env.pop("NNODES", None)
     env.pop("RDZV_ENDPOINT", None)
-    res = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"),
-                          *_smoke_args(tmp_path, steps=2, every=2, dp=2)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    two = ["--parallel.pp=1", "--parallel.virtual_stages=1", "--parallel.dp=2", "--parallel.ep=2"]
+    run_dir = tmp_path / "run"
+    res = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), "train", "--config",
+                          TINY, *_overrides(dataset, tmp_path / "ckpt", 2, 2, two),
+                          f"--train.run_dir={run_dir}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "--nproc-per-node=2" in res.stderr and "--standalone" in res.stderr  # set -x trace
-    finals = _finals(tmp_path / "run", 2)
-    assert len({f["fingerprint"] for f in finals}) == 1
+    assert "mmpt train: 2 ranks (gloo), pp=1 dp=2 ep=2" in res.stdout
+    final = _final_state(run_dir)
+    assert final["world"] == 2 and final["step"] == 2 and len(final["fingerprints"]) == 2
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert (tmp_path / "ckpt" / "step-00000002" / "COMMITTED").is_file()
     res = subprocess.run(["bash", str(ROOT / "docker" / "entrypoint.sh"), "train", "--config",
                           TINY], cwd=ROOT, env=_env(NNODES="2", NPROC_PER_NODE="1"),
                          capture_output=True, text=True, timeout=60)
