@@ -179,6 +179,8 @@ class Catalog:
 
     def layout(self, draw) -> tuple[int, tuple[tuple[int, int], ...]]:
         """(length, atoms) of a drawn unit, in the unit's own token coordinates."""
+        if self.kinds[draw.source] == "text":  # planning's common case: no atoms, no lookup
+            return draw.tokens, ()
         atoms = self._atoms(self.segments(draw.source, draw.sample))
         lo, hi = draw.offset, draw.offset + draw.tokens
         return draw.tokens, tuple((a - lo, b - lo) for a, b in atoms if lo <= a and b <= hi)

@@ -180,7 +180,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 tokens[at + 1 + n] = tok.media_end_id
                 items.append((at + 1, n, patches, grid))
                 at += n + 2
-        tokens[at] = tok.eos_id
+        tokens[at] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
         return Doc(tokens, items)
 
     def doc(self, source: int, sample: int, epoch: int) -> Doc:
