@@ -98,6 +98,10 @@ def _parse_json(line: bytes) -> dict:
         raise InputError(f"invalid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise InputError("JSON line is not an object")
+    try:  # a "\ud800" escape decodes to a lone surrogate, which no UTF-8 text can hold
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"invalid Unicode in JSON ({e.reason}: {e.object[e.start:e.end]!r})") from None
     return obj
 
 
@@ -258,8 +262,8 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             bar.update(1)
             try:
                 sample = load()
-            except (InputError, OSError) as e:
-                reason = str(e) if isinstance(e, InputError) else f"cannot read ({e.strerror or e})"
+            except (InputError, OSError, UnicodeError) as e:
+                reason = _skip_reason(e)
                 skipped.append({"path": where, "reason": reason})
                 log(f"skipped {where}: {reason}")
                 continue
@@ -279,6 +283,14 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
                               tokenizer.info(), skipped)
     store.put(MANIFEST_KEY, canonical_json(manifest))
     return manifest
+
+
+def _skip_reason(e: Exception) -> str:
+    if isinstance(e, InputError):
+        return str(e)
+    if isinstance(e, UnicodeError):  # e.g. a caption holding a lone surrogate
+        return f"invalid Unicode text ({e})"
+    return f"cannot read ({e.strerror or e})"
 
 
 def _layout(sample: Sample, tokenizer) -> list[dict] | None:

@@ -138,3 +138,19 @@ def test_ingest_to_embedded_s3_matches_local(inputs, tmp_path, monkeypatch):
         entry = read_index(store, sh["index"])["samples"][1]
         assert read_member(store, sh["key"], entry, "txt") == \
             local[sh["key"]][entry["members"]["txt"]["offset"]:][:entry["members"]["txt"]["size"]]
+
+
+def test_lone_surrogates_are_counted_skips_not_crashes(inputs, tmp_path):
+    _, _, tok = inputs
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n{"text": "fine too"}\n')
+    docs = tmp_path / "i.jsonl"
+    docs.write_text('{"segments": [{"text": "a \\udfff b"}]}\n')
+    out = tmp_path / "out"
+    assert mmpt(["ingest", "--out", str(out), "--tokenizer", str(tok), "--text", f"t={text}",
+                 "--interleaved", f"i={docs}", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {x["path"]: x["reason"] for x in manifest["skipped"]["inputs"]}
+    assert set(reasons) == {"t/t.jsonl:2", "i/i.jsonl:1"}
+    assert all("invalid Unicode" in r for r in reasons.values())
+    assert manifest["num_samples"] == 2
