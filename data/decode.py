@@ -22,6 +22,7 @@ still held a live VideoReader (pinned by a kept exception), so readers are opene
 
 from __future__ import annotations
 
+import abc
 import io
 import threading
 from dataclasses import dataclass
@@ -104,14 +105,14 @@ class VideoInfo:
         return {"frames": self.frames, "height": self.height, "width": self.width, "fps": self.fps}
 
 
-class VideoDecoder:
+class VideoDecoder(abc.ABC):
     name: str
 
-    def probe(self, data: bytes) -> VideoInfo:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def probe(self, data: bytes) -> VideoInfo: ...
 
-    def frames(self, data: bytes, indices: list[int]) -> np.ndarray:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def frames(self, data: bytes, indices: list[int]) -> np.ndarray: ...
 
 
 class PyAVDecoder(VideoDecoder):

@@ -17,6 +17,7 @@ Text that contains a special token's spelling is tokenized as ordinary text (no 
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 import json
@@ -41,7 +42,7 @@ DEFAULT_PATTERN = (
 )
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Backend-independent part: special-token ids by role, fingerprint, vocab size."""
 
     backend: str
@@ -49,11 +50,11 @@ class Tokenizer:
     vocab_size: int  # ids are < vocab_size (special tokens included)
     special: dict[str, int]  # role -> id
 
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
 
     def encode_array(self, text: str) -> np.ndarray:
         """The ids of encode(text) as a 1-D integer numpy array (the loader's hot path)."""
