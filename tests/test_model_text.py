@@ -157,7 +157,6 @@ def test_moe_backward_reaches_all_expert_weights():
     assert torch.all(moe.experts.w_down.grad[~used] == 0)
 
 
-@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no _grouped_mm")
 def test_grouped_mm_experts_equal_the_expert_loop():
     experts = make_lm().layers["1"].mlp.experts
     gen = torch.Generator().manual_seed(14)

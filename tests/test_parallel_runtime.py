@@ -17,10 +17,11 @@ from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
 from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
+from train.config import OptimConfig
 from train.model import build_model, init_weights
 from train.model.lm import lm_loss_sum
 from train.model.moe import collect_expert_loads, update_router_bias
-from train.optim.muon import MuonClip, uses_muon
+from train.optim.muon import optimizer_for
 from train.optim.schedule import clip_grad_norm_
 
 ATOL = 1e-5
@@ -30,13 +31,12 @@ def adamw(named):
     return torch.optim.AdamW([t for _, t in named], lr=1e-3, weight_decay=0.1)
 
 
+MUONCLIP = OptimConfig(lr=1e-3, adamw_lr=1e-3, weight_decay=0.1)
+
+
 def muonclip(named):
     """MuonClip with float32 Newton-Schulz (bf16 would turn round-off into visible noise)."""
-    groups = {"muon": [], "adamw": []}
-    for key, t in named:
-        groups["muon" if uses_muon(key.split("@")[0], t) else "adamw"].append(t)
-    return MuonClip([dict(algo=a, params=ps) for a, ps in groups.items() if ps], lr=1e-3,
-                    adamw_lr=1e-3, weight_decay=0.1, ns_dtype=torch.float32)
+    return optimizer_for(named, MUONCLIP, ns_dtype=torch.float32)
 
 
 def reference(cfg, global_batches, make_opt):
