@@ -1,11 +1,12 @@
 """Pipeline parallelism with virtual stages on `torch.distributed.pipelining`.
 
 Splitting (torchtitan style): the decoder is cut into pp * v chunks; pipeline rank r holds the
-chunks (virtual stages) r, r + pp, r + 2 pp, ... Each chunk is a deep copy of the decoder with the
-pieces it does not own deleted (layer keys stay "0".."L-1", so parameter names equal the whole
-model's: `lm.layers.7.attn...`). Chunk 0 keeps the embedding (and, without DEP, the vision
-tower), the last chunk the final norm and head. With a model built on the meta device the copies
-cost nothing; materialise each chunk afterwards (`init_weights` is keyed by name).
+chunks (virtual stages) r, r + pp, r + 2 pp, ... Each chunk is a new decoder shell that holds
+only the pieces it owns, the same module objects as the model's, never copies (layer keys stay
+"0".."L-1", so parameter names equal the whole model's: `lm.layers.7.attn...`). Chunk 0 keeps
+the embedding (and, without DEP, the vision tower), the last chunk the final norm and head. A rank
+splits a model built on the meta device and materialises only its chunks afterwards
+(parallel/pieces.py; `init_weights` is keyed by name, so the values equal the whole model's).
 
 Running: `ScheduleInterleaved1F1B` (default), `Schedule1F1B` or `ScheduleInterleavedZeroBubble`.
 Micro-batches are built by the caller (parallel/batch.py) and handed to the schedule already split,
@@ -81,12 +82,22 @@ class StageModule(nn.Module):
         return self.lm(x, position_ids=position_ids, doc_ids=doc_ids, vision_embeds=vision_embeds)
 
 
+def _shell(module: nn.Module) -> nn.Module:
+    """A shallow copy of module with registries of its own: its children and parameters can be
+    replaced without touching the original, and nothing below it is copied."""
+    shell = copy.copy(module)
+    shell.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                      for k, v in module.__dict__.items()}
+    return shell
+
+
 def split_model(model: nn.Module, pp: int, virtual_stages: int, pp_rank: int, *,
                 vision_in_first_stage: bool, counts: Sequence[int] | None = None
                 ) -> list[tuple[int, StageModule]]:
     """(stage index, StageModule) for the chunks pipeline rank pp_rank holds.
 
-    model is a KimiK25 (attributes `lm`, `vision`) or a bare DecoderLM; it is not modified.
+    model is a KimiK25 (attributes `lm`, `vision`) or a bare DecoderLM. It is not modified, but
+    the chunks share its modules (nothing is copied): a rank builds its own model to split.
     """
     lm = getattr(model, "lm", model)
     vision = getattr(model, "vision", None)
@@ -95,16 +106,14 @@ def split_model(model: nn.Module, pp: int, virtual_stages: int, pp_rank: int, *,
     keys = chunk_layer_keys(num_layers, counts or layer_counts(num_layers, n_chunks))
     out = []
     for stage in range(pp_rank, n_chunks, pp):
-        chunk = copy.deepcopy(lm)
-        for k in list(chunk.layers.keys()):
-            if k not in keys[stage]:
-                del chunk.layers[k]
+        chunk = _shell(lm)
+        chunk.layers = nn.ModuleDict({k: lm.layers[k] for k in keys[stage]})
         if stage != 0:
             chunk.embed = None
         if stage != n_chunks - 1:
             chunk.norm = None
             chunk.head = None
-        tower = copy.deepcopy(vision) if (stage == 0 and vision_in_first_stage) else None
+        tower = vision if (stage == 0 and vision_in_first_stage) else None
         out.append((stage, StageModule(chunk, tower, is_first=stage == 0)))
     return out
 
