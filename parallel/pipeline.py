@@ -24,9 +24,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
+from torch.distributed.pipelining import (Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
 
+from parallel.main_grad import MainGradStage
 from train.model.lm import lm_loss_sum
 
 
@@ -162,7 +163,7 @@ class PipelineRunner:
             inp = meta(mb_rows, seq_len, dtype=torch.long) if idx == 0 else hidden
             out = (meta(mb_rows, seq_len, self.vocab_size, dtype=self.dtype)
                    if idx == self.num_stages - 1 else hidden)
-            stages.append(PipelineStage(module, idx, self.num_stages, self.device,
+            stages.append(MainGradStage(module, idx, self.num_stages, self.device,
                                         input_args=(inp,), output_args=(out,), group=self.pp_group))
         cls = self.SCHEDULES[self.schedule_name]
         arg = stages[0] if cls is Schedule1F1B else stages
@@ -172,7 +173,8 @@ class PipelineRunner:
     def run(self, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
             n_loss_tokens: float) -> list[torch.Tensor]:
         """One forward+backward over all micro-batches; returns the last stage's per-micro-batch
-        losses (empty on other ranks). Gradients accumulate into the stage modules' params."""
+        losses (empty on other ranks). Gradients accumulate in fp32 over the micro-batches: in
+        `.grad` of fp32 params, in `main_grad` of low-precision ones (parallel/main_grad.py)."""
         shape = tuple(inputs[0].shape)
         if self._built_for != shape:
             self._build(*shape)
