@@ -131,6 +131,11 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     p = cfg.parallel
+    world = p.pp * p.dp
+    bad = [r for r in args.rank or [] if not 0 <= r < world]
+    if bad:
+        parser.error(f"--rank {bad[0]} is outside the world of parallel.pp * parallel.dp = "
+                     f"{p.pp} * {p.dp} = {world} ranks")
     ranks = args.rank or sorted({0, (p.pp // 2 - 1) * p.dp if p.pp > 1 else 0, (p.pp - 1) * p.dp})
     mems = [rank_memory(cfg, r) for r in ranks]
     if args.json:

@@ -9,14 +9,18 @@
    (PP2 x V2 x DP2, EP2, DEP; losses and all final state).
 3. K2.5 at its shipped layout (PP16 x V2 x DP16, EP16, DEP) and at 2048 GPUs (DP128): the pieces
    of the first, a middle and the last pipeline position, built in this process on the meta
-   device, have exactly the parameter count and bytes computed independently from the config.
+   device, have exactly the parameter count and bytes computed independently from the config
+   (and `mmpt rank-memory` reports those counts).
 """
+
+import json
 
 import pytest
 import torch
 
 from parallel.mesh import build_mesh
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces, take_rank_pieces
+from parallel.rank_memory import rank_memory
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
 from tests.parallel_fixtures import make_batch, tiny_config
@@ -224,10 +228,15 @@ def test_k25_rank_pieces_counted_on_meta(dp):
             params = sum(q.numel() for _, q in pieces.named_parameters())
             assert params == want, (pp_rank, dp_rank)
             buffers = pieces.named_buffers()  # the routers' selection bias, float32
-            assert sum(b.numel() for _, b in buffers) == \
-                m.n_routed_experts * sum(i >= m.first_k_dense for i in layers)
-            bf16_bytes = 2 * params + sum(4 * b.numel() for _, b in buffers)
-            assert bf16_bytes < 80e9
+            n_bias = m.n_routed_experts * sum(i >= m.first_k_dense for i in layers)
+            assert sum(b.numel() for _, b in buffers) == n_bias
+            held = rank_memory(cfg, pp_rank * dp + dp_rank)  # what `mmpt rank-memory` prints
+            assert held.parameters == want
+            assert held.weights_bytes == 2 * want + 4 * n_bias  # bf16 weights, fp32 biases
+            assert held.main_grad_bytes == 4 * want
+            assert held.expert_parameters == sum(
+                local * 3 * m.hidden_size * m.moe_intermediate_size
+                for i in layers if i >= m.first_k_dense)
             firsts = {mod.first_expert for _, s in pieces.stages for mod in s.modules()
                       if hasattr(mod, "first_expert")}
             assert firsts == {coords.ep_rank * local}
@@ -235,3 +244,19 @@ def test_k25_rank_pieces_counted_on_meta(dp):
     # 0.4B encoder: 5.3B parameters, 10.6 GB of bf16 weights.
     mid = build_rank_pieces(cfg, RankCoords.of_rank(cfg, 7 * dp))
     assert 5.2e9 < sum(q.numel() for _, q in mid.named_parameters()) < 5.4e9
+
+
+def test_rank_memory_command_prints_first_middle_last(capsys):
+    from train.cli import main
+
+    assert main(["rank-memory", "--config", "configs/tiny.toml", "--parallel.pp=2",
+                 "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [0, 2]  # pp 2: the first and last positions
+    assert all(r["peak_state_bytes"] > r["weights_bytes"] > 0 for r in rows)
+    assert main(["rank-memory", "--config", "configs/tiny.toml", "--rank", "0"]) == 0
+    assert "| parameters |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["rank-memory", "--config", "configs/tiny.toml", "--rank", "1"])
+    assert "--rank 1 is outside the world" in capsys.readouterr().err
