@@ -2,7 +2,8 @@
 
 `slice_experts(module, ep_rank, ep)` slices every MoE's stacked expert weights along dim 0 (EP
 rank e keeps experts [e*E/ep, (e+1)*E/ep)); `shard_experts(module, group, ep_rank, ep)` does that
-and swaps the MoE's dispatcher for `AllToAllDispatcher`; the model code is unchanged. Dropless: every token copy reaches its expert, however uneven the split.
+and swaps the MoE's dispatcher for `AllToAllDispatcher`; the model code is unchanged. Dropless:
+every token copy reaches its expert, however uneven the split.
 
 Balancing: each MoE counts tokens per expert over all its forwards (`expert_load_total`); after
 the step `reduce_expert_loads` sums those counts over the DP group of the stage (= EP x EDP, all

@@ -7,8 +7,9 @@
 
 `model` is this rank's pieces (parallel/pieces.py: built for the rank alone and materialised),
 or a plain, materialised KimiK25 with the same weights on every rank, from which the runtime takes
-this rank's pieces (pipeline chunks, its expert slice, the encoder under DEP). The fp32 masters of
-ZeRO-1 are taken from the parameters as given; the parameters are then cast to `dtype`.
+this rank's pieces (pipeline chunks, its expert slice, the encoder under DEP; they share the
+model's modules, so the model is not for further use). The fp32 masters of ZeRO-1 are taken from
+the parameters as given; the parameters are then cast to `dtype`.
 A step: micro-batch split -> DEP phase 1 -> pipeline schedule (EP all-to-alls inside) -> DEP
 phase 3 -> router-bias update from loads summed over the DP group -> ZeRO-1 step.
 """
