@@ -5,7 +5,9 @@ micro-batches there rounds every partial sum to 8 mantissa bits. Instead, after 
 backward (`MainGradStage`: the full backward, and the weight pass of the zero-bubble schedules),
 every bf16 `.grad` is added into an fp32 `param.main_grad` and freed, so the step's gradient is the
 fp32 sum of the per-micro-batch gradients. ZeRO-1 (parallel/zero.py) reduces these fp32 main
-gradients to the owners of the fp32 masters.
+gradients to the owners of the fp32 masters. (Why the stage and not
+`register_post_accumulate_grad_hook`: the zero-bubble weight pass of torch.distributed.pipelining
+assigns and adds `.grad` itself, outside autograd's accumulation, so such hooks never fire there.)
 
 A float32 parameter accumulates in `.grad` itself, which is already fp32: nothing is moved, so
 fp32 runs are unchanged bit for bit. The DEP encoder runs one backward per step over all the
