@@ -1,8 +1,9 @@
 """Expert parallelism: experts sharded over the EP group, tokens moved by uneven all-to-all.
 
-`shard_experts(module, mesh)` slices every MoE's stacked expert weights along dim 0 (EP rank e
-keeps experts [e*E/ep, (e+1)*E/ep)) and swaps the MoE's dispatcher for `AllToAllDispatcher`; the
-model code is unchanged. Dropless: every token copy reaches its expert, however uneven the split.
+`slice_experts(module, ep_rank, ep)` slices every MoE's stacked expert weights along dim 0 (EP
+rank e keeps experts [e*E/ep, (e+1)*E/ep)); `shard_experts(module, group, ep_rank, ep)` does that
+and swaps the MoE's dispatcher for `AllToAllDispatcher`; the model code is unchanged. Dropless:
+every token copy reaches its expert, however uneven the split.
 
 Balancing: each MoE counts tokens per expert over all its forwards (`expert_load_total`); after
 the step `reduce_expert_loads` sums those counts over the DP group of the stage (= EP x EDP, all
@@ -73,20 +74,34 @@ class AllToAllDispatcher:
         return all_to_all(y_recv, send_splits, recv_splits, self.group)
 
 
-def shard_experts(module: nn.Module, ep_group, ep_rank: int, ep_size: int) -> None:
-    """Keep this EP rank's slice of every MoE's experts and route tokens by all-to-all."""
-    if ep_size == 1:
-        return
+def slice_experts(module: nn.Module, ep_rank: int, ep_size: int) -> None:
+    """Keep EP rank ep_rank's experts [e*E/ep, (e+1)*E/ep) of every MoE (only those rows are
+    copied; on the meta device nothing is). A stack already sliced for this rank is kept."""
     for moe in moe_layers(module).values():
         if moe.num_experts % ep_size:
             raise ValueError(f"{moe.num_experts} experts cannot be split over EP={ep_size}")
         n = moe.num_experts // ep_size
         experts = moe.experts
+        held = experts.w_gate.shape[0]
+        if held == n and experts.first_expert == ep_rank * n:
+            continue
+        if held != moe.num_experts:
+            raise ValueError(f"experts {experts.first_expert}..{experts.first_expert + held - 1} "
+                             f"are not EP rank {ep_rank}'s slice of {moe.num_experts} over "
+                             f"EP={ep_size}")
         for name in EXPERT_WEIGHTS:
             full = getattr(experts, name)
             part = full.detach()[ep_rank * n:(ep_rank + 1) * n].clone()
             setattr(experts, name, nn.Parameter(part, requires_grad=full.requires_grad))
         experts.first_expert = ep_rank * n
+
+
+def shard_experts(module: nn.Module, ep_group, ep_rank: int, ep_size: int) -> None:
+    """Keep this EP rank's slice of every MoE's experts and route tokens by all-to-all."""
+    if ep_size == 1:
+        return
+    slice_experts(module, ep_rank, ep_size)
+    for moe in moe_layers(module).values():
         moe.dispatcher = AllToAllDispatcher(ep_group, moe.num_experts, ep_size)
 
 

@@ -1,11 +1,12 @@
 """Pipeline parallelism with virtual stages on `torch.distributed.pipelining`.
 
 Splitting (torchtitan style): the decoder is cut into pp * v chunks; pipeline rank r holds the
-chunks (virtual stages) r, r + pp, r + 2 pp, ... Each chunk is a deep copy of the decoder with the
-pieces it does not own deleted (layer keys stay "0".."L-1", so parameter names equal the whole
-model's: `lm.layers.7.attn...`). Chunk 0 keeps the embedding (and, without DEP, the vision
-tower), the last chunk the final norm and head. With a model built on the meta device the copies
-cost nothing; materialise each chunk afterwards (`init_weights` is keyed by name).
+chunks (virtual stages) r, r + pp, r + 2 pp, ... Each chunk is a new decoder shell that holds
+only the pieces it owns, the same module objects as the model's, never copies (layer keys stay
+"0".."L-1", so parameter names equal the whole model's: `lm.layers.7.attn...`). Chunk 0 keeps
+the embedding (and, without DEP, the vision tower), the last chunk the final norm and head. A rank
+splits a model built on the meta device and materialises only its chunks afterwards
+(parallel/pieces.py; `init_weights` is keyed by name, so the values equal the whole model's).
 
 Running: `ScheduleInterleaved1F1B` (default), `Schedule1F1B` or `ScheduleInterleavedZeroBubble`.
 Micro-batches are built by the caller (parallel/batch.py) and handed to the schedule already split,
@@ -23,9 +24,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B,
+from torch.distributed.pipelining import (Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
 
+from parallel.main_grad import MainGradStage
 from train.model.lm import lm_loss_sum
 
 
@@ -81,12 +83,22 @@ class StageModule(nn.Module):
         return self.lm(x, position_ids=position_ids, doc_ids=doc_ids, vision_embeds=vision_embeds)
 
 
+def _shell(module: nn.Module) -> nn.Module:
+    """A shallow copy of module with registries of its own: its children and parameters can be
+    replaced without touching the original, and nothing below it is copied."""
+    shell = copy.copy(module)
+    shell.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                      for k, v in module.__dict__.items()}
+    return shell
+
+
 def split_model(model: nn.Module, pp: int, virtual_stages: int, pp_rank: int, *,
                 vision_in_first_stage: bool, counts: Sequence[int] | None = None
                 ) -> list[tuple[int, StageModule]]:
     """(stage index, StageModule) for the chunks pipeline rank pp_rank holds.
 
-    model is a KimiK25 (attributes `lm`, `vision`) or a bare DecoderLM; it is not modified.
+    model is a KimiK25 (attributes `lm`, `vision`) or a bare DecoderLM. It is not modified, but
+    the chunks share its modules (nothing is copied): a rank builds its own model to split.
     """
     lm = getattr(model, "lm", model)
     vision = getattr(model, "vision", None)
@@ -95,16 +107,14 @@ def split_model(model: nn.Module, pp: int, virtual_stages: int, pp_rank: int, *,
     keys = chunk_layer_keys(num_layers, counts or layer_counts(num_layers, n_chunks))
     out = []
     for stage in range(pp_rank, n_chunks, pp):
-        chunk = copy.deepcopy(lm)
-        for k in list(chunk.layers.keys()):
-            if k not in keys[stage]:
-                del chunk.layers[k]
+        chunk = _shell(lm)
+        chunk.layers = nn.ModuleDict({k: lm.layers[k] for k in keys[stage]})
         if stage != 0:
             chunk.embed = None
         if stage != n_chunks - 1:
             chunk.norm = None
             chunk.head = None
-        tower = copy.deepcopy(vision) if (stage == 0 and vision_in_first_stage) else None
+        tower = vision if (stage == 0 and vision_in_first_stage) else None
         out.append((stage, StageModule(chunk, tower, is_first=stage == 0)))
     return out
 
@@ -153,7 +163,7 @@ class PipelineRunner:
             inp = meta(mb_rows, seq_len, dtype=torch.long) if idx == 0 else hidden
             out = (meta(mb_rows, seq_len, self.vocab_size, dtype=self.dtype)
                    if idx == self.num_stages - 1 else hidden)
-            stages.append(PipelineStage(module, idx, self.num_stages, self.device,
+            stages.append(MainGradStage(module, idx, self.num_stages, self.device,
                                         input_args=(inp,), output_args=(out,), group=self.pp_group))
         cls = self.SCHEDULES[self.schedule_name]
         arg = stages[0] if cls is Schedule1F1B else stages
@@ -163,7 +173,8 @@ class PipelineRunner:
     def run(self, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
             n_loss_tokens: float) -> list[torch.Tensor]:
         """One forward+backward over all micro-batches; returns the last stage's per-micro-batch
-        losses (empty on other ranks). Gradients accumulate into the stage modules' params."""
+        losses (empty on other ranks). Gradients accumulate in fp32 over the micro-batches: in
+        `.grad` of fp32 params, in `main_grad` of low-precision ones (parallel/main_grad.py)."""
         shape = tuple(inputs[0].shape)
         if self._built_for != shape:
             self._build(*shape)

@@ -5,15 +5,17 @@
     out = rt.step(batch)                       # batch: this DP replica's packed batch
     out.loss, out.grad_norm, out.expert_load   # identical on every rank
 
-`model` is a plain, materialised KimiK25 (or DecoderLM) with the same weights on every rank; the
-runtime keeps only this rank's pieces (pipeline chunks, its expert slice, the encoder under DEP).
+`model` is this rank's pieces (parallel/pieces.py: built for the rank alone and materialised),
+or a plain, materialised KimiK25 with the same weights on every rank, from which the runtime takes
+this rank's pieces (pipeline chunks, its expert slice, the encoder under DEP; they share the
+model's modules, so the model is not for further use). The fp32 masters of ZeRO-1 are taken from
+the parameters as given; the parameters are then cast to `dtype`.
 A step: micro-batch split -> DEP phase 1 -> pipeline schedule (EP all-to-alls inside) -> DEP
 phase 3 -> router-bias update from loads summed over the DP group -> ZeRO-1 step.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,7 +28,8 @@ from parallel.dep import DecoupledEncoder
 from parallel.expert import (apply_router_bias_update, is_expert_param, load_stats,
                              reduce_expert_loads, shard_experts)
 from parallel.mesh import ParallelMesh
-from parallel.pipeline import PipelineRunner, split_model
+from parallel.pieces import RankCoords, RankPieces, take_rank_pieces
+from parallel.pipeline import PipelineRunner
 from parallel.zero import MakeOptimizer, ShardGroup, ZeroOptimizer
 from train.config import Config, ConfigError
 
@@ -48,7 +51,7 @@ def muonclip_factory(optim_cfg) -> MakeOptimizer:
 
 
 class ParallelRuntime:
-    def __init__(self, cfg: Config, model: nn.Module, mesh: ParallelMesh,
+    def __init__(self, cfg: Config, model: nn.Module | RankPieces, mesh: ParallelMesh,
                  make_optimizer: MakeOptimizer, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         p = cfg.parallel
@@ -57,10 +60,13 @@ class ParallelRuntime:
                               "sequence-level aux loss is not wired through the pipeline yet; "
                               "use 0 (aux-loss-free balancing) with parallel.pp > 1")
         self.cfg, self.mesh = cfg, mesh
-        vision = getattr(model, "vision", None)
+        pieces = (model if isinstance(model, RankPieces)
+                  else take_rank_pieces(model, cfg, RankCoords.of_mesh(mesh)))
+        if pieces.on_meta():
+            raise ValueError("the model pieces are on the meta device: materialise them first "
+                             "(parallel.pieces.materialize_pieces)")
         self.dep = None
-        stages = split_model(model, p.pp, p.virtual_stages, mesh.pp_rank,
-                             vision_in_first_stage=not (p.dep and vision is not None))
+        stages = pieces.stages
         for _, module in stages:
             shard_experts(module, mesh.ep_group, mesh.ep_rank, mesh.ep)
         self.stage_modules = [m for _, m in stages]
@@ -71,14 +77,16 @@ class ParallelRuntime:
         groups = [ShardGroup(mesh.dp_group, [(n, q) for n, q in named if not is_expert_param(n)]),
                   ShardGroup(mesh.edp_group, [(n, q) for n, q in named if is_expert_param(n)],
                              split_dim0=is_expert_param)]
-        if p.dep and vision is not None:
-            encoder = copy.deepcopy(vision)
+        if pieces.encoder is not None:
+            encoder = pieces.encoder
             self.dep = DecoupledEncoder(encoder, mesh, cfg.vision.merge_size,
                                         cfg.model.hidden_size)
             groups.append(ShardGroup(mesh.world_group,
                                      [(f"vision.{n}", q) for n, q in encoder.named_parameters()]))
         self.zero = ZeroOptimizer(groups, make_optimizer, max_grad_norm=cfg.optim.grad_clip,
                                   norm_group=mesh.world_group)
+        for _, q in pieces.named_parameters():  # buffers (router selection bias) stay float32
+            q.data = q.data.to(dtype)
         self.dtype = dtype
 
     def modules(self) -> list[nn.Module]:

@@ -10,7 +10,9 @@ is indifferent, so the same plan serves MuonClip's two halves.
 
 A step, per shard group (dense params over the stage's DP group, expert shards over the
 expert-data-parallel group, the DEP vision encoder over the world):
-  1. gradients are summed onto each piece's owner (one bucketed `reduce` per owner),
+  1. the fp32 gradients accumulated over the step's micro-batches (`.grad` of fp32 params, the
+     fp32 `main_grad` of bf16 ones: parallel/main_grad.py) are summed onto each piece's owner
+     (one bucketed `reduce` per owner) and freed everywhere,
   2. the owner's optimizer steps fp32 master copies of the pieces it owns (state lives only
      there: that is the memory saving), after an optional global grad-norm clip over the world,
   3. each owner broadcasts its updated pieces (one bucket per owner) into the live parameters,
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from parallel.main_grad import clear_main_grads, main_grad
 from train.optim.schedule import clip_grad_norm_
 
 
@@ -122,6 +125,7 @@ class ZeroOptimizer:
         is skipped when it is not finite)."""
         for g in self.groups:
             self._reduce_grads(g)
+        self._clear_param_grads()  # the owners' master grads hold what is still needed
         norm = self._clip_grad_norm()
         # A non-finite norm (NaN/inf loss or gradient) is the same on every rank: all skip the
         # update, so parameters, masters and optimizer state stay as they were.
@@ -141,11 +145,13 @@ class ZeroOptimizer:
                                group=self.norm_group, device=device)
 
     def zero_grad(self) -> None:
-        for g in self.groups:
-            for _, p in g.params:
-                p.grad = None
+        self._clear_param_grads()
         for p in self.owned:
             p.master.grad = None
+
+    def _clear_param_grads(self) -> None:
+        for g in self.groups:
+            clear_main_grads(p for _, p in g.params)
 
     def _by_owner(self, g: ShardGroup) -> dict[int, list[Piece]]:
         out: dict[int, list[Piece]] = {}
@@ -154,14 +160,21 @@ class ZeroOptimizer:
         return out
 
     def _reduce_grads(self, g: ShardGroup) -> None:
-        """Sum grads onto owners. A piece with no grad on any rank (e.g. the vision tower in a
-        text-only step) keeps master.grad = None, so the optimizer skips it as torch's would."""
+        """Sum the fp32 main grads (parallel/main_grad.py) onto owners. A piece with no grad on
+        any rank (e.g. the vision tower in a text-only step) keeps master.grad = None, so the
+        optimizer skips it as torch's would. Master grads are views of the reduced buffer, and
+        in a group of one rank of the main grads themselves: no further fp32 copy."""
         rank = dist.get_rank(g.group)
         for owner, pieces in sorted(self._by_owner(g).items()):
-            parts = [(p.view(p.param.grad).float() if p.param.grad is not None
+            grads = [main_grad(p.param) for p in pieces]
+            if dist.get_world_size(g.group) == 1:
+                for p, grad in zip(pieces, grads):
+                    p.master.grad = p.view(grad).view_as(p.master) if grad is not None else None
+                continue
+            parts = [(p.view(grad) if grad is not None
                       else torch.zeros(p.view(p.param).shape, device=p.param.device)).reshape(-1)
-                     for p in pieces]
-            has_grad = torch.tensor([float(p.param.grad is not None) for p in pieces],
+                     for p, grad in zip(pieces, grads)]
+            has_grad = torch.tensor([float(grad is not None) for grad in grads],
                                     device=pieces[0].param.device)
             flat = torch.cat(parts + [has_grad])
             dist.reduce(flat, dst=dist.get_global_rank(g.group, owner), group=g.group)
@@ -169,7 +182,7 @@ class ZeroOptimizer:
                 sizes = [p.view(p.param).numel() for p in pieces]
                 chunks = flat.split(sizes + [len(pieces)])
                 for p, part, seen in zip(pieces, chunks, chunks[-1].tolist()):
-                    p.master.grad = part.view_as(p.master).clone() if seen else None
+                    p.master.grad = part.view_as(p.master) if seen else None
 
     def _broadcast_params(self, g: ShardGroup) -> None:
         rank = dist.get_rank(g.group)

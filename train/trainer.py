@@ -40,13 +40,13 @@ import torch
 import torch.distributed as dist
 
 from parallel.mesh import build_mesh
+from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
 from parallel.runtime import ParallelRuntime, muonclip_factory
 from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step_dir,
                               training_state)
 from train.config import Config, ConfigError
 from train.hf_export import WEIGHTS_ONLY
 from train.metrics import MetricsLogger
-from train.model import build_model, init_weights
 from train.model.flops import training_flops_per_token
 from train.optim.qk_clip import QKClip
 from train.optim.schedule import schedule_multiplier, set_lr
@@ -173,14 +173,15 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.mesh = build_mesh(cfg, self.device.type)
 
-        with self.device:
-            model = build_model(cfg)
-        init_weights(model, cfg.train.seed)
-        for p in model.parameters():  # buffers (the routers' selection bias) stay float32
-            p.data = p.data.to(self.dtype)
-        self.rt = ParallelRuntime(cfg, model, self.mesh, make_optimizer=muonclip_factory(cfg.optim),
+        # Only this rank's pieces are ever allocated: built on the meta device, then materialised
+        # with the whole model's initial values; the runtime casts them to train.dtype once
+        # ZeRO-1 has taken its fp32 masters.
+        pieces = build_rank_pieces(cfg, RankCoords.of_mesh(self.mesh))
+        materialize_pieces(pieces, self.device, seed=cfg.train.seed,
+                           init_std=cfg.model.init_std)
+        self.rt = ParallelRuntime(cfg, pieces, self.mesh,
+                                  make_optimizer=muonclip_factory(cfg.optim),
                                   dtype=self.dtype, device=self.device)
-        del model  # the runtime keeps this rank's pieces
         self.pieces = rank_pieces(self.rt)
         # Each pipeline position clips its own layers; logits are MAXed over its DP group.
         self.qk_clip = QKClip(self.rt.stage_modules, cfg.optim.qk_clip_tau,

@@ -48,20 +48,23 @@ def _init_std(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int) -> None:
+def init_weights(model: nn.Module, seed: int, *, prefix: str = "",
+                 std: float | None = None) -> None:
     """normal(0, init_std) for matrices and embeddings, ones for norm weights, zeros for biases
     and the router's selection bias.
 
     Every parameter draws from its own generator keyed by (seed, qualified name), and each
     routed expert by (seed, name, global expert index): a model with pieces removed (pipeline
     stages) or experts sliced (expert parallelism, `GroupedExperts.first_expert`) gets exactly
-    the values those pieces have in the whole model.
+    the values those pieces have in the whole model. A piece initialised on its own passes
+    its name in the whole model as `prefix` (the vision tower alone: "vision.") and the
+    model's `init_std` as `std` (otherwise taken from the DecoderLM inside `model`, else 0.02).
     """
-    std = _init_std(model)
+    std = _init_std(model) if std is None else std
     for mod_name, module in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
+        mod_prefix = prefix + (f"{mod_name}." if mod_name else "")
         for pname, param in module.named_parameters(recurse=False):
-            name = prefix + pname
+            name = mod_prefix + pname
             if isinstance(module, (RMSNorm, nn.LayerNorm)) and pname == "weight":
                 param.fill_(1.0)
             elif pname == "bias" or pname.endswith("_bias"):
