@@ -280,7 +280,7 @@ def test_a_missing_index_is_a_clear_error_naming_the_file(ds, tmp_path):
 
     root = tmp_path / "ds"
     shutil.copytree(ds.url, root)
-    victim = sorted(root.glob("images/*.idx.json"))[0]
+    victim = sorted(root.glob("gen-*/images/*.idx.json"))[0]
     victim.unlink()
     with pytest.raises(ShardError, match=f"{victim.parent.name}/{victim.name}.*missing shard index"):
         DataLoaderWithState(_cfg(ds, manifest=str(root)))
