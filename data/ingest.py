@@ -177,9 +177,10 @@ def _captions(folder: Path, source: str) -> tuple[dict[str, str], list]:
     if not (cj.exists() or cj.is_symlink()):
         return caps, bad
     for where, line in _jsonl_lines([cj], folder, source):
+        if isinstance(line, InputError):  # the whole file is refused (a symlink leading out)
+            bad.append((where, _refused(str(line))))
+            continue
         try:
-            if isinstance(line, InputError):
-                raise line
             row = _parse_json(line)
             file, caption = row["file"], row["caption"]
             if not isinstance(file, str) or not isinstance(caption, str):

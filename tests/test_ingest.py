@@ -284,3 +284,26 @@ def test_inputs_cannot_leave_the_given_directories(inputs, tmp_path):
     blob = b"".join(p.read_bytes() for p in out.rglob("*.tar"))
     assert secret.read_bytes()[:4096] not in blob and b"host file content" not in blob
     assert (images / "good.jpg").read_bytes() in blob
+
+
+def test_ingest_refuses_to_switch_a_manifest_that_changed_meanwhile(inputs, tmp_path):
+    """Two ingests into one prefix: the one whose starting manifest was replaced does not switch."""
+    from data.ingest import IngestConflict, Source, ingest
+    from data.store import LocalStore
+
+    _, _, tok_path = inputs
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "one"}\n{"text": "two"}\n')
+    store, tok = LocalStore(tmp_path / "ds"), load_tokenizer(tok_path)
+    quiet = dict(progress=False, log=lambda m: None)
+
+    class OtherIngestMeanwhile(_FailAfterPuts):
+        def put(self, key, data):
+            if key.endswith(".tar"):  # the other ingest switches while this one writes shards
+                self._store.put("manifest.json", b'{"other": true}')
+            self._store.put(key, data)
+
+    with pytest.raises(IngestConflict, match="manifest.json changed while this ingest ran"):
+        ingest([Source("t", "text", text)], OtherIngestMeanwhile(store, 0), tok, **quiet)
+    assert store.get("manifest.json") == b'{"other": true}'
+    assert ingest([Source("t", "text", text)], store, tok, **quiet)["generation"] == 2
