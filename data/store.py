@@ -33,8 +33,9 @@ settings for runs. Every body is checked against Content-Length / Content-Range 
 whole-object read against the ETag when it is a plain MD5), so a short read is retried, never
 returned. At most ``max_concurrency`` requests run at once per process. ``stats()`` counts
 requests, retries by reason and bytes. Error messages name the URL and the S3 error code, never
-credentials: every endpoint and URL in a message or log line goes through ``redact``. An S3Store is safe to share across threads, to fork (the client is re-created in the
-child) and to pickle (DataLoader workers with spawn).
+credentials: every endpoint and URL in a message or log line goes through ``redact``. An S3Store
+is safe to share across threads, to fork (the client is re-created in the child) and to pickle
+(DataLoader workers with spawn).
 """
 
 from __future__ import annotations

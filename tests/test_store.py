@@ -237,7 +237,8 @@ def test_redact_removes_userinfo_and_query_credentials():
     assert redact("http://user:secret@127.0.0.1:9000") == "http://***@127.0.0.1:9000"
     msg = redact("GET failed (endpoint https://AKIA:s/e@cret@host:1/b?X-Amz-Signature=abc&x=1&flag): "
                  "see s3://bucket/key")
-    assert msg == "GET failed (endpoint https://***@host:1/b?X-Amz-Signature=***&x=***&flag): see s3://bucket/key"
+    assert msg == ("GET failed (endpoint https://***@host:1/b?X-Amz-Signature=***&x=***&flag): "
+                   "see s3://bucket/key")
     assert redact("s3://bucket/prefix") == "s3://bucket/prefix" and redact("no url") == "no url"
 
 
