@@ -351,8 +351,11 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = session.client("s3", endpoint_url=self.endpoint_url,
-                                      region_name=self.region, config=config, **self._keys)
+        try:
+            self._client = session.client("s3", endpoint_url=self.endpoint_url,
+                                          region_name=self.region, config=config, **self._keys)
+        except ValueError as e:  # botocore's "Invalid endpoint: <url>" would echo credentials
+            raise StoreError(f"{self.url}: cannot use endpoint {self.endpoint}: {redact(e)}") from None
         self._sem = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._rng = random.Random(self.seed)

@@ -252,6 +252,11 @@ def test_credentials_in_store_urls_never_reach_messages(tmp_path):
     assert "topsecret" not in str(info.value)
     s3 = S3Store("bucket", endpoint_url="http://user:topsecret@127.0.0.1:1")
     assert s3.endpoint == "http://***@127.0.0.1:1" and "topsecret" not in repr(s3)
+    bad = S3Store("bucket", endpoint_url="http://user:topsecret@bad_host!:1", access_key="k",
+                  secret_key="s")
+    with pytest.raises(StoreError, match="cannot use endpoint") as info:  # botocore's ValueError
+        bad.get("x")
+    assert "topsecret" not in str(info.value)
     # the S3 wait settings apply to every store URL; a local directory has nothing to wait for
     assert isinstance(open_store(str(tmp_path), read_timeout=1.0, retry_time=2.0), LocalStore)
 
