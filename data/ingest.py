@@ -2,7 +2,8 @@
 
     mmpt ingest --out s3://bucket/ds --tokenizer tok/tokenizer.json \
         --text text=corpus/text --images images=corpus/images --videos videos=corpus/videos \
-        --interleaved docs=corpus/interleaved/docs.jsonl [--shard-size 64MB]
+        --interleaved docs=corpus/interleaved/docs.jsonl [--shard-size 64MB] [--prune]
+        [--store.read_timeout=20 ...]   # S3 waiting and retrying, as the [store] config section
     mmpt ingest --out /data/ds --tokenizer tok/tokenizer.json --corpus corpus   # data.corpus layout
 
 Inputs (each option repeatable, NAME= optional, default name = file/dir stem):
@@ -498,7 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--prune", action="store_true",
                     help="after the switch, delete superseded generations (no reader may still use them)")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    from train.config import load_config, parse_overrides
+
+    if set(parse_overrides(rest)) - {"store"}:  # junk raises ConfigError naming it
+        ap.error(f"unrecognized arguments: {' '.join(rest)} (of the config, only "
+                 "--store.FIELD=VALUE applies to ingest)")
 
     sources = args.text + args.images + args.videos + args.interleaved
     if args.corpus:
@@ -506,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.store import open_store
     from data.tokenizer import load_tokenizer
 
-    store = open_store(args.out)
+    store = open_store(args.out, **load_config(None, rest).store.store_opts())
     manifest = ingest(sources, store, load_tokenizer(args.tokenizer), args.shard_size, args.max_pixels,
                       args.video_backend, args.timeout, progress=not args.no_progress,
                       log=_log, prune_old=args.prune)

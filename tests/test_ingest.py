@@ -112,12 +112,19 @@ def test_exif_orientation_is_applied_in_the_index(inputs):
     pytest.fail("coffee sample not found")
 
 
-def test_bad_arguments_are_clear(inputs, tmp_path):
+def test_bad_arguments_are_clear(inputs, tmp_path, capsys):
     _, corpus, tok = inputs
     with pytest.raises(SystemExit, match="no such file"):
         mmpt(["ingest", "--out", str(tmp_path), "--tokenizer", str(tok), "--text", f"t={tmp_path}/nope.jsonl"])
     with pytest.raises(SystemExit, match="source name"):
         mmpt(["ingest", "--out", str(tmp_path), "--tokenizer", str(tok), "--text", f"a.b={corpus}/text"])
+    # the [store] settings apply to ingest too, validated like a run's config
+    assert mmpt(["ingest", "--out", str(tmp_path), "--tokenizer", str(tok), "--corpus", str(corpus),
+                 "--store.read_timeout=0"]) == 2
+    assert "store.read_timeout=0.0 is invalid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mmpt(["ingest", "--out", str(tmp_path), "--tokenizer", str(tok), "--corpus", str(corpus),
+              "--data.seq_len=5"])
 
 
 def test_ingest_to_embedded_s3_matches_local(inputs, tmp_path, monkeypatch):
