@@ -314,3 +314,32 @@ def test_ingest_refuses_to_switch_a_manifest_that_changed_meanwhile(inputs, tmp_
         ingest([Source("t", "text", text)], OtherIngestMeanwhile(store, 0), tok, **quiet)
     assert store.get("manifest.json") == b'{"other": true}'
     assert ingest([Source("t", "text", text)], store, tok, **quiet)["generation"] == 2
+
+
+def test_a_dataset_without_generations_reads_and_is_replaced(inputs, tmp_path):
+    """Datasets written before generations (shards at <source>/shard-...) still read; a re-ingest
+    puts gen-000001 beside them and --prune removes exactly the old layout's shards."""
+    from data.ingest import Source, ingest
+    from data.shards import canonical_json, read_manifest
+    from data.store import LocalStore
+
+    _, _, tok_path = inputs
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "one"}\n{"text": "two"}\n')
+    src, tok = [Source("t", "text", text)], load_tokenizer(tok_path)
+    quiet = dict(progress=False, log=lambda m: None)
+    new = LocalStore(tmp_path / "new")
+    manifest = ingest(src, new, tok, **quiet)
+    old = LocalStore(tmp_path / "old")  # the same dataset in the layout without generations
+    flat = dict(manifest, shards=[dict(s, key=s["key"].split("/", 1)[1],
+                                       index=s["index"].split("/", 1)[1]) for s in manifest["shards"]])
+    del flat["generation"]
+    for a, b in zip(manifest["shards"], flat["shards"]):
+        old.put(b["key"], new.get(a["key"]))
+        old.put(b["index"], new.get(a["index"]))
+    old.put("manifest.json", canonical_json(flat))
+    old.put("notes/readme.txt", b"not ours")
+    assert _read_everything(old, read_manifest(old)) == _read_everything(new, manifest)
+    again = ingest(src, old, tok, prune_old=True, **quiet)
+    assert again["generation"] == 1 and again["fingerprint"] == manifest["fingerprint"]
+    assert old.list("") == sorted(new.list("") + ["notes/readme.txt"])  # only the old shards went
