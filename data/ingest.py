@@ -133,6 +133,9 @@ def _jsonl_lines(files: list[Path], root: Path, source: str, given: Path | None 
         except InputError as e:
             yield where, e
             continue
+        except OSError as e:
+            yield where, InputError(f"cannot read ({e.strerror or e})")
+            continue
         for n, line in enumerate(data.split(b"\n"), 1):
             if line.strip():
                 yield f"{where}:{n}", line
