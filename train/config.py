@@ -355,7 +355,7 @@ def validate(cfg: Config) -> None:
     # experts, the best topk_group groups are kept, and the top-k experts are chosen among the
     # kept groups' experts only.
     per_group = m.n_routed_experts // m.n_group
-    _require(m.n_group == 1 or per_group >= 2, "model.n_group", m.n_group,
+    _require(per_group >= 2, "model.n_group", m.n_group,
              f"leaves {per_group} expert(s) per group of model.n_routed_experts="
              f"{m.n_routed_experts}; a group's score sums its 2 best experts, so each group needs >= 2")
     _require(m.num_experts_per_tok <= m.topk_group * per_group, "model.num_experts_per_tok",
