@@ -164,18 +164,18 @@ def test_hanging_store_gives_up_after_retry_time_and_says_what_it_waits_for(s3, 
     """Many attempts allowed, but retry_time bounds the whole operation; the wait is logged."""
     with FaultProxy(s3.endpoint, fraction=1.0, kinds=("hang",), max_faults_per_request=999) as proxy:
         store = faulty_store(s3, proxy, max_attempts=100, read_timeout=0.3, connect_timeout=0.3,
-                             retry_time=1.5)
+                             retry_time=2.5)
         endpoint = proxy.endpoint
         t0 = time.monotonic()
         with caplog.at_level("WARNING", logger="data.store"), \
-                pytest.raises(StoreUnavailable, match=r"retry time 1\.5 s\)") as info:
+                pytest.raises(StoreUnavailable, match=r"retry time 2\.5 s\)") as info:
             store.get("obj/000", 0, 10)
         elapsed = time.monotonic() - t0
     assert "no reply within read_timeout=0.3 s" in str(info.value)
-    assert 1.5 <= elapsed < 1.5 + 0.3 + 2.0, elapsed  # the budget, plus at most one attempt in flight
+    assert 2.5 - 0.05 <= elapsed < 2.5 + 0.6 + 3.0, elapsed  # backoff_cap 0.05: no sleep past the budget  # the budget, plus at most one attempt in flight
     waits = [r.getMessage() for r in caplog.records if r.name == "data.store"]
     assert waits and all("no reply within read_timeout=0.3 s" in w and endpoint in w
-                         and "giving up after 1.5 s" in w for w in waits), waits
+                         and "giving up after 2.5 s" in w for w in waits), waits
 
 
 def test_a_server_that_closes_every_connection(s3):
