@@ -131,3 +131,131 @@ def test_evaluation_matches_one_process_and_leaves_training_untouched(layout):
         assert not grads  # no gradient left behind
         # Later evaluations see the trained weights: the loss moves.
         assert evals[-1].loss_sum != first.loss_sum
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: hold-out split and token categories (real corpus)
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from data.batch import ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES  # noqa: E402
+from data.catalog import held_out, holdout_score  # noqa: E402
+from data.loader import DataLoaderWithState  # noqa: E402
+from tests.corpus_fixtures import make_dataset  # noqa: E402
+from train.config import ConfigError, load_config  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
+
+TINY = "configs/tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("validation-data"))
+
+
+def _data_cfg(ds, *extra, **data):
+    over = {"manifest": ds.url, "tokenizer": str(ds.tokenizer), "seq_len": 128,
+            "window_sequences": 8, "global_batch_size": 4, **data}
+    return load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()]
+                       + list(extra))
+
+
+def _identities(batches, catalog):
+    """(source name, shard, member key) of every document piece in the batches."""
+    out = set()
+    for b in batches:
+        for _, src, shard, member, *_ in b.sample_ids.tolist():
+            out.add((catalog.names[src], shard, catalog.samples[src][shard][member]["key"]))
+    return out
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_holdout_is_keyed_by_sample_identity_and_never_reaches_training(ds):
+    f = 0.2
+    train = DataLoaderWithState(_data_cfg(ds, holdout_fraction=f), dp_rank=1, dp_size=2)
+    val = DataLoaderWithState(_data_cfg(ds, holdout_fraction=f), split="val")
+    full = DataLoaderWithState(_data_cfg(ds))
+    cat = full.stream.catalog
+    expected, every = set(), set()
+    for s, name in enumerate(cat.names):
+        ids = [(name, k, cat.samples[s][k][m]["key"]) for k, m in cat._where[s].tolist()]
+        every |= set(ids)
+        # Independently of held_out(): the samples whose score is below f, or else the one
+        # with the smallest score (every source has validation data).
+        below = {x for x in ids if holdout_score(*x) < f}
+        expected |= below or {min(ids, key=lambda x: holdout_score(*x))}
+        assert {x for x, v in zip(ids, held_out(name, [x[1:] for x in ids], f)) if v} \
+            == (below or {min(ids, key=lambda x: holdout_score(*x))})
+    assert 0.1 < len(expected) / len(every) < 0.3
+    # Training never sees a held-out sample; validation sees nothing else; over the catalogs
+    # the two splits partition the dataset.
+    train_seen = _identities(_take(train, 12), cat)
+    val_seen = _identities(_take(val, 6), cat)
+    assert train_seen and val_seen and not train_seen & expected and val_seen <= expected
+    units = lambda c: {(c.names[s], *c.locate(s, int(i)))  # noqa: E731
+                       for s, spec in enumerate(c.sources) for i in spec.samples}
+    tr, va = units(train.stream.catalog), units(val.stream.catalog)
+    assert not tr & va and tr | va == units(cat)
+    # Another seed: another order, the same split.
+    other = DataLoaderWithState(_data_cfg(ds, holdout_fraction=f, seed=5), split="val")
+    assert units(other.stream.catalog) == va
+    # Validation restarts from its first batch after rewind() (a plain new iteration goes on).
+    val.rewind()
+    first = [b.digest() for b in _take(val, 3)]
+    assert [b.digest() for b in _take(val, 3)] != first
+    val.rewind()
+    assert [b.digest() for b in _take(val, 3)] == first
+
+
+def test_a_resume_state_records_the_holdout(ds):
+    from data.loader import ResumeError
+
+    a = DataLoaderWithState(_data_cfg(ds, holdout_fraction=0.2))
+    _take(a, 2)
+    b = DataLoaderWithState(_data_cfg(ds))
+    with pytest.raises(ResumeError, match="holdout_fraction=0.2"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ConfigError, match="data.holdout_fraction"):
+        _data_cfg(ds, holdout_fraction=1.0)
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        _data_cfg(ds, "--train.eval_every=2")
+
+
+def test_token_categories_name_the_source_and_role_of_every_target(ds):
+    loader = DataLoaderWithState(_data_cfg(ds, vision_fraction=0.3))
+    cat = loader.stream.catalog
+    tok = loader.stream.tokenizer
+    seen = set()
+    for b in _take(loader, 8):
+        c = b.token_category
+        assert ((c >= 0) == b.loss_mask).all()
+        for r in range(b.rows):
+            pieces = [p for p in b.sample_ids.tolist() if p[0] == r]
+            for d, (_, src, _, _, _, lo, hi) in enumerate(pieces):
+                at = b.doc_ids[r] == d
+                mask = at & b.loss_mask[r]
+                assert (c[r][mask] // len(ROLES) == src).all()
+                roles = (c[r][mask] % len(ROLES)).tolist()
+                labels = b.labels[r][mask].tolist()
+                ids = b.input_ids[r][at].tolist()
+                seen |= {(cat.kinds[src], x) for x in roles}
+                if cat.kinds[src] == "text":
+                    assert set(roles) == {ROLE_TEXT}
+                if lo != 0:
+                    continue  # only whole-document starts: the media before it are in the row
+                # Independent reconstruction from the tokens: a caption follows a media_end
+                # seen at or before the position; a marker predicts media_begin.
+                ended = np.cumsum([t == tok.media_end_id for t in ids]) > 0
+                want = [ROLE_MARKER if lab == tok.media_begin_id else
+                        ROLE_CAPTION if e else ROLE_TEXT
+                        for lab, e in zip(labels, ended[b.loss_mask[r][at].numpy()])]
+                assert roles == want, (cat.kinds[src], roles, want)
+    assert {("text", ROLE_TEXT), ("image", ROLE_CAPTION), ("interleaved", ROLE_TEXT),
+            ("interleaved", ROLE_CAPTION), ("interleaved", ROLE_MARKER)} <= seen, seen
