@@ -259,3 +259,130 @@ def test_token_categories_name_the_source_and_role_of_every_target(ds):
                 assert roles == want, (cat.kinds[src], roles, want)
     assert {("text", ROLE_TEXT), ("image", ROLE_CAPTION), ("interleaved", ROLE_TEXT),
             ("interleaved", ROLE_CAPTION), ("interleaved", ROLE_MARKER)} <= seen, seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer: validation runs, per-modality metrics, W&B offline, the plot
+# ---------------------------------------------------------------------------------------------
+
+FOUR = ("--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2",
+        "--parallel.dep=true")
+
+
+def _run_cfg(ds, run_dir, *extra):
+    return load_config(TINY, [
+        f"--data.manifest={ds.url}", f"--data.tokenizer={ds.tokenizer}", "--data.seq_len=64",
+        "--data.global_batch_size=4", "--data.image_max_pixels=12544",
+        "--data.video_max_pixels=3136", "--data.video_max_frames=8",
+        "--data.holdout_fraction=0.2", "--data.window_sequences=2", "--parallel.microbatches=2",
+        "--train.steps=3",
+        f"--train.run_dir={run_dir}", *extra])
+
+
+def _fit(rank, world, cfg):
+    """Train; returns the final result and the digests of every validation batch read."""
+    from train.trainer import Trainer
+
+    read: list[str] = []
+
+    class Recording(DataLoaderWithState):
+        def __iter__(self):
+            for batch in super().__iter__():
+                if self is trainer.val_loader:
+                    read.append(batch.digest())
+                yield batch
+
+    trainer = None
+    trainer = Trainer(cfg, make_loader=Recording)
+    return trainer.fit(), read
+
+
+def _train_keys(records):
+    return [{k: v for k, v in r.items() if not k.startswith("val_") and
+             k not in ("time", "tok_s", "step_s", "flops_s", "data_s")} for r in records]
+
+
+def test_validation_on_four_ranks_matches_one_process_and_changes_no_training_step(ds, tmp_path):
+    four = _run_cfg(ds, tmp_path / "four", *FOUR, "--train.eval_every=1",
+                    "--train.eval_batches=3")
+    plain = _run_cfg(ds, tmp_path / "plain", *FOUR)
+    one = _run_cfg(ds, tmp_path / "one", "--train.eval_every=2", "--train.eval_batches=3")
+    results = run_distributed(_fit, 4, four, timeout=300)
+    (plain_result, _), *_ = run_distributed(_fit, 4, plain, timeout=300)
+    [(one_result, _)] = run_distributed(_fit, 1, one, timeout=240)
+    a, b, c = (read_metrics(tmp_path / n) for n in ("four", "plain", "one"))
+
+    # Evaluation changes nothing in training: same losses, grad norms, per-modality losses,
+    # expert balance, max logits (bit for bit) and the same final state on every rank.
+    assert _train_keys(a) == _train_keys(b)
+    assert results[0][0]["fingerprints"] == plain_result["fingerprints"]
+    # Every evaluation reads the same validation batches (per rank: 3 batches x 3 steps).
+    for _, read in results:
+        assert len(read) == 9 and read[0:3] == read[3:6] == read[6:9] and read[0] != read[1]
+    # Validation and per-modality losses: present, and the 4-rank run's equal one process's
+    # (step 2: same data, weights differing by float32 round-off after a step).
+    assert all(r["val_loss"] > 0 and r["val_loss_tokens"] > 0 for r in a)
+    logged = {k for r in a for k in r}
+    for key in ("loss_text", "loss_image", "loss_plain_text",
+                "loss_caption", "loss_source_text", "val_loss_text", "val_loss_image",
+                "val_loss_caption", "val_loss_plain_text", "val_loss_source_images"):
+        assert key in logged, (key, sorted(logged))
+    assert "val_loss" not in c[0] and "val_loss" in c[1] and "val_loss" in c[2]  # every 2 + end
+    for key in [k for k in c[1] if k.startswith(("val_loss", "loss_"))]:
+        assert a[1][key] == pytest.approx(c[1][key], rel=1e-4), key
+    # The breakdown is the loss: token-weighted, the kinds add up to the total.
+    assert a[0]["val_loss_tokens"] == c[1]["val_loss_tokens"]
+
+
+def test_wandb_offline_gets_every_logged_metric_and_the_plot_has_the_new_panels(ds, tmp_path,
+                                                                              monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'mmpt[wandb]')")
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    from train.plot import panels, plot_run
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    cfg = _run_cfg(ds, run, "--train.steps=2", "--train.eval_every=1",
+                   "--train.eval_batches=1", "--train.wandb=true", "--train.wandb_mode=offline",
+                   "--train.wandb_project=mmpt-test")
+    run_distributed(_fit, 1, cfg, timeout=240)
+    records = read_metrics(run)
+    [path] = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+    # The run file is a LevelDB-style log (32 KiB blocks of CRC + length + type records) after
+    # a 7-byte W&B header; history records hold the logged values.
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    pos, chunks, parts = 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or kind == 0:
+            pos += left
+            continue
+        body, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        parts = body if kind in (1, 2) else parts + body
+        if kind in (1, 4):
+            chunks.append(parts)
+    history = []
+    for chunk in chunks:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(chunk)
+        if rec.WhichOneof("record_type") == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                            for i in rec.history.item})
+    assert [h["_step"] for h in history] == [1, 2]
+    for h, r in zip(history, records):
+        for key in ("loss", "grad_norm", "val_loss", "loss_text", "val_loss_caption"):
+            assert h[key] == pytest.approx(r[key], rel=1e-12), key
+    # The plot: training + validation loss, per-modality and per-source panels.
+    layout = dict(panels(records))
+    assert ("loss", "loss") in layout["loss"]
+    assert {"loss_text", "loss_image", "loss_caption", "loss_plain_text"} <= {
+        k for k, _ in layout["loss by modality"]}
+    assert ("loss_source_images", "images") in layout["loss by source"]
+    png = plot_run(run)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
