@@ -295,6 +295,8 @@ class DataLoaderWithState:
     def __init__(self, cfg, *, dp_rank: int = 0, dp_size: int = 1,
                  store_opts: dict | None = None, cache_opts: dict | None = None,
                  split: str = "train"):
+        if split not in ("train", "val"):
+            raise ValueError(f"split {split!r}; choose 'train' or 'val'")
         data_cfg = self.cfg = cfg.data
         media = MediaRules.from_config(cfg)
         url, holdout = data_cfg.manifest, data_cfg.holdout_fraction
@@ -303,7 +305,7 @@ class DataLoaderWithState:
         # Explicit weights name the training sources; a separate validation set mixes by size.
         spec = "" if url != data_cfg.manifest else data_cfg.source_weights
         self.weights = parse_weights(spec)
-        self.url = url
+        self.url = url  # the dataset this loader reads
         self.stream = PackedStream(
             url, seq_len=data_cfg.seq_len, window_sequences=data_cfg.window_sequences,
             global_batch=data_cfg.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -357,14 +359,15 @@ class DataLoaderWithState:
             raise ResumeError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         if state["fingerprint"] != s.fingerprint:
             raise ResumeError(f"loader state is for dataset fingerprint {state['fingerprint']}, but "
-                              f"{self.cfg.manifest} has fingerprint {s.fingerprint}: the data changed; "
+                              f"{self.url} has fingerprint {s.fingerprint}: the data changed; "
                               "refusing to restart the stream silently")
         mine = {"seed": s.seed, "seq_len": s.seq_len, "window_sequences": s.S,
                 "vision_fraction": s.fraction, "source_weights": dict(self.weights),
                 "holdout_fraction": s.holdout_fraction}
         for key, value in mine.items():
-            if state.get(key, 0.0 if key == "holdout_fraction" else None) != value:
-                raise ResumeError(f"loader state has {key}={state[key]!r}, this loader {value!r}: "
+            theirs = state.get(key, 0.0 if key == "holdout_fraction" else None)
+            if theirs != value:
+                raise ResumeError(f"loader state has {key}={theirs!r}, this loader {value!r}: "
                                   "the sample order would differ")
         s.set_start(int(state["sequences_consumed"]), int(state["window"]),
                     PlanState.from_dict(state["plan_state"]))
