@@ -102,9 +102,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.catalog = Catalog(self.store, self.manifest, media=media, seq_len=seq_len,
                                window_sequences=window_sequences, weights=weights,
                                holdout_fraction=holdout_fraction, split=split)
-        self.holdout_fraction, self.split = holdout_fraction, split
-        if split == "val" and not any(s.group == "vision" for s in self.catalog.sources):
-            self.fraction = 0.0  # a text-only validation set mixes text only
+        self.holdout_fraction = holdout_fraction
         self.fingerprint = self.catalog.fingerprint
         self.start, self.start_window, self.start_state = 0, 0, self._fresh_state()
         self._tokenizer = None
@@ -313,6 +311,8 @@ class DataLoaderWithState:
             tokenizer=data_cfg.tokenizer, media=media, store_opts=store_opts, cache_opts=cache_opts,
             holdout_fraction=holdout,
             split="val" if split == "val" and url == data_cfg.manifest else "train")
+        if split == "val" and not any(s.group == "vision" for s in self.stream.catalog.sources):
+            self.stream.fraction = 0.0  # a text-only validation set mixes text only
         self.consumed = 0  # batches handed out since the stream's start sequence
         self._cursor: WindowCursor | None = None
 

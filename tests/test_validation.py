@@ -394,3 +394,57 @@ def test_wandb_offline_gets_every_logged_metric_and_the_plot_has_the_new_panels(
     assert ("loss_source_images", "images") in layout["loss by source"]
     png = plot_run(run)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_separate_text_only_validation_dataset(ds, tmp_path):
+    from data.ingest import Source, ingest
+    from data.store import open_store
+    from data.tokenizer import load_tokenizer
+
+    url = str(tmp_path / "prose-ds")
+    ingest([Source("prose", "text", ds.corpus / "text")], open_store(url),
+           load_tokenizer(ds.tokenizer), shard_size=200 * 1024, progress=False,
+           log=lambda m: None)
+    run = tmp_path / "run"
+    cfg = _run_cfg(ds, run, "--data.holdout_fraction=0.0", f"--data.val_manifest={url}",
+                   "--train.steps=1", "--train.eval_every=1", "--train.eval_batches=1")
+    val = DataLoaderWithState(cfg, split="val")
+    full = DataLoaderWithState(cfg)
+    # The whole separate dataset, mixed as text only; training keeps all of data.manifest.
+    assert val.stream.catalog.names == ["prose"] and val.stream.fraction == 0.0
+    assert len(val.stream.catalog.sources[0].tokens) == len(full.stream.catalog.sources[0].tokens)
+    assert full.stream.catalog.holdout_fraction == 0.0
+    run_distributed(_fit, 1, cfg, timeout=240)
+    [r] = read_metrics(run)
+    assert r["val_loss"] > 0 and r["val_loss_source_prose"] > 0
+    assert r["val_loss_text"] == pytest.approx(r["val_loss"], rel=1e-6)
+    assert not any(k.startswith("val_loss_") and k[4:] in ("loss_image", "loss_video",
+                                                           "loss_interleaved") for k in r)
+
+
+def test_category_metrics_and_the_console_breakdown(tmp_path):
+    import io
+
+    from train.metrics import CategoryNames, MetricsLogger, category_metrics
+
+    names = CategoryNames(["web", "photos", "docs"], ["text", "image", "interleaved"])
+    sums = torch.zeros(names.count, 2, dtype=torch.float64)
+    sums[0 * 3 + ROLE_TEXT] = torch.tensor([20.0, 10])  # web: 10 plain tokens, mean 2
+    sums[1 * 3 + ROLE_CAPTION] = torch.tensor([12.0, 4])  # photos: 4 caption tokens, mean 3
+    sums[2 * 3 + ROLE_TEXT] = torch.tensor([4.0, 1])  # docs: plain 4, caption 5, marker 6
+    sums[2 * 3 + ROLE_CAPTION] = torch.tensor([10.0, 2])
+    sums[2 * 3 + ROLE_MARKER] = torch.tensor([6.0, 1])
+    got = category_metrics(sums, names, prefix="val_")
+    assert got == {"val_loss_text": 2.0, "val_loss_image": 3.0, "val_loss_interleaved": 5.0,
+                   "val_loss_caption": 22.0 / 6, "val_loss_plain_text": 24.0 / 11,
+                   "val_loss_source_web": 2.0, "val_loss_source_photos": 3.0,
+                   "val_loss_source_docs": 5.0}
+    out = io.StringIO()
+    log = MetricsLogger(tmp_path, total_steps=1, tensorboard=False, stream=out)
+    log.log(1, {"loss": 2.5, "loss_text": 2.25, "val_loss": 2.75} | got)
+    log.close()
+    lines = out.getvalue().splitlines()
+    assert "val_loss 2.7500" in lines[0]
+    assert lines[1].strip() == "train loss by modality: text 2.2500"
+    assert lines[2].strip().startswith("val loss by modality: text 2.0000 | image 3.0000 | "
+                                       "interleaved 5.0000 | caption 3.6667")
