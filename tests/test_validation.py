@@ -97,7 +97,9 @@ def _eval_and_train(rank, world, cfg, steps, evaluate_between):
 @pytest.mark.parametrize("layout", [
     dict(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=2, dep=True),
     dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=2, dep=False, schedule="1f1b"),
-], ids=["pp2-v2-dp2-ep2-dep-interleaved", "pp2-1f1b"])
+    dict(pp=2, virtual_stages=2, dp=1, ep=1, microbatches=2, dep=False,
+         schedule="interleaved_zero_bubble"),
+], ids=["pp2-v2-dp2-ep2-dep-interleaved", "pp2-1f1b", "pp2-v2-zero-bubble"])
 def test_evaluation_matches_one_process_and_leaves_training_untouched(layout):
     cfg = tiny_config(**layout)
     world = cfg.parallel.pp * cfg.parallel.dp
