@@ -21,6 +21,10 @@ through the tiered cache, online tokenization, image/video decoding and patchifi
 A document whose media cannot be decoded or whose bytes are missing (truncated shard) is a
 counted skip: its tokens become padding with no loss, recorded in Batch.skipped; the stream
 does not shift. Store outages (after the store's retries) raise.
+
+Validation: `DataLoaderWithState(cfg, split="val")` reads data.val_manifest whole, or else the
+samples of data.manifest that data.holdout_fraction holds out (data/catalog.py), which the
+training loader then never reads; `rewind()` restarts it at its first batch.
 """
 
 from __future__ import annotations
