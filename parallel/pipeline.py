@@ -199,7 +199,7 @@ class PipelineRunner:
         if self._built_for != shape:
             self._build(*shape)
         sched = self.schedule
-        trains = sched._has_backward
+        had_backward = sched._has_backward
         sched._has_backward = backward  # what `schedule.eval()` switches
         try:
             # What `schedule.step()` does before running pre-split micro-batches.
@@ -214,5 +214,5 @@ class PipelineRunner:
             sched._step_microbatches([(x,) for x in inputs], kwargs, targets, losses,
                                      return_outputs=False)
         finally:
-            sched._has_backward = trains
+            sched._has_backward = had_backward
         return losses
