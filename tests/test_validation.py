@@ -12,17 +12,27 @@ Weights & Biases offline, the plot's panels.
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from data.batch import ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES
+from data.catalog import held_out, holdout_score
+from data.loader import DataLoaderWithState
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
+from tests.corpus_fixtures import make_dataset
 from tests.dist import run_distributed
 from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
+from train.config import ConfigError, load_config
+from train.metrics import read_metrics
 from train.model import build_model, init_weights
 from train.model.lm import token_losses
 
 CATEGORIES = 6
+TINY = "configs/tiny.toml"
 
 
 def _with_categories(batch: dict, seed: int) -> dict:
@@ -138,19 +148,6 @@ def test_evaluation_matches_one_process_and_leaves_training_untouched(layout):
 # ---------------------------------------------------------------------------------------------
 # Data: hold-out split and token categories (real corpus)
 # ---------------------------------------------------------------------------------------------
-
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from data.batch import ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES  # noqa: E402
-from data.catalog import held_out, holdout_score  # noqa: E402
-from data.loader import DataLoaderWithState  # noqa: E402
-from tests.corpus_fixtures import make_dataset  # noqa: E402
-from train.config import ConfigError, load_config  # noqa: E402
-from train.metrics import read_metrics  # noqa: E402
-
-TINY = "configs/tiny.toml"
 
 
 @pytest.fixture(scope="module")
