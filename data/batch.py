@@ -21,6 +21,9 @@ Packing / provenance:
     sample_ids    [P, 7] per document piece: (row, source, shard, member, epoch, start, end);
                   start/end are token offsets in the document
     sequence_ids  [B] global sequence numbers of the rows
+    token_category [B, S] where a loss is taken: source * len(ROLES) + role of the target token
+                  (source: index in the dataset's manifest; role: ROLES), -1 elsewhere; what
+                  the per-modality / per-source losses are summed by
     skipped       [(source name, shard, member, reason)] documents dropped while building this
                   batch (unreadable media): their tokens became padding, counted, deterministic
 """
@@ -33,6 +36,10 @@ from dataclasses import dataclass, field, fields
 import torch
 
 IGNORE = -100
+# Roles of a target token within its document: plain text (no media before it), caption (text
+# after the document's first image or video), a media_begin marker.
+ROLES = ("text", "caption", "marker")
+ROLE_TEXT, ROLE_CAPTION, ROLE_MARKER = range(len(ROLES))
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Batch:
     vision_spans: torch.Tensor
     sample_ids: torch.Tensor
     sequence_ids: torch.Tensor
+    token_category: torch.Tensor
     skipped: list = field(default_factory=list)
 
     @property
@@ -93,7 +101,7 @@ class Batch:
         return Batch(self.input_ids[lo:hi], self.labels[lo:hi], self.loss_mask[lo:hi],
                      self.position_ids[lo:hi], self.doc_ids[lo:hi], inside.to(torch.int32),
                      patches, self.grid_thw[keep], spans, sids, self.sequence_ids[lo:hi],
-                     [s for s in self.skipped])
+                     self.token_category[lo:hi], [s for s in self.skipped])
 
     def split(self, n: int) -> list["Batch"]:
         """n equal micro-batches of rows (n must divide the row count)."""

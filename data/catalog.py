@@ -20,10 +20,18 @@ at most S pieces each (pieces as in data/pack.py: <= seq_len tokens, never insid
 mixer orders units, so a long document's units are shuffled like separate documents (they could
 not attend to each other anyway). Samples that can never be packed (an atom longer than seq_len)
 are left out of the order and counted in `skipped` by reason.
+
+Hold-out (`holdout_fraction` f > 0): a sample is held out for validation when a keyed hash of its
+identity (source name, shard number within the source, member key) falls below f, plus, in a
+source where no hash does, the sample with the smallest hash (every source has validation data).
+The choice depends only on the sample's identity, never on the order, the seed, resume or DP
+size. `split="train"` keeps the other samples, `split="val"` only the held-out ones; with f = 0
+the catalog (and so the training stream) is exactly what it is without hold-out.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,6 +43,24 @@ from data.shards import ShardError, read_index
 
 MEDIA_MARKERS = 2  # media_begin + media_end around each image / video chunk
 GROUP_OF_KIND = {"text": "text", "image": "vision", "video": "vision", "interleaved": "vision"}
+SPLITS = ("train", "val")
+_HOLDOUT_KEY = b"mmpt-holdout/1"
+
+
+def holdout_score(source: str, shard: int, member: str) -> float:
+    """A uniform number in [0, 1) fixed by a sample's identity (keyed blake2b, not `hash`)."""
+    text = f"{source}\x1f{shard}\x1f{member}".encode()
+    digest = hashlib.blake2b(text, digest_size=8, key=_HOLDOUT_KEY).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64
+
+
+def held_out(source: str, identities: list[tuple[int, str]], fraction: float) -> np.ndarray:
+    """Which of a source's samples (shard number, member key) are held out (see the docstring)."""
+    scores = np.array([holdout_score(source, k, key) for k, key in identities], dtype=np.float64)
+    out = scores < fraction
+    if fraction > 0 and len(scores) and not out.any():
+        out[int(np.argmin(scores))] = True
+    return out
 
 
 @dataclass(frozen=True)
@@ -66,8 +92,16 @@ def parse_weights(spec: str) -> dict[str, float]:
 
 class Catalog:
     def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, holdout_fraction: float = 0.0,
+                 split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}; choose one of {list(SPLITS)}")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"data.holdout_fraction={holdout_fraction} must be in [0, 1)")
+        if split == "val" and holdout_fraction == 0:
+            raise ValueError("a validation split of a dataset needs data.holdout_fraction > 0")
         self.store, self.manifest, self.media = store, manifest, media
+        self.holdout_fraction, self.split = holdout_fraction, split
         self.seq_len, self.window_sequences = seq_len, window_sequences
         self.fingerprint: str = manifest["fingerprint"]
         self.names = [s["name"] for s in manifest["sources"]]
@@ -94,8 +128,19 @@ class Catalog:
             where = np.array([(k, m) for k, idx in enumerate(indexes) for m in range(len(idx["samples"]))],
                              dtype=np.int64).reshape(-1, 2)
             self._where.append(where)
+            keep = None  # samples of this split (None: all)
+            if holdout_fraction > 0:
+                val = held_out(name, [(int(k), indexes[k]["samples"][m]["key"])
+                                      for k, m in where.tolist()], holdout_fraction)
+                keep = val if split == "val" else ~val
+                if not keep.any():
+                    raise ValueError(f"source {name!r} has {len(where)} sample(s): with "
+                                     f"data.holdout_fraction={holdout_fraction} none is left "
+                                     "for training")
             units = []  # (sample, offset, tokens, vision)
             for i, (k, m) in enumerate(where):
+                if keep is not None and not keep[i]:
+                    continue
                 try:
                     units += self._units(self._segments(kind, indexes[k]["samples"][m]), i)
                 except ShardError as e:

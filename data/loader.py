@@ -21,6 +21,10 @@ through the tiered cache, online tokenization, image/video decoding and patchifi
 A document whose media cannot be decoded or whose bytes are missing (truncated shard) is a
 counted skip: its tokens become padding with no loss, recorded in Batch.skipped; the stream
 does not shift. Store outages (after the store's retries) raise.
+
+Validation: `DataLoaderWithState(cfg, split="val")` reads data.val_manifest whole, or else the
+samples of data.manifest that data.holdout_fraction holds out (data/catalog.py), which the
+training loader then never reads; `rewind()` restarts it at its first batch.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.batch import Batch
+from data.batch import ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES, Batch
 from data.catalog import Catalog, parse_weights
 from data.decode import DecodeError
 from data.media import MediaRules
@@ -87,7 +91,8 @@ class PackedStream(torch.utils.data.IterableDataset):
     def __init__(self, url: str, *, seq_len: int, window_sequences: int, global_batch: int,
                  dp_rank: int, dp_size: int, seed: int, vision_fraction: float, weights: dict,
                  tokenizer: str, media: MediaRules, store_opts: dict | None = None,
-                 cache_opts: dict | None = None):
+                 cache_opts: dict | None = None, holdout_fraction: float = 0.0,
+                 split: str = "train"):
         if global_batch % dp_size:
             raise ValueError(f"global batch {global_batch} is not divisible by dp_size={dp_size}")
         if not 0 <= dp_rank < dp_size:
@@ -100,7 +105,9 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.store = _open_cached(url, self.store_opts, cache_opts)
         self.manifest = _read_manifest(url, self.store)
         self.catalog = Catalog(self.store, self.manifest, media=media, seq_len=seq_len,
-                               window_sequences=window_sequences, weights=weights)
+                               window_sequences=window_sequences, weights=weights,
+                               holdout_fraction=holdout_fraction, split=split)
+        self.holdout_fraction = holdout_fraction
         self.fingerprint = self.catalog.fingerprint
         self.start, self.start_window, self.start_state = 0, 0, self._fresh_state()
         self._tokenizer = None
@@ -203,6 +210,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         tok = self.tokenizer
         no_loss = np.array([tok.image_id, tok.video_id, tok.media_end_id])
         rows, spans, patches, grids, sids, skipped = [], [], [], [], [], []
+        roles = []  # (row, first position, lo, hi, source, end of the document's first media)
         for r, g in enumerate(sequences):
             window = cursor.get(g // self.S)
             pieces, at = [], 0
@@ -223,9 +231,20 @@ class PackedStream(torch.utils.data.IterableDataset):
                         grids.append(grid)
                 pieces.append((doc.tokens, lo, hi))
                 sids.append((r, d.source, shard, member, d.epoch, lo, hi))
+                roles.append((r, at, lo, hi, d.source,
+                              doc.items[0][0] + doc.items[0][1] if doc.items else len(doc.tokens)))
                 at += hi - lo
             rows.append(pieces)
         packed = pack_rows(rows, self.seq_len, tok.pad_id, no_loss)
+        category = np.full(packed.input_ids.shape, -1, dtype=np.int64)
+        for r, at, lo, hi, source, media_end in roles:
+            # Position j predicts document token lo + j + 1: text after the first media item
+            # is caption text, a media_begin target a marker, the rest plain text.
+            target = np.arange(lo + 1, hi + 1)
+            role = np.where(target > media_end, ROLE_CAPTION, ROLE_TEXT)
+            role[packed.labels[r, at:at + hi - lo] == tok.media_begin_id] = ROLE_MARKER
+            category[r, at:at + hi - lo] = source * len(ROLES) + role
+        category[~packed.loss_mask] = -1
         return Batch(
             input_ids=torch.from_numpy(packed.input_ids), labels=torch.from_numpy(packed.labels),
             loss_mask=torch.from_numpy(packed.loss_mask), position_ids=torch.from_numpy(packed.position_ids),
@@ -236,7 +255,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             vision_spans=torch.tensor(spans, dtype=torch.int64).reshape(-1, 3),
             sample_ids=torch.tensor(sids, dtype=torch.int64).reshape(-1, 7),
             sequence_ids=torch.tensor(list(sequences), dtype=torch.int64),
-            skipped=skipped)
+            token_category=torch.from_numpy(category), skipped=skipped)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -277,23 +296,41 @@ class DataLoaderWithState:
     """torch DataLoader over a PackedStream, counting what was consumed; O(1) state."""
 
     def __init__(self, cfg, *, dp_rank: int = 0, dp_size: int = 1,
-                 store_opts: dict | None = None, cache_opts: dict | None = None):
+                 store_opts: dict | None = None, cache_opts: dict | None = None,
+                 split: str = "train"):
+        if split not in ("train", "val"):
+            raise ValueError(f"split {split!r}; choose 'train' or 'val'")
         data_cfg = self.cfg = cfg.data
         media = MediaRules.from_config(cfg)
         # the run's [store] timeouts and retry time, unless the caller passes its own
         store_opts = {**cfg.store.store_opts(), **(store_opts or {})}
-        self.weights = parse_weights(data_cfg.source_weights)
+        url, holdout = data_cfg.manifest, data_cfg.holdout_fraction
+        if split == "val" and data_cfg.val_manifest:
+            url, holdout = data_cfg.val_manifest, 0.0  # a dataset of its own: all of it
+        # Explicit weights name the training sources; a separate validation set mixes by size.
+        spec = "" if url != data_cfg.manifest else data_cfg.source_weights
+        self.weights = parse_weights(spec)
+        self.url = url  # the dataset this loader reads
         self.stream = PackedStream(
-            data_cfg.manifest, seq_len=data_cfg.seq_len, window_sequences=data_cfg.window_sequences,
+            url, seq_len=data_cfg.seq_len, window_sequences=data_cfg.window_sequences,
             global_batch=data_cfg.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
             seed=data_cfg.seed, vision_fraction=data_cfg.vision_fraction, weights=self.weights,
-            tokenizer=data_cfg.tokenizer, media=media, store_opts=store_opts, cache_opts=cache_opts)
+            tokenizer=data_cfg.tokenizer, media=media, store_opts=store_opts, cache_opts=cache_opts,
+            holdout_fraction=holdout,
+            split="val" if split == "val" and url == data_cfg.manifest else "train")
+        if split == "val" and not any(s.group == "vision" for s in self.stream.catalog.sources):
+            self.stream.fraction = 0.0  # a text-only validation set mixes text only
         self.consumed = 0  # batches handed out since the stream's start sequence
         self._cursor: WindowCursor | None = None
 
     @property
     def fingerprint(self) -> str:
         return self.stream.fingerprint
+
+    def rewind(self) -> None:
+        """Back to the stream's first batch (validation reads the same batches every time)."""
+        self.stream.set_start(0, 0, self.stream._fresh_state())
+        self.consumed, self._cursor = 0, None
 
     def __iter__(self):
         self.stream.set_start(*self._position())
@@ -319,7 +356,8 @@ class DataLoaderWithState:
         s = self.stream
         return {"format": STATE_FORMAT, "fingerprint": s.fingerprint, "seed": s.seed,
                 "seq_len": s.seq_len, "window_sequences": s.S, "vision_fraction": s.fraction,
-                "source_weights": dict(self.weights), "sequences_consumed": seq, "window": k,
+                "source_weights": dict(self.weights), "holdout_fraction": s.holdout_fraction,
+                "sequences_consumed": seq, "window": k,
                 "plan_state": state.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,13 +366,15 @@ class DataLoaderWithState:
             raise ResumeError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         if state["fingerprint"] != s.fingerprint:
             raise ResumeError(f"loader state is for dataset fingerprint {state['fingerprint']}, but "
-                              f"{redact(self.cfg.manifest)} has fingerprint {s.fingerprint}: the data changed; "
+                              f"{redact(self.url)} has fingerprint {s.fingerprint}: the data changed; "
                               "refusing to restart the stream silently")
         mine = {"seed": s.seed, "seq_len": s.seq_len, "window_sequences": s.S,
-                "vision_fraction": s.fraction, "source_weights": dict(self.weights)}
+                "vision_fraction": s.fraction, "source_weights": dict(self.weights),
+                "holdout_fraction": s.holdout_fraction}
         for key, value in mine.items():
-            if state[key] != value:
-                raise ResumeError(f"loader state has {key}={state[key]!r}, this loader {value!r}: "
+            theirs = state.get(key, 0.0 if key == "holdout_fraction" else None)
+            if theirs != value:
+                raise ResumeError(f"loader state has {key}={theirs!r}, this loader {value!r}: "
                                   "the sample order would differ")
         s.set_start(int(state["sequences_consumed"]), int(state["window"]),
                     PlanState.from_dict(state["plan_state"]))

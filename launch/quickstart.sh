@@ -10,8 +10,10 @@
 # 4. trains the `tiny` config on 4 CPU ranks (torchrun) with PP2 x V2 x DP2, EP2 and DEP:
 #    an uninterrupted reference run, then a run that checkpoints to S3, is killed with SIGKILL
 #    after a seeded random step, and is resumed from the newest complete S3 checkpoint
-#    (launch/resume_check.py); prints the per-step loss table (resumed steps must match the
-#    reference bit for bit) and exits non-zero if they do not;
+#    (launch/resume_check.py); 5% of the samples are held out (keyed by sample id) and
+#    evaluated every 5 steps; prints the loss by modality (training and validation) and the
+#    per-step loss table (resumed steps must match the reference bit for bit, evaluation
+#    included) and exits non-zero if they do not;
 # 5. writes the training plot (`mmpt plot`).
 # Everything lands in $MMPT_QUICKSTART_DIR (default runs/quickstart), recreated on each run.
 # Knobs: MMPT_QUICKSTART_STEPS (default 30), MMPT_QUICKSTART_KILL_AFTER (default 12),
@@ -72,6 +74,7 @@ say "4/5 train tiny on 4 ranks (PP2 x V2 x DP2, EP2, DEP): reference, SIGKILL, r
   --data.manifest="$dataset" --data.tokenizer="$work/tokenizer/tokenizer.json" \
   --data.seq_len=128 --data.global_batch_size=8 --data.image_max_pixels=50176 \
   --data.video_max_pixels=12544 --data.video_max_frames=8 \
+  --data.holdout_fraction=0.05 --train.eval_every=5 --train.eval_batches=2 \
   --train.steps="$steps" --checkpoint.every=5 --checkpoint.keep_last=2
 
 say "5/5 plot"

@@ -154,6 +154,24 @@ def compare(reference: Path, runs: list[Path]) -> tuple[str, list[str]]:
     return "\n".join(lines), bad
 
 
+BREAKDOWN = (("loss", "loss"), ("text", "loss_text"), ("image", "loss_image"),
+             ("video", "loss_video"), ("interl.", "loss_interleaved"),
+             ("caption", "loss_caption"))
+
+
+def breakdown_table(run_dir: Path) -> str:
+    """Per-step training and validation loss by modality (the columns logged at all)."""
+    records = read_metrics(run_dir)
+    cols = [(name, key) for name, key in BREAKDOWN] + \
+        [(f"val {name}" if key != "loss" else "val_loss", f"val_{key}") for name, key in BREAKDOWN]
+    cols = [(n, k) for n, k in cols if any(k in r for r in records)]
+    lines = [f"{'step':>5} " + " ".join(f"{n:>11}" for n, _ in cols)]
+    for r in records:
+        lines.append(f"{r['step']:>5} " + " ".join(
+            f"{r[k]:>11.4f}" if k in r else f"{'':>11}" for _, k in cols))
+    return "\n".join(lines)
+
+
 def final_fingerprints(run_dir: Path) -> list[str]:
     return json.loads((run_dir / "final-state.json").read_text())["fingerprints"]
 
@@ -199,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if "resumed from" in line or "skipped:" in line:
             print(f"[resume-check] {line.strip()}")
 
+    print("[resume-check] loss by modality, training and validation (reference run):")
+    print(breakdown_table(out / "reference"))
     table, bad = compare(out / "reference", [out / "killed", out / "resumed"])
     print(table)
     same_state = final_fingerprints(out / "reference") == final_fingerprints(out / "resumed")

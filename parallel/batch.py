@@ -3,6 +3,7 @@
 Fields (the data loader produces them; every pipeline rank of a replica gets the same batch):
   input_ids, position_ids, doc_ids, labels: [B, S] long; loss_mask: [B, S] bool/int
   pixel_patches: [N, C*p*p] float and grid_thw: [M, 3] long, or both absent (text only).
+  token_category: [B, S] long, optional: what per-category losses are summed by (-1: none).
 Vision items are listed in the order their placeholder runs appear in input_ids (row-major), each
 item fills (h/merge)*(w/merge) placeholder positions of one row.
 """
@@ -27,11 +28,16 @@ class MicroBatch:
     items: range  # indices of this micro-batch's vision items in the replica's grid_thw
     pixel_patches: torch.Tensor | None = None
     grid_thw: torch.Tensor | None = None
+    token_category: torch.Tensor | None = None
 
     @property
     def target(self) -> torch.Tensor:
-        """[B, S, 2]: labels and loss mask, the pipeline loss target."""
-        return torch.stack([self.labels.long(), self.loss_mask.long()], dim=-1)
+        """[B, S, 2] labels and loss mask, the pipeline loss target; [B, S, 3] with the token
+        category as the third column when the batch has one."""
+        cols = [self.labels.long(), self.loss_mask.long()]
+        if self.token_category is not None:
+            cols.append(self.token_category.long())
+        return torch.stack(cols, dim=-1)
 
 
 def item_patches(grid_thw: torch.Tensor | None) -> list[int]:
@@ -51,8 +57,8 @@ def check_batch(batch: Mapping[str, torch.Tensor | None]) -> None:
         if name not in batch or batch[name] is None:
             raise ValueError(f"batch field {name!r} is missing")
     shape = tuple(batch["input_ids"].shape)
-    for name in TEXT_FIELDS:
-        if tuple(batch[name].shape) != shape:
+    for name in TEXT_FIELDS + ("token_category",):
+        if batch.get(name) is not None and tuple(batch[name].shape) != shape:
             raise ValueError(f"batch field {name!r} has shape {tuple(batch[name].shape)}, "
                              f"input_ids has {shape}")
     if (batch.get("pixel_patches") is None) != (batch.get("grid_thw") is None):
@@ -89,6 +95,8 @@ def split_microbatches(batch: Mapping[str, torch.Tensor | None], n: int, *, imag
                              "(an item's placeholder run must lie within one row)")
         n_patch = sum(patches[first:item])
         mb = MicroBatch(*(batch[f][rs] for f in TEXT_FIELDS), items=range(first, item))
+        if batch.get("token_category") is not None:
+            mb.token_category = batch["token_category"][rs]
         if item > first:
             mb.grid_thw = grid[first:item]
             mb.pixel_patches = pixels[patch:patch + n_patch]

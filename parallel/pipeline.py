@@ -15,6 +15,12 @@ because their vision tensors differ in size from one micro-batch to the next (th
 travels as keyword arguments to every stage; labels + loss mask are the loss target. The loss of
 a micro-batch is its summed token loss divided by the loss-token count of the whole global batch,
 with gradient scaling off, so the summed gradients equal the single-process ones.
+
+Per-category losses: when the target carries a third column (the batch's token category,
+data/batch.py), the last stage also sums the detached per-token losses and counts the tokens of
+each category (`category_sums`, [C, 2] float64), next to the loss the schedule back-propagates.
+`evaluate` runs the same schedule forward-only (torch.distributed.pipelining's eval mode: no
+backward actions, no gradients, no saved activations) and returns raw loss sums.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch.distributed.pipelining import (Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
 
 from parallel.main_grad import MainGradStage
-from train.model.lm import lm_loss_sum
+from train.model.lm import token_losses
 
 
 def layer_counts(num_layers: int, num_chunks: int) -> list[int]:
@@ -140,11 +146,23 @@ class PipelineRunner:
         self._built_for: tuple[int, int] | None = None
         self.schedule = None
         self._n_tokens = 1.0  # loss-token count of the global batch, set per step
+        self.category_sums: torch.Tensor | None = None  # [C, 2] (loss sum, tokens), per run
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """target [B, S, 2] = (labels, loss mask): summed loss over the global token count.
-        (The count is an attribute, not a loss kwarg: torch < 2.13 schedules take none.)"""
-        return lm_loss_sum(logits, target[..., 0], target[..., 1])[0] / self._n_tokens
+        (The count is an attribute, not a loss kwarg: torch < 2.13 schedules take none.)
+        A third target column (token category) adds this micro-batch to `category_sums`."""
+        losses = token_losses(logits, target[..., 0], target[..., 1])
+        if self.category_sums is not None and target.shape[-1] > 2:
+            self._add_categories(losses.detach(), target[..., 2].reshape(-1))
+        return losses.sum() / self._n_tokens
+
+    def _add_categories(self, losses: torch.Tensor, category: torch.Tensor) -> None:
+        # -1 (no loss) adds zeros to bin 0; no boolean indexing, so no host sync on GPUs.
+        keep = (category >= 0).double()
+        cat = category.clamp(min=0)
+        self.category_sums[:, 0].index_add_(0, cat, losses.double() * keep)
+        self.category_sums[:, 1].index_add_(0, cat, keep)
 
     def modules(self) -> list[StageModule]:
         return [m for _, m in self.stage_modules]
@@ -171,21 +189,41 @@ class PipelineRunner:
         self._built_for = (mb_rows, seq_len)
 
     def run(self, inputs: list[torch.Tensor], kwargs: list[dict], targets: list[torch.Tensor],
-            n_loss_tokens: float) -> list[torch.Tensor]:
+            n_loss_tokens: float, num_categories: int = 0) -> list[torch.Tensor]:
         """One forward+backward over all micro-batches; returns the last stage's per-micro-batch
         losses (empty on other ranks). Gradients accumulate in fp32 over the micro-batches: in
-        `.grad` of fp32 params, in `main_grad` of low-precision ones (parallel/main_grad.py)."""
+        `.grad` of fp32 params, in `main_grad` of low-precision ones (parallel/main_grad.py).
+        With num_categories > 0, `category_sums` holds this run's per-category sums after it."""
+        return self._run(inputs, kwargs, targets, float(n_loss_tokens), num_categories,
+                         backward=True)
+
+    def evaluate(self, inputs: list[torch.Tensor], kwargs: list[dict],
+                 targets: list[torch.Tensor], num_categories: int = 0) -> list[torch.Tensor]:
+        """Forward only, without gradients: the last stage's per-micro-batch loss SUMS (not
+        normalised; empty on other ranks). Parameters and their .grad are untouched."""
+        with torch.no_grad():
+            return self._run(inputs, kwargs, targets, 1.0, num_categories, backward=False)
+
+    def _run(self, inputs, kwargs, targets, n_tokens: float, num_categories: int,
+             backward: bool) -> list[torch.Tensor]:
         shape = tuple(inputs[0].shape)
         if self._built_for != shape:
             self._build(*shape)
         sched = self.schedule
-        # What `schedule.step()` does before running pre-split micro-batches.
-        stages = sched._stages if hasattr(sched, "_stages") else [sched._stage]
-        for st in stages:
-            st.has_backward = sched._has_backward
-            st.clear_runtime_states()
-        losses: list[torch.Tensor] = []
-        self._n_tokens = float(n_loss_tokens)
-        sched._step_microbatches([(x,) for x in inputs], kwargs, targets, losses,
-                                 return_outputs=False)
+        had_backward = sched._has_backward
+        sched._has_backward = backward  # what `schedule.eval()` switches
+        try:
+            # What `schedule.step()` does before running pre-split micro-batches.
+            stages = sched._stages if hasattr(sched, "_stages") else [sched._stage]
+            for st in stages:
+                st.has_backward = backward
+                st.clear_runtime_states()
+            losses: list[torch.Tensor] = []
+            self._n_tokens = n_tokens
+            self.category_sums = (torch.zeros(num_categories, 2, dtype=torch.float64,
+                                              device=self.device) if num_categories else None)
+            sched._step_microbatches([(x,) for x in inputs], kwargs, targets, losses,
+                                     return_outputs=False)
+        finally:
+            sched._has_backward = had_backward
         return losses

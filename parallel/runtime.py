@@ -4,6 +4,7 @@
     rt = ParallelRuntime(cfg, model, mesh, make_optimizer=muonclip_factory(cfg.optim))
     out = rt.step(batch)                       # batch: this DP replica's packed batch
     out.loss, out.grad_norm, out.expert_load   # identical on every rank
+    ev = rt.evaluate(batch)                    # forward only: no gradient, optimizer or bias change
 
 `model` is this rank's pieces (parallel/pieces.py: built for the rank alone and materialised),
 or a plain, materialised KimiK25 with the same weights on every rank, from which the runtime takes
@@ -32,6 +33,7 @@ from parallel.pieces import RankCoords, RankPieces, take_rank_pieces
 from parallel.pipeline import PipelineRunner
 from parallel.zero import MakeOptimizer, ShardGroup, ZeroOptimizer
 from train.config import Config, ConfigError
+from train.model.moe import moe_layers
 
 
 @dataclass
@@ -41,6 +43,16 @@ class StepResult:
     expert_load: dict[str, dict[str, float]]  # MoE layer -> min/mean/max tokens per expert
     loss_tokens: int
     encoder_load: tuple[int, ...] = ()  # DEP: patches each rank encoded this step (the plan)
+    # [C, 2] float64 (loss sum, loss tokens) per token category over the global batch (the
+    # batch's token_category; empty without one), identical on every rank
+    category_loss: Tensor | None = None
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float  # summed token loss over the global batch's loss tokens
+    loss_tokens: int
+    category_loss: Tensor | None = None  # as in StepResult
 
 
 def muonclip_factory(optim_cfg) -> MakeOptimizer:
@@ -100,7 +112,8 @@ class ParallelRuntime:
             out += [(f"vision.{n}", q) for n, q in self.dep.encoder.named_parameters()]
         return out
 
-    def step(self, batch: Mapping[str, Tensor | None]) -> StepResult:
+    def _microbatches(self, batch: Mapping[str, Tensor | None]) -> tuple[list, int]:
+        """The replica's micro-batches and the loss-token count of the global batch."""
         cfg, m = self.cfg, self.mesh
         mbs = split_microbatches(batch, cfg.parallel.microbatches,
                                  image_token_id=cfg.model.image_token_id,
@@ -111,8 +124,9 @@ class ParallelRuntime:
         n_tokens = int(n_tokens)
         if n_tokens == 0:
             raise ValueError("the global batch has no loss tokens (loss_mask is all zero)")
+        return mbs, n_tokens
 
-        leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+    def _stage_kwargs(self, mbs: list, leaves: list) -> list[dict]:
         kwargs = []
         for k, mb in enumerate(mbs):
             kw = dict(position_ids=mb.position_ids, doc_ids=mb.doc_ids)
@@ -122,8 +136,37 @@ class ParallelRuntime:
             elif mb.pixel_patches is not None:
                 kw.update(pixel_patches=mb.pixel_patches, grid_thw=mb.grid_thw)
             kwargs.append(kw)
+        return kwargs
+
+    def _reduce_losses(self, losses: list[Tensor], num_categories: int
+                       ) -> tuple[float, Tensor | None]:
+        """Sum of the last stage's losses and its category sums over the world: one
+        all-reduce (only the last stage holds them; other ranks add zeros)."""
+        total = torch.zeros(1 + 2 * num_categories, dtype=torch.float64)
+        for x in losses:
+            total[0] += x.detach().double().cpu()
+        sums = self.runner.category_sums
+        if num_categories and sums is not None and losses:
+            total[1:] = sums.cpu().reshape(-1)
+        dist.all_reduce(total)
+        cats = total[1:].reshape(num_categories, 2) if num_categories else None
+        return float(total[0]), cats
+
+    @staticmethod
+    def _categories(batch: Mapping[str, Tensor | None], num_categories: int) -> int:
+        return num_categories if batch.get("token_category") is not None else 0
+
+    def step(self, batch: Mapping[str, Tensor | None], num_categories: int = 0) -> StepResult:
+        """One training step. num_categories > 0 (with a batch token_category): also the loss
+        sum and token count of each category (StepResult.category_loss)."""
+        cfg, m = self.cfg, self.mesh
+        mbs, n_tokens = self._microbatches(batch)
+        num_categories = self._categories(batch, num_categories)
+
+        leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+        kwargs = self._stage_kwargs(mbs, leaves)
         losses = self.runner.run([mb.input_ids for mb in mbs], kwargs, [mb.target for mb in mbs],
-                                 n_tokens)
+                                 n_tokens, num_categories)
         if self.dep is not None:
             self.dep.backward()
 
@@ -134,14 +177,34 @@ class ParallelRuntime:
         if torch.isfinite(grad_norm):
             apply_router_bias_update(self.stage_modules, loads, cfg.model.bias_update_rate)
 
-        total = torch.zeros(1, dtype=torch.float64)
-        for x in losses:  # only the last stage has losses; other ranks add zero
-            total += x.detach().double().cpu()
-        dist.all_reduce(total)
+        total, cats = self._reduce_losses(losses, num_categories)
         stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts)
         plan = self.dep.plan if self.dep is not None else None
-        return StepResult(loss=float(total), grad_norm=float(grad_norm), expert_load=stats,
-                          loss_tokens=n_tokens, encoder_load=plan.load if plan else ())
+        return StepResult(loss=total, grad_norm=float(grad_norm), expert_load=stats,
+                          loss_tokens=n_tokens, encoder_load=plan.load if plan else (),
+                          category_loss=cats)
+
+    def evaluate(self, batch: Mapping[str, Tensor | None], num_categories: int = 0
+                 ) -> EvalResult:
+        """Forward only over the same PP/EP/DP/DEP layout: DEP encodes without autograd, the
+        schedule runs in eval mode under no_grad. Parameters, gradients, optimizer state and
+        router bias are untouched, and the MoEs' expert-load counters are restored, so the
+        next training step is what it would have been without this call."""
+        mbs, n_tokens = self._microbatches(batch)
+        num_categories = self._categories(batch, num_categories)
+        moes = [moe for module in self.stage_modules for moe in moe_layers(module).values()]
+        counters = [(moe.expert_load_total, moe.last_expert_load) for moe in moes]
+        try:
+            with torch.no_grad():
+                leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+                kwargs = self._stage_kwargs(mbs, leaves)
+                losses = self.runner.evaluate([mb.input_ids for mb in mbs], kwargs,
+                                              [mb.target for mb in mbs], num_categories)
+        finally:
+            for moe, (total, last) in zip(moes, counters):
+                moe.expert_load_total, moe.last_expert_load = total, last
+        total, cats = self._reduce_losses(losses, num_categories)
+        return EvalResult(loss_sum=total, loss_tokens=n_tokens, category_loss=cats)
 
 
 def _gather_stats(loads: dict[str, Tensor], mesh: ParallelMesh, num_layers: int,

@@ -117,6 +117,11 @@ class DataConfig:
     # Image augmentation (data/augment.py): crop/flip/rotation/colour jitter keyed only by
     # (seed, sample id, epoch); the output keeps the image size, so token counts stay exact.
     augment: bool = False
+    # Validation data (train.eval_every): a separate ingested dataset, or else the samples a
+    # keyed hash of their identity holds out of this dataset (data/catalog.py); a fraction > 0
+    # also removes them from training.
+    val_manifest: str = ""
+    holdout_fraction: float = 0.0
 
 
 @dataclass
@@ -155,6 +160,14 @@ class TrainConfig:
     log_every: int = 1
     run_dir: str = "runs/default"
     max_bad_steps: int = 3
+    # Forward-only validation every eval_every steps (0: never) over eval_batches global batches
+    # of the validation stream, always the same ones (data.val_manifest / data.holdout_fraction).
+    eval_every: int = 0
+    eval_batches: int = 2
+    # Weights & Biases: also log every metric to a wandb run (mode "offline" needs no network).
+    wandb: bool = False
+    wandb_project: str = "mmpt"
+    wandb_mode: Literal["online", "offline"] = "online"
 
 
 @dataclass
@@ -434,6 +447,13 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 0, "train.steps", t.steps, "must be >= 0")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _require(t.max_bad_steps > 0, "train.max_bad_steps", t.max_bad_steps, "must be > 0")
+    _require(0.0 <= d.holdout_fraction < 1.0, "data.holdout_fraction", d.holdout_fraction,
+             "must be in [0, 1)")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 disables)")
+    _require(t.eval_batches > 0, "train.eval_batches", t.eval_batches, "must be > 0")
+    _require(t.eval_every == 0 or bool(d.val_manifest) or d.holdout_fraction > 0,
+             "train.eval_every", t.eval_every,
+             "validation needs data: set data.val_manifest or data.holdout_fraction > 0")
     _require(c.every > 0, "checkpoint.every", c.every, "must be > 0")
     _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
     s = cfg.store

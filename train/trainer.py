@@ -11,7 +11,11 @@
   3. QK-Clip of the MLA layers this rank holds (MAX of the per-head logits over the stage's DP
      group, live weights and fp32 masters alike);
   4. metrics on rank 0: loss, lr, grad norm, tokens/s, MFU (or achieved FLOP/s where the peak of
-     the device is unknown), expert load max/mean, realised vision share, max attention logit;
+     the device is unknown), expert load max/mean, realised vision share, max attention logit,
+     the loss per modality, role (caption / plain text) and source (train/metrics.py);
+  every `train.eval_every` steps (and at the end): validation, a forward-only pass over the
+     first `train.eval_batches` batches of the validation stream (`val_loss` and the same
+     breakdown with a `val_` prefix); it leaves training exactly as it would be without it;
   5. every `checkpoint.every` steps (and at the end) a sharded checkpoint of model, optimizer,
      data-loader state, RNG states and step (train/checkpoint), resumed from at start.
 
@@ -46,7 +50,7 @@ from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step
                               training_state)
 from train.config import Config, ConfigError
 from train.hf_export import WEIGHTS_ONLY
-from train.metrics import MetricsLogger
+from train.metrics import CategoryNames, MetricsLogger, category_metrics
 from train.model.flops import training_flops_per_token
 from train.optim.qk_clip import QKClip
 from train.optim.schedule import schedule_multiplier, set_lr
@@ -104,7 +108,15 @@ def runtime_batch(batch, device: torch.device) -> dict:
     return dict(input_ids=b.input_ids, position_ids=b.position_ids,
                 doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
                 pixel_patches=b.pixel_patches if has_vision else None,
-                grid_thw=b.grid_thw.long() if has_vision else None)
+                grid_thw=b.grid_thw.long() if has_vision else None,
+                token_category=getattr(b, "token_category", None))
+
+
+def loader_categories(loader) -> CategoryNames | None:
+    """Names of a loader's token categories (its catalog's sources), None for loaders that
+    have none (test doubles)."""
+    catalog = getattr(getattr(loader, "stream", None), "catalog", None)
+    return CategoryNames(catalog.names, catalog.kinds) if catalog is not None else None
 
 
 def check_tokenizer(cfg: Config, tokenizer) -> None:
@@ -195,8 +207,18 @@ class Trainer:
         tokenizer = getattr(getattr(self.loader, "stream", None), "tokenizer", None)
         if tokenizer is not None:
             check_tokenizer(cfg, tokenizer)
+        self.categories = loader_categories(self.loader)
+        self.val_loader = self.val_categories = None
+        if cfg.train.eval_every > 0:
+            self.val_loader = make_loader(cfg, dp_rank=self.mesh.dp_rank,
+                                          dp_size=cfg.parallel.dp, split="val")
+            self.val_categories = loader_categories(self.val_loader)
         self.ckpt = checkpoint_manager(cfg)
-        self.logger = MetricsLogger(cfg.train.run_dir, cfg.train.steps, enabled=self.rank == 0)
+        t = cfg.train
+        self.logger = MetricsLogger(
+            t.run_dir, t.steps, enabled=self.rank == 0,
+            wandb=dict(project=t.wandb_project, mode=t.wandb_mode, config=cfg.to_dict())
+            if t.wandb else None)
         self.step = 0
         self.resumed = False  # resume() ran (fit() calls it unless the caller did)
         self.bad_in_a_row = 0
@@ -261,7 +283,8 @@ class Trainer:
             float(batch.non_padding_tokens())], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=m.dp_group)
 
-        out = self.rt.step(inputs)
+        cats = self.categories
+        out = self.rt.step(inputs, cats.count if cats else 0)
         good = math.isfinite(out.loss) and math.isfinite(out.grad_norm)
         if good:
             clip = self.qk_clip.step(masters=self.rt.zero.masters())
@@ -294,7 +317,38 @@ class Trainer:
             metrics["mfu"] = flops_s / (self.peak * self.world)
         if batch.skipped:
             metrics["skipped_docs"] = len(batch.skipped)
+        if out.category_loss is not None:
+            metrics |= category_metrics(out.category_loss, cats)
         return metrics | {"good": good}
+
+    def evaluate(self) -> dict:
+        """Validation: the first train.eval_batches batches of the validation stream (the same
+        ones every time), forward only. Nothing that training reads changes: not the weights,
+        optimizer, router bias or expert-load counters (ParallelRuntime.evaluate), not the
+        QK-Clip maxima, the training loader or the RNG states."""
+        cfg, cats = self.cfg, self.val_categories
+        t0 = time.monotonic()
+        loss_sum, tokens, per_category = 0.0, 0, None
+        self.val_loader.rewind()
+        batches = iter(self.val_loader)
+        with self.qk_clip.paused(), torch.random.fork_rng(
+                devices=[self.device] if self.device.type == "cuda" else []):
+            try:
+                for _ in range(cfg.train.eval_batches):
+                    ev = self.rt.evaluate(runtime_batch(next(batches), self.device),
+                                          cats.count if cats else 0)
+                    loss_sum += ev.loss_sum
+                    tokens += ev.loss_tokens
+                    if ev.category_loss is not None:
+                        per_category = (ev.category_loss if per_category is None
+                                        else per_category + ev.category_loss)
+            finally:
+                getattr(batches, "close", lambda: None)()  # stops the loader's workers
+        metrics = {"val_loss": loss_sum / tokens, "val_loss_tokens": tokens,
+                   "val_s": time.monotonic() - t0}
+        if per_category is not None:
+            metrics |= category_metrics(per_category, cats, prefix="val_")
+        return metrics
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -325,7 +379,12 @@ class Trainer:
                         f"non-finite loss or gradient norm (train.max_bad_steps="
                         f"{cfg.train.max_bad_steps}); stopping. Lower optim.lr / optim.adamw_lr, "
                         "check the data, or resume from an earlier checkpoint")
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+            every = cfg.train.eval_every
+            evaluated = every > 0 and (self.step % every == 0 or self.step == cfg.train.steps)
+            if evaluated:
+                metrics |= self.evaluate()
+            if (self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps
+                    or evaluated):
                 self.logger.log(self.step, metrics)
             if self.ckpt is not None and (self.step % cfg.checkpoint.every == 0
                                           or self.step == cfg.train.steps):

@@ -80,17 +80,24 @@ class DecoderLM(nn.Module):
         return h
 
 
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
-                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 cross-entropy summed over tokens where loss_mask is true, and their count.
+def token_losses(logits: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: torch.Tensor) -> torch.Tensor:
+    """Float32 cross-entropy per token [B*S], zero where loss_mask is false.
 
     labels [B, S] are the targets already aligned with logits [B, S, V] (next-token shift is
-    the data pipeline's job). Returning the sum lets pipelines normalise by a global count.
+    the data pipeline's job).
     """
     mask = loss_mask.bool().reshape(-1)
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                              labels.reshape(-1).masked_fill(~mask, 0), reduction="none")
-    return (losses * mask).sum(), mask.sum()
+    return losses * mask
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 cross-entropy summed over tokens where loss_mask is true, and their count.
+    Returning the sum lets pipelines normalise by a global count."""
+    return token_losses(logits, labels, loss_mask).sum(), loss_mask.bool().sum()
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ after the ZeRO-1 broadcast on every rank keeps replicas identical without a seco
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,12 +107,15 @@ class QKClip:
             raise ValueError("two MLA modules share a name across the given chunks")
         self._running: dict[str, Tensor | None] = {name: None for name, _ in self.layers}
         self._hooks = []
+        self._paused = False
         for name, m in self.layers:
             m.record_max_logits = True
             self._hooks.append(m.register_forward_hook(self._fold(name)))
 
     def _fold(self, name: str):
         def hook(module, args, output):
+            if self._paused:
+                return
             s = module.last_max_logits
             prev = self._running[name]
             self._running[name] = s.clone() if prev is None else torch.maximum(prev, s)
@@ -146,6 +150,20 @@ class QKClip:
         self._running = {name: None for name, _ in self.layers}
         top = float(maxima.max()) if maxima.numel() else float("-inf")
         return QKClipStats(max_logit=top, clipped_heads=clipped)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside (evaluation) neither compute nor fold attention-logit maxima."""
+        self._paused = True
+        flags = [(m, m.record_max_logits) for _, m in self.layers]
+        for m, _ in flags:
+            m.record_max_logits = False
+        try:
+            yield
+        finally:
+            self._paused = False
+            for m, flag in flags:
+                m.record_max_logits = flag
 
     def reset(self) -> None:
         """Forget the maxima seen since the last step without clipping (a skipped step)."""
