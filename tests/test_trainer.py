@@ -12,6 +12,7 @@ import torch
 
 from tests.corpus_fixtures import make_dataset
 from tests.dist import DistributedTestError, run_distributed
+from tests.grad_check import assemble, assert_grads_match, capture_reduced_grads, merge_ranks
 from train.config import ConfigError, load_config
 from train.metrics import read_metrics
 
@@ -31,10 +32,11 @@ def _cfg(ds, run_dir, *extra):
         f"--train.run_dir={run_dir}", *extra])
 
 
-def _train(rank, world, cfg, nan_steps=()):
+def _train(rank, world, cfg, nan_steps=(), grads=False):
     """Train cfg; at the steps in nan_steps a hook turns the output head's gradient into NaN.
-    Returns (final result, state fingerprint after each step)."""
-    from train.trainer import Trainer, state_fingerprint
+    Returns (final result, state fingerprint after each step), plus with `grads` this rank's
+    reduced gradients of step 1 (tests/grad_check.py)."""
+    from train.trainer import Trainer, rank_pieces, state_fingerprint
 
     class Faulty(Trainer):
         def train_step(self, batch):
@@ -53,8 +55,10 @@ def _train(rank, world, cfg, nan_steps=()):
 
     prints: list[str] = []
     trainer = Faulty(cfg)
+    reduced = capture_reduced_grads(trainer.rt.zero, rank_pieces(trainer.rt)) if grads else None
     prints.append(state_fingerprint(trainer.state()))
-    return trainer.fit(), prints
+    result = trainer.fit()
+    return (result, prints, reduced[0]) if grads else (result, prints)
 
 
 def test_one_process_logs_every_metric(ds, tmp_path):
@@ -127,8 +131,12 @@ def test_four_ranks_pp2_v2_dp2_ep2_dep_match_one_process(ds, tmp_path):
     one = _cfg(ds, tmp_path / "one", "--train.steps=3")
     four = _cfg(ds, tmp_path / "four", "--train.steps=3", "--parallel.pp=2",
                 "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2")
-    run_distributed(_train, 1, one, timeout=240)
-    run_distributed(_train, 4, four, timeout=300)
+    [(_, _, ref)] = run_distributed(_train, 1, one, (), True, timeout=240)
+    got = run_distributed(_train, 4, four, (), True, timeout=300)
+    # Step 1's reduced gradient of every parameter (before the clip), expert rows included:
+    # the same data and weights, so float32 round-off of another summation order only.
+    assert_grads_match(merge_ranks([g for _, _, g in got]), assemble(ref), atol=1e-6, rtol=1e-4,
+                       context="step 1")
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four")
     assert [r["step"] for r in b] == [1, 2, 3]
     # Step 1: same data and weights, only the summation order differs (micro-batches,
