@@ -126,27 +126,29 @@ class ParallelRuntime:
         if torch.isfinite(grad_norm):
             apply_router_bias_update(self.stage_modules, loads, cfg.model.bias_update_rate)
 
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.runner.device)
         for x in losses:  # only the last stage has losses; other ranks add zero
-            total += x.detach().double().cpu()
+            total += x.detach().double()
         dist.all_reduce(total)
-        stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts)
+        stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts,
+                              total.device)
         plan = self.dep.plan if self.dep is not None else None
         return StepResult(loss=float(total), grad_norm=float(grad_norm), expert_load=stats,
                           loss_tokens=n_tokens, encoder_load=plan.load if plan else ())
 
 
 def _gather_stats(loads: dict[str, Tensor], mesh: ParallelMesh, num_layers: int,
-                  num_experts: int) -> dict[str, dict[str, float]]:
+                  num_experts: int, device) -> dict[str, dict[str, float]]:
     """Every rank gets every MoE layer's stats: each pipeline rank fills the rows of its layers
-    (already summed over its DP group), one all-reduce over the PP group adds the rest."""
-    table = torch.zeros(num_layers, num_experts, dtype=torch.long)
-    present = torch.zeros(num_layers, dtype=torch.long)
+    (already summed over its DP group) and marks them present in the last column; one
+    all-reduce over the PP group (on the device) adds the rest."""
+    table = torch.zeros(num_layers, num_experts + 1, dtype=torch.long, device=device)
     for name, v in loads.items():
         i = _layer_index(name)
-        table[i], present[i] = v, 1
+        table[i, :num_experts], table[i, num_experts] = v, 1
     dist.all_reduce(table, group=mesh.pp_group)
-    dist.all_reduce(present, group=mesh.pp_group)
+    table = table.cpu()
+    table, present = table[:, :num_experts], table[:, num_experts]
     return load_stats({f"layers.{i}": table[i] for i in range(num_layers) if present[i]})
 
 
