@@ -28,7 +28,7 @@ from parallel.expert import (apply_router_bias_update, is_expert_param, load_sta
 from parallel.mesh import ParallelMesh
 from parallel.pipeline import PipelineRunner, split_model
 from parallel.zero import MakeOptimizer, ShardGroup, ZeroOptimizer
-from train.config import Config, ConfigError
+from train.config import Config
 
 
 @dataclass
@@ -52,10 +52,6 @@ class ParallelRuntime:
                  make_optimizer: MakeOptimizer, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         p = cfg.parallel
-        if cfg.model.seq_aux_loss_coef > 0 and p.pp > 1:
-            raise ConfigError(f"model.seq_aux_loss_coef={cfg.model.seq_aux_loss_coef}: the "
-                              "sequence-level aux loss is not wired through the pipeline yet; "
-                              "use 0 (aux-loss-free balancing) with parallel.pp > 1")
         self.cfg, self.mesh = cfg, mesh
         vision = getattr(model, "vision", None)
         self.dep = None
