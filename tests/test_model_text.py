@@ -150,11 +150,12 @@ def test_moe_backward_reaches_all_expert_weights():
     moe = model.layers["1"].mlp
     x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
     moe(x).sum().backward()
-    for p in (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down, moe.router.weight):
-        assert p.grad is not None
+    assert moe.router.weight.grad.abs().sum() > 0  # through the combine weights
     used = moe.last_expert_load > 0
-    assert torch.all(moe.experts.w_down.grad[used].abs().sum((1, 2)) > 0)
-    assert torch.all(moe.experts.w_down.grad[~used] == 0)
+    assert 0 < int(used.sum()) < 8  # 3 tokens x top-2: some experts get none
+    for w in (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down):
+        assert torch.all(w.grad[used].abs().sum((1, 2)) > 0)
+        assert torch.all(w.grad[~used] == 0)
 
 
 def test_grouped_mm_experts_equal_the_expert_loop():

@@ -22,13 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.expert import is_expert_param, shard_experts
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
-from parallel.zero import ShardGroup, ZeroOptimizer
 from tests.dist import run_distributed
 from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks, model_grads
-from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
+from tests.parallel_fixtures import concat_batches, make_batch, tiny_config, zero1_replica
 from train.checkpoint import CheckpointManager, fill_masters, model_tensors, optimizer_tensors
 from train.config import ModelConfig, replace
 from train.model import build_model, init_weights
@@ -91,15 +89,8 @@ def _reference():
 
 def _zero_replica(rank, world, ep):
     model = _model()
-    shard_experts(model, dist.group.WORLD, rank, ep)
-    singles = [dist.new_group([r]) for r in range(world)]  # expert-data-parallel groups at EP2
-    dense = [(n, p) for n, p in model.named_parameters() if not (ep > 1 and is_expert_param(n))]
-    groups = [ShardGroup(dist.group.WORLD, dense, split_dim0=is_expert_param)]
-    if ep > 1:
-        experts = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
-        groups.append(ShardGroup(singles[rank], experts))
-    zero = ZeroOptimizer(groups, lambda named: optimizer_for(named, OPTIM, ns_dtype=torch.float32),
-                         max_grad_norm=MAX_NORM, norm_group=dist.group.WORLD)
+    zero = zero1_replica(model, lambda named: optimizer_for(named, OPTIM, ns_dtype=torch.float32),
+                         ep, max_grad_norm=MAX_NORM)
     return model, zero
 
 

@@ -34,8 +34,9 @@ def _cfg(ds, run_dir, *extra):
 
 def _train(rank, world, cfg, nan_steps=(), grads=False):
     """Train cfg; at the steps in nan_steps a hook turns the output head's gradient into NaN.
-    Returns (final result, state fingerprint after each step), plus with `grads` this rank's
-    reduced gradients of step 1 (tests/grad_check.py)."""
+    Returns (final result, state fingerprint after each step, the runtime's expert-load stats
+    of each step), plus with `grads` this rank's reduced gradients of step 1
+    (tests/grad_check.py)."""
     from train.trainer import Trainer, rank_pieces, state_fingerprint
 
     class Faulty(Trainer):
@@ -55,24 +56,35 @@ def _train(rank, world, cfg, nan_steps=(), grads=False):
 
     prints: list[str] = []
     trainer = Faulty(cfg)
+    run_step = trainer.rt.step
+    loads: list = []
+
+    def step_and_record(batch):
+        out = run_step(batch)
+        loads.append(out.expert_load)
+        return out
+    trainer.rt.step = step_and_record
     reduced = capture_reduced_grads(trainer.rt.zero, rank_pieces(trainer.rt)) if grads else None
     prints.append(state_fingerprint(trainer.state()))
     result = trainer.fit()
-    return (result, prints, reduced[0]) if grads else (result, prints)
+    return (result, prints, loads, reduced[0]) if grads else (result, prints, loads)
 
 
 def test_one_process_logs_every_metric(ds, tmp_path):
     cfg = _cfg(ds, tmp_path / "run", "--train.steps=3")
-    [(result, _)] = run_distributed(_train, 1, cfg, timeout=240)
+    [(result, _, loads)] = run_distributed(_train, 1, cfg, timeout=240)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3] and result["step"] == 3
     from train.optim.schedule import schedule_multiplier
 
-    for r in records:
+    top = cfg.model.n_routed_experts / cfg.model.num_experts_per_tok  # all tokens on k experts
+    for r, stats in zip(records, loads):
         assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0
         assert r["lr"] == cfg.optim.lr * schedule_multiplier(r["step"] - 1, cfg.optim, 3)
         assert r["tok_s"] > 0 and r["flops_s"] > 0 and "mfu" not in r  # CPU: no known peak
-        assert r["expert_load_max_mean"] >= 1.0
+        # the worst layer's max/mean tokens per expert, from this step's loads, not collapsed
+        assert r["expert_load_max_mean"] == max(s["max"] / s["mean"] for s in stats.values())
+        assert 1.0 < r["expert_load_max_mean"] < top
         assert 0.0 <= r["vision_share"] < 1.0 and r["max_logit"] > 0
         assert r["skipped_steps"] == 0 and r["loss_tokens"] > 0
     assert any(r["vision_share"] > 0 for r in records)
@@ -83,7 +95,7 @@ def test_one_process_logs_every_metric(ds, tmp_path):
 
 def test_a_nan_gradient_skips_the_update_and_is_counted(ds, tmp_path):
     cfg = _cfg(ds, tmp_path / "run", "--train.steps=4")
-    [(result, prints)] = run_distributed(_train, 1, cfg, (2,), timeout=240)
+    [(result, prints, _)] = run_distributed(_train, 1, cfg, (2,), timeout=240)
     # prints[k] = state after k steps: step 2 changed nothing (params, masters, optimizer
     # state, router bias); the steps around it did.
     assert prints[2] == prints[1]
@@ -131,11 +143,11 @@ def test_four_ranks_pp2_v2_dp2_ep2_dep_match_one_process(ds, tmp_path):
     one = _cfg(ds, tmp_path / "one", "--train.steps=3")
     four = _cfg(ds, tmp_path / "four", "--train.steps=3", "--parallel.pp=2",
                 "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2")
-    [(_, _, ref)] = run_distributed(_train, 1, one, (), True, timeout=240)
+    [(_, _, _, ref)] = run_distributed(_train, 1, one, (), True, timeout=240)
     got = run_distributed(_train, 4, four, (), True, timeout=300)
     # Step 1's reduced gradient of every parameter (before the clip), expert rows included:
     # the same data and weights, so float32 round-off of another summation order only.
-    assert_grads_match(merge_ranks([g for _, _, g in got]), assemble(ref), atol=1e-6, rtol=1e-4,
+    assert_grads_match(merge_ranks([g for _, _, _, g in got]), assemble(ref), atol=1e-6, rtol=1e-4,
                        context="step 1")
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four")
     assert [r["step"] for r in b] == [1, 2, 3]
