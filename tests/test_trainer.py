@@ -161,3 +161,30 @@ def test_four_ranks_pp2_v2_dp2_ep2_dep_match_one_process(ds, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x["step"], x["loss"], y["loss"])
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-2)
         assert y["vision_share"] == x["vision_share"] and y["loss_tokens"] == x["loss_tokens"]
+
+
+def _rng_states(rank, world, cfg, resume_only):
+    """The first run advances this rank's torch stream before training (as a random op of a
+    step would), trains and saves; a fresh trainer then resumes. Returns the generator states."""
+    from train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    fresh = torch.get_rng_state()
+    if resume_only:
+        assert trainer.resume()
+    else:
+        torch.rand(rank + 3)
+        trainer.fit()
+    return fresh, torch.get_rng_state()
+
+
+def test_each_rank_has_its_own_torch_stream_and_resume_restores_it(ds, tmp_path):
+    cfg = _cfg(ds, tmp_path / "run", "--train.steps=1", "--parallel.dp=2",
+               f"--checkpoint.dir={tmp_path / 'ckpt'}")
+    first = run_distributed(_rng_states, 2, cfg, False, timeout=240)
+    again = run_distributed(_rng_states, 2, cfg, True, timeout=240)
+    assert not torch.equal(first[0][0], first[1][0])  # rank 0 and rank 1 start apart
+    for rank in range(2):
+        assert torch.equal(again[rank][0], first[rank][0])  # derived, not drawn: reproducible
+        assert not torch.equal(first[rank][1], first[rank][0])  # the run advanced it
+        assert torch.equal(again[rank][1], first[rank][1]), rank  # resume restored it exactly
