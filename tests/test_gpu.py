@@ -191,14 +191,19 @@ def _kill_and_resume(tmp_path, device: str):
                     [*args, f"--checkpoint.dir={tmp_path / 'ref-ckpt'}"], 1)
     finish(ref, "reference", tmp_path, 600)
     ckpt = [f"--checkpoint.dir={tmp_path / 'ckpt'}"]
-    killed = start_run("killed", tmp_path, "configs/tiny.toml", [*args, *ckpt], 1)
-    wait_until(killed, lambda: 3 in logged_steps(tmp_path / "killed"), 600, "step 3")
+    # Killed while writing checkpoint 4 (rank 0 pauses before its commit marker): a GPU runs
+    # these steps too fast to kill between them reliably.
+    killed = start_run("killed", tmp_path, "configs/tiny.toml", [*args, *ckpt], 1,
+                       env={"MMPT_PAUSE_BEFORE_COMMIT": "4"})
+    flag = tmp_path / "killed" / "paused-before-commit-4"
+    wait_until(killed, flag.exists, 600, "the pause before committing step 4")
     kill_group(killed)
+    assert logged_steps(tmp_path / "killed")[-1] == 4
     resumed = start_run("resumed", tmp_path, "configs/tiny.toml", [*args, *ckpt], 1)
     finish(resumed, "resumed", tmp_path, 600)
     want = {r["step"]: r for r in read_metrics(tmp_path / "reference")}
     got = read_metrics(tmp_path / "resumed")
-    assert got[0]["step"] in (3, 5) and got[-1]["step"] == 6  # resumed from step 2 or 4
+    assert [r["step"] for r in got] == [3, 4, 5, 6]  # from step 2: checkpoint 4 was incomplete
     for r in got:
         # CUDA kernels (atomics in index_add, flex attention) need not be bitwise
         # reproducible between two runs, so a resumed run is held to float32 round-off.

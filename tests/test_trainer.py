@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -34,9 +35,10 @@ def _cfg(ds, run_dir, *extra):
 
 def _train(rank, world, cfg, nan_steps=(), grads=False):
     """Train cfg; at the steps in nan_steps a hook turns the output head's gradient into NaN.
-    Returns (final result, state fingerprint after each step, the runtime's expert-load stats
-    of each step), plus with `grads` this rank's reduced gradients of step 1
-    (tests/grad_check.py)."""
+    Returns (final result, state fingerprint after each step, per step the runtime's
+    expert-load stats and the trainer's own collectives by kind, outside ParallelRuntime.step),
+    plus with `grads` this rank's reduced gradients of step 1 (tests/grad_check.py)."""
+    from tests.simulated_device import patch_collectives
     from train.trainer import Trainer, rank_pieces, state_fingerprint
 
     class Faulty(Trainer):
@@ -47,38 +49,46 @@ def _train(rank, world, cfg, nan_steps=(), grads=False):
                     if stage.lm.head is not None:
                         hooks.append(stage.lm.head.weight.register_hook(
                             lambda g: torch.full_like(g, float("nan"))))
+            calls.clear()
             try:
-                return super().train_step(batch)
+                with patch_collectives(calls):
+                    return super().train_step(batch)
             finally:
                 for h in hooks:
                     h.remove()
+                a, b = steps[-1].pop("runtime_calls")
+                steps[-1]["trainer_collectives"] = dict(Counter(
+                    name for name, _ in calls[:a] + calls[b:]))
                 prints.append(state_fingerprint(self.state()))
 
     prints: list[str] = []
+    calls: list = []
+    steps: list[dict] = []
     trainer = Faulty(cfg)
     run_step = trainer.rt.step
-    loads: list = []
 
     def step_and_record(batch):
+        start = len(calls)
         out = run_step(batch)
-        loads.append(out.expert_load)
+        steps.append(dict(expert_load=out.expert_load, runtime_calls=(start, len(calls))))
         return out
     trainer.rt.step = step_and_record
     reduced = capture_reduced_grads(trainer.rt.zero, rank_pieces(trainer.rt)) if grads else None
     prints.append(state_fingerprint(trainer.state()))
     result = trainer.fit()
-    return (result, prints, loads, reduced[0]) if grads else (result, prints, loads)
+    return (result, prints, steps, reduced[0]) if grads else (result, prints, steps)
 
 
 def test_one_process_logs_every_metric(ds, tmp_path):
     cfg = _cfg(ds, tmp_path / "run", "--train.steps=3")
-    [(result, _, loads)] = run_distributed(_train, 1, cfg, timeout=240)
+    [(result, _, steps)] = run_distributed(_train, 1, cfg, timeout=240)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3] and result["step"] == 3
     from train.optim.schedule import schedule_multiplier
 
     top = cfg.model.n_routed_experts / cfg.model.num_experts_per_tok  # all tokens on k experts
-    for r, stats in zip(records, loads):
+    for r, step in zip(records, steps):
+        stats = step["expert_load"]
         assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0
         assert r["lr"] == cfg.optim.lr * schedule_multiplier(r["step"] - 1, cfg.optim, 3)
         assert r["tok_s"] > 0 and r["flops_s"] > 0 and "mfu" not in r  # CPU: no known peak
@@ -88,6 +98,10 @@ def test_one_process_logs_every_metric(ds, tmp_path):
         assert 0.0 <= r["vision_share"] < 1.0 and r["max_logit"] > 0
         assert r["skipped_steps"] == 0 and r["loss_tokens"] > 0
     assert any(r["vision_share"] > 0 for r in records)
+    # The loop's own collectives per step, besides the runtime's (counted with their devices in
+    # tests/test_device_placement.py): token counts over DP, QK-Clip's max logits, the max logit
+    # and the clipped heads over PP. A new one must be added here, on purpose.
+    assert all(s["trainer_collectives"] == {"all_reduce": 4} for s in steps), steps
     assert (tmp_path / "run" / "tensorboard").is_dir()
     final = json.loads((tmp_path / "run" / "final-state.json").read_text())
     assert final["step"] == 3 and len(final["fingerprints"]) == 1
