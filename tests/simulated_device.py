@@ -36,10 +36,12 @@ from torch.utils._pytree import tree_map
 
 DEVICE = torch.device("meta")
 
-# Ops CUDA allows across devices: explicit copies, and index tensors on the CPU.
-_CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::index.Tensor", "aten::index_put_",
-                    "aten::_index_put_impl_", "aten::index_put", "aten::_copy_from",
-                    "aten::lift_fresh", "aten::set_.source_Tensor"}
+# Ops CUDA allows across devices: explicit copies; indexing takes CPU index tensors (integer or
+# bool), but its values must be on the device.
+_CROSS_DEVICE_OK = {"aten::copy_", "aten::_to_copy", "aten::_copy_from", "aten::lift_fresh",
+                    "aten::set_.source_Tensor"}
+_CPU_INDICES_OK = {"aten::index.Tensor", "aten::index_put_", "aten::_index_put_impl_",
+                   "aten::index_put"}
 
 
 class DeviceMixError(RuntimeError):
@@ -90,6 +92,8 @@ class _Mode(TorchDispatchMode):
                                     if func._schema.overload_name else "")
         if on_dev and func._schema.name not in _CROSS_DEVICE_OK and name not in _CROSS_DEVICE_OK:
             bad = [t for t in plain if t.dim() > 0 and t.device.type == "cpu"]
+            if name in _CPU_INDICES_OK:
+                bad = [t for t in bad if t.dtype.is_floating_point or t.is_complex()]
             if bad:
                 raise DeviceMixError(
                     f"{name} mixes device tensors {[tuple(t.shape) for t in on_dev]} with CPU "
