@@ -19,11 +19,13 @@ from tests.dist import run_distributed
 from tests.parallel_fixtures import make_batch, tiny_config
 from tests.simulated_device import (DeviceMixError, patch_collectives, simulated_device,
                                     to_device, unwrap)
+from train.checkpoint import training_state
 from train.config import OptimConfig
 from train.model import build_model, init_weights
 from train.model.lm import DecoderLM
 from train.optim.muon import build_optimizer, optimizer_for
 from train.optim.qk_clip import QKClip, q_weight
+from train.trainer import rank_pieces, state_fingerprint
 
 
 def test_the_simulated_device_rejects_a_cpu_tensor_in_device_math():
@@ -35,6 +37,9 @@ def test_the_simulated_device_rejects_a_cpu_tensor_in_device_math():
             x * torch.ones(3)
         assert (x * torch.tensor(2.0)).device == dev  # a 0-dim CPU scalar is fine, as on CUDA
         assert (x + torch.ones(3, device=x.device)).device == dev
+        with pytest.raises(DeviceMixError, match="aten::index_put_"):
+            x[torch.tensor([0, 1])] = torch.ones(2)  # CPU indices are fine, CPU values not
+        assert x[torch.tensor([0, 2])].device == dev
         assert torch.tensor([1.0, 2.0], device=dev).tolist() == [1.0, 2.0]
         assert x.cpu().device.type == "cpu" and float(x.sum()) == 3.0
 
@@ -148,8 +153,16 @@ def _runtime_body(rank, world, on_device: bool):
                 results.append(rt.step(b))
                 clipped.append(clip.step(masters=rt.zero.masters()).clipped_heads)
             per_step.append(calls)
-        owners = sum(len(rt.zero._by_owner(g)) for g in rt.zero.groups)
+        owners = sum(len({p.owner for p in g.pieces}) for g in rt.zero.groups)
         params = {n: unwrap(p.detach()).clone() for n, p in rt.named_parameters()}
+        # What a checkpoint saves: optimizer state and masters live on the device too (torch's
+        # own 0-dim step counters stay on the CPU, as with CUDA parameters).
+        state = training_state(rank_pieces(rt), rt.zero, rank)
+        assert state_fingerprint(state)
+        if on_device:
+            placed = {k: t.device.type for k, t in state.items()
+                      if k.startswith(("model/", "optim/", "master/")) and t.dim() > 0}
+            assert placed and set(placed.values()) == {dev.type}, placed
     return ([(r.loss, r.grad_norm, r.expert_load, c) for r, c in zip(results, clipped)], params,
             per_step, owners)
 
