@@ -285,6 +285,25 @@ _INIT_LOCK = threading.Lock()
 os.register_at_fork(after_in_child=lambda: globals().update(_INIT_LOCK=threading.Lock()))
 
 
+def retry_jitter_seed(seed: int | None) -> int:
+    """The retry-jitter stream of this process: (seed, purpose, rank, loader worker), so ranks
+    and workers back off independently (one shared seed would retry in lockstep), yet the same
+    for the same seed and place. Rank from torchrun's RANK; worker from torch's DataLoader."""
+    from data.mix import derive_key
+
+    worker = 0
+    try:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+    except ImportError:
+        pass
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return derive_key(0 if seed is None else seed, "", "s3-retry-jitter", f"rank-{rank}",
+                      f"worker-{worker}")
+
+
 class _Retry(Exception):
     """Internal: this attempt failed in a way worth retrying; ``reason`` is counted in stats."""
 
@@ -358,7 +377,7 @@ class S3Store(ObjectStore):
             raise StoreError(f"{self.url}: cannot use endpoint {self.endpoint}: {redact(e)}") from None
         self._sem = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
-        self._rng = random.Random(self.seed)
+        self._rng = random.Random(retry_jitter_seed(self.seed))
         self._counts = {"requests": 0, "retries": 0, "bytes_read": 0, "bytes_written": 0}
         self._retry_reasons: dict[str, int] = {}
         self._pid = os.getpid()

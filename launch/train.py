@@ -73,8 +73,9 @@ def init_process_group(cfg: Config, env: dict) -> str:
             raise ConfigError(f"LOCAL_RANK={env['local_rank']} but this node has only "
                               f"{torch.cuda.device_count()} CUDA devices")
         torch.cuda.set_device(env["local_rank"])
-        # NCCL for CUDA tensors, gloo for the few CPU-tensor collectives (checkpoint
-        # coordination, DCP planning, object gathers), which NCCL alone rejects.
+        # NCCL for CUDA tensors: every per-step collective gets device tensors (counted in
+        # tests/test_device_placement.py). gloo only for the CPU-tensor collectives outside the
+        # step (checkpoint coordination, DCP planning, object gathers), which NCCL rejects.
         backend, device = "cpu:gloo,cuda:nccl", torch.device("cuda", env["local_rank"])
     else:
         torch.set_num_threads(1)

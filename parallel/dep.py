@@ -29,18 +29,20 @@ from parallel.dep_plan import EncoderPlan, plan_encoder_work
 from parallel.mesh import ParallelMesh
 
 
-def all_gather_rows(rows: torch.Tensor, group) -> list[torch.Tensor]:
-    """All-gather [n_r, k] long tensors of different n_r over group (padded to the max)."""
+def all_gather_rows(rows: torch.Tensor, group, device=None) -> list[torch.Tensor]:
+    """All-gather [n_r, k] long tensors of different n_r over group (padded to the max); the
+    collectives run on `device` (NCCL takes device tensors only), the results come back on
+    the CPU."""
     size = dist.get_world_size(group)
-    n = torch.tensor([rows.shape[0]], dtype=torch.long)
-    ns = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
+    n = torch.tensor([rows.shape[0]], dtype=torch.long, device=device)
+    ns = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
     dist.all_gather(ns, n, group=group)
-    top = max(int(x) for x in ns)
-    padded = torch.zeros(top, rows.shape[1], dtype=torch.long)
-    padded[:rows.shape[0]] = rows
+    counts = torch.cat(ns).tolist()
+    padded = torch.zeros(max(counts), rows.shape[1], dtype=torch.long, device=device)
+    padded[:rows.shape[0]] = rows.to(device)
     out = [torch.zeros_like(padded) for _ in range(size)]
     dist.all_gather(out, padded, group=group)
-    return [o[:int(k)] for o, k in zip(out, ns)]
+    return [o[:k].cpu() for o, k in zip(out, counts)]
 
 
 def _exchange(chunks: list[torch.Tensor], recv_rows: list[int], width: int, group,
@@ -84,7 +86,7 @@ class DecoupledEncoder:
         device = next(self.encoder.parameters()).device
         grids = [mb.grid_thw for mb in mbs if mb.grid_thw is not None]
         local = torch.cat(grids).long().cpu() if grids else torch.zeros(0, 3, dtype=torch.long)
-        per_replica = all_gather_rows(local, m.dp_group)  # replica d's grid_thw, item order
+        per_replica = all_gather_rows(local, m.dp_group, device)  # replica d's grid_thw
         patches = [item_patches(g) for g in per_replica]
         tokens = [item_tokens(g, self.merge) for g in per_replica]
         flat = [(d, i) for d in range(m.dp) for i in range(len(patches[d]))]

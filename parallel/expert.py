@@ -118,10 +118,12 @@ def reduce_expert_loads(modules: list[nn.Module], group) -> dict[str, torch.Tens
         got = collect_expert_loads(module)
         for name, moe in moe_layers(module).items():
             names.append(name)
-            loads.append(got.get(name, torch.zeros(moe.num_experts, dtype=torch.long)))
+            device = moe.router.e_score_correction_bias.device
+            loads.append(got.get(name, torch.zeros(moe.num_experts, dtype=torch.long,
+                                                   device=device)))
     if not loads:
         return {}
-    flat = torch.stack([x.to(torch.long).cpu() for x in loads])
+    flat = torch.stack([x.to(torch.long) for x in loads])  # on the device, for NCCL
     dist.all_reduce(flat, group=group)
     return dict(zip(names, flat.unbind(0)))
 

@@ -32,7 +32,7 @@ from parallel.mesh import ParallelMesh
 from parallel.pieces import RankCoords, RankPieces, take_rank_pieces
 from parallel.pipeline import PipelineRunner
 from parallel.zero import MakeOptimizer, ShardGroup, ZeroOptimizer
-from train.config import Config, ConfigError
+from train.config import Config
 from train.model.moe import moe_layers
 
 
@@ -67,10 +67,6 @@ class ParallelRuntime:
                  make_optimizer: MakeOptimizer, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         p = cfg.parallel
-        if cfg.model.seq_aux_loss_coef > 0 and p.pp > 1:
-            raise ConfigError(f"model.seq_aux_loss_coef={cfg.model.seq_aux_loss_coef}: the "
-                              "sequence-level aux loss is not wired through the pipeline yet; "
-                              "use 0 (aux-loss-free balancing) with parallel.pp > 1")
         self.cfg, self.mesh = cfg, mesh
         pieces = (model if isinstance(model, RankPieces)
                   else take_rank_pieces(model, cfg, RankCoords.of_mesh(mesh)))
@@ -142,13 +138,15 @@ class ParallelRuntime:
                        ) -> tuple[float, Tensor | None]:
         """Sum of the last stage's losses and its category sums over the world: one
         all-reduce (only the last stage holds them; other ranks add zeros)."""
-        total = torch.zeros(1 + 2 * num_categories, dtype=torch.float64)
+        total = torch.zeros(1 + 2 * num_categories, dtype=torch.float64,
+                            device=self.runner.device)
         for x in losses:
-            total[0] += x.detach().double().cpu()
+            total[0] += x.detach().double()
         sums = self.runner.category_sums
         if num_categories and sums is not None and losses:
-            total[1:] = sums.cpu().reshape(-1)
+            total[1:] = sums.reshape(-1)
         dist.all_reduce(total)
+        total = total.cpu()
         cats = total[1:].reshape(num_categories, 2) if num_categories else None
         return float(total[0]), cats
 
@@ -178,7 +176,8 @@ class ParallelRuntime:
             apply_router_bias_update(self.stage_modules, loads, cfg.model.bias_update_rate)
 
         total, cats = self._reduce_losses(losses, num_categories)
-        stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts)
+        stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts,
+                              self.runner.device)
         plan = self.dep.plan if self.dep is not None else None
         return StepResult(loss=total, grad_norm=float(grad_norm), expert_load=stats,
                           loss_tokens=n_tokens, encoder_load=plan.load if plan else (),
@@ -208,16 +207,17 @@ class ParallelRuntime:
 
 
 def _gather_stats(loads: dict[str, Tensor], mesh: ParallelMesh, num_layers: int,
-                  num_experts: int) -> dict[str, dict[str, float]]:
+                  num_experts: int, device) -> dict[str, dict[str, float]]:
     """Every rank gets every MoE layer's stats: each pipeline rank fills the rows of its layers
-    (already summed over its DP group), one all-reduce over the PP group adds the rest."""
-    table = torch.zeros(num_layers, num_experts, dtype=torch.long)
-    present = torch.zeros(num_layers, dtype=torch.long)
+    (already summed over its DP group) and marks them present in the last column; one
+    all-reduce over the PP group (on the device) adds the rest."""
+    table = torch.zeros(num_layers, num_experts + 1, dtype=torch.long, device=device)
     for name, v in loads.items():
         i = _layer_index(name)
-        table[i], present[i] = v, 1
+        table[i, :num_experts], table[i, num_experts] = v, 1
     dist.all_reduce(table, group=mesh.pp_group)
-    dist.all_reduce(present, group=mesh.pp_group)
+    table = table.cpu()
+    table, present = table[:, :num_experts], table[:, num_experts]
     return load_stats({f"layers.{i}": table[i] for i in range(num_layers) if present[i]})
 
 

@@ -198,6 +198,13 @@ class ZeroOptimizer:
 
     # -- introspection ----------------------------------------------------------------------
 
+    def reduced_grads(self) -> dict[str, Tensor | None]:
+        """Piece key ("fqn", or "fqn@a:b" for rows of an expert stack, local to this EP shard)
+        -> the gradient summed over the shard group of each piece this rank owns (None: no rank
+        had one), as the last reduce left it. Within step() the clip then scales it in place
+        and zero_grad() clears it. The tensors are live: read, do not modify."""
+        return {p.key: p.master.grad for p in self.owned}
+
     def masters(self) -> dict[str, Tensor]:
         """FQN -> fp32 master of every WHOLE parameter this rank owns (for QK-Clip)."""
         return {p.name: p.master for p in self.owned if p.whole}

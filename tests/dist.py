@@ -13,6 +13,9 @@ The function runs with the default process group initialised (gloo, TCP store on
 port). Its return value comes back per rank (it must be picklable: results are test data). Any
 rank's exception fails the call with every failing rank's own traceback, because a crash on one
 rank usually shows up on the others only as "connection closed". A timeout kills all ranks.
+
+`backend="nccl"` (the GPU lane) gives rank r the device cuda:r and starts ranks by spawn, since
+a forked child cannot use CUDA once the parent has; fn must then be importable (module level).
 """
 
 from __future__ import annotations
@@ -42,13 +45,17 @@ def free_port() -> int:
 
 
 def _child(fn: Callable, rank: int, world: int, port: int, args: tuple, kwargs: dict,
-           results: mp.Queue) -> None:
+           results: mp.Queue, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+        device = None
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, device_id=device)
         out = fn(rank, world, *args, **kwargs)
         # Plain pickle copies tensors by value; the queue's own (torch) pickler would share
         # their storage by file descriptor, which dies with this process before the parent reads.
@@ -70,12 +77,12 @@ def _child(fn: Callable, rank: int, world: int, port: int, args: tuple, kwargs: 
 
 
 def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 300.0,
-                    **kwargs: Any) -> list[Any]:
+                    backend: str = "gloo", **kwargs: Any) -> list[Any]:
     """Run fn(rank, world, *args, **kwargs) on `world` forked ranks; return results by rank."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn" if backend == "nccl" else "fork")
     results: mp.Queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, kwargs, results),
+    procs = [ctx.Process(target=_child, args=(fn, r, world, port, args, kwargs, results, backend),
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()

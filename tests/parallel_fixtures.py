@@ -79,3 +79,27 @@ def concat_batches(batches: list[dict]) -> dict:
     out["pixel_patches"] = (torch.cat([b["pixel_patches"] for b in with_vision])
                             if with_vision else None)
     return out
+
+
+def zero1_replica(model, make_optimizer, ep: int, max_grad_norm: float = 0.0):
+    """A data-parallel replica of `model` over the whole world with the real ZeRO-1
+    (parallel/zero.py): experts sharded over EP = `ep` consecutive ranks (ep 1: none, or the
+    world), dense optimizer state over the world, expert state over each shard's replicas."""
+    import torch.distributed as dist
+
+    from parallel.expert import is_expert_param, shard_experts
+    from parallel.zero import ShardGroup, ZeroOptimizer
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if ep not in (1, world):
+        raise ValueError(f"ep={ep}: this fixture shards experts over 1 rank or all {world}")
+    if ep > 1:
+        shard_experts(model, dist.group.WORLD, rank, ep)
+    singles = [dist.new_group([r]) for r in range(world)]  # expert-data-parallel groups at EP=world
+    named = list(model.named_parameters())
+    dense = [(n, p) for n, p in named if not (ep > 1 and is_expert_param(n))]
+    groups = [ShardGroup(dist.group.WORLD, dense, split_dim0=is_expert_param)]
+    if ep > 1:
+        groups.append(ShardGroup(singles[rank], [(n, p) for n, p in named if is_expert_param(n)]))
+    return ZeroOptimizer(groups, make_optimizer, max_grad_norm=max_grad_norm,
+                         norm_group=dist.group.WORLD)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up (or reuse) the venv, then run the whole suite.
-# Extra arguments go to pytest, e.g. `bash tests/run.sh -k config -x`.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k config -x`; the GPU lane (deselected
+# by default) is `bash tests/run.sh -m gpu`: on a machine without CUDA its tests are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The SLURM launcher test needs slurm-wlm and munge; setup installs them when missing.

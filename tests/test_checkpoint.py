@@ -15,12 +15,13 @@ from torch import nn
 
 from data.store import LocalStore
 from tests.dist import run_distributed
+from tests.parallel_fixtures import zero1_replica
 from train.checkpoint import CheckpointManager, restore_rng, step_dir, training_state
 from train.config import ModelConfig
 from train.model import init_weights
 from train.model.lm import DecoderLM
 from train.model.moe import GroupedExperts
-from train.optim.muon import build_optimizer, is_expert_stack
+from train.optim.muon import build_optimizer, is_expert_stack, optimizer_for
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, first_k_dense=1,
                   intermediate_size=48, num_heads=4, q_lora_rank=16, kv_lora_rank=16,
@@ -39,45 +40,33 @@ def _grad(name: str, step: int, shape) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------
 # A replica at some layout: DP `world` ranks, experts sharded over `ep` of them, optimizer
-# state by whole-parameter ownership (round robin over names; expert shards by their holder).
+# state sharded by the real ZeRO-1 (parallel/zero.py).
 # ------------------------------------------------------------------------------------------
 
 
 def _replica(rank: int, world: int, ep: int, seed: int = 0):
     model = DecoderLM(CFG)
     init_weights(model, seed)
-    if ep > 1:
-        for module in model.modules():
-            if isinstance(module, GroupedExperts):
-                local = CFG.n_routed_experts // ep
-                first = (rank % ep) * local
-                for w in ("w_gate", "w_up", "w_down"):
-                    full = getattr(module, w).detach()
-                    setattr(module, w, nn.Parameter(full[first:first + local].clone()))
-                module.first_expert = first
-    names = sorted(n for n, p in model.named_parameters()
-                   if not (ep > 1 and is_expert_stack(n, p)))
-    owner = {n: i % world for i, n in enumerate(names)}
-    opt = build_optimizer(model, OPTIM, ns_dtype=torch.float32,
-                          owned=lambda n, p: owner.get(n, rank) == rank)
-    return model, opt, owner
+    zero = zero1_replica(model, lambda named: optimizer_for(named, OPTIM, ns_dtype=torch.float32),
+                         ep)
+    return model, zero
 
 
-def _train(model, opt, owner, steps, start=0):
+def _train(model, zero, steps, start=0):
+    """Gradients that depend only on (name, step), split evenly over the replicas that sum them,
+    so every layout trains on the same summed gradient."""
+    world = dist.get_world_size()
     experts = {n: m.first_expert for n, m in model.named_modules() if isinstance(m, GroupedExperts)}
     for step in range(start, start + steps):
         for name, p in model.named_parameters():
-            if is_expert_stack(name, p):
+            if is_expert_stack(name, p) and p.shape[0] < CFG.n_routed_experts:
                 full = _grad(name, step, (CFG.n_routed_experts,) + tuple(p.shape[1:]))
                 first = experts[name.rpartition(".")[0]]
-                p.grad = full[first:first + p.shape[0]].clone()
+                p.grad = full[first:first + p.shape[0]].clone()  # one holder: no sum
             else:
-                p.grad = _grad(name, step, p.shape)
-        opt.step()
-        if dist.is_initialized():  # owners publish their updated params (ZeRO-1's broadcast)
-            for name, p in model.named_parameters():
-                if name in owner:
-                    dist.broadcast(p.data, src=owner[name])
+                p.grad = _grad(name, step, p.shape) / world
+        zero.step()
+        zero.zero_grad()
 
 
 def _numpy(state):
@@ -85,17 +74,19 @@ def _numpy(state):
 
 
 def _save_body(rank, world, root, ep, steps):
-    model, opt, owner = _replica(rank, world, ep)
-    _train(model, opt, owner, steps)
-    state = training_state(model, opt, rank)
+    model, zero = _replica(rank, world, ep)
+    _train(model, zero, steps)
+    state = training_state(model, zero, rank)
     CheckpointManager(root, keep_last=2).save(steps, state, meta=META)
     return _numpy(state)
 
 
 def _load_body(rank, world, root, ep):
-    model, opt, owner = _replica(rank, world, ep, seed=1)  # other values: the load must overwrite
-    state = training_state(model, opt, rank)
-    loaded = CheckpointManager(root).load_latest(state)
+    model, zero = _replica(rank, world, ep, seed=1)  # other values: the load must overwrite
+    state = training_state(model, zero, rank)
+    # Masters optional, as in the trainer: a plain optimizer's checkpoint has none (the S3 case
+    # below writes one); a ZeRO-1 checkpoint has them all, so `missing` lists only RNG states.
+    loaded = CheckpointManager(root).load_latest(state, optional=("rng/", "master/"))
     return loaded.step, loaded.meta, loaded.missing, _numpy(state)
 
 
@@ -107,15 +98,18 @@ def _assert_layout_free(saved_by_rank, loaded_by_rank):
                 if k in saved:  # replicas agree (the broadcast), so dedup may keep any copy
                     assert (saved[k] == v).all(), k
                 saved[k] = v
-    restored_optim = set()
+    restored = set()
     for step, meta, missing, st in loaded_by_rank:
         assert step == 2 and meta == {"step": 2, **META}
         for k, v in st.items():
             if k.startswith("rng/"):
                 continue
             assert (v == saved[k]).all(), k  # bit for bit
-            restored_optim.add(k) if k.startswith("optim/") else None
-    assert restored_optim == {k for k in saved if k.startswith("optim/")}
+            if k.startswith(("optim/", "master/")):
+                restored.add(k)
+    # The new layout's owners between them load every optimizer state and master entry.
+    assert restored == {k for k in saved if k.startswith(("optim/", "master/"))}
+    assert any(k.startswith("master/") for k in restored)
 
 
 def test_two_rank_save_loads_at_one_and_four_ranks(tmp_path):

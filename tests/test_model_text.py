@@ -1,5 +1,5 @@
 """Text model: packing isolation, positions, loss mask, fusion, dropless routing, router bias,
-aux loss, max logits, attention backends, init determinism."""
+max logits, attention backends, init determinism."""
 
 from __future__ import annotations
 
@@ -150,11 +150,12 @@ def test_moe_backward_reaches_all_expert_weights():
     moe = model.layers["1"].mlp
     x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
     moe(x).sum().backward()
-    for p in (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down, moe.router.weight):
-        assert p.grad is not None
+    assert moe.router.weight.grad.abs().sum() > 0  # through the combine weights
     used = moe.last_expert_load > 0
-    assert torch.all(moe.experts.w_down.grad[used].abs().sum((1, 2)) > 0)
-    assert torch.all(moe.experts.w_down.grad[~used] == 0)
+    assert 0 < int(used.sum()) < 8  # 3 tokens x top-2: some experts get none
+    for w in (moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down):
+        assert torch.all(w.grad[used].abs().sum((1, 2)) > 0)
+        assert torch.all(w.grad[~used] == 0)
 
 
 def test_grouped_mm_experts_equal_the_expert_loop():
@@ -215,22 +216,18 @@ def test_update_router_bias_sign_rule_and_load_collection():
         update_router_bias(model, {"layers.0.mlp": load}, rate=0.01)
 
 
-def test_sequence_aux_loss_formula_and_gradient():
-    model = make_lm(seq_aux_loss_coef=0.01)
-    moe = model.layers["1"].mlp
+def test_balancing_is_aux_loss_free_only():
+    """The recipe balances experts by the selection bias alone; there is no aux-loss option
+    (an old config that sets one is rejected, naming the key)."""
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="seq_aux_loss_coef"):
+        load_config("configs/tiny.toml", ["--model.seq_aux_loss_coef=0.01"])
+    moe = make_lm().layers["1"].mlp
     x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(8))
-    moe(x)
-    scores, idx, _ = moe.router(x.reshape(-1, 64))
-    ref = 0.0
-    for b in range(2):
-        s, i = scores[b * 6:(b + 1) * 6], idx[b * 6:(b + 1) * 6]
-        p = (s / s.sum(-1, keepdim=True)).mean(0)
-        f = torch.bincount(i.flatten(), minlength=8).float() * 8 / (2 * 6)
-        ref = ref + (f * p).sum() / 2
-    torch.testing.assert_close(moe.last_aux_loss, 0.01 * ref)
-    moe.last_aux_loss.backward()
-    assert moe.router.weight.grad.abs().sum() > 0
-    assert make_lm().layers["1"].mlp(x) is not None and make_lm().layers["1"].mlp.last_aux_loss is None
+    out = moe(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not hasattr(moe, "last_aux_loss")
 
 
 def _eager_logits_max(q, k, doc_ids, scale):

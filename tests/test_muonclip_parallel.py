@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.expert import is_expert_param, shard_experts
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
-from parallel.zero import ShardGroup, ZeroOptimizer
 from tests.dist import run_distributed
-from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
+from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks, model_grads
+from tests.parallel_fixtures import concat_batches, make_batch, tiny_config, zero1_replica
 from train.checkpoint import CheckpointManager, fill_masters, model_tensors, optimizer_tensors
 from train.config import ModelConfig, replace
 from train.model import build_model, init_weights
@@ -36,6 +35,7 @@ from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import build_optimizer, optimizer_for
 from train.optim.qk_clip import QKClip, q_weight
 from train.optim.schedule import clip_grad_norm_, set_lr
+from train.trainer import rank_pieces
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, first_k_dense=1,
                   intermediate_size=48, num_heads=4, q_lora_rank=16, kv_lora_rank=16,
@@ -74,29 +74,23 @@ def _reference():
     model = _model()
     opt = build_optimizer(model, OPTIM, ns_dtype=torch.float32)
     clip = QKClip(model, TAU)
-    clipped = 0
+    clipped, grads = 0, []
     for step in range(STEPS):
         set_lr(opt, step, OPTIM, STEPS)
         for rank in range(WORLD):
             _loss(model, step, rank).backward()
+        grads.append(model_grads(model))
         clip_grad_norm_(list(model.parameters()), MAX_NORM)
         opt.step()
         clipped += clip.step().clipped_heads
         opt.zero_grad()
-    return model, opt, clipped
+    return model, opt, clipped, grads
 
 
 def _zero_replica(rank, world, ep):
     model = _model()
-    shard_experts(model, dist.group.WORLD, rank, ep)
-    singles = [dist.new_group([r]) for r in range(world)]  # expert-data-parallel groups at EP2
-    dense = [(n, p) for n, p in model.named_parameters() if not (ep > 1 and is_expert_param(n))]
-    groups = [ShardGroup(dist.group.WORLD, dense, split_dim0=is_expert_param)]
-    if ep > 1:
-        experts = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
-        groups.append(ShardGroup(singles[rank], experts))
-    zero = ZeroOptimizer(groups, lambda named: optimizer_for(named, OPTIM, ns_dtype=torch.float32),
-                         max_grad_norm=MAX_NORM, norm_group=dist.group.WORLD)
+    zero = zero1_replica(model, lambda named: optimizer_for(named, OPTIM, ns_dtype=torch.float32),
+                         ep, max_grad_norm=MAX_NORM)
     return model, zero
 
 
@@ -111,6 +105,7 @@ def _numpy(state):
 def _body(rank, world, ep, root):
     model, zero = _zero_replica(rank, world, ep)
     clip = QKClip(model, TAU, group=dist.group.WORLD)
+    reduced = capture_reduced_grads(zero, model)
     clipped = 0
     for step in range(STEPS):
         if zero.optimizer is not None:
@@ -122,7 +117,7 @@ def _body(rank, world, ep, root):
     params = _numpy(model_tensors(model))
     state = _numpy(optimizer_tensors(zero, model))
     CheckpointManager(root).save(STEPS, _state(model, zero))
-    return params, state, clipped
+    return params, state, clipped, reduced
 
 
 def _load_body(rank, world, ep, root):
@@ -136,12 +131,16 @@ def _load_body(rank, world, ep, root):
 @pytest.mark.parametrize("ep", [1, 2], ids=["zero1-dp2", "zero1-dp2-ep2"])
 def test_zero1_muonclip_equals_single_process(ep, tmp_path):
     results = run_distributed(_body, WORLD, ep, str(tmp_path))
-    ref_model, ref_opt, ref_clipped = _reference()
+    ref_model, ref_opt, ref_clipped, ref_grads = _reference()
     assert ref_clipped >= 2  # QK-Clip really acted
+    for step, want in enumerate(ref_grads):  # owners' summed gradients, before the clip
+        # step 0 agrees to 1e-7; later steps inherit the parameters' fp32 round-off (2e-5)
+        assert_grads_match(merge_ranks([r[3][step] for r in results]), want, atol=1e-6,
+                           rtol=1e-4, context=f"step {step}")
     ref_params = model_tensors(ref_model)
     ref_state = optimizer_tensors(ref_opt, ref_model)
     seen_state = set()
-    for params, state, clipped in results:
+    for params, state, clipped, _ in results:
         assert clipped == ref_clipped
         for key, value in params.items():
             ref = ref_params[key]
@@ -166,7 +165,7 @@ def test_zero1_muonclip_equals_single_process(ep, tmp_path):
     # The ZeRO checkpoint loads into a plain single-process optimizer (masters ignored) and into
     # ZeRO at the other expert layout, bit for bit.
     saved = {}
-    for params, state, _ in results:
+    for params, state, _, _ in results:
         saved.update(params)
         saved.update(state)
     plain_model = _model()
@@ -228,6 +227,7 @@ def _pp_body(rank, world, steps):
     rt = ParallelRuntime(cfg, model, mesh,
                          lambda named: optimizer_for(named, cfg.optim, ns_dtype=torch.float32))
     clip = QKClip(rt.stage_modules, cfg.optim.qk_clip_tau, group=mesh.dp_group)
+    reduced = capture_reduced_grads(rt.zero, rank_pieces(rt))
     losses, clipped = [], []
     for step, per_replica in enumerate(steps):
         if rt.zero.optimizer is not None:
@@ -236,7 +236,7 @@ def _pp_body(rank, world, steps):
         clipped.append(clip.step(masters=rt.zero.masters()).clipped_heads)
     state = model_tensors(rt.stage_modules + [("vision.", rt.dep.encoder)])
     optim = optimizer_tensors(rt.zero, rt.stage_modules + [("vision.", rt.dep.encoder)])
-    return mesh.dp_rank, losses, clipped, _numpy(state), _numpy(optim)
+    return mesh.dp_rank, losses, clipped, _numpy(state), _numpy(optim), reduced
 
 
 def _pp_reference(steps):
@@ -245,7 +245,7 @@ def _pp_reference(steps):
     init_weights(model, 0)
     opt = build_optimizer(model, cfg.optim, ns_dtype=torch.float32)
     clip = QKClip(model, cfg.optim.qk_clip_tau)
-    losses, clipped = [], []
+    losses, clipped, grads = [], [], []
     for step, per_replica in enumerate(steps):
         b = concat_batches(per_replica)
         set_lr(opt, step, cfg.optim, len(steps))
@@ -253,26 +253,30 @@ def _pp_reference(steps):
                        pixel_patches=b["pixel_patches"], grid_thw=b["grid_thw"])
         loss_sum, n = lm_loss_sum(logits, b["labels"], b["loss_mask"])
         (loss_sum / n).backward()
+        grads.append(model_grads(model))
         clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
         opt.step()
         clipped.append(clip.step().clipped_heads)
         opt.zero_grad()
         update_router_bias(model, collect_expert_loads(model), cfg.model.bias_update_rate)
         losses.append((loss_sum / n).item())
-    return losses, clipped, model_tensors(model), optimizer_tensors(opt, model)
+    return losses, clipped, model_tensors(model), optimizer_tensors(opt, model), grads
 
 
 def test_runtime_pp2_v2_dp2_ep2_dep_muonclip_equals_single_process():
     steps = _pp_steps()
-    ref_losses, ref_clipped, ref_state, ref_optim = _pp_reference(steps)
+    ref_losses, ref_clipped, ref_state, ref_optim, ref_grads = _pp_reference(steps)
     assert all(c > 0 for c in ref_clipped) and min(ref_clipped) < 8  # clips some heads, not all
     out = run_distributed(_pp_body, 4, steps, timeout=300)
+    for step, want in enumerate(ref_grads):
+        assert_grads_match(merge_ranks([o[5][step] for o in out]), want, atol=1e-6, rtol=1e-4,
+                           context=f"step {step}")
     covered = set()
     for dp_rank in range(2):
         per_stage = [o for o in out if o[0] == dp_rank]
         # the two pipeline ranks of a replica clip disjoint layers: together, the reference
         assert [sum(c) for c in zip(*(o[2] for o in per_stage))] == ref_clipped
-    for _, losses, _, state, optim in out:
+    for _, losses, _, state, optim, _ in out:
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0,
                                    atol=1e-5)
         for key, value in state.items():

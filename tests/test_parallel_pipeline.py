@@ -7,6 +7,7 @@ from parallel.batch import split_microbatches
 from parallel.mesh import build_mesh
 from parallel.pipeline import PipelineRunner, chunk_layer_keys, layer_counts, split_model
 from tests.dist import run_distributed
+from tests.grad_check import assert_grads_match, merge_ranks, model_grads
 from tests.parallel_fixtures import IMAGE, VIDEO, make_batch, tiny_config
 from train.model import build_model, init_weights
 from train.model.lm import lm_loss_sum
@@ -50,7 +51,7 @@ def _reference(cfg, batch):
                    grid_thw=batch["grid_thw"])
     s, n = lm_loss_sum(logits, batch["labels"], batch["loss_mask"])
     (s / n).backward()
-    return (s / n).item(), {k: p.grad for k, p in model.named_parameters()}
+    return (s / n).item(), model_grads(model)
 
 
 def _pipeline(rank, world, cfg, batch):
@@ -81,7 +82,4 @@ def test_pipeline_matches_single_process(schedule, v):
     out = run_distributed(_pipeline, 2, cfg, batch, timeout=120)
     assert out[0][0] == 0.0  # rank 0 holds no last stage
     torch.testing.assert_close(torch.tensor(out[1][0]), torch.tensor(ref_loss), rtol=0, atol=1e-6)
-    grads = {**out[0][1], **out[1][1]}
-    assert set(grads) == set(ref_grads)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-6, msg=name)
+    assert_grads_match(merge_ranks([out[0][1], out[1][1]]), ref_grads, atol=1e-6)

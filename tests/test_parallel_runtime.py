@@ -3,11 +3,14 @@
 Every case trains the same tiny KimiK25 (float32, seed 0) for several optimizer steps on the same
 global batches (text + images + multi-frame video chunks; in step 1 replica 1 has no vision, in
 an extra step of the world-4 case the whole global batch is text only) and compares per-step
-losses and all final parameters (expert params slice-by-slice) and router biases with the
-reference run of one process over the concatenated global batch.
+losses, every parameter's reduced gradient before each optimizer step (tests/grad_check.py),
+all final parameters (expert params slice-by-slice) and router biases with the reference run of
+one process over the concatenated global batch.
 
 Tolerance: atol 1e-5 on losses and parameters (AdamW lr 1e-3: float32 round-off only, the
-parameters move ~1e-3 per step), router biases exactly (the loads are integer counts).
+parameters move ~1e-3 per step), atol 1e-6 + rtol 1e-4 on gradients (float32 round-off of
+another summation order; the largest gradients are ~1e-1), router biases exactly (the loads are
+integer counts).
 """
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
+from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks, model_grads
 from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
 from train.config import OptimConfig
 from train.model import build_model, init_weights
@@ -23,8 +27,10 @@ from train.model.lm import lm_loss_sum
 from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import optimizer_for
 from train.optim.schedule import clip_grad_norm_
+from train.trainer import rank_pieces
 
 ATOL = 1e-5
+GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
 
 
 def adamw(named):
@@ -43,18 +49,19 @@ def reference(cfg, global_batches, make_opt):
     model = build_model(cfg)
     init_weights(model, 0)
     opt = make_opt(list(model.named_parameters()))
-    losses = []
+    losses, grads = [], []
     for b in global_batches:
         logits = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"],
                        pixel_patches=b["pixel_patches"], grid_thw=b["grid_thw"])
         s, n = lm_loss_sum(logits, b["labels"], b["loss_mask"])
         (s / n).backward()
+        grads.append(model_grads(model))
         clip_grad_norm_(list(model.parameters()), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad()
         update_router_bias(model, collect_expert_loads(model), cfg.model.bias_update_rate)
         losses.append((s / n).item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, grads
 
 
 def _train(rank, world, cfg, steps, make_opt):
@@ -62,6 +69,7 @@ def _train(rank, world, cfg, steps, make_opt):
     model = build_model(cfg)
     init_weights(model, 0)
     rt = ParallelRuntime(cfg, model, mesh, make_opt)
+    grads = capture_reduced_grads(rt.zero, rank_pieces(rt))
     results = [rt.step(per_replica[mesh.dp_rank]) for per_replica in steps]
     state = {}
     for module in rt.stage_modules:
@@ -73,14 +81,18 @@ def _train(rank, world, cfg, steps, make_opt):
     if rt.dep is not None:
         state.update({f"vision.{k}": v.clone() for k, v in rt.dep.encoder.state_dict().items()})
     return [r.loss for r in results], [r.expert_load for r in results], state, \
-        [r.encoder_load for r in results]
+        [r.encoder_load for r in results], grads
 
 
 def _compare(cfg, world, steps, make_opt=adamw):
-    ref_losses, ref_state = reference(cfg, [concat_batches(s) for s in steps], make_opt)
+    ref_losses, ref_state, ref_grads = reference(cfg, [concat_batches(s) for s in steps],
+                                                 make_opt)
     out = run_distributed(_train, world, cfg, steps, make_opt, timeout=300)
+    for step, want in enumerate(ref_grads):
+        assert_grads_match(merge_ranks([o[4][step] for o in out]), want, atol=GRAD_ATOL,
+                           rtol=GRAD_RTOL, context=f"step {step}")
     covered, bias_moved = set(), False
-    for rank, (losses, stats, state, _) in enumerate(out):
+    for rank, (losses, stats, state, _, _) in enumerate(out):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0,
                                    atol=ATOL, msg=f"rank {rank} losses")
         assert stats == out[0][1], "expert load stats differ between ranks"

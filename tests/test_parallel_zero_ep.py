@@ -7,6 +7,7 @@ from torch import nn
 from parallel.expert import AllToAllDispatcher
 from parallel.zero import ShardGroup, ZeroOptimizer, plan_ownership
 from tests.dist import run_distributed
+from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks
 
 
 def test_plan_ownership_balances_and_splits_only_expert_stacks():
@@ -55,6 +56,7 @@ def _zero(rank, world, kind):
     zero = ZeroOptimizer([ShardGroup(dist.group.WORLD, params,
                                      split_dim0=lambda n: n.startswith("experts"))],
                          _opt(kind), max_grad_norm=3.0)
+    reduced = capture_reduced_grads(zero)
     norms = []
     for step in range(3):
         for (n, p), g in zip(_make_params(0), _grads(step, rank)):
@@ -63,7 +65,7 @@ def _zero(rank, world, kind):
                     q.grad = g.clone()
         norms.append(float(zero.step()))
         zero.zero_grad()
-    return {n: p.detach() for n, p in params}, norms, zero.state_bytes()
+    return {n: p.detach() for n, p in params}, norms, zero.state_bytes(), reduced
 
 
 def _reference(kind, world):
@@ -71,31 +73,35 @@ def _reference(kind, world):
     if kind == "muon":
         params = [(n, p) for n, p in params if p.ndim == 2]
     opt = _opt(kind)(params)
-    norms = []
+    norms, grads = [], []
     for step in range(3):
         total = [sum(gs) for gs in zip(*[_grads(step, r) for r in range(world)])]
         for (n, _), g in zip(_make_params(0), total):
             for name, q in params:
                 if name == n:
                     q.grad = g
+        grads.append({n: q.grad.clone() for n, q in params})
         norms.append(float(torch.nn.utils.clip_grad_norm_([q for _, q in params], 3.0)))
         opt.step()
         opt.zero_grad()
     state = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                 if isinstance(t, torch.Tensor))
-    return {n: p.detach() for n, p in params}, norms, state
+    return {n: p.detach() for n, p in params}, norms, state, grads
 
 
 def test_zero1_equals_plain_optimizer_adamw_and_muon():
     for kind in ("adamw", "muon"):
-        ref, ref_norms, ref_state = _reference(kind, 4)
+        ref, ref_norms, ref_state, ref_grads = _reference(kind, 4)
         out = run_distributed(_zero, 4, kind)
-        for params, norms, state in out:
+        for step, want in enumerate(ref_grads):  # each owner's summed gradient, before the clip
+            assert_grads_match(merge_ranks([o[3][step] for o in out]), want, atol=1e-6,
+                               context=f"{kind} step {step}")
+        for params, norms, state, _ in out:
             for n, p in params.items():
                 torch.testing.assert_close(p, ref[n], rtol=0, atol=1e-6, msg=f"{kind} {n}")
             torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=1e-6,
                                        atol=0)
-        states = [s["optimizer_state"] for _, _, s in out]
+        states = [s["optimizer_state"] for _, _, s, _ in out]
         # Sharded: no rank holds the whole state; together they hold what one optimizer holds
         # (plus one AdamW step counter per extra expert slice).
         assert max(states) < ref_state <= sum(states) <= ref_state + 64

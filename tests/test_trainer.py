@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 
 from tests.corpus_fixtures import make_dataset
 from tests.dist import DistributedTestError, run_distributed
+from tests.grad_check import assemble, assert_grads_match, capture_reduced_grads, merge_ranks
 from train.config import ConfigError, load_config
 from train.metrics import read_metrics
 
@@ -31,10 +33,13 @@ def _cfg(ds, run_dir, *extra):
         f"--train.run_dir={run_dir}", *extra])
 
 
-def _train(rank, world, cfg, nan_steps=()):
+def _train(rank, world, cfg, nan_steps=(), grads=False):
     """Train cfg; at the steps in nan_steps a hook turns the output head's gradient into NaN.
-    Returns (final result, state fingerprint after each step)."""
-    from train.trainer import Trainer, state_fingerprint
+    Returns (final result, state fingerprint after each step, per step the runtime's
+    expert-load stats and the trainer's own collectives by kind, outside ParallelRuntime.step),
+    plus with `grads` this rank's reduced gradients of step 1 (tests/grad_check.py)."""
+    from tests.simulated_device import patch_collectives
+    from train.trainer import Trainer, rank_pieces, state_fingerprint
 
     class Faulty(Trainer):
         def train_step(self, batch):
@@ -44,34 +49,59 @@ def _train(rank, world, cfg, nan_steps=()):
                     if stage.lm.head is not None:
                         hooks.append(stage.lm.head.weight.register_hook(
                             lambda g: torch.full_like(g, float("nan"))))
+            calls.clear()
             try:
-                return super().train_step(batch)
+                with patch_collectives(calls):
+                    return super().train_step(batch)
             finally:
                 for h in hooks:
                     h.remove()
+                a, b = steps[-1].pop("runtime_calls")
+                steps[-1]["trainer_collectives"] = dict(Counter(
+                    name for name, _ in calls[:a] + calls[b:]))
                 prints.append(state_fingerprint(self.state()))
 
     prints: list[str] = []
+    calls: list = []
+    steps: list[dict] = []
     trainer = Faulty(cfg)
+    run_step = trainer.rt.step
+
+    def step_and_record(batch, *args, **kwargs):
+        start = len(calls)
+        out = run_step(batch, *args, **kwargs)
+        steps.append(dict(expert_load=out.expert_load, runtime_calls=(start, len(calls))))
+        return out
+    trainer.rt.step = step_and_record
+    reduced = capture_reduced_grads(trainer.rt.zero, rank_pieces(trainer.rt)) if grads else None
     prints.append(state_fingerprint(trainer.state()))
-    return trainer.fit(), prints
+    result = trainer.fit()
+    return (result, prints, steps, reduced[0]) if grads else (result, prints, steps)
 
 
 def test_one_process_logs_every_metric(ds, tmp_path):
     cfg = _cfg(ds, tmp_path / "run", "--train.steps=3")
-    [(result, _)] = run_distributed(_train, 1, cfg, timeout=240)
+    [(result, _, steps)] = run_distributed(_train, 1, cfg, timeout=240)
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3] and result["step"] == 3
     from train.optim.schedule import schedule_multiplier
 
-    for r in records:
+    top = cfg.model.n_routed_experts / cfg.model.num_experts_per_tok  # all tokens on k experts
+    for r, step in zip(records, steps):
+        stats = step["expert_load"]
         assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0
         assert r["lr"] == cfg.optim.lr * schedule_multiplier(r["step"] - 1, cfg.optim, 3)
         assert r["tok_s"] > 0 and r["flops_s"] > 0 and "mfu" not in r  # CPU: no known peak
-        assert r["expert_load_max_mean"] >= 1.0
+        # the worst layer's max/mean tokens per expert, from this step's loads, not collapsed
+        assert r["expert_load_max_mean"] == max(s["max"] / s["mean"] for s in stats.values())
+        assert 1.0 < r["expert_load_max_mean"] < top
         assert 0.0 <= r["vision_share"] < 1.0 and r["max_logit"] > 0
         assert r["skipped_steps"] == 0 and r["loss_tokens"] > 0
     assert any(r["vision_share"] > 0 for r in records)
+    # The loop's own collectives per step, besides the runtime's (counted with their devices in
+    # tests/test_device_placement.py): token counts over DP, QK-Clip's max logits, the max logit
+    # and the clipped heads over PP. A new one must be added here, on purpose.
+    assert all(s["trainer_collectives"] == {"all_reduce": 4} for s in steps), steps
     assert (tmp_path / "run" / "tensorboard").is_dir()
     final = json.loads((tmp_path / "run" / "final-state.json").read_text())
     assert final["step"] == 3 and len(final["fingerprints"]) == 1
@@ -79,7 +109,7 @@ def test_one_process_logs_every_metric(ds, tmp_path):
 
 def test_a_nan_gradient_skips_the_update_and_is_counted(ds, tmp_path):
     cfg = _cfg(ds, tmp_path / "run", "--train.steps=4")
-    [(result, prints)] = run_distributed(_train, 1, cfg, (2,), timeout=240)
+    [(result, prints, _)] = run_distributed(_train, 1, cfg, (2,), timeout=240)
     # prints[k] = state after k steps: step 2 changed nothing (params, masters, optimizer
     # state, router bias); the steps around it did.
     assert prints[2] == prints[1]
@@ -127,8 +157,12 @@ def test_four_ranks_pp2_v2_dp2_ep2_dep_match_one_process(ds, tmp_path):
     one = _cfg(ds, tmp_path / "one", "--train.steps=3")
     four = _cfg(ds, tmp_path / "four", "--train.steps=3", "--parallel.pp=2",
                 "--parallel.virtual_stages=2", "--parallel.dp=2", "--parallel.ep=2")
-    run_distributed(_train, 1, one, timeout=240)
-    run_distributed(_train, 4, four, timeout=300)
+    [(_, _, _, ref)] = run_distributed(_train, 1, one, (), True, timeout=240)
+    got = run_distributed(_train, 4, four, (), True, timeout=300)
+    # Step 1's reduced gradient of every parameter (before the clip), expert rows included:
+    # the same data and weights, so float32 round-off of another summation order only.
+    assert_grads_match(merge_ranks([g for _, _, _, g in got]), assemble(ref), atol=1e-6, rtol=1e-4,
+                       context="step 1")
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four")
     assert [r["step"] for r in b] == [1, 2, 3]
     # Step 1: same data and weights, only the summation order differs (micro-batches,
@@ -141,3 +175,30 @@ def test_four_ranks_pp2_v2_dp2_ep2_dep_match_one_process(ds, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x["step"], x["loss"], y["loss"])
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-2)
         assert y["vision_share"] == x["vision_share"] and y["loss_tokens"] == x["loss_tokens"]
+
+
+def _rng_states(rank, world, cfg, resume_only):
+    """The first run advances this rank's torch stream before training (as a random op of a
+    step would), trains and saves; a fresh trainer then resumes. Returns the generator states."""
+    from train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    fresh = torch.get_rng_state()
+    if resume_only:
+        assert trainer.resume()
+    else:
+        torch.rand(rank + 3)
+        trainer.fit()
+    return fresh, torch.get_rng_state()
+
+
+def test_each_rank_has_its_own_torch_stream_and_resume_restores_it(ds, tmp_path):
+    cfg = _cfg(ds, tmp_path / "run", "--train.steps=1", "--parallel.dp=2",
+               f"--checkpoint.dir={tmp_path / 'ckpt'}")
+    first = run_distributed(_rng_states, 2, cfg, False, timeout=240)
+    again = run_distributed(_rng_states, 2, cfg, True, timeout=240)
+    assert not torch.equal(first[0][0], first[1][0])  # rank 0 and rank 1 start apart
+    for rank in range(2):
+        assert torch.equal(again[rank][0], first[rank][0])  # derived, not drawn: reproducible
+        assert not torch.equal(first[rank][1], first[rank][0])  # the run advanced it
+        assert torch.equal(again[rank][1], first[rank][1]), rank  # resume restored it exactly

@@ -50,7 +50,6 @@ class ModelConfig:
     norm_topk_prob: bool = True
     # Aux-loss-free balancing: bias += rate * sign(mean_load - load), outside autograd.
     bias_update_rate: float = 1e-3
-    seq_aux_loss_coef: float = 0.0  # optional small sequence-level balance loss
     rms_norm_eps: float = 1e-6
     rope_theta: float = 50000.0
     max_position_embeddings: int = 4096

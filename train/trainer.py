@@ -54,6 +54,7 @@ from train.metrics import CategoryNames, MetricsLogger, category_metrics
 from train.model.flops import training_flops_per_token
 from train.optim.qk_clip import QKClip
 from train.optim.schedule import schedule_multiplier, set_lr
+from train.rng import seed_torch
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' data sheets; MFU is reported
 # only where the device is known. H200 has the H100's compute (more, faster memory).
@@ -182,7 +183,7 @@ class Trainer:
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if cfg.train.device == "cuda" else torch.device("cpu"))
         self.dtype = getattr(torch, cfg.train.dtype)
-        torch.manual_seed(cfg.train.seed)
+        seed_torch(cfg.train.seed, self.rank)  # this rank's stream (train/rng.py)
         self.mesh = build_mesh(cfg, self.device.type)
 
         # Only this rank's pieces are ever allocated: built on the meta device, then materialised

@@ -141,15 +141,13 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts > 0 else None)
         self.dispatcher = LocalDispatcher()
-        self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
         self.last_expert_load: torch.Tensor | None = None  # tokens per expert, last forward
         self.expert_load_total: torch.Tensor | None = None  # summed since the last collect
-        self.last_aux_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
-        scores, idx, weights = self.router(flat)
+        _, idx, weights = self.router(flat)
 
         flat_idx = idx.reshape(-1)
         order = flat_idx.argsort(stable=True)  # token copies grouped by expert, stable
@@ -165,19 +163,7 @@ class MoE(nn.Module):
         load = counts.detach()
         self.last_expert_load = load
         self.expert_load_total = load if self.expert_load_total is None else self.expert_load_total + load
-        self.last_aux_loss = (self._sequence_aux_loss(scores, idx, batch, seq)
-                              if self.seq_aux_loss_coef > 0 else None)
         return out
-
-    def _sequence_aux_loss(self, scores: torch.Tensor, idx: torch.Tensor, batch: int,
-                           seq: int) -> torch.Tensor:
-        """DeepSeek-V3 sequence-wise balance loss, coef * mean over rows of sum_i f_i * P_i."""
-        probs = scores / scores.sum(-1, keepdim=True)
-        p_mean = probs.view(batch, seq, -1).mean(1)  # [B, E]
-        picked = torch.zeros(batch, seq * self.top_k, self.num_experts, device=scores.device)
-        picked = picked.scatter_(2, idx.view(batch, -1, 1), 1.0).sum(1)  # [B, E] counts
-        frac = picked * self.num_experts / (self.top_k * seq)
-        return self.seq_aux_loss_coef * (frac * p_mean).sum(-1).mean()
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:

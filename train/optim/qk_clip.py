@@ -56,7 +56,7 @@ def row_scales(mla: nn.Module, gamma: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.cat([root[:, None].expand(-1, mla.nope_dim),
                    gamma[:, None].expand(-1, mla.rope_dim)], dim=1).reshape(-1)
     kv = torch.cat([root[:, None].expand(-1, mla.nope_dim),
-                    torch.ones(mla.num_heads, mla.v_dim)], dim=1).reshape(-1)
+                    gamma.new_ones(mla.num_heads, mla.v_dim)], dim=1).reshape(-1)
     return q, kv
 
 
@@ -125,11 +125,13 @@ class QKClip:
         """[num_layers, num_heads] maxima since the last step, MAX-reduced over the group."""
         if not self.layers:
             return torch.zeros(0, 0)
+        device = q_weight(self.layers[0][1]).device
         rows = []
         for name, m in self.layers:
             s = self._running[name]
             # A layer this rank never ran (no tokens) contributes nothing to the MAX.
-            rows.append(torch.full((m.num_heads,), float("-inf")) if s is None else s.float())
+            rows.append(torch.full((m.num_heads,), float("-inf"), device=device) if s is None
+                        else s.float())
         stacked = torch.stack(rows)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stacked, op=dist.ReduceOp.MAX, group=self.group)
