@@ -47,11 +47,13 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from train.errors import UserError
+
 __all__ = ["ObjectStore", "S3Store", "LocalStore", "open_store", "StoreError", "NotFound",
            "StoreUnavailable", "validate_key"]
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store operation failed (bad credentials, bad bucket, unexpected reply...)."""
 
 
@@ -131,6 +133,9 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} is a file, not a directory; "
+                             "point at a directory (or an s3:// URL)")
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():

@@ -93,11 +93,13 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"event": message, "time": time.time()}) + "\n")
         print(message, file=self.stream, flush=True)
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent: the trainer closes on success and on failure
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

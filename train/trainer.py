@@ -44,6 +44,7 @@ from parallel.runtime import ParallelRuntime, muonclip_factory
 from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step_dir,
                               training_state)
 from train.config import Config, ConfigError
+from train.errors import InvalidInput, UserError
 from train.hf_export import WEIGHTS_ONLY
 from train.metrics import MetricsLogger
 from train.model import build_model, init_weights
@@ -58,7 +59,7 @@ PAUSE_ENV = "MMPT_PAUSE_BEFORE_COMMIT"
 CRASH_ENV = "MMPT_CRASH_AT_STEP"
 
 
-class BadStepsError(RuntimeError):
+class BadStepsError(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
@@ -140,9 +141,12 @@ class _PauseBeforeCommit:
 def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
     if not cfg.checkpoint.dir:
         return None
-    from data.store import open_store
+    from data.store import StoreError, open_store
 
-    store = open_store(cfg.checkpoint.dir)
+    try:
+        store = open_store(cfg.checkpoint.dir)
+    except StoreError as e:  # the store names the path; the field is known here
+        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir!r}: {e}") from None
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         store = _PauseBeforeCommit(store, int(pause), Path(cfg.train.run_dir) /
@@ -228,7 +232,7 @@ class Trainer:
             self.logger.event(f"starting from the weights of {loaded.meta.get('imported_from')} "
                               "with a fresh optimizer state")
         elif lacking:
-            raise RuntimeError(f"checkpoint {self.ckpt.store.url}/{loaded.name} lacks optimizer "
+            raise InvalidInput(f"checkpoint {self.ckpt.store.url}/{loaded.name} lacks optimizer "
                                f"state this layout needs, e.g. {lacking[:3]}")
         restore_rng(state, self.rank, loaded.missing)
         if "loader" in loaded.meta:
@@ -362,4 +366,8 @@ class Trainer:
 
 def run(cfg: Config) -> dict:
     """Train cfg on the initialised default process group (one call per rank)."""
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:  # flushed even when training fails (`mmpt train` ends without finalization)
+        trainer.logger.close()

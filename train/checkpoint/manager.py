@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from data.store import NotFound, ObjectStore, StoreError, StoreUnavailable, open_store
 from train.checkpoint.storage import (METADATA, CorruptCheckpoint, StoreReader, StoreWriter,
                                       parse_metadata)
+from train.errors import InvalidInput
 
 log = logging.getLogger("mmpt.checkpoint")
 
@@ -297,14 +298,14 @@ class CheckpointManager:
         stored = metadata.state_dict_metadata
         missing = [k for k in tensors if k not in stored]
         problem = _mismatch(self.store.url, name, tensors, stored, missing, optional)
-        # Every rank must agree before the collective load, or the healthy ranks would hang.
+        # Every rank must agree before the collective load, or the healthy ranks would hang; all
+        # raise the lowest failing rank's reason, so rank 0 can report it.
         if _dist():
-            flag = torch.tensor([int(problem is not None)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and problem is None:
-                problem = "another rank's state does not match the checkpoint (see its error)"
+            problems: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p is not None), None)
         if problem is not None:
-            raise ValueError(problem)
+            raise InvalidInput(problem)
         fresh = {k: torch.empty_like(t, device="cpu") for k, t in tensors.items() if k in stored}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -320,16 +321,18 @@ class CheckpointManager:
 def _mismatch(url: str, name: str, tensors: dict[str, torch.Tensor], stored: dict,
               missing: list[str], optional: tuple[str, ...]) -> str | None:
     """Why this rank's state cannot take the checkpoint (a config error, not damage), or None."""
+    fix = ("use the config of the run that wrote it, or another checkpoint.dir (one per "
+           "model config)")
     required = [k for k in missing if not k.startswith(optional)]
     if required:
         return (f"checkpoint {url}/{name} lacks {len(required)} entries, e.g. {required[:3]}; "
-                "was it written by a different model config?")
+                f"was it written by a different model config? {fix}")
     for key, t in tensors.items():
         if key in stored and (tuple(stored[key].size) != tuple(t.shape)
                               or stored[key].properties.dtype != t.dtype):
             return (f"checkpoint {url}/{name}: {key} is {stored[key].properties.dtype} "
                     f"{tuple(stored[key].size)} there and {t.dtype} {tuple(t.shape)} here "
-                    "(model config differs?)")
+                    f"(model config differs?); {fix}")
     return None
 
 
