@@ -156,6 +156,19 @@ def test_debug_flag_adds_the_traceback(inputs, tmp_path, capsys, single_process,
     assert err.rstrip().splitlines()[-1].startswith("mmpt export-hf: error: no complete checkpoint")
 
 
+def test_an_error_re_raised_from_a_loader_worker_is_still_one_line(capsys, single_process):
+    """torch's DataLoader re-raises a worker's exception with the worker's traceback in the
+    message; the line shows only the original message."""
+    from data.shards import ShardError
+
+    wrapped = ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback "
+                         "(most recent call last):\n  File \"data/loader.py\", line 1, in x\n"
+                         "data.shards.ShardError: s3://b/ds/manifest.json: missing dataset manifest")
+    assert cli.report_user_error("train", wrapped) == 2
+    err = capsys.readouterr().err
+    assert err == "mmpt train: error: s3://b/ds/manifest.json: missing dataset manifest\n"
+
+
 def test_under_torchrun_only_rank_0_reports_an_error_every_rank_hit(inputs, tmp_path):
     """2 ranks, both hit the missing manifest: one error line (rank 0's), no rank traceback."""
     ds = inputs["ds"]

@@ -63,7 +63,11 @@ def report_user_error(command: str, e: UserError) -> int:
     if debug_enabled():
         traceback.print_exception(e)
     kind = "config error" if isinstance(e, ConfigError) else "error"
-    message = " ".join(str(e).split())  # one line, whatever the message held
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # re-raised from a DataLoader worker
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last  # drop "module.Class: "
+    message = " ".join(text.split())  # one line, whatever the message held
     rank = os.environ.get("RANK", "0").strip() or "0"
     if rank != "0":
         time.sleep(PEER_REPORT_DELAY_S)
