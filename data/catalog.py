@@ -40,6 +40,7 @@ import numpy as np
 from data.mix import SourceSpec
 from data.pack import piece_cuts
 from data.shards import ShardError, read_index
+from train.errors import InvalidInput
 
 MEDIA_MARKERS = 2  # media_begin + media_end around each image / video chunk
 GROUP_OF_KIND = {"text": "text", "image": "vision", "video": "vision", "interleaved": "vision"}
@@ -146,8 +147,8 @@ class Catalog:
                 except ShardError as e:
                     self.skipped[f"{name}: {e}"] += 1
             if not units:
-                raise ValueError(f"source {name!r} has no usable samples "
-                                 f"(skipped: {dict(self.skipped)})")
+                raise InvalidInput(f"source {name!r} has no usable samples "
+                                   f"(skipped: {dict(self.skipped)})")
             sample, offset, tokens, vision = np.array(units, dtype=np.int64).T
             weight = weights.get(name, float(tokens.sum()))  # default: by size in tokens
             self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,

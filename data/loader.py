@@ -47,12 +47,13 @@ from data.mix import MixState, TokenMixer
 from data.pack import PlanState, Window, WindowPlanner, pack_rows
 from data.shards import ShardError, open_dataset, read_member
 from data.store import redact
+from train.errors import InvalidInput, UserError
 
 STATE_FORMAT = "mmpt-loader/1"
 log = logging.getLogger(__name__)
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """A loader state does not belong to this dataset / configuration."""
 
 
@@ -143,9 +144,10 @@ class PackedStream(torch.utils.data.IterableDataset):
             self._tokenizer = load_tokenizer(self.tokenizer_path)
             fp = self.manifest["tokenizer"]["fingerprint"]
             if self._tokenizer.fingerprint != fp:
-                raise ValueError(f"tokenizer {self.tokenizer_path} has fingerprint "
-                                 f"{self._tokenizer.fingerprint[:16]}, the dataset was tokenized with "
-                                 f"{fp[:16]}: token counts would not match the index")
+                raise InvalidInput(f"tokenizer {self.tokenizer_path} (data.tokenizer) has "
+                                   f"fingerprint {self._tokenizer.fingerprint[:16]}, the dataset "
+                                   f"was tokenized with {fp[:16]}: token counts would not match "
+                                   "the index; pass the tokenizer the dataset was ingested with")
         return self._tokenizer
 
     def _text(self, shard_key: str, entry: dict, member: str, cache: dict) -> str:

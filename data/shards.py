@@ -91,6 +91,8 @@ import json
 import tarfile
 from collections.abc import Iterator
 
+from train.errors import UserError
+
 INDEX_FORMAT = "mmpt-index/1"
 MANIFEST_FORMAT = "mmpt-manifest/1"
 MANIFEST_KEY = "manifest.json"
@@ -99,7 +101,7 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads archives to whole records; GNU tar and Python do the same
 
 
-class ShardError(Exception):
+class ShardError(UserError):
     """A shard, index or manifest is missing, truncated or malformed. The message names the file."""
 
 
@@ -239,7 +241,8 @@ def _get_json(store, key: str, what: str) -> tuple[dict, bytes]:
 def read_manifest(store, key: str = MANIFEST_KEY) -> dict:
     """The manifest, with its fingerprint checked against its index hashes (the data order is a
     function of the fingerprint, so an edited one would silently change it)."""
-    m, _ = _get_json(store, key, "dataset manifest")
+    m, _ = _get_json(store, key, "dataset manifest (check data.manifest, or ingest the "
+                              "dataset with `mmpt ingest`)")
     where = f"{store.url}/{key}"
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         got = m.get("format") if isinstance(m, dict) else None
@@ -270,7 +273,7 @@ def read_index(store, key: str, expect_sha256: str | None = None) -> dict:
     idx, raw = _get_json(store, key, "shard index")
     if expect_sha256 is not None and hashlib.sha256(raw).hexdigest() != expect_sha256:
         raise ShardError(f"{store.url}/{key}: shard index does not match the manifest's sha256 "
-                         "(dataset changed after the manifest was written?)")
+                         "(dataset changed after the manifest was written? re-ingest it)")
     if idx.get("format") != INDEX_FORMAT:
         raise ShardError(f"{store.url}/{key}: format {idx.get('format')!r}, expected {INDEX_FORMAT!r}")
     for s in idx["samples"]:

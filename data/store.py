@@ -53,6 +53,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse, urlsplit, urlunsplit
 
+from train.errors import UserError
+
 __all__ = ["ObjectStore", "S3Store", "LocalStore", "open_store", "StoreError", "NotFound",
            "StoreUnavailable", "validate_key", "redact"]
 
@@ -85,7 +87,7 @@ def redact(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda m: _redact_one(m.group(0)), str(text))
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store operation failed (bad credentials, bad bucket, unexpected reply...)."""
 
 
@@ -165,6 +167,9 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike, *, create: bool = True):
         self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} is a file, not a directory; "
+                             "point at a directory (or an s3:// URL)")
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
         elif not self.root.is_dir():

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.errors import InvalidInput, MissingInput
+
 # role -> token string; ids 0..6 in this order in our own tokenizers.
 SPECIAL_TOKENS: dict[str, str] = {
     "pad": "<|pad|>",
@@ -76,7 +78,7 @@ class Tokenizer(abc.ABC):
     def _set_special(self, ids_by_name: dict[str, int], where: str) -> None:
         missing = [t for t in SPECIAL_TOKENS.values() if t not in ids_by_name]
         if missing:
-            raise ValueError(f"{where}: tokenizer lacks special tokens {missing}")
+            raise InvalidInput(f"{where}: tokenizer lacks special tokens {missing}")
         self.special = {role: ids_by_name[t] for role, t in SPECIAL_TOKENS.items()}
 
 
@@ -87,7 +89,11 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _HF
 
         raw = Path(path).read_bytes()
-        self._tok = _HF.from_str(raw.decode("utf-8"))
+        try:
+            self._tok = _HF.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise InvalidInput(f"{path}: not a tokenizers tokenizer.json ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from None
         self._tok.encode_special_tokens = True  # special spellings in text stay ordinary text
         self.fingerprint = hashlib.sha256(b"hf\0" + raw).hexdigest()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -113,7 +119,8 @@ def read_rank_file(path: str | Path) -> dict[bytes, int]:
             tok, rank = line.split()
             ranks[base64.b64decode(tok, validate=True)] = int(rank)
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: not a '<base64> <rank>' line ({e})") from None
+            raise InvalidInput(f"{path}:{n}: not a '<base64> <rank>' line ({e}); is this a "
+                               "tokenizer.json or tiktoken rank file?") from None
     return ranks
 
 
@@ -172,5 +179,5 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """HF backend for *.json, tiktoken backend for anything else (a rank file)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise MissingInput(f"tokenizer file not found: {path} (check data.tokenizer)")
     return HFTokenizer(path) if path.suffix == ".json" else TiktokenTokenizer(path)

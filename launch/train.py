@@ -13,7 +13,8 @@ MASTER_PORT. Each process then:
 2. initialises the default process group: gloo for `train.device = "cpu"` (one compute thread
    per rank, so N ranks on N cores do not oversubscribe), nccl for "cuda" (device = LOCAL_RANK);
 3. calls the trainer, `train.trainer.run(cfg)`, and destroys the process group when it returns
-   or fails.
+   or fails. `mmpt` then ends the process without interpreter finalization and prints a
+   `train.errors.UserError` as one line (train/cli.py explains both).
 """
 
 from __future__ import annotations

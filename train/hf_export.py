@@ -28,9 +28,14 @@ import torch
 
 from train.checkpoint import CheckpointManager, model_tensors, step_dir
 from train.config import Config, ConfigError, from_dict, load_config
+from train.errors import InvalidInput, MissingInput, UserError
 from train.model import build_model
 
 WEIGHTS_ONLY = "weights_only"  # meta.json flag of an imported checkpoint
+
+
+class CheckpointRootInUse(UserError, FileExistsError):
+    """import-hf never writes over existing checkpoints."""
 
 
 def newest_config(mgr: CheckpointManager) -> tuple[int, Config]:
@@ -42,7 +47,8 @@ def newest_config(mgr: CheckpointManager) -> tuple[int, Config]:
                 raise ConfigError(f"{mgr.store.url}/{step_dir(step)}/meta.json holds no run "
                                   "config; pass --config FILE")
             return step, from_dict(meta["config"])
-    raise FileNotFoundError(f"no complete checkpoint under {mgr.store.url}")
+    raise MissingInput(f"no complete checkpoint under {mgr.store.url}: point export-hf at a "
+                       "checkpoint.dir that a run saved into")
 
 
 def load_model(root: str, cfg: Config | None = None):
@@ -53,7 +59,8 @@ def load_model(root: str, cfg: Config | None = None):
     model = build_model(cfg)
     loaded = mgr.load_latest(model_tensors(model))
     if loaded is None:
-        raise FileNotFoundError(f"no loadable checkpoint under {root}")
+        raise MissingInput(f"no loadable checkpoint under {root} (see the skipped checkpoints "
+                           "logged above)")
     return model, cfg, loaded.step
 
 
@@ -93,10 +100,32 @@ def export_hf(root: str, out: str | Path, *, dtype: torch.dtype = torch.float32,
     return out
 
 
+def check_hf_dir(hf_dir: str | Path) -> None:
+    """A transformers directory to import: config.json and complete safetensors weights."""
+    from safetensors import safe_open
+
+    d = Path(hf_dir)
+    if not (d / "config.json").is_file():
+        raise MissingInput(f"{d}/config.json not found: import-hf takes a transformers "
+                           "directory (config.json + *.safetensors)")
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
+        raise MissingInput(f"{d} holds no *.safetensors weights (only config.json?): save the "
+                           "model with save_pretrained(..., safe_serialization=True)")
+    for f in weights:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+            raise InvalidInput(f"{f}: not a complete safetensors file ({e}); copy or save it "
+                               "again") from None
+
+
 def import_hf(hf_dir: str | Path, out: str, base: Config | None = None) -> Config:
     """Write a weights-only checkpoint (step 0) of an HF Kimi-K2.5 / DeepSeek-V3 directory."""
     import transformers
 
+    check_hf_dir(hf_dir)
     hf_config = transformers.AutoConfig.from_pretrained(hf_dir)
     base = base or Config()
     if hf_config.model_type == "kimi_k25":
@@ -122,7 +151,8 @@ def import_hf(hf_dir: str | Path, out: str, base: Config | None = None) -> Confi
     model.load_state_dict(state, strict=True)
     mgr = CheckpointManager(out, keep_last=1_000_000)
     if mgr.committed_steps():
-        raise FileExistsError(f"{out} already holds checkpoints; import into an empty location")
+        raise CheckpointRootInUse(f"{out} already holds checkpoints; import into an empty "
+                                  "location")
     mgr.save(0, model_tensors(model), meta={WEIGHTS_ONLY: True, "config": cfg.to_dict(),
                                             "imported_from": str(hf_dir)})
     return cfg

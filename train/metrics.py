@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from data.batch import ROLE_CAPTION, ROLE_TEXT, ROLES
+from train.config import ConfigError
 
 KINDS = ("text", "image", "video", "interleaved")
 ROLE_KEYS = {ROLE_CAPTION: "caption", ROLE_TEXT: "plain_text"}  # (markers: only in the totals)
@@ -153,11 +154,13 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"event": message, "time": time.time()}) + "\n")
         print(message, file=self.stream, flush=True)
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent: the trainer closes on success and on failure
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -169,7 +172,7 @@ def _start_wandb(run_dir: Path, project: str, mode: str, config: dict):
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("train.wandb=true needs the wandb package: pip install "
+        raise ConfigError("train.wandb=true needs the wandb package: pip install "
                            "'mmpt[wandb]' (or set train.wandb=false)") from None
     id_file = run_dir / "wandb-id"
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)

@@ -49,6 +49,7 @@ from parallel.runtime import ParallelRuntime, muonclip_factory
 from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step_dir,
                               training_state)
 from train.config import Config, ConfigError
+from train.errors import InvalidInput, UserError
 from train.hf_export import WEIGHTS_ONLY
 from train.metrics import CategoryNames, MetricsLogger, category_metrics
 from train.model.flops import training_flops_per_token
@@ -63,7 +64,7 @@ PAUSE_ENV = "MMPT_PAUSE_BEFORE_COMMIT"
 CRASH_ENV = "MMPT_CRASH_AT_STEP"
 
 
-class BadStepsError(RuntimeError):
+class BadStepsError(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
@@ -153,9 +154,12 @@ class _PauseBeforeCommit:
 def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
     if not cfg.checkpoint.dir:
         return None
-    from data.store import open_store
+    from data.store import StoreError, open_store
 
-    store = open_store(cfg.checkpoint.dir, **cfg.store.store_opts())
+    try:
+        store = open_store(cfg.checkpoint.dir, **cfg.store.store_opts())
+    except StoreError as e:  # the store names the path; the field is known here
+        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir!r}: {e}") from None
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         store = _PauseBeforeCommit(store, int(pause), Path(cfg.train.run_dir) /
@@ -239,9 +243,11 @@ class Trainer:
             return False
         state = self.state()
         # Optimizer entries may be absent only from a weights-only checkpoint (mmpt import-hf).
-        loaded = self.ckpt.load_latest(state, optional=("rng/", "optim/", "master/"))
+        loaded = self.ckpt.resume(state, optional=("rng/", "optim/", "master/"))
         for name, reason in self.ckpt.skipped:
             self.logger.event(f"checkpoint {name} skipped: {reason}")
+        for name, where, reason in self.ckpt.quarantined:
+            self.logger.event(f"checkpoint {name} quarantined as {where}: {reason}")
         if loaded is None:
             return False
         lacking = [k for k in loaded.missing if k.startswith(("optim/", "master/"))]
@@ -250,7 +256,7 @@ class Trainer:
             self.logger.event(f"starting from the weights of {loaded.meta.get('imported_from')} "
                               "with a fresh optimizer state")
         elif lacking:
-            raise RuntimeError(f"checkpoint {self.ckpt.store.url}/{loaded.name} lacks optimizer "
+            raise InvalidInput(f"checkpoint {self.ckpt.store.url}/{loaded.name} lacks optimizer "
                                f"state this layout needs, e.g. {lacking[:3]}")
         restore_rng(state, self.rank, loaded.missing)
         if "loader" in loaded.meta:
@@ -265,7 +271,10 @@ class Trainer:
         meta = {"loader": self.loader.state_dict(), "bad_in_a_row": self.bad_in_a_row,
                 "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict()}
         t0 = time.monotonic()
+        seen = len(self.ckpt.quarantined)
         name = self.ckpt.save(self.step, self.state(), meta)
+        for old, where, reason in self.ckpt.quarantined[seen:]:
+            self.logger.event(f"checkpoint {old} quarantined as {where}: {reason}")
         self.logger.event(f"checkpoint {self.ckpt.store.url}/{name} "
                           f"({time.monotonic() - t0:.1f} s)")
 
@@ -418,4 +427,8 @@ class Trainer:
 
 def run(cfg: Config) -> dict:
     """Train cfg on the initialised default process group (one call per rank)."""
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:  # flushed even when training fails (`mmpt train` ends without finalization)
+        trainer.logger.close()

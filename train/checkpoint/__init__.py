@@ -3,7 +3,8 @@
     from train.checkpoint import CheckpointManager, training_state, restore_rng
     mgr = CheckpointManager(cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last)
     state = training_state(model, optimizer, rank)          # flat, layout-independent keys
-    loaded = mgr.load_latest(state)                         # None: start fresh
+    loaded = mgr.resume(state)         # None: start fresh; newer checkpoints are quarantined
+                                       # (load_latest: the same load, for tools that only read)
     if loaded: restore_rng(state, rank, loaded.missing); step = loaded.step; loader.load_state_dict(loaded.meta["loader"])
     ...
     mgr.save(step, training_state(model, optimizer, rank), meta={"loader": loader.state_dict()})

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from data.store import ObjectStore
+from train.errors import UserError
 
 METADATA = "metadata.json"
 FORMAT = "mmpt-dcp-v1"
@@ -44,7 +45,7 @@ _COALESCE_GAP = 1 << 20  # read neighbouring items of one object in a single ran
 _COALESCE_MAX = 64 << 20
 
 
-class CorruptCheckpoint(RuntimeError):
+class CorruptCheckpoint(UserError, RuntimeError):
     """The stored bytes or metadata do not match what was written."""
 
 
