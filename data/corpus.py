@@ -11,7 +11,7 @@ Sources, all from what is installed here:
 - videos: H.264 MP4s (PyAV/libx264) panning and zooming over those photos, sidecar `.txt` captions;
 - interleaved: documents mixing paragraphs of the documentation with the photos.
 With --corrupt it adds deliberately bad inputs: a corrupt JPEG, a truncated MP4, an invalid JSONL
-line, a JPEG without a caption. Output is deterministic for a given environment.
+line, a JPEG without a caption. Output is byte-identical for the same code and installed packages.
 
 Layout: text/{topics,code}.jsonl, images/*.{jpg,png,webp} + captions.jsonl,
 videos/*.mp4 + *.txt, interleaved/docs.jsonl + interleaved/img/*.
@@ -90,14 +90,21 @@ def _save_image(img: Image.Image, path: Path, fmt: str, exif_rotate: bool = Fals
 
 
 def encode_mp4(frames: list[np.ndarray], path: Path, fps: int = VIDEO_FPS) -> None:
-    """Encode RGB uint8 frames [H, W, 3] as H.264 MP4 (single-threaded, so output is deterministic)."""
+    """Encode RGB uint8 frames [H, W, 3] as H.264 MP4, byte-identical on every run and x86 CPU.
+
+    libx264 runs single-threaded and with its assembly kernels off (`no-asm`): the AVX-512 kernels
+    it picks on CPUs that have them read uninitialised memory, so their output changed with the
+    heap contents left by earlier work in the process, and the kernel set chosen per CPU gives
+    different (valid) bitstreams on different machines. The portable C path costs well under a
+    second for these small clips.
+    """
     import av
 
     h, w = frames[0].shape[:2]
     with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "28", "preset": "veryfast", "threads": "1"}
+        stream.options = {"crf": "28", "preset": "veryfast", "threads": "1", "x264-params": "no-asm=1"}
         stream.thread_count = 1
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
