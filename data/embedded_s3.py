@@ -162,7 +162,7 @@ class EmbeddedS3:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
                 last = f"{type(exc).__name__}: {exc}"
-                code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+                code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
                 if code in ("404", "NoSuchBucket"):
                     try:
                         client.create_bucket(Bucket=self.bucket)
