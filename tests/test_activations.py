@@ -177,3 +177,17 @@ def test_measured_saved_bytes_per_setting_small_width():
     assert dev["selective+fp8"] * 0.9 < host < dev["selective+fp8"] * 1.1
     assert t["full"]["device_bytes_per_token"] <= (m.hidden_size + 2 * m.qk_rope_head_dim) * 2
     assert t["full"]["device_bytes_per_token_per_seq"] == 0
+
+
+@pytest.mark.parametrize("settings", [
+    dict(recompute="selective", recompute_moe_down=True, offload=True),
+    dict(recompute="full")], ids=["selective+moe_down+offload", "full"])
+def test_runtime_with_settings_matches_single_process_pp2_v2_dp2_ep2(settings):
+    """The runtime applies the settings to every pipeline chunk (after the EP split: under
+    full recomputation the backward replays the all-to-alls); three steps against the plain
+    single-process reference, as the runtime's own equivalence tests."""
+    from tests.test_parallel_runtime import _compare, _steps
+
+    cfg = replace(tiny_config(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4),
+                  activations=settings)
+    _compare(cfg, 4, _steps(2, 4))
