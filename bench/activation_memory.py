@@ -248,7 +248,7 @@ def rank_fit(cfg: Config, tables: dict[str, dict], states: dict, hbm_gib: float 
     backward (torch's schedule), so that many chunk forwards, plus the one of the first steady
     step, are alive at once. With offload the device still holds one layer's saved tensors of
     one micro-batch while that layer runs (they are released when its forward ends and the
-    copies are done)."""
+    copies are done); with full recomputation, one layer's whole set while it is recomputed."""
     p = cfg.parallel
     heavy = states["heaviest_rank"]
     r = heavy["pp_rank"]
@@ -267,8 +267,14 @@ def rank_fit(cfg: Config, tables: dict[str, dict], states: dict, hbm_gib: float 
         dev_seq, host_seq = ((e[f"{k}_per_token"] + e[f"{k}_per_token_per_seq"] * seq) * seq / gib
                              for k in ("device_bytes", "host_bytes"))
         alive = in_flight * layers_per_chunk  # layer-forwards whose saved tensors are alive
-        # per sequence of the micro-batch: device (kept + one running layer's transient set)
-        dev_per_seq = dev_seq * alive + host_seq  # host_seq > 0 only with offload
+        # One layer's whole saved set is on the device while it runs: the forward under
+        # offload (host_seq > 0 only then), the recomputed forward in backward under "full".
+        transient = host_seq
+        if name.startswith("full"):
+            none = tables[attention]["none"]
+            transient = (none["device_bytes_per_token"]
+                         + none["device_bytes_per_token_per_seq"] * seq) * seq / gib
+        dev_per_seq = dev_seq * alive + transient  # per sequence of the micro-batch
         host_per_seq = host_seq * alive
         dev = dev_per_seq * mb_sequences
         host = host_per_seq * mb_sequences
