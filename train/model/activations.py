@@ -222,14 +222,16 @@ def _fp8_region(forward: Callable, saver: _Saver) -> Callable:
 
 
 def _recomputed(forward: Callable, restore_state_of: nn.Module | None = None) -> Callable:
-    """forward checkpointed (non-reentrant): keeps its inputs, reruns in backward."""
+    """forward checkpointed (non-reentrant): keeps its inputs, reruns in backward. The text
+    model draws no random numbers, so no RNG state is saved and restored around it."""
     context_fn = (functools.partial(_state_restoring_contexts, restore_state_of)
                   if restore_state_of is not None else None)
 
     @functools.wraps(forward)
     def wrapped(*args, **kwargs):
         extra = {"context_fn": context_fn} if context_fn is not None else {}
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs, **extra)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
+                          **kwargs, **extra)
 
     return wrapped
 
