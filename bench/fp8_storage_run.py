@@ -51,7 +51,8 @@ def bigram_batches(vocab: int, rows: int, seq: int, steps: int, seed: int = 0,
 
 
 def train_losses(fp8: bool, steps: int, config: str = str(ROOT / "configs/tiny.toml"),
-                 rows: int = 8, seq: int = 128, recompute: str = "selective") -> list[float]:
+                 rows: int = 8, seq: int = 128, recompute: str = "selective",
+                 log_every: int = 0) -> list[float]:
     cfg = load_config(config, [f"--train.steps={steps}"])
     torch.manual_seed(0)
     lm = build_lm(cfg.model)
@@ -72,6 +73,8 @@ def train_losses(fp8: bool, steps: int, config: str = str(ROOT / "configs/tiny.t
         torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.optim.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"fp8_storage={fp8} step {step + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
     return losses
 
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "bench/results/fp8_storage_run.json"))
     args = ap.parse_args(argv)
-    r = compare(args.steps)
+    r = compare(args.steps, log_every=20)
     r.update(config="configs/tiny.toml", rows=8, seq_len=128, recompute="selective",
              autocast="bfloat16", torch=torch.__version__, threads=torch.get_num_threads())
     print(f"{args.steps} steps: loss {r['loss_bf16_storage'][0]:.4f} -> "
