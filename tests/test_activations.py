@@ -190,17 +190,20 @@ def test_measured_saved_bytes_per_setting_small_width():
     assert saved_by_selective > dev["none"] - dev["selective"] + 0.9 * qkv_bytes
 
 
-@pytest.mark.parametrize("settings", [
-    dict(recompute="selective", recompute_moe_down=True, offload=True),
-    dict(recompute="full")], ids=["selective+moe_down+offload", "full"])
-def test_runtime_with_settings_matches_single_process_pp2_v2_dp2_ep2(settings):
+@pytest.mark.parametrize("settings,schedule", [
+    (dict(recompute="selective", recompute_moe_down=True, offload=True), "interleaved_1f1b"),
+    (dict(recompute="full"), "interleaved_1f1b"),
+    (dict(recompute="selective", offload=True), "interleaved_zero_bubble")],
+    ids=["selective+moe_down+offload", "full", "selective+offload-zero_bubble"])
+def test_runtime_with_settings_matches_single_process_pp2_v2_dp2_ep2(settings, schedule):
     """The runtime applies the settings to every pipeline chunk (after the EP split: under
-    full recomputation the backward replays the all-to-alls); three steps against the plain
-    single-process reference, as the runtime's own equivalence tests."""
+    full recomputation the backward replays the all-to-alls; the zero-bubble schedule splits
+    backward into input and weight passes over the same saved tensors); steps against the
+    plain single-process reference, as the runtime's own equivalence tests."""
     from tests.test_parallel_runtime import _compare, _steps
 
-    cfg = replace(tiny_config(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4),
-                  activations=settings)
+    cfg = replace(tiny_config(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4,
+                              schedule=schedule), activations=settings)
     _compare(cfg, 4, _steps(2, 4))
 
 
