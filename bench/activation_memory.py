@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'host B/tok':>11s} {'GiB/layer/seq':>14s}")
     for kind, table in tables.items():
         for name, e in table.items():
-            per_seq = (e["device_bytes_per_token"] + e["device_bytes_per_token_per_seq"] * seq) * seq
+            per_seq = (e["device_bytes_per_token"]
+                       + e["device_bytes_per_token_per_seq"] * seq) * seq
             e["device_gib_per_layer_per_sequence"] = per_seq / gib
             print(f"{kind:9s} {name:24s} {e['device_bytes_per_token']:13.0f} "
                   f"{e['device_bytes_per_token_per_seq']:13.1f} {e['host_bytes_per_token']:11.0f} "
@@ -321,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"heaviest rank (pp_rank {heavy['pp_rank']}, layers {heavy['layers']}): "
           f"{heavy['params'] / 1e9:.2f}B params ({heavy['expert_params'] / 1e9:.2f}B expert), "
           f"states {heavy['state_bytes'] / gib:.1f} GiB")
-    out = {"config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT)
-           else args.config,
+    config = Path(args.config).resolve()
+    out = {"config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
            "device": "cpu", "device_name": platform.machine(), "dtype": args.dtype,
            "torch": torch.__version__, "tokens": args.tokens, "seq_len": seq,
            "layer": {"hidden_size": layer_cfg.hidden_size, "num_heads": layer_cfg.num_heads,

@@ -1,6 +1,6 @@
 """Training with FP8-E4M3 activation storage against bf16 storage: the tiny model, 200 steps.
 
-    .venv/bin/python bench/fp8_storage_run.py [--steps 200] [--out bench/results/fp8_storage_run.json]
+    .venv/bin/python bench/fp8_storage_run.py [--steps 200] [--out FILE.json]
 
 Both runs start from the same weights and see the same batches (a fixed random bigram language,
 so the loss has something to learn); weights and optimizer state are float32 (MuonClip from

@@ -136,7 +136,8 @@ def test_fp8_storage_gradients_within_bound_of_bf16(settings):
 
 def test_bad_settings_name_the_field(monkeypatch):
     cfg = tiny_config()
-    with pytest.raises(ConfigError, match=r"activations\.recompute_moe_down.*recompute='selective'"):
+    with pytest.raises(ConfigError,
+                       match=r"activations\.recompute_moe_down.*recompute='selective'"):
         replace(cfg, activations=dict(recompute_moe_down=True))
     with pytest.raises(ConfigError, match=r"activations\.recompute_moe_down.*no MoE layer"):
         replace(cfg, model=dict(first_k_dense=4),
@@ -156,7 +157,8 @@ def test_bad_settings_name_the_field(monkeypatch):
         check_support(ActivationConfig(fp8_storage=True), "cpu")
 
 
-SETTINGS_FOR_FLASH = {"none": ActivationConfig(), "selective": ActivationConfig(recompute="selective")}
+SETTINGS_FOR_FLASH = {"none": ActivationConfig(),
+                      "selective": ActivationConfig(recompute="selective")}
 
 
 def test_measured_saved_bytes_per_setting_small_width():
@@ -186,7 +188,8 @@ def test_measured_saved_bytes_per_setting_small_width():
                         settings=SETTINGS_FOR_FLASH,
                         attention="flash")
     qkv_bytes = m.num_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + m.v_head_dim) * 2
-    saved_by_selective = f["none"]["device_bytes_per_token"] - f["selective"]["device_bytes_per_token"]
+    saved_by_selective = (f["none"]["device_bytes_per_token"]
+                          - f["selective"]["device_bytes_per_token"])
     assert saved_by_selective > dev["none"] - dev["selective"] + 0.9 * qkv_bytes
 
 
