@@ -91,11 +91,11 @@ class HostStore:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def pack(self, t: torch.Tensor):
-        if t.device.type != "cuda":
-            host = torch.empty_like(t, device="cpu")
+        on_cuda = t.device.type == "cuda"
+        host = torch.empty_like(t, device="cpu", pin_memory=on_cuda)  # strides kept if dense
+        if not on_cuda:
             host.copy_(t)
             return _Offloaded(host, t.device, None)
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(self.stream):
             host.copy_(t, non_blocking=True)
