@@ -34,7 +34,7 @@ from torch.distributed.pipelining import (Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
 
 from parallel.main_grad import MainGradStage
-from train.model.lm import token_losses
+from train.model.lm import lm_head_loss_sum, token_losses
 
 
 def layer_counts(num_layers: int, num_chunks: int) -> list[int]:
@@ -133,7 +133,8 @@ class PipelineRunner:
 
     def __init__(self, stage_modules: list[tuple[int, StageModule]], num_stages: int,
                  pp_group, microbatches: int, schedule: str, hidden_size: int, vocab_size: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 loss_chunk_tokens: int = 0):
         if schedule not in self.SCHEDULES:
             raise ValueError(f"schedule {schedule!r}; choose one of {sorted(self.SCHEDULES)}")
         self.stage_modules = stage_modules
@@ -147,15 +148,33 @@ class PipelineRunner:
         self.schedule = None
         self._n_tokens = 1.0  # loss-token count of the global batch, set per step
         self.category_sums: torch.Tensor | None = None  # [C, 2] (loss sum, tokens), per run
+        # loss_chunk_tokens > 0: the last stage outputs normed hidden states and the loss
+        # applies the head chunk by chunk (lm_head_loss_sum), never whole logits.
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self._head: nn.Linear | None = None
+        for idx, module in stage_modules:
+            if idx == num_stages - 1 and loss_chunk_tokens > 0:
+                module.lm.head_in_loss = True
+                self._head = module.lm.head
 
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """target [B, S, 2] = (labels, loss mask): summed loss over the global token count.
         (The count is an attribute, not a loss kwarg: torch < 2.13 schedules take none.)
+        `out` is the logits, or the normed hidden states when the head runs in the loss.
         A third target column (token category) adds this micro-batch to `category_sums`."""
-        losses = token_losses(logits, target[..., 0], target[..., 1])
-        if self.category_sums is not None and target.shape[-1] > 2:
-            self._add_categories(losses.detach(), target[..., 2].reshape(-1))
-        return losses.sum() / self._n_tokens
+        labels, mask = target[..., 0], target[..., 1]
+        by_category = self.category_sums is not None and target.shape[-1] > 2
+        if self._head is not None:
+            per_token = (torch.empty(labels.numel(), dtype=torch.float32, device=out.device)
+                         if by_category else None)
+            total = lm_head_loss_sum(out, self._head.weight, labels, mask,
+                                     self.loss_chunk_tokens, per_token_out=per_token)[0]
+        else:
+            per_token = token_losses(out, labels, mask)
+            total = per_token.sum()
+        if by_category:
+            self._add_categories(per_token.detach(), target[..., 2].reshape(-1))
+        return total / self._n_tokens
 
     def _add_categories(self, losses: torch.Tensor, category: torch.Tensor) -> None:
         # -1 (no loss) adds zeros to bin 0; no boolean indexing, so no host sync on GPUs.
@@ -180,7 +199,7 @@ class PipelineRunner:
         for idx, module in self.stage_modules:
             inp = meta(mb_rows, seq_len, dtype=torch.long) if idx == 0 else hidden
             out = (meta(mb_rows, seq_len, self.vocab_size, dtype=self.dtype)
-                   if idx == self.num_stages - 1 else hidden)
+                   if idx == self.num_stages - 1 and self._head is None else hidden)
             stages.append(MainGradStage(module, idx, self.num_stages, self.device,
                                         input_args=(inp,), output_args=(out,), group=self.pp_group))
         cls = self.SCHEDULES[self.schedule_name]
