@@ -6,8 +6,8 @@ linear warm-up over `warmup_steps` (step 0 already gets lr/warmup), then
   wsd:      warmup-stable-decay: 1 until the last `decay_fraction` of the steps, then linear
             down to min_lr_ratio at the last step;
   constant: 1.
-`set_lr(optimizer, step, ...)` writes group["lr"] = group["base_lr"] * multiplier, so Muon and
-AdamW groups keep their own base rates.
+`set_lr(optimizer, step, ...)` writes group["lr"] = group["base_lr"] * multiplier (`scale_lr`
+with a given multiplier), so Muon and AdamW groups keep their own base rates.
 
 Gradient clipping contract (`clip_grad_norm_`): every rank of `group` passes the gradients it
 holds; `copies(p)` says on how many ranks of `group` an identical copy of p's gradient lives
@@ -62,9 +62,14 @@ def schedule_multiplier(step: int, optim_cfg, total_steps: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, step: int, optim_cfg, total_steps: int) -> float:
     """Set every group's lr for `step` from its base_lr; returns the multiplier."""
     mult = schedule_multiplier(step, optim_cfg, total_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = group.setdefault("base_lr", group["lr"]) * mult
+    scale_lr(optimizer, mult)
     return mult
+
+
+def scale_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+    """group["lr"] = group["base_lr"] * multiplier (base_lr: the group's lr when first set)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("base_lr", group["lr"]) * multiplier
 
 
 def global_grad_norm(params: Iterable[Tensor], *, group: dist.ProcessGroup | None = None,
