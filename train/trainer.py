@@ -107,7 +107,7 @@ def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def runtime_batch(batch, device: torch.device) -> dict:
-    """A data.batch.Batch as the mapping ParallelRuntime.step takes (no vision: None), on the
+    """A data.batch.Batch as the mapping the runtime takes (no vision: None), on the
     device (collectives under NCCL need device tensors)."""
     has_vision = batch.grid_thw.shape[0] > 0
     b = batch.to(device, non_blocking=True) if device.type != "cpu" else batch
