@@ -9,7 +9,7 @@
     ev = rt.evaluate(batch)                    # forward only: no gradient, optimizer or bias change
 
 The training step that calls these in order, and decides whether a step updates anything, is
-`train.step.train_step`; the runtime holds no policy of its own (learning rate, bad steps,
+`train.step.training_step`; the runtime holds no policy of its own (learning rate, bad steps,
 QK-Clip live above it).
 
 `model` is this rank's pieces (parallel/pieces.py: built for the rank alone and materialised),

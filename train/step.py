@@ -53,32 +53,36 @@ class StepResult:
 
 
 def training_step(rt: ParallelRuntime, batch: Mapping[str, Tensor | None], *,
-               lr_multiplier: float | None = None, qk_clip: QKClip | None = None,
-               num_categories: int = 0) -> StepResult:
+                  lr_multiplier: float | None = None, qk_clip: QKClip | None = None,
+                  num_categories: int = 0) -> StepResult:
     """One step of this DP replica's `batch` on every rank (module docstring). lr_multiplier:
     the schedule's factor on the base lr (None: the lr stays as it is); qk_clip: None runs no
     QK-Clip; num_categories > 0 (with a batch token_category): the loss per category too."""
     zero = rt.zero
+    # 1. the learning rate of the step
     if lr_multiplier is not None and zero.optimizer is not None:
         scale_lr(zero.optimizer, lr_multiplier)
-
+    # 2. DEP vision forward -> pipeline schedule (EP inside) -> DEP recompute + backward
     fb = rt.forward_backward(batch, num_categories)
-
+    # 3. gradients summed onto their ZeRO-1 owners
     zero.reduce_grads()
+    # 4. global grad norm (and clip); a non-finite loss or norm changes nothing
     grad_norm = zero.clip_grad_norm()
     good = math.isfinite(fb.loss) and bool(torch.isfinite(grad_norm))
-
     clip = None
     if good:
+        # 5. the owners' optimizer step on their fp32 masters, broadcast to every replica
         zero.optimizer_step()
         zero.broadcast()
+        # 6. QK-Clip on every rank, after the broadcast: live weights and owned masters
         if qk_clip is not None:
             clip = qk_clip.step(masters=zero.masters())
+        # 7. the router-bias update from the step's expert loads
         rt.update_router_bias(fb.expert_loads)
     elif qk_clip is not None:
         qk_clip.reset()  # the skipped step's maxima must not clip the next one
     zero.zero_grad()
-
+    # 8. statistics identical on every rank
     out = StepResult(loss=fb.loss, grad_norm=float(grad_norm), good=good,
                      expert_load=rt.expert_load_stats(fb.expert_loads),
                      loss_tokens=fb.loss_tokens, encoder_load=fb.encoder_load,
