@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel.main_grad import clear_main_grads, main_grad
-from train.optim.schedule import clip_grad_norm_
+from train.optim.grad_norm import clip_grad_norm_
 
 
 MakeOptimizer = Callable[[list[tuple[str, Tensor]]], torch.optim.Optimizer]

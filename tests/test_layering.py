@@ -16,13 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 REPO_PACKAGES = {"bench", "data", "launch", "parallel", "tests", "train"}
 
 # What each layer may import from the repository: module prefixes, and single names of modules
-# that hold more than the layer needs (parallel/ takes the global grad-norm clip for ZeRO-1 and
-# the Muon/AdamW role of a parameter for its memory count, not the lr schedule or QK-Clip).
+# that hold more than the layer needs. parallel/ takes from train/optim only the global
+# grad-norm clip (ZeRO-1) and the Muon/AdamW role of a parameter (its memory count), never the
+# optimizer choice, the lr schedule or QK-Clip: those belong to the loop.
 LAYERS = {
     "train/config.py": ((), {}),
     "train/model": (("train.config", "train.model"), {}),
-    "parallel": (("parallel", "train.config", "train.model"),
-                 {"train.optim.schedule": {"clip_grad_norm_"}, "train.optim.muon": {"uses_muon"}}),
+    "parallel": (("parallel", "train.config", "train.model", "train.optim.grad_norm"),
+                 {"train.optim.muon": {"uses_muon"}}),
 }
 
 
@@ -81,12 +82,12 @@ def test_the_check_sees_imports_at_any_depth_and_relative_ones(tmp_path, monkeyp
     (tmp_path / "train" / "model").mkdir(parents=True)
     bad = tmp_path / "parallel" / "bad.py"
     bad.write_text("import torch\nfrom parallel.mesh import build_mesh\nfrom . import zero\n"
-                   "from train.optim.schedule import clip_grad_norm_\n"
-                   "from train.optim.schedule import clip_grad_norm_, set_lr\n"
+                   "from train.optim.grad_norm import clip_grad_norm_\n"
+                   "from train.optim.schedule import set_lr\n"
                    "def f():\n    from train.trainer import Trainer\n"
                    "    import train.checkpoint\n")
     assert violations(bad, *LAYERS["parallel"]) == [
-        "parallel/bad.py:5 imports train.optim.schedule (clip_grad_norm_, set_lr)",
+        "parallel/bad.py:5 imports train.optim.schedule (set_lr)",
         "parallel/bad.py:7 imports train.trainer (Trainer)",
         "parallel/bad.py:8 imports train.checkpoint",
     ]

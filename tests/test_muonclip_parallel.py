@@ -34,7 +34,8 @@ from train.model.lm import DecoderLM, lm_loss_sum
 from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import build_optimizer, optimizer_for
 from train.optim.qk_clip import QKClip, q_weight
-from train.optim.schedule import clip_grad_norm_, schedule_multiplier, set_lr
+from train.optim.grad_norm import clip_grad_norm_
+from train.optim.schedule import schedule_multiplier, set_lr
 from train.step import training_step
 from train.trainer import rank_pieces
 

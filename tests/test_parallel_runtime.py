@@ -26,7 +26,7 @@ from train.model import build_model, init_weights
 from train.model.lm import lm_loss_sum
 from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import optimizer_for
-from train.optim.schedule import clip_grad_norm_
+from train.optim.grad_norm import clip_grad_norm_
 from train.step import training_step
 from train.trainer import rank_pieces
 
