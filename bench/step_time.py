@@ -24,9 +24,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from parallel.mesh import build_mesh  # noqa: E402
-from parallel.runtime import ParallelRuntime, muonclip_factory  # noqa: E402
+from parallel.runtime import ParallelRuntime  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.model import build_model, init_weights  # noqa: E402
+from train.optim.muon import muonclip_factory  # noqa: E402
+from train.step import training_step  # noqa: E402
 
 
 def synthetic_batch(cfg, rows: int, vision: bool, device: str, seed: int = 0) -> dict:
@@ -74,7 +76,7 @@ def time_mode(config: str, mode: str, steps: int, warmup: int, microbatches: int
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = rt.step(batch)
+        out = training_step(rt, batch)
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -1,18 +1,25 @@
-"""One training step over PP x DP (EP inside DP), ZeRO-1 and DEP: what the trainer calls.
+"""The pieces of a training step over PP x DP (EP inside DP), ZeRO-1 and DEP.
 
     mesh = build_mesh(cfg)                     # validates the layout first
-    rt = ParallelRuntime(cfg, model, mesh, make_optimizer=muonclip_factory(cfg.optim))
-    out = rt.step(batch)                       # batch: this DP replica's packed batch
-    out.loss, out.grad_norm, out.expert_load   # identical on every rank
+    rt = ParallelRuntime(cfg, model, mesh, make_optimizer)  # e.g. train.optim.muon's MuonClip
+    fb = rt.forward_backward(batch)            # batch: this DP replica's packed batch
+    rt.zero.reduce_grads(); rt.zero.clip_grad_norm(); rt.zero.optimizer_step(); ...
+    rt.update_router_bias(fb.expert_loads)
+    rt.expert_load_stats(fb.expert_loads)      # identical on every rank
     ev = rt.evaluate(batch)                    # forward only: no gradient, optimizer or bias change
+
+The training step that calls these in order, and decides whether a step updates anything, is
+`train.step.training_step`; the runtime holds no policy of its own (learning rate, bad steps,
+QK-Clip live above it).
 
 `model` is this rank's pieces (parallel/pieces.py: built for the rank alone and materialised),
 or a plain, materialised KimiK25 with the same weights on every rank, from which the runtime takes
 this rank's pieces (pipeline chunks, its expert slice, the encoder under DEP; they share the
 model's modules, so the model is not for further use). The fp32 masters of ZeRO-1 are taken from
 the parameters as given; the parameters are then cast to `dtype`.
-A step: micro-batch split -> DEP phase 1 -> pipeline schedule (EP all-to-alls inside) -> DEP
-phase 3 -> router-bias update from loads summed over the DP group -> ZeRO-1 step.
+`forward_backward`: micro-batch split -> DEP phase 1 -> pipeline schedule (EP all-to-alls
+inside) -> DEP phase 3, then the loss over the global batch and the expert loads summed over the
+DP group.
 """
 
 from __future__ import annotations
@@ -38,11 +45,13 @@ from train.model.moe import moe_layers
 
 
 @dataclass
-class StepResult:
-    loss: float  # mean loss over the global batch's loss tokens
-    grad_norm: float  # before clipping
-    expert_load: dict[str, dict[str, float]]  # MoE layer -> min/mean/max tokens per expert
+class ForwardBackward:
+    """What one step's forward and backward leave besides the fp32 gradients."""
+
+    loss: float  # mean loss over the global batch's loss tokens, identical on every rank
     loss_tokens: int
+    # this rank's MoE layers -> tokens per expert this step, summed over the stage's DP group
+    expert_loads: dict[str, Tensor]
     encoder_load: tuple[int, ...] = ()  # DEP: patches each rank encoded this step (the plan)
     # [C, 2] float64 (loss sum, loss tokens) per token category over the global batch (the
     # batch's token_category; empty without one), identical on every rank
@@ -53,14 +62,7 @@ class StepResult:
 class EvalResult:
     loss_sum: float  # summed token loss over the global batch's loss tokens
     loss_tokens: int
-    category_loss: Tensor | None = None  # as in StepResult
-
-
-def muonclip_factory(optim_cfg) -> MakeOptimizer:
-    """MuonClip (train/optim) over the pieces a rank owns; roles from the parameter names."""
-    from train.optim.muon import optimizer_for
-
-    return lambda named: optimizer_for(named, optim_cfg)
+    category_loss: Tensor | None = None  # as in ForwardBackward
 
 
 class ParallelRuntime:
@@ -157,34 +159,42 @@ class ParallelRuntime:
     def _categories(batch: Mapping[str, Tensor | None], num_categories: int) -> int:
         return num_categories if batch.get("token_category") is not None else 0
 
-    def step(self, batch: Mapping[str, Tensor | None], num_categories: int = 0) -> StepResult:
-        """One training step. num_categories > 0 (with a batch token_category): also the loss
-        sum and token count of each category (StepResult.category_loss)."""
-        cfg, m = self.cfg, self.mesh
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def forward_backward(self, batch: Mapping[str, Tensor | None], num_categories: int = 0
+                         ) -> ForwardBackward:
+        """DEP vision forward, the pipeline schedule (EP all-to-alls inside), DEP recompute and
+        backward: every parameter's fp32 gradient summed over this rank's micro-batches, for
+        ZeroOptimizer.reduce_grads. Then the loss over the global batch (num_categories > 0,
+        with a batch token_category: also per category) and the step's expert loads summed over
+        the stage's DP group (the MoEs' counters restart)."""
         mbs, n_tokens = self._microbatches(batch)
         num_categories = self._categories(batch, num_categories)
-
         leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
         kwargs = self._stage_kwargs(mbs, leaves)
         losses = self.runner.run([mb.input_ids for mb in mbs], kwargs, [mb.target for mb in mbs],
                                  n_tokens, num_categories)
         if self.dep is not None:
             self.dep.backward()
-
-        loads = reduce_expert_loads(self.stage_modules, m.dp_group)
-        grad_norm = self.zero.step()
-        self.zero.zero_grad()
-        # A non-finite grad norm means ZeRO-1 skipped the step; the router bias stays too.
-        if torch.isfinite(grad_norm):
-            apply_router_bias_update(self.stage_modules, loads, cfg.model.bias_update_rate)
-
         total, cats = self._reduce_losses(losses, num_categories)
-        stats = _gather_stats(loads, m, cfg.model.num_layers, cfg.model.n_routed_experts,
-                              self.runner.device)
+        loads = reduce_expert_loads(self.stage_modules, self.mesh.dp_group)
         plan = self.dep.plan if self.dep is not None else None
-        return StepResult(loss=total, grad_norm=float(grad_norm), expert_load=stats,
-                          loss_tokens=n_tokens, encoder_load=plan.load if plan else (),
-                          category_loss=cats)
+        return ForwardBackward(loss=total, loss_tokens=n_tokens, expert_loads=loads,
+                               encoder_load=plan.load if plan else (), category_loss=cats)
+
+    def update_router_bias(self, loads: dict[str, Tensor]) -> None:
+        """The auxiliary-loss-free balancing step of this rank's MoE layers, from loads that
+        are the same on every rank of the stage's DP group (so the biases stay equal)."""
+        apply_router_bias_update(self.stage_modules, loads, self.cfg.model.bias_update_rate)
+
+    def expert_load_stats(self, loads: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+        """Every MoE layer's min/mean/max tokens per expert, identical on every rank (one
+        all-reduce over the PP group)."""
+        m = self.cfg.model
+        return _gather_stats(loads, self.mesh, m.num_layers, m.n_routed_experts,
+                             self.runner.device)
 
     def evaluate(self, batch: Mapping[str, Tensor | None], num_categories: int = 0
                  ) -> EvalResult:

@@ -8,15 +8,19 @@ group, chosen to balance bytes (largest-first greedy); only a stacked expert wei
 may be cut, along dim 0, since every expert slice is itself a whole matrix. AdamW (elementwise)
 is indifferent, so the same plan serves MuonClip's two halves.
 
-A step, per shard group (dense params over the stage's DP group, expert shards over the
-expert-data-parallel group, the DEP vision encoder over the world):
-  1. the fp32 gradients accumulated over the step's micro-batches (`.grad` of fp32 params, the
-     fp32 `main_grad` of bf16 ones: parallel/main_grad.py) are summed onto each piece's owner
-     (one bucketed `reduce` per owner) and freed everywhere,
-  2. the owner's optimizer steps fp32 master copies of the pieces it owns (state lives only
-     there: that is the memory saving), after an optional global grad-norm clip over the world,
-  3. each owner broadcasts its updated pieces (one bucket per owner) into the live parameters,
-     cast to their dtype (bf16 compute on GPU; fp32 on CPU tests, where master == param values).
+The pieces of a step, per shard group (dense params over the stage's DP group, expert shards
+over the expert-data-parallel group, the DEP vision encoder over the world); the training step
+(train/step.py) calls them in this order and decides whether the update happens:
+  1. `reduce_grads()`: the fp32 gradients accumulated over the step's micro-batches (`.grad` of
+     fp32 params, the fp32 `main_grad` of bf16 ones: parallel/main_grad.py) are summed onto each
+     piece's owner (one bucketed `reduce` per owner) and freed everywhere,
+  2. `clip_grad_norm()`: the global grad norm over the world, and the optional clip,
+  3. `optimizer_step()`: the owner's optimizer steps fp32 master copies of the pieces it owns
+     (state lives only there: that is the memory saving),
+  4. `broadcast()`: each owner broadcasts its updated pieces (one bucket per owner) into the
+     live parameters, cast to their dtype (bf16 compute on GPU; fp32 on CPU tests, where
+     master == param values),
+  5. `zero_grad()`: the master gradients are dropped.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallel.main_grad import clear_main_grads, main_grad
-from train.optim.schedule import clip_grad_norm_
+from train.optim.grad_norm import clip_grad_norm_
 
 
 MakeOptimizer = Callable[[list[tuple[str, Tensor]]], torch.optim.Optimizer]
@@ -117,32 +121,38 @@ class ZeroOptimizer:
         # A rank that owns nothing (more ranks than pieces) has no optimizer to step.
         self.optimizer = make_optimizer(mine) if mine else None
 
-    # -- the step ---------------------------------------------------------------------------
+    # -- the pieces of a step (train/step.py calls them in order and owns the policy) --------
 
     @torch.no_grad()
-    def step(self) -> Tensor:
-        """Reduce grads to owners, clip, step, broadcast; returns the global grad norm (the step
-        is skipped when it is not finite)."""
+    def reduce_grads(self) -> None:
+        """Sum every piece's fp32 gradient onto its owner (the owner's master.grad) and free
+        the parameters' gradients on every rank."""
         for g in self.groups:
             self._reduce_grads(g)
         self._clear_param_grads()  # the owners' master grads hold what is still needed
-        norm = self._clip_grad_norm()
-        # A non-finite norm (NaN/inf loss or gradient) is the same on every rank: all skip the
-        # update, so parameters, masters and optimizer state stay as they were.
-        if not torch.isfinite(norm):
-            return norm
-        if self.optimizer is not None:
-            self.optimizer.step()
-        for g in self.groups:
-            self._broadcast_params(g)
-        return norm
 
-    def _clip_grad_norm(self) -> Tensor:
-        """Global grad norm of the owned fp32 masters over the world (every piece has exactly
-        one owner there), with torch's clip rule; 0 only measures."""
+    @torch.no_grad()
+    def clip_grad_norm(self) -> Tensor:
+        """The global grad norm of the owned fp32 masters over `norm_group` (every piece has
+        exactly one owner there), before clipping and identical on every rank; with
+        max_grad_norm > 0 and a finite norm the master grads are scaled by torch's clip rule."""
         device = next(p.device for g in self.groups for _, p in g.params)
         return clip_grad_norm_([p.master for p in self.owned], self.max_grad_norm,
                                group=self.norm_group, device=device)
+
+    @torch.no_grad()
+    def optimizer_step(self) -> None:
+        """The inner optimizer steps the fp32 masters this rank owns (a rank owning nothing has
+        none)."""
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+    @torch.no_grad()
+    def broadcast(self) -> None:
+        """Each owner sends its pieces' masters (one bucket per owner) into the live
+        parameters of its group, cast to their dtype."""
+        for g in self.groups:
+            self._broadcast_params(g)
 
     def zero_grad(self) -> None:
         self._clear_param_grads()
@@ -201,7 +211,7 @@ class ZeroOptimizer:
     def reduced_grads(self) -> dict[str, Tensor | None]:
         """Piece key ("fqn", or "fqn@a:b" for rows of an expert stack, local to this EP shard)
         -> the gradient summed over the shard group of each piece this rank owns (None: no rank
-        had one), as the last reduce left it. Within step() the clip then scales it in place
+        had one), as the last reduce_grads() left it. clip_grad_norm() then scales it in place
         and zero_grad() clears it. The tensors are live: read, do not modify."""
         return {p.key: p.master.grad for p in self.owned}
 

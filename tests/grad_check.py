@@ -7,7 +7,7 @@ change when a gradient is scaled), so the parallel equivalence tests also compar
     ... train; return grads (one dict per step) ...
     assert_grads_match(merge_ranks([g[step] for g in per_rank]), reference_grads[step])
 
-`capture_reduced_grads` wraps the clip of this ZeroOptimizer instance (from the test, not in the
+`capture_reduced_grads` wraps `clip_grad_norm` of this ZeroOptimizer instance (from the test, not in the
 library): at every step it copies `zero.reduced_grads()`, the owner's summed gradients before
 the global-norm clip scales them, under full-model names with expert slices at their global
 rows ("fqn@a:b"). Every piece has exactly one owner in the world, so the ranks' dicts merge
@@ -26,13 +26,13 @@ Grads = dict[str, Tensor | None]
 
 
 def capture_reduced_grads(zero, model=None) -> list[Grads]:
-    """Record this rank's reduced grads at each zero.step() (before the clip); returns the list
+    """Record this rank's reduced grads at each zero.clip_grad_norm() (before the clip); returns the list
     that fills, one dict per step. `model`: what the rank holds (a module, or its pieces as
     checkpoints name them, e.g. train.trainer.rank_pieces(rt)), for the experts' offsets; None
     when no expert stack is sharded (rows are then global already)."""
     offsets = _expert_offsets(model) if model is not None else {}
     steps: list[Grads] = []
-    clip = zero._clip_grad_norm
+    clip = zero.clip_grad_norm
 
     def record_then_clip():
         got: Grads = {}
@@ -46,7 +46,7 @@ def capture_reduced_grads(zero, model=None) -> list[Grads]:
         steps.append(got)
         return clip()
 
-    zero._clip_grad_norm = record_then_clip
+    zero.clip_grad_norm = record_then_clip
     return steps
 
 

@@ -103,3 +103,18 @@ def zero1_replica(model, make_optimizer, ep: int, max_grad_norm: float = 0.0):
         groups.append(ShardGroup(singles[rank], [(n, p) for n, p in named if is_expert_param(n)]))
     return ZeroOptimizer(groups, make_optimizer, max_grad_norm=max_grad_norm,
                          norm_group=dist.group.WORLD)
+
+
+def zero_update(zero):
+    """The ZeRO-1 update of the training step (train/step.py) for a test of ZeroOptimizer on its
+    own: reduce to owners, norm and clip, the owners' step and broadcast (skipped on a
+    non-finite norm), master grads dropped; returns the grad norm before clipping."""
+    import torch
+
+    zero.reduce_grads()
+    norm = zero.clip_grad_norm()
+    if torch.isfinite(norm):
+        zero.optimizer_step()
+        zero.broadcast()
+    zero.zero_grad()
+    return norm

@@ -15,7 +15,7 @@ from torch import nn
 
 from data.store import LocalStore
 from tests.dist import run_distributed
-from tests.parallel_fixtures import zero1_replica
+from tests.parallel_fixtures import zero1_replica, zero_update
 from train.checkpoint import CheckpointManager, restore_rng, step_dir, training_state
 from train.config import ModelConfig
 from train.model import init_weights
@@ -65,8 +65,7 @@ def _train(model, zero, steps, start=0):
                 p.grad = full[first:first + p.shape[0]].clone()  # one holder: no sum
             else:
                 p.grad = _grad(name, step, p.shape) / world
-        zero.step()
-        zero.zero_grad()
+        zero_update(zero)
 
 
 def _numpy(state):

@@ -26,6 +26,7 @@ from train.model import build_model, init_weights
 from train.model.lm import DecoderLM
 from train.optim.muon import build_optimizer, optimizer_for
 from train.optim.qk_clip import QKClip, q_weight
+from train.step import training_step
 from train.trainer import rank_pieces, state_fingerprint
 
 
@@ -116,19 +117,20 @@ def test_muon_and_adamw_on_device_equal_cpu():
         torch.testing.assert_close(got[n], p, rtol=1e-5, atol=1e-6, msg=n)
 
 
-# Per step on every rank of PP1 x DP2 (EP2, DEP, 2 micro-batches): the loss-token count; DEP's
-# two grid all-gathers and three all-to-alls (pixels, embeddings, their gradients); per MoE
-# layer and micro-batch a count, a token and a combine all-to-all forward and two backward; the
-# expert-load reduction; one bucketed reduce and broadcast per owner in each shard group; the
-# grad-norm reduction; the loss total; the expert-load stats table; QK-Clip's max logits. A new
-# per-step collective must be added here, on purpose.
+# Per training step (train/step.py) on every rank of PP1 x DP2 (EP2, DEP, 2 micro-batches): the
+# loss-token count; DEP's two grid all-gathers and three all-to-alls (pixels, embeddings, their
+# gradients); per MoE layer and micro-batch a count, a token and a combine all-to-all forward
+# and two backward; the loss total; the expert-load reduction; one bucketed reduce and broadcast
+# per owner in each shard group; the grad-norm reduction; QK-Clip's max logits; the expert-load
+# stats table; the max logit and the clipped heads over PP. A new per-step collective must be
+# added here, on purpose.
 MOE_LAYERS, MICROBATCHES = 3, 2
 
 
 def _expected_collectives(owners: tuple[int, int]) -> dict[str, int]:
     """owners: (owners in all shard groups, owners in groups of more than one rank: a group of
     one rank hands its fp32 main grads to the optimizer without a reduce)."""
-    return {"all_reduce": 1 + 1 + 1 + 1 + 1 + 1, "all_gather": 2,
+    return {"all_reduce": 1 + 1 + 1 + 1 + 1 + 1 + 2, "all_gather": 2,
             "all_to_all_single": 3 + MOE_LAYERS * MICROBATCHES * (3 + 2),
             "reduce": owners[1], "broadcast": owners[0]}
 
@@ -153,8 +155,8 @@ def _runtime_body(rank, world, on_device: bool):
         for b in batches:
             calls: list[tuple[str, set[str]]] = []
             with patch_collectives(calls):
-                results.append(rt.step(b))
-                clipped.append(clip.step(masters=rt.zero.masters()).clipped_heads)
+                results.append(training_step(rt, b, qk_clip=clip))
+                clipped.append(results[-1].clipped_heads)
             per_step.append(calls)
         owners = (sum(len({p.owner for p in g.pieces}) for g in rt.zero.groups),
                   sum(len({p.owner for p in g.pieces}) for g in rt.zero.groups

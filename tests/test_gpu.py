@@ -138,6 +138,7 @@ def _runtime_body(rank, world, device_type: str):
     from tests.simulated_device import patch_collectives
     from train.optim.muon import optimizer_for
     from train.optim.qk_clip import QKClip
+    from train.step import training_step
     from train.trainer import rank_pieces
 
     cfg = tiny_config(dep=True, microbatches=2)
@@ -155,8 +156,7 @@ def _runtime_body(rank, world, device_type: str):
         b = make_batch(4, 32, seed=20 + s)
         b = {k: (v.to(device) if v is not None else None) for k, v in b.items()}
         with patch_collectives(calls):
-            losses.append(rt.step(b).loss)
-            clip.step(masters=rt.zero.masters())
+            losses.append(training_step(rt, b, qk_clip=clip).loss)
     params = {n: p.detach().cpu() for n, p in rt.named_parameters()}
     return losses, [{k: None if g is None else g.cpu() for k, g in step.items()}
                     for step in grads], params, calls

@@ -34,7 +34,9 @@ from train.model.lm import DecoderLM, lm_loss_sum
 from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import build_optimizer, optimizer_for
 from train.optim.qk_clip import QKClip, q_weight
-from train.optim.schedule import clip_grad_norm_, set_lr
+from train.optim.grad_norm import clip_grad_norm_
+from train.optim.schedule import schedule_multiplier, set_lr
+from train.step import training_step
 from train.trainer import rank_pieces
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, first_k_dense=1,
@@ -111,7 +113,10 @@ def _body(rank, world, ep, root):
         if zero.optimizer is not None:
             set_lr(zero.optimizer, step, OPTIM, STEPS)
         _loss(model, step, rank).backward()
-        zero.step()
+        zero.reduce_grads()
+        zero.clip_grad_norm()
+        zero.optimizer_step()
+        zero.broadcast()
         clipped += clip.step(masters=zero.masters()).clipped_heads
         zero.zero_grad()
     params = _numpy(model_tensors(model))
@@ -229,11 +234,17 @@ def _pp_body(rank, world, steps):
     clip = QKClip(rt.stage_modules, cfg.optim.qk_clip_tau, group=mesh.dp_group)
     reduced = capture_reduced_grads(rt.zero, rank_pieces(rt))
     losses, clipped = [], []
+    clip_stage = clip.step
+
+    def clip_and_count(**kwargs):  # this pipeline rank's own clipped heads
+        stats = clip_stage(**kwargs)
+        clipped.append(stats.clipped_heads)
+        return stats
+    clip.step = clip_and_count
     for step, per_replica in enumerate(steps):
-        if rt.zero.optimizer is not None:
-            set_lr(rt.zero.optimizer, step, cfg.optim, len(steps))
-        losses.append(rt.step(per_replica[mesh.dp_rank]).loss)
-        clipped.append(clip.step(masters=rt.zero.masters()).clipped_heads)
+        out = training_step(rt, per_replica[mesh.dp_rank], qk_clip=clip,
+                            lr_multiplier=schedule_multiplier(step, cfg.optim, len(steps)))
+        losses.append(out.loss)
     state = model_tensors(rt.stage_modules + [("vision.", rt.dep.encoder)])
     optim = optimizer_tensors(rt.zero, rt.stage_modules + [("vision.", rt.dep.encoder)])
     return mesh.dp_rank, losses, clipped, _numpy(state), _numpy(optim), reduced

@@ -26,7 +26,8 @@ from train.model import build_model, init_weights
 from train.model.lm import lm_loss_sum
 from train.model.moe import collect_expert_loads, update_router_bias
 from train.optim.muon import optimizer_for
-from train.optim.schedule import clip_grad_norm_
+from train.optim.grad_norm import clip_grad_norm_
+from train.step import training_step
 from train.trainer import rank_pieces
 
 ATOL = 1e-5
@@ -70,7 +71,7 @@ def _train(rank, world, cfg, steps, make_opt):
     init_weights(model, 0)
     rt = ParallelRuntime(cfg, model, mesh, make_opt)
     grads = capture_reduced_grads(rt.zero, rank_pieces(rt))
-    results = [rt.step(per_replica[mesh.dp_rank]) for per_replica in steps]
+    results = [training_step(rt, per_replica[mesh.dp_rank]) for per_replica in steps]
     state = {}
     for module in rt.stage_modules:
         for name, t in module.state_dict().items():

@@ -8,6 +8,7 @@ from parallel.expert import AllToAllDispatcher
 from parallel.zero import ShardGroup, ZeroOptimizer, plan_ownership
 from tests.dist import run_distributed
 from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks
+from tests.parallel_fixtures import zero_update
 
 
 def test_plan_ownership_balances_and_splits_only_expert_stacks():
@@ -63,8 +64,7 @@ def _zero(rank, world, kind):
             for name, q in params:
                 if name == n:
                     q.grad = g.clone()
-        norms.append(float(zero.step()))
-        zero.zero_grad()
+        norms.append(float(zero_update(zero)))
     return {n: p.detach() for n, p in params}, norms, zero.state_bytes(), reduced
 
 

@@ -26,6 +26,7 @@ from tests.dist import run_distributed
 from tests.parallel_fixtures import make_batch, tiny_config
 from train.config import ConfigError, load_config, replace
 from train.model import build_model, init_weights
+from train.step import training_step
 
 SEED = 0
 EXPERT_STACKS = ("w_gate", "w_up", "w_down")
@@ -132,7 +133,7 @@ def _train_both(rank, world, cfg, steps):
             model = build_model(cfg)
             init_weights(model, SEED)
         rt = ParallelRuntime(cfg, model, mesh, opt)
-        losses = [rt.step(per_replica[mesh.dp_rank]).loss for per_replica in steps]
+        losses = [training_step(rt, per_replica[mesh.dp_rank]).loss for per_replica in steps]
         results.append((losses, _state(rt)))
     return results
 

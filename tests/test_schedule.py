@@ -13,7 +13,8 @@ from torch import nn
 from tests.dist import run_distributed
 from train.config import OptimConfig
 from train.optim.muon import MuonClip
-from train.optim.schedule import clip_grad_norm_, global_grad_norm, lr_multiplier, set_lr
+from train.optim.grad_norm import clip_grad_norm_, global_grad_norm
+from train.optim.schedule import lr_multiplier, set_lr
 
 
 def _curve(schedule, total=20, warmup=4, min_lr_ratio=0.1, decay_fraction=0.25):

@@ -36,7 +36,8 @@ def _cfg(ds, run_dir, *extra):
 def _train(rank, world, cfg, nan_steps=(), grads=False):
     """Train cfg; at the steps in nan_steps a hook turns the output head's gradient into NaN.
     Returns (final result, state fingerprint after each step, per step the runtime's
-    expert-load stats and the trainer's own collectives by kind, outside ParallelRuntime.step),
+    expert-load stats and the trainer's own collectives by kind, outside every method of
+    ParallelRuntime and ZeroOptimizer),
     plus with `grads` this rank's reduced gradients of step 1 (tests/grad_check.py)."""
     from tests.simulated_device import patch_collectives
     from train.trainer import Trainer, rank_pieces, state_fingerprint
@@ -50,29 +51,38 @@ def _train(rank, world, cfg, nan_steps=(), grads=False):
                         hooks.append(stage.lm.head.weight.register_hook(
                             lambda g: torch.full_like(g, float("nan"))))
             calls.clear()
+            runtime_calls.clear()
             try:
                 with patch_collectives(calls):
                     return super().train_step(batch)
             finally:
                 for h in hooks:
                     h.remove()
-                a, b = steps[-1].pop("runtime_calls")
                 steps[-1]["trainer_collectives"] = dict(Counter(
-                    name for name, _ in calls[:a] + calls[b:]))
+                    name for i, (name, _) in enumerate(calls) if i not in runtime_calls))
                 prints.append(state_fingerprint(self.state()))
 
     prints: list[str] = []
     calls: list = []
+    runtime_calls: set[int] = set()  # indices in `calls` of the runtime's and ZeRO-1's own
     steps: list[dict] = []
     trainer = Faulty(cfg)
-    run_step = trainer.rt.step
 
-    def step_and_record(batch, *args, **kwargs):
-        start = len(calls)
-        out = run_step(batch, *args, **kwargs)
-        steps.append(dict(expert_load=out.expert_load, runtime_calls=(start, len(calls))))
-        return out
-    trainer.rt.step = step_and_record
+    def inside_runtime(obj, name):
+        method = getattr(obj, name)
+
+        def call(*args, **kwargs):
+            start = len(calls)
+            out = method(*args, **kwargs)
+            runtime_calls.update(range(start, len(calls)))
+            if name == "expert_load_stats":
+                steps.append(dict(expert_load=out))
+            return out
+        setattr(obj, name, call)
+    for obj in (trainer.rt, trainer.rt.zero):
+        for name in dir(type(obj)):
+            if not name.startswith("_") and callable(getattr(type(obj), name)):
+                inside_runtime(obj, name)
     reduced = capture_reduced_grads(trainer.rt.zero, rank_pieces(trainer.rt)) if grads else None
     prints.append(state_fingerprint(trainer.state()))
     result = trainer.fit()

@@ -30,6 +30,7 @@ from train.config import ConfigError, load_config
 from train.metrics import read_metrics
 from train.model import build_model, init_weights
 from train.model.lm import token_losses
+from train.step import training_step
 
 CATEGORIES = 6
 TINY = "configs/tiny.toml"
@@ -97,7 +98,7 @@ def _eval_and_train(rank, world, cfg, steps, evaluate_between):
     again = rt.evaluate(steps[0][mesh.dp_rank], CATEGORIES)
     results, evals = [], []
     for per_replica in steps:
-        results.append(rt.step(per_replica[mesh.dp_rank], CATEGORIES))
+        results.append(training_step(rt, per_replica[mesh.dp_rank], num_categories=CATEGORIES))
         if evaluate_between:
             evals.append(rt.evaluate(steps[0][mesh.dp_rank], CATEGORIES))
     grads = [n for n, p in rt.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]

@@ -1,15 +1,18 @@
 """The training loop: data -> DEP -> PP/EP schedule -> MuonClip (+ QK-Clip) -> logging, checkpoints.
 
 `run(cfg)` is what `mmpt train` calls on every rank once the default process group exists
-(launch/train.py). One step:
+(launch/train.py). Each step of `fit()`:
 
   1. next batch of this data-parallel replica (data/loader.py; every pipeline rank of a replica
-     reads the same rows), the lr of the step (a pure function of the step, train/optim/schedule);
-  2. `ParallelRuntime.step` (parallel/runtime.py): DEP vision forward over all ranks, the
-     interleaved 1F1B schedule with expert all-to-alls, DEP recompute + backward, router-bias
-     update, ZeRO-1 MuonClip step with the global grad-norm clip;
-  3. QK-Clip of the MLA layers this rank holds (MAX of the per-head logits over the stage's DP
-     group, live weights and fp32 masters alike);
+     reads the same rows);
+  2. the step, `train.step.training_step`, one function that reads top to bottom: the lr of the
+     step (a pure function of the step, train/optim/schedule) -> DEP vision forward -> the
+     interleaved 1F1B schedule with expert all-to-alls -> DEP recompute + backward -> gradients
+     reduced to their ZeRO-1 owners -> global grad norm and the bad-step decision -> the
+     owners' MuonClip step and broadcast;
+  3. still in `training_step`: QK-Clip of the MLA layers this rank holds (MAX of the per-head
+     logits over the stage's DP group, live weights and fp32 masters alike), the router-bias
+     update, and the step's statistics made equal on every rank;
   4. metrics on rank 0: loss, lr, grad norm, tokens/s, MFU (or achieved FLOP/s where the peak of
      the device is unknown), expert load max/mean, realised vision share, max attention logit,
      the loss per modality, role (caption / plain text) and source (train/metrics.py);
@@ -19,9 +22,10 @@
   5. every `checkpoint.every` steps (and at the end) a sharded checkpoint of model, optimizer,
      data-loader state, RNG states and step (train/checkpoint), resumed from at start.
 
-Bad steps: a non-finite loss or gradient norm means ZeRO-1 skipped the update (no parameter,
-master or optimizer-state change; QK-Clip is skipped too); the step is counted and logged, and
-`train.max_bad_steps` consecutive bad steps stop the run with `BadStepsError`.
+Bad steps: a non-finite loss or gradient norm skips the update (no parameter, master,
+optimizer-state or router-bias change; QK-Clip is skipped too: train/step.py); the loop counts
+and logs the step, and `train.max_bad_steps` consecutive bad steps stop the run with
+`BadStepsError`.
 
 Steps are numbered 1..train.steps; a checkpoint of step N holds the state after N steps.
 Test hooks: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits checkpoint N
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -45,7 +48,7 @@ import torch.distributed as dist
 
 from parallel.mesh import build_mesh
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
-from parallel.runtime import ParallelRuntime, muonclip_factory
+from parallel.runtime import ParallelRuntime
 from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step_dir,
                               training_state)
 from train.config import Config, ConfigError
@@ -53,9 +56,11 @@ from train.errors import InvalidInput, UserError
 from train.hf_export import WEIGHTS_ONLY
 from train.metrics import CategoryNames, MetricsLogger, category_metrics
 from train.model.flops import training_flops_per_token
+from train.optim.muon import muonclip_factory
 from train.optim.qk_clip import QKClip
-from train.optim.schedule import schedule_multiplier, set_lr
+from train.optim.schedule import schedule_multiplier
 from train.rng import seed_torch
+from train.step import training_step
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' data sheets; MFU is reported
 # only where the device is known. H200 has the H100's compute (more, faster memory).
@@ -103,7 +108,7 @@ def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def runtime_batch(batch, device: torch.device) -> dict:
-    """A data.batch.Batch as the mapping ParallelRuntime.step takes (no vision: None), on the
+    """A data.batch.Batch as the mapping the runtime takes (no vision: None), on the
     device (collectives under NCCL need device tensors)."""
     has_vision = batch.grid_thw.shape[0] > 0
     b = batch.to(device, non_blocking=True) if device.type != "cpu" else batch
@@ -281,33 +286,20 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------
 
     def train_step(self, batch) -> dict:
-        cfg, m = self.cfg, self.mesh
+        """One step (train/step.py: lr, DEP, the PP/EP schedule, ZeRO-1, the bad-step decision,
+        QK-Clip, router bias) and its metrics; "good": whether the update was applied."""
+        cfg = self.cfg
         t0 = time.monotonic()
         mult = schedule_multiplier(self.step, cfg.optim, cfg.train.steps)
-        if self.rt.zero.optimizer is not None:
-            set_lr(self.rt.zero.optimizer, self.step, cfg.optim, cfg.train.steps)
-        inputs = runtime_batch(batch, self.device)
         counts = torch.tensor([
             float(((batch.input_ids == cfg.model.image_token_id)
                    | (batch.input_ids == cfg.model.video_token_id)).sum()),
             float(batch.non_padding_tokens())], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts, group=m.dp_group)
+        dist.all_reduce(counts, group=self.mesh.dp_group)
 
         cats = self.categories
-        out = self.rt.step(inputs, cats.count if cats else 0)
-        good = math.isfinite(out.loss) and math.isfinite(out.grad_norm)
-        if good:
-            clip = self.qk_clip.step(masters=self.rt.zero.masters())
-            max_logit = torch.tensor([clip.max_logit, float(clip.clipped_heads)],
-                                     device=self.device)
-        else:
-            self.qk_clip.reset()
-            max_logit = torch.tensor([float("nan"), 0.0], device=self.device)
-        # Every pipeline position clips its own layers: the run's max over the PP group.
-        top = max_logit[:1].clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=m.pp_group)
-        heads = max_logit[1:].clone()
-        dist.all_reduce(heads, group=m.pp_group)
+        out = training_step(self.rt, runtime_batch(batch, self.device), lr_multiplier=mult,
+                            qk_clip=self.qk_clip, num_categories=cats.count if cats else 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.monotonic() - t0
@@ -321,7 +313,7 @@ class Trainer:
                    "tok_s": tok_s, "step_s": seconds, "flops_s": flops_s,
                    "expert_load_max_mean": balance,
                    "vision_share": float(counts[0] / counts[1]) if counts[1] > 0 else 0.0,
-                   "max_logit": float(top), "clipped_heads": int(heads),
+                   "max_logit": out.max_logit, "clipped_heads": out.clipped_heads,
                    "loss_tokens": out.loss_tokens, "skipped_steps": self.skipped_steps}
         if self.peak is not None:
             metrics["mfu"] = flops_s / (self.peak * self.world)
@@ -329,7 +321,7 @@ class Trainer:
             metrics["skipped_docs"] = len(batch.skipped)
         if out.category_loss is not None:
             metrics |= category_metrics(out.category_loss, cats)
-        return metrics | {"good": good}
+        return metrics | {"good": out.good}
 
     def evaluate(self) -> dict:
         """Validation: the first train.eval_batches batches of the validation stream (the same

@@ -239,6 +239,12 @@ def optimizer_for(named: Sequence[tuple[str, Tensor]], optim_cfg, *,
     return _muonclip(muon, adamw, optim_cfg, ns_dtype)
 
 
+def muonclip_factory(optim_cfg) -> Callable[[Sequence[tuple[str, Tensor]]], MuonClip]:
+    """The `make_optimizer` the trainer hands to ZeRO-1: MuonClip with cfg.optim's settings
+    over the pieces a rank owns."""
+    return lambda named: optimizer_for(named, optim_cfg)
+
+
 def _muonclip(muon, adamw, optim_cfg, ns_dtype) -> MuonClip:
     groups = []
     for algo, named, lr in (("muon", muon, optim_cfg.lr), ("adamw", adamw, optim_cfg.adamw_lr)):
