@@ -19,11 +19,13 @@ REPO_PACKAGES = {"bench", "data", "launch", "parallel", "tests", "train"}
 # that hold more than the layer needs. parallel/ takes from train/optim only the global
 # grad-norm clip (ZeRO-1) and the Muon/AdamW role of a parameter (its memory count), never the
 # optimizer choice, the lr schedule or QK-Clip: those belong to the loop.
+# train/errors.py (the user-facing error types) imports nothing and sits below everything.
 LAYERS = {
-    "train/config.py": ((), {}),
-    "train/model": (("train.config", "train.model"), {}),
-    "parallel": (("parallel", "train.config", "train.model", "train.optim.grad_norm"),
-                 {"train.optim.muon": {"uses_muon"}}),
+    "train/errors.py": ((), {}),
+    "train/config.py": (("train.errors",), {}),
+    "train/model": (("train.errors", "train.config", "train.model"), {}),
+    "parallel": (("parallel", "train.errors", "train.config", "train.model",
+                  "train.optim.grad_norm"), {"train.optim.muon": {"uses_muon"}}),
 }
 
 
