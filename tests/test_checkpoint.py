@@ -243,6 +243,119 @@ def test_keep_last_and_leftovers_are_pruned(tmp_path):
     assert mgr.committed_steps() == [4, 5]
 
 
+# Retention across timelines: a run that resumed from an older checkpoint owns the future.
+
+TIMELINE_DAMAGE = {  # caught by validate (marker/hashes/sizes) or only by the CRC32s at load
+    "garbage marker": DAMAGE["garbage marker"][0],
+    "flipped byte in data": DAMAGE["flipped byte in data"][0],
+}
+
+
+def _quarantined(root: Path) -> dict[int, Path]:
+    """step -> its quarantined directory under root/quarantine/<n>/."""
+    return {int(d.name[5:]): d for d in sorted((root / "quarantine").glob("*/step-*"))}
+
+
+@pytest.mark.parametrize("damage", sorted(TIMELINE_DAMAGE))
+def test_resume_past_a_damaged_newer_checkpoint_keeps_the_runs_own_save(tmp_path, damage):
+    """Valid 25, damaged 30; the run resumes from 25 and saves 27 with keep_last=1: 27 is what
+    the next run loads, and 30 is quarantined (moved, with the reason), not deleted."""
+    valid, newer, own = _model_state(0), _model_state(1), _model_state(3)
+    CheckpointManager(str(tmp_path), keep_last=3).save(25, valid, meta=META)
+    CheckpointManager(str(tmp_path), keep_last=3).save(30, newer, meta=META)
+    TIMELINE_DAMAGE[damage](tmp_path / step_dir(30))
+
+    run = CheckpointManager(str(tmp_path), keep_last=1)
+    target = _model_state(2)
+    assert run.resume(target).step == 25
+    assert [name for name, _, _ in run.quarantined] == [step_dir(30)]
+    assert run.committed_steps() == [25]
+    run.save(27, own, meta=META)
+    assert run.committed_steps() == [27]
+
+    nxt = _model_state(4)
+    loaded = CheckpointManager(str(tmp_path)).load_latest(nxt)
+    assert loaded.step == 27
+    for k, v in own.items():
+        assert torch.equal(nxt[k], v), k
+    moved = _quarantined(tmp_path)
+    assert list(moved) == [30]
+    note = json.loads((moved[30] / "QUARANTINED").read_text())
+    assert note["step"] == 30 and "resumed from step 25" in note["reason"]
+    assert (moved[30] / "COMMITTED").is_file() and (moved[30] / "data-00000-000").is_file()
+
+
+def test_save_after_a_plain_load_never_keeps_a_damaged_newer_checkpoint(tmp_path):
+    """The same scenario through load_latest (no resume): saving 27 with keep_last=1 must not
+    delete 25 and 27 and keep the damaged 30; 30 is newer than the run's own save, so it is
+    quarantined, and the next run loads 27."""
+    CheckpointManager(str(tmp_path)).save(25, _model_state(0), meta=META)
+    CheckpointManager(str(tmp_path)).save(30, _model_state(1), meta=META)
+    _flip_byte(tmp_path / step_dir(30) / "data-00000-000")
+    run = CheckpointManager(str(tmp_path), keep_last=1)
+    assert run.load_latest(_model_state(2)).step == 25
+    run.save(27, _model_state(3), meta=META)
+    assert run.committed_steps() == [27]
+    assert CheckpointManager(str(tmp_path)).load_latest(_model_state(4)).step == 27
+    assert list(_quarantined(tmp_path)) == [30]
+
+
+class _FlakyReads:
+    """A store whose first ranged read under one prefix comes back short (a transient fault
+    that a load reports as damage); every other call passes through."""
+
+    def __init__(self, store, prefix: str):
+        self._store, self._prefix, self.tripped = store, prefix, False
+
+    def get(self, key, start=None, end=None):
+        data = self._store.get(key, start, end)
+        if not self.tripped and key.startswith(self._prefix) and start is not None:
+            self.tripped = True
+            return data[:-1]
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_abandoned_timeline_never_counts_as_newer_than_the_runs_saves(tmp_path):
+    """30 is intact but its load failed once, so the run resumed from 25: 30 now belongs to an
+    abandoned timeline. After the run saves 27 (keep_last=2), the next run loads 27, not 30;
+    30 survives, intact and loadable, in quarantine."""
+    first, abandoned = _model_state(0), _model_state(1)
+    CheckpointManager(str(tmp_path)).save(25, first, meta=META)
+    CheckpointManager(str(tmp_path)).save(30, abandoned, meta=META)
+    run = CheckpointManager(_FlakyReads(LocalStore(tmp_path), f"{step_dir(30)}/data-"),
+                            keep_last=2)
+    assert run.resume(_model_state(2)).step == 25
+    run.save(27, _model_state(3), meta=META)
+    assert run.committed_steps() == [25, 27]
+    assert CheckpointManager(str(tmp_path)).load_latest(_model_state(4)).step == 27
+
+    moved = _quarantined(tmp_path)
+    assert list(moved) == [30]
+    back = _model_state(5)
+    loaded = CheckpointManager(str(moved[30].parent)).load_latest(back)
+    assert loaded.step == 30
+    for k, v in abandoned.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_a_checkpoint_failing_validation_never_takes_a_retention_place(tmp_path):
+    """keep_last=2 with 10 valid and 20's marker damaged: saving 30 keeps 10 and 30 (20 goes to
+    quarantine) instead of keeping the damaged 20 and deleting the valid 10."""
+    mgr = CheckpointManager(str(tmp_path), keep_last=2)
+    for step in (10, 20):
+        mgr.save(step, _model_state(step), meta=META)
+    (tmp_path / step_dir(20) / "COMMITTED").write_text("{not json")
+    mgr.save(30, _model_state(30), meta=META)
+    assert mgr.committed_steps() == [10, 30]
+    assert mgr.validate(10) is None
+    assert list(_quarantined(tmp_path)) == [20]
+    assert "failed validation" in json.loads(
+        (_quarantined(tmp_path)[20] / "QUARANTINED").read_text())["reason"]
+
+
 def test_rewrite_of_an_interrupted_step_drops_its_leftovers(tmp_path):
     mgr = CheckpointManager(str(tmp_path))
     (tmp_path / step_dir(7)).mkdir()

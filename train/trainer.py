@@ -216,9 +216,11 @@ class Trainer:
             return False
         state = self.state()
         # Optimizer entries may be absent only from a weights-only checkpoint (mmpt import-hf).
-        loaded = self.ckpt.load_latest(state, optional=("rng/", "optim/", "master/"))
+        loaded = self.ckpt.resume(state, optional=("rng/", "optim/", "master/"))
         for name, reason in self.ckpt.skipped:
             self.logger.event(f"checkpoint {name} skipped: {reason}")
+        for name, where, reason in self.ckpt.quarantined:
+            self.logger.event(f"checkpoint {name} quarantined as {where}: {reason}")
         if loaded is None:
             return False
         lacking = [k for k in loaded.missing if k.startswith(("optim/", "master/"))]
@@ -242,7 +244,10 @@ class Trainer:
         meta = {"loader": self.loader.state_dict(), "bad_in_a_row": self.bad_in_a_row,
                 "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict()}
         t0 = time.monotonic()
+        seen = len(self.ckpt.quarantined)
         name = self.ckpt.save(self.step, self.state(), meta)
+        for old, where, reason in self.ckpt.quarantined[seen:]:
+            self.logger.event(f"checkpoint {old} quarantined as {where}: {reason}")
         self.logger.event(f"checkpoint {self.ckpt.store.url}/{name} "
                           f"({time.monotonic() - t0:.1f} s)")
 

@@ -9,14 +9,30 @@ marker, the same for both backends:
   3. rank 0 writes `meta.json` (small JSON state: step, data-loader state, ...) and then
      `COMMITTED` LAST: it records the sha256 of metadata.json and meta.json and the size of
      every data object. No COMMITTED, no checkpoint.
-  4. rank 0 deletes the committed checkpoints beyond the newest `keep_last`, and incomplete
-     ones older than the new one (left by a crash).
+  4. rank 0 applies retention (`_prune`, below) and deletes incomplete checkpoints older than
+     the new one (left by a crash).
 
 Loading takes the newest checkpoint that validates (marker parses, hashes match, every object
 has its recorded size; then every item's CRC32 while DCP reads). Anything that fails is logged
 with its name and the reason, recorded in `skipped`, and the next older one is tried. Tensors
 are read into fresh buffers and copied into the live state only once the whole load succeeded,
 so a corrupt checkpoint never leaves a half-loaded model behind.
+
+Timelines and quarantine. A run that resumes from step S (`resume`) continues a timeline that
+branches off at S: every committed checkpoint newer than S, which either failed validation or
+loading or was otherwise passed over, belongs to an abandoned timeline. Such checkpoints are
+never deleted and never counted as newer than the run's own saves: rank 0 moves each one to
+`<root>/quarantine/<n>/step-0000000N/` (n = 000001, 000002, ... in order of quarantining) with
+a `QUARANTINED` note of the reason, and logs it. Discovery and retention only look at top-level
+`step-*` directories, so a quarantined checkpoint is out of both; it stays loadable by pointing a
+manager at `<root>/quarantine/<n>`. Retention after saving step N:
+  - a committed checkpoint newer than N is from an abandoned timeline: quarantined;
+  - N is kept, then older committed checkpoints, newest first, until `keep_last` are kept; each
+    must pass `validate` to take a place, and one that fails is quarantined instead, so a damaged
+    checkpoint never displaces a valid one;
+  - the remaining older checkpoints are deleted.
+Moving copies the objects (object stores cannot rename), so it costs one read and write of the
+quarantined checkpoint; it only happens to checkpoints that failed or were abandoned.
 """
 
 from __future__ import annotations
@@ -43,6 +59,8 @@ log = logging.getLogger("mmpt.checkpoint")
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
+QUARANTINE = "quarantine"  # top-level prefix of quarantined checkpoints (module docstring)
+QUARANTINED = "QUARANTINED"  # the reason note inside a quarantined checkpoint
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -92,6 +110,8 @@ class CheckpointManager:
         self.store = open_store(root) if isinstance(root, str) else root
         self.keep_last = keep_last
         self.skipped: list[tuple[str, str]] = []  # (checkpoint name, reason), in report order
+        # (checkpoint name, where it went, reason), in order: see "Timelines and quarantine"
+        self.quarantined: list[tuple[str, str, str]] = []
 
     # -- discovery -------------------------------------------------------------------------
 
@@ -166,15 +186,69 @@ class CheckpointManager:
         return name
 
     def _prune(self, newest: int) -> None:
+        """Retention after saving `newest` (module docstring); rank 0 only."""
         committed, incomplete = self._steps()
-        doomed = committed[:-self.keep_last] + [s for s in incomplete if s < newest]
+        for s in committed:
+            if s > newest:
+                self.quarantine(s, f"newer than step {newest}, which a run saved after resuming "
+                                   "from an older checkpoint (an abandoned timeline)")
+        kept, doomed = [newest], [s for s in incomplete if s < newest]
+        for s in reversed([s for s in committed if s < newest]):
+            if len(kept) >= self.keep_last:
+                doomed.append(s)
+                continue
+            reason = self.validate(s)
+            if reason is None:
+                kept.append(s)
+            else:
+                self.quarantine(s, f"failed validation: {reason}")
         for s in doomed:
-            keys = self.store.list(f"{step_dir(s)}/")
-            # The marker goes first: a half-deleted checkpoint must never look complete.
-            for key in sorted(keys, key=lambda k: not k.endswith(f"/{COMMITTED}")):
-                self.store.delete(key)
+            self._delete(step_dir(s))
+
+    def _delete(self, prefix: str) -> None:
+        keys = self.store.list(f"{prefix}/")
+        # The marker goes first: a half-deleted checkpoint must never look complete.
+        for key in sorted(keys, key=lambda k: not k.endswith(f"/{COMMITTED}")):
+            self.store.delete(key)
+
+    # -- quarantine ------------------------------------------------------------------------
+
+    def quarantine(self, step: int, reason: str) -> str:
+        """Move step's checkpoint to quarantine/<n>/ with a note of `reason`; returns where it
+        went. Rank 0 only. The copy's marker is written last and the original's deleted first,
+        so an interrupted move leaves a complete copy, an incomplete original or both intact."""
+        name = step_dir(step)
+        taken = [int(k.split("/")[1]) for k in self.store.list(f"{QUARANTINE}/")
+                 if k.count("/") >= 2 and k.split("/")[1].isdigit()]
+        dest = f"{QUARANTINE}/{max(taken, default=0) + 1:06d}"
+        keys = sorted(self.store.list(f"{name}/"), key=lambda k: k.endswith(f"/{COMMITTED}"))
+        self.store.put(f"{dest}/{name}/{QUARANTINED}",
+                       json.dumps({"step": step, "reason": reason}, sort_keys=True).encode())
+        for key in keys:
+            self.store.put(f"{dest}/{key}", self.store.get(key))
+        self._delete(name)
+        where = f"{self.store.url}/{dest}/{name}"
+        log.warning("quarantined checkpoint %s/%s as %s: %s", self.store.url, name, where, reason)
+        self.quarantined.append((name, where, reason))
+        return where
 
     # -- load ------------------------------------------------------------------------------
+
+    def resume(self, tensors: dict[str, torch.Tensor], *,
+               optional: tuple[str, ...] = ("rng/",)) -> Loaded | None:
+        """`load_latest` for a run that goes on training from what it loads: afterwards rank 0
+        quarantines every committed checkpoint newer than the loaded one (every one, when none
+        loaded), since the run's saves replace that abandoned timeline."""
+        loaded = self.load_latest(tensors, optional=optional)
+        if _rank() == 0:
+            start = loaded.step if loaded is not None else -1
+            why = dict(self.skipped)
+            for s in self.committed_steps():
+                if s > start:
+                    reason = why.get(step_dir(s), "passed over")
+                    resumed = f"step {start}" if loaded is not None else "no checkpoint"
+                    self.quarantine(s, f"{reason}; the run resumed from {resumed}")
+        return loaded
 
     def load_latest(self, tensors: dict[str, torch.Tensor], *,
                     optional: tuple[str, ...] = ("rng/",)) -> Loaded | None:
