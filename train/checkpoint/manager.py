@@ -4,15 +4,15 @@ A checkpoint of step N lives under `<root>/step-0000000N/` (root: a local direct
 s3://bucket/prefix, through data.store). Object stores cannot rename, so completeness is a
 marker, the same for both backends:
 
-  1. (main thread, every rank) a save still in flight is waited for; rank 0 deletes whatever an
-     earlier, interrupted attempt left under the step's prefix; the ranks agree on a plan (one
-     gather and one scatter): which rank writes each chunk (replicas are written once, spread
+  1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan
+     (one gather and one scatter, no store request): an attempt id, which rank writes each chunk (replicas are written once, spread
      by bytes) and which weights need no bytes of their own (below); each rank copies the chunks
      it writes to host memory (pinned on CUDA). This copy is all that training waits for.
   2. (background thread, every rank) the chunks are written (storage.write_chunks: parallel
-     parts, every object durable), then a done marker `done/rank-RRRRR.json` with the rank's
-     item records (or the error that stopped it);
-  3. (rank 0's background thread) once every rank's done marker is there, `metadata.json`, then
+     parts, every object durable), then a done marker `done/<attempt>/rank-RRRRR.json` with the
+     rank's item records (or the error that stopped it);
+  3. (rank 0's background thread) once every rank's done marker of this attempt is there, it
+     deletes whatever an earlier, interrupted attempt left under the step, writes `metadata.json`, then
      `meta.json` (small JSON state: step, data-loader state, ...) and then `COMMITTED` LAST: it
      records the sha256 of metadata.json and meta.json and the size of every data object. No
      COMMITTED, no checkpoint: a kill at any moment of steps 1-3 leaves the previous one intact.
@@ -62,6 +62,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,7 @@ class _Pending:
     step: int
     name: str
     started: float
+    attempt: str = ""  # this attempt's id: done markers of an interrupted one never count
     thread: threading.Thread | None = None
     error: BaseException | None = None
     stats: dict[str, Any] = field(default_factory=dict)
@@ -246,13 +248,9 @@ class CheckpointManager:
         waited = time.monotonic() - t0
         name = step_dir(step)
         meta_bytes = json.dumps({"step": step, **(meta or {})}, sort_keys=True).encode()
-        if _rank() == 0:
-            for key in self.store.list(f"{name}/"):  # leftovers of an interrupted attempt
-                self.store.delete(key)
-        # The plan's gather and scatter also order the cleanup above before anyone writes.
-        mine, table = self._plan(entries(tensors))
+        mine, table, attempt = self._plan(entries(tensors))
         staged = self._stage(mine)
-        job = _Pending(step=step, name=name, started=t0)
+        job = _Pending(step=step, name=name, started=t0, attempt=attempt)
         job.stats = {"stall_s": time.monotonic() - t0, "wait_s": waited,
                      "bytes": sum(c.nbytes for c in staged),
                      "chunks": len(staged)}
@@ -287,8 +285,9 @@ class CheckpointManager:
         self.wait()
         _barrier()
 
-    def _plan(self, ents: list[Entry]) -> tuple[list[Entry], dict | None]:
-        """(the entries this rank writes, rank 0: the table of logical tensors for metadata)."""
+    def _plan(self, ents: list[Entry]) -> tuple[list[Entry], dict | None, str]:
+        """(the entries this rank writes, rank 0: the table of logical tensors for metadata,
+        the attempt id)."""
         local = [(e.key, e.offsets, e.sizes, dtype_name(e.tensor.dtype), e.nbytes, e.stacked)
                  for e in ents]
         verified = _verified_masters(ents)
@@ -298,13 +297,16 @@ class CheckpointManager:
         else:
             plans = [(local, verified)]
         picks, table = (_global_plan(plans) if _rank() == 0 else (None, None))
+        if picks is not None:
+            attempt = uuid.uuid4().hex[:16]
+            picks = [(p, attempt) for p in picks]
         if _dist():
             box = [None]
             dist.scatter_object_list(box, picks, src=0)
-            mine = box[0]
+            mine, attempt = box[0]
         else:
-            mine = picks[0]
-        return [ents[i] for i in mine], table
+            mine, attempt = picks[0]
+        return [ents[i] for i in mine], table, attempt
 
     def _stage(self, mine: list[Entry]) -> list[Staged]:
         """Host copies of the chunks this rank writes (what training waits for). Asynchronous
@@ -336,29 +338,32 @@ class CheckpointManager:
         rank, name = _rank(), job.name
         t0 = time.monotonic()
         try:
+            if rank == 0:  # a re-save of a committed step: never a marker over new bytes
+                self.store.delete(f"{name}/{COMMITTED}")
             try:
                 records = write_chunks(self.store, name, rank, staged,
                                        object_bytes=self.object_bytes, part_bytes=self.part_bytes,
                                        concurrency=self.concurrency)
             except BaseException as e:
-                self.store.put(f"{name}/{DONE}/rank-{rank:05d}.json",
+                self.store.put(f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json",
                                json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
                 raise
-            self.store.put(f"{name}/{DONE}/rank-{rank:05d}.json",
+            self.store.put(f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json",
                            json.dumps({"items": records}).encode())
             job.stats["write_s"] = time.monotonic() - t0
             if rank == 0:
-                self._commit(job.step, name, table, meta_bytes)
+                self._commit(job.step, name, table, meta_bytes, job.attempt)
                 job.stats["commit_s"] = time.monotonic() - t0
         except BaseException as e:  # noqa: BLE001 - reported by wait()
             job.error = e
             log.error("checkpoint %s/%s: background write failed: %s", self.store.url, name, e)
 
-    def _commit(self, step: int, name: str, table: dict, meta_bytes: bytes) -> None:
-        """Rank 0: wait for every rank's done marker, then metadata, meta and COMMITTED."""
+    def _commit(self, step: int, name: str, table: dict, meta_bytes: bytes, attempt: str) -> None:
+        """Rank 0: wait for every rank's done marker of this attempt, drop what an interrupted
+        attempt left under the step, then metadata, meta and COMMITTED."""
         world, delay, waited = _world(), 0.01, time.monotonic()
         while True:
-            done = self.store.list(f"{name}/{DONE}/")
+            done = self.store.list(f"{name}/{DONE}/{attempt}/")
             if len(done) >= world:
                 break
             if time.monotonic() - waited > 60:
@@ -378,6 +383,10 @@ class CheckpointManager:
             raise CheckpointWriteError("; ".join(failed))
         meta_doc = build_metadata(table["tensors"], items, table["from_master"])
         _, doc = parse_metadata(meta_doc, f"{name}/{METADATA}")
+        ours = {f"{name}/{obj}" for obj in doc["objects"]} | set(done)
+        for key in self.store.list(f"{name}/"):  # leftovers of an interrupted attempt
+            if key not in ours:
+                self.store.delete(key)
         self.store.put(f"{name}/{METADATA}", meta_doc)
         self.store.put(f"{name}/{META}", meta_bytes)
         marker = {"step": step, "objects": doc["objects"],
