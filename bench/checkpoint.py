@@ -57,7 +57,8 @@ def make_state(rank: int, dense_params: int, expert_params: int, off_masters: bo
     rows = expert_params // LAYERS // EXPERTS // 1024
     local = EXPERTS // WORLD
     for layer in range(LAYERS):
-        stack = torch.randn(local, rows, 1024, generator=torch.Generator().manual_seed(layer * 10 + rank))
+        gen_l = torch.Generator().manual_seed(layer * 10 + rank)
+        stack = torch.randn(local, rows, 1024, generator=gen_l)
         w = stack.to(torch.bfloat16)
         if off_masters:
             w = w + 1
@@ -204,7 +205,11 @@ def main():
             from data.embedded_s3 import EmbeddedS3
 
             with EmbeddedS3(Path(tmp) / "s3", bucket="mmpt-bench-ckpt") as s3:
-                args.s3_store = lambda: s3.store("ckpt", max_concurrency=8)
+                from train.config import StoreConfig
+
+                # what `mmpt train` opens: the checkpoint retry budget, 8 requests at once
+                opts = StoreConfig().checkpoint_store_opts(8)
+                args.s3_store = lambda: s3.store("ckpt", **opts)
                 out["s3"] = run_backend("s3://mmpt-bench-ckpt/ckpt", args)
             print(json.dumps({"s3": out["s3"]}, indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

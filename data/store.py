@@ -457,7 +457,8 @@ class _S3Upload(Upload):
             return
         want = -(-self.size // self.part_size)
         if sorted(self.parts) != list(range(1, want + 1)):
-            raise StoreError(f"{s.url}/{self.key}: commit with parts {sorted(self.parts)} of {want}")
+            raise StoreError(f"{s.url}/{self.key}: commit with parts {sorted(self.parts)} "
+                             f"of {want}")
         parts = [{"PartNumber": n, "ETag": self.parts[n]} for n in sorted(self.parts)]
         try:
             s._call("PUT", self.key, lambda c: c.complete_multipart_upload(

@@ -153,7 +153,8 @@ def test_expert_stacks_are_chunks_of_one_tensor_and_reshard_ep2_ep4_ep1(tmp_path
         assert t["size"][0] == 4 and [c["offsets"][0] for c in t["chunks"]] == [0, 2]
     four = run_distributed(_resave_body, 4, str(a), str(b), 4)
     _assert_layout_free(saved, [(2, {"step": 2, **META}, [], s) for s in four])
-    assert [c["offsets"][0] for c in _metadata(b, 2)["tensors"][experts[0]]["chunks"]] == [0, 1, 2, 3]
+    chunks = _metadata(b, 2)["tensors"][experts[0]]["chunks"]
+    assert [c["offsets"][0] for c in chunks] == [0, 1, 2, 3]
     _assert_layout_free(saved, run_distributed(_load_body, 1, str(b), 1))
 
 

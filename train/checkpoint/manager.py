@@ -5,17 +5,19 @@ s3://bucket/prefix, through data.store). Object stores cannot rename, so complet
 marker, the same for both backends:
 
   1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan
-     (one gather and one scatter, no store request): an attempt id, which rank writes each chunk (replicas are written once, spread
-     by bytes) and which weights need no bytes of their own (below); each rank copies the chunks
-     it writes to host memory (pinned on CUDA). This copy is all that training waits for.
+     (one gather and one scatter, no store request): an attempt id, which rank writes each
+     chunk (replicas are written once, spread by bytes) and which weights need no bytes of
+     their own (below); each rank copies the chunks it writes to host memory (pinned on CUDA).
+     This copy is all that training waits for.
   2. (background thread, every rank) the chunks are written (storage.write_chunks: parallel
      parts, every object durable), then a done marker `done/<attempt>/rank-RRRRR.json` with the
      rank's item records (or the error that stopped it);
   3. (rank 0's background thread) once every rank's done marker of this attempt is there, it
-     deletes whatever an earlier, interrupted attempt left under the step, writes `metadata.json`, then
-     `meta.json` (small JSON state: step, data-loader state, ...) and then `COMMITTED` LAST: it
-     records the sha256 of metadata.json and meta.json and the size of every data object. No
-     COMMITTED, no checkpoint: a kill at any moment of steps 1-3 leaves the previous one intact.
+     deletes whatever an earlier, interrupted attempt left under the step, writes
+     `metadata.json`, then `meta.json` (small JSON state: step, data-loader state, ...) and
+     then `COMMITTED` LAST: it records the sha256 of metadata.json and meta.json and the size
+     of every data object. No COMMITTED, no checkpoint: a kill at any moment of steps 1-3
+     leaves the previous one intact.
   4. rank 0 applies retention (`_prune`, below) and deletes incomplete checkpoints older than
      the new one (left by a crash).
 The background thread never runs a collective (it would race the training's on the same process
@@ -523,9 +525,9 @@ class CheckpointManager:
         try:
             metadata, doc = parse_metadata(metadata_bytes, f"{name}/{METADATA}")
             stacks = doc["format"] != "mmpt-dcp-v1"  # v1 stored one key per routed expert
-            plan, missing, problem = _read_plan(self.store.url, name, entries(tensors, stacks=stacks),
-                                                metadata.state_dict_metadata,
-                                                set(doc["from_master"]), optional)
+            plan, missing, problem = _read_plan(
+                self.store.url, name, entries(tensors, stacks=stacks),
+                metadata.state_dict_metadata, set(doc["from_master"]), optional)
             if problem is not None:
                 return None, problem, None, None
             reads = [r for _, _, rs in plan for r in rs]
@@ -639,12 +641,13 @@ def _read_plan(url: str, name: str, ents: list[Entry], stored: dict, from_master
             continue
         md = stored[src]
         size, t = tuple(md.size), e.tensor
-        fits = (len(size) == t.dim() and all(o + z <= n for o, z, n in zip(e.offsets, e.sizes, size))
-                and (e.stacked or e.sizes == size))
+        fits = (len(size) == t.dim() and (e.stacked or e.sizes == size)
+                and all(o + z <= n for o, z, n in zip(e.offsets, e.sizes, size)))
         same_kind = (md.properties.dtype == t.dtype if src == e.key
                      else t.is_floating_point())
         if not (fits and same_kind):
-            shown = e.key + (f" rows {e.offsets[0]}..{e.offsets[0] + e.sizes[0]}" if e.stacked else "")
+            rows = f" rows {e.offsets[0]}..{e.offsets[0] + e.sizes[0]}" if e.stacked else ""
+            shown = e.key + rows
             return [], [], (f"checkpoint {url}/{name}: {shown} is {md.properties.dtype} {size} "
                             f"there and {t.dtype} {tuple(t.shape)} here (model config differs?)")
         fresh = fresh_like(e)

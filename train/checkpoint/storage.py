@@ -24,6 +24,7 @@ Only tensors can be saved (the checkpoint module turns small plain state into JS
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -225,7 +226,8 @@ def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
                 raise CorruptCheckpoint(f"{obj}: checksum mismatch for {rs[0].storage.fqn!r}")
             md = metadata.state_dict_metadata[rs[0].storage.fqn]
             chunk = next(c for c in md.chunks if c.offsets == rs[0].storage.offset)
-            stored = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).view(
+            # a read-only view of the fetched bytes (only ever copied from, never written)
+            stored = torch.from_numpy(np.frombuffer(data, dtype=np.uint8)).view(
                 md.properties.dtype).reshape(chunk.sizes)
             for r in rs:
                 box = stored
@@ -233,7 +235,9 @@ def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
                     box = box.narrow(dim, o, n)
                 r.target.copy_(box)  # casts where a weight is rebuilt from its fp32 master
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckpt-read") as pool:
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckpt-read") as pool, \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         list(pool.map(check_size, sorted(by_object)))
         list(pool.map(read_span, spans))
     return len(by_object) + len(spans)
