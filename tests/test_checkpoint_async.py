@@ -321,3 +321,11 @@ def test_s3_multipart_save_through_30_percent_slowdown_outlasts_the_old_budget(t
 
 def _metadata_s3(store):
     return json.loads(store.get(f"{step_dir(3)}/metadata.json"))
+
+
+@pytest.mark.parametrize("field,value", [("part_mib", 4), ("object_mib", 8), ("concurrency", 0)])
+def test_checkpoint_write_options_are_validated(field, value):
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"checkpoint.{field}"):
+        load_config("configs/tiny.toml", [f"--checkpoint.{field}={value}"])

@@ -28,8 +28,9 @@ Test hooks: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits 
 (it writes RUN_DIR/paused-before-commit-N and sleeps), so a test can SIGKILL the run mid-write;
 MMPT_PAUSE_DURING_WRITE=N stops every rank's background writer at its first data part of
 checkpoint N (writing RUN_DIR/paused-during-write-N) while training goes on;
-MMPT_CRASH_AT_STEP=N makes the last rank exit with status 3 before step N, in the first attempt
-only (TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts` restarts the group.
+MMPT_CRASH_AT_STEP=N makes the last rank exit with status 3 before step N (once a checkpoint in
+flight is committed, so where the restart resumes from is fixed), in the first attempt only
+(TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts` restarts the group.
 """
 
 from __future__ import annotations
@@ -398,8 +399,12 @@ class Trainer:
     def _maybe_crash(self, step: int) -> None:
         """The restart-test hook (module docstring)."""
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if (os.environ.get(CRASH_ENV) == str(step) and first_attempt
-                and self.rank == self.world - 1):
+        if os.environ.get(CRASH_ENV) != str(step) or not first_attempt:
+            return
+        if self.ckpt is not None:  # the crash lands after the checkpoint in flight committed
+            self.wait_for_checkpoint()
+            self.ckpt.close()
+        if self.rank == self.world - 1:
             print(f"rank {self.rank}: injected crash before step {step} ({CRASH_ENV})",
                   flush=True)
             os._exit(3)
