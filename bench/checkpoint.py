@@ -193,18 +193,21 @@ def main():
     ap.add_argument("--dense-mib-params", type=int, default=96)
     ap.add_argument("--expert-mib-params", type=int, default=64)
     ap.add_argument("--backends", default="local,s3")
+    ap.add_argument("--local-json", help="reuse the local figures of an earlier run's JSON")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint.json"))
     args = ap.parse_args()
     args.dense, args.expert = args.dense_mib_params << 20, args.expert_mib_params << 20
     out = {"world": WORLD, "note": "4 CPU ranks on a shared 2-core machine; ~0.55 GB per rank"}
     with tempfile.TemporaryDirectory(prefix="mmpt-bench-ckpt-") as tmp:
-        if "local" in args.backends:
+        if args.local_json:
+            out["local"] = json.loads(Path(args.local_json).read_text())["local"]
+        elif "local" in args.backends:
             out["local"] = run_backend(str(Path(tmp) / "local"), args)
             print(json.dumps({"local": out["local"]}, indent=1), flush=True)
         if "s3" in args.backends:
             from data.embedded_s3 import EmbeddedS3
 
-            with EmbeddedS3(Path(tmp) / "s3", bucket="mmpt-bench-ckpt") as s3:
+            with EmbeddedS3(Path(tmp) / "s3", bucket="mmpt-bench-ckpt", max_volumes=0) as s3:
                 from train.config import StoreConfig
 
                 # what `mmpt train` opens: the checkpoint retry budget, 8 requests at once

@@ -32,9 +32,9 @@ truncated bodies with exponential backoff and full jitter, for at most ``max_att
 settings for runs. Every body is checked against Content-Length / Content-Range (and a
 whole-object read against the ETag when it is a plain MD5), so a short read is retried, never
 returned. At most ``max_concurrency`` requests run at once per process, fewer while the store
-throttles: each SlowDown / 503 / 429 halves the number allowed at once (down to one), and every
-run of that many successes lets one more run again, up to ``max_concurrency`` (additive increase,
-multiplicative decrease). ``stats()`` counts requests, retries by reason, bytes and the cuts.
+throttles: each SlowDown / 503 / 429 or timeout halves the number allowed at once (down to
+one), and every run of that many successes lets one more run again, up to ``max_concurrency``
+(additive increase, multiplicative decrease). ``stats()`` counts requests, retries by reason, bytes and the cuts.
 
 Large objects: ``open_upload(key, size, part_size)`` gives an ``Upload`` whose parts any threads
 write in any order and whose ``commit`` publishes the whole object at once (S3: a multipart
@@ -374,9 +374,10 @@ class _Retry(Exception):
         self.reason = reason
 
 
-# Retry reasons that mean "too many requests": they cut the concurrency (_AdaptiveLimit).
+# Retry reasons that mean "too many requests" (or a server too busy to answer in time): they
+# cut the concurrency (_AdaptiveLimit).
 _THROTTLE = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-             "TooManyRequests", "ServiceUnavailable", "503", "429"}
+             "TooManyRequests", "ServiceUnavailable", "503", "429", "timeout"}
 
 
 class _AdaptiveLimit:
