@@ -329,3 +329,26 @@ def test_checkpoint_write_options_are_validated(field, value):
 
     with pytest.raises(ConfigError, match=f"checkpoint.{field}"):
         load_config("configs/tiny.toml", [f"--checkpoint.{field}={value}"])
+
+
+def test_a_checkpoint_of_the_per_expert_format_still_loads(tmp_path, monkeypatch):
+    """mmpt-dcp-v1 stored every routed expert as its own tensor; such checkpoints still load."""
+    import functools
+
+    import train.checkpoint.manager as manager
+    import train.checkpoint.storage as storage
+    from train.checkpoint.layout import entries
+
+    model, opt, _ = _replica(0, 1, 1)
+    state = training_state(model, opt, 0)
+    with monkeypatch.context() as m:
+        m.setattr(manager, "entries", functools.partial(entries, stacks=False))
+        m.setattr(storage, "FORMAT", "mmpt-dcp-v1")
+        CheckpointManager(str(tmp_path)).save(2, state, meta=META)
+    doc = _metadata(tmp_path, 2)
+    assert doc["format"] == "mmpt-dcp-v1" and any("/expert-3" in k for k in doc["tensors"])
+    target_model, target_opt, _ = _replica(0, 1, 1, seed=1)
+    target = training_state(target_model, target_opt, 0)
+    assert CheckpointManager(str(tmp_path)).load_latest(target).step == 2
+    for k, v in state.items():
+        assert torch.equal(target[k], v), k
