@@ -568,10 +568,28 @@ def _verified_masters(ents: list[Entry]) -> list[tuple[str, tuple[int, ...]]]:
                 if e.tensor.dim() and not (0 <= lo and lo + e.sizes[0] <= w.sizes[0]):
                     continue
                 rows = w.tensor.narrow(0, lo, e.sizes[0]) if e.tensor.dim() else w.tensor
-                if rows.is_floating_point() and torch.equal(rows, e.tensor.to(rows.dtype)):
+                if rows.is_floating_point() and _rounds_to(e.tensor, rows):
                     out.append((e.key, e.offsets))
                 break
     return out
+
+
+_BLOCK = 4 << 20  # elements cast at a time: a small reused buffer instead of a full-size copy
+
+
+def _rounds_to(master: torch.Tensor, weight: torch.Tensor) -> bool:
+    """weight == master.to(weight.dtype), blockwise (faster: no large fresh allocation)."""
+    if master.shape != weight.shape:
+        return False
+    m, w = master.reshape(-1), weight.reshape(-1)
+    scratch = torch.empty(min(_BLOCK, w.numel()), dtype=w.dtype, device=w.device)
+    for i in range(0, w.numel(), _BLOCK):
+        n = min(_BLOCK, w.numel() - i)
+        part = scratch[:n]
+        part.copy_(m[i:i + n])
+        if not torch.equal(part, w[i:i + n]):
+            return False
+    return True
 
 
 def _global_plan(plans: list) -> tuple[list[list[int]], dict]:
