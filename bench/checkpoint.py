@@ -114,17 +114,18 @@ def _body(rank, port, url, args, out_q):
     res["sync_save_s"] = time.monotonic() - t0
 
     amgr = CheckpointManager(store(), keep_last=1, async_save=True)
-    stalls, writes = [], []
+    stalls, writes, parts = [], [], []
     for step in (2, 3):
         dist.barrier()
         t0 = time.monotonic()
         amgr.save(step, state)
         stalls.append(time.monotonic() - t0)
         done = amgr.wait()
+        parts.append((done["plan_s"], done["stage_s"]))
         writes.append(done.get("commit_s", done.get("write_s")) + done["stall_s"])
         dist.barrier()
     amgr.close()
-    res["async_stall_s"], res["async_write_s"] = stalls, writes
+    res["async_stall_s"], res["async_write_s"], res["stall_parts"] = stalls, writes, parts
     res["written_bytes"] = amgr.last_save["bytes"]
 
     counting = Counting(store())
@@ -178,6 +179,10 @@ def run_backend(url, args):
         "async_stall_s_first": round(stall[0], 3),
         "async_stall_s": round(stall[1], 3),
         "async_stall_over_sync": round(stall[1] / sync_s, 4),
+        # of the second stall, slowest rank: planning (collectives + the weight-vs-master
+        # check) and the host copy
+        "async_plan_s": round(max(r["stall_parts"][1][0] for r in ranks), 3),
+        "async_host_copy_s": round(max(r["stall_parts"][1][1] for r in ranks), 3),
         "async_write_s": round(write_s, 3),
         "write_MBps": round(data / write_s / 1e6, 1),
         "bytes_per_param": round(data / params, 3),

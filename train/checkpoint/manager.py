@@ -251,9 +251,11 @@ class CheckpointManager:
         name = step_dir(step)
         meta_bytes = json.dumps({"step": step, **(meta or {})}, sort_keys=True).encode()
         mine, table, attempt = self._plan(entries(tensors))
+        planned = time.monotonic()
         staged = self._stage(mine)
         job = _Pending(step=step, name=name, started=t0, attempt=attempt)
         job.stats = {"stall_s": time.monotonic() - t0, "wait_s": waited,
+                     "plan_s": planned - t0 - waited, "stage_s": time.monotonic() - planned,
                      "bytes": sum(c.nbytes for c in staged),
                      "chunks": len(staged)}
         if not self.async_save:
