@@ -69,7 +69,7 @@ class EmbeddedS3:
     def __init__(self, data_dir: str | os.PathLike, bucket: str = "mmpt-data", *,
                  port: int | None = None, access_key: str = DEFAULT_ACCESS_KEY,
                  secret_key: str = DEFAULT_SECRET_KEY, start_timeout: float = 90.0,
-                 stop_grace: float = 2.0):
+                 stop_grace: float = 2.0, max_volumes: int = 8):
         if len(bucket) < 3:
             raise ValueError(f"bucket name {bucket!r} must have at least 3 characters (S3 rule)")
         self.data_dir = Path(data_dir).resolve()
@@ -77,6 +77,8 @@ class EmbeddedS3:
         self.port = port
         self.access_key, self.secret_key = access_key, secret_key
         self.start_timeout, self.stop_grace = start_timeout, stop_grace
+        # volumes of 64 MB each: the default 8 hold 512 MB; 0 = as many as the disk has room for
+        self.max_volumes = max_volumes
         self._proc: subprocess.Popen | None = None
         self._sock_dir: str | None = None
 
@@ -120,6 +122,7 @@ class EmbeddedS3:
                                                 "filer", "filer.grpc", "s3.grpc")}
         cmd = [weed, "server", f"-dir={self.data_dir / 'weed'}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+               f"-volume.max={self.max_volumes}",
                f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
                f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
                "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",

@@ -31,8 +31,15 @@ truncated bodies with exponential backoff and full jitter, for at most ``max_att
 (logger ``data.store``, WARNING) with what they wait for. ``train.config.StoreConfig`` holds these
 settings for runs. Every body is checked against Content-Length / Content-Range (and a
 whole-object read against the ETag when it is a plain MD5), so a short read is retried, never
-returned. At most ``max_concurrency`` requests run at once per process. ``stats()`` counts
-requests, retries by reason and bytes. Error messages name the URL and the S3 error code, never
+returned. At most ``max_concurrency`` requests run at once per process, fewer while the store
+throttles: each SlowDown / 503 / 429 or timeout halves the number allowed at once (down to
+one), and every run of that many successes lets one more run again, up to ``max_concurrency``
+(additive increase, multiplicative decrease). ``stats()`` counts requests, retries by reason, bytes and the cuts.
+
+Large objects: ``open_upload(key, size, part_size)`` gives an ``Upload`` whose parts any threads
+write in any order and whose ``commit`` publishes the whole object at once (S3: a multipart
+upload, parts of at least ``MIN_PART_BYTES`` except the last; a directory: ``pwrite`` into one
+temp file, fsync, rename). Error messages name the URL and the S3 error code, never
 credentials: every endpoint and URL in a message or log line goes through ``redact``. An S3Store
 is safe to share across threads, to fork (the client is re-created in the child) and to pickle
 (DataLoader workers with spawn).
@@ -55,14 +62,16 @@ from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from train.errors import UserError
 
-__all__ = ["ObjectStore", "S3Store", "LocalStore", "open_store", "StoreError", "NotFound",
-           "StoreUnavailable", "validate_key", "redact"]
+__all__ = ["ObjectStore", "S3Store", "LocalStore", "Upload", "open_store", "StoreError", "NotFound",
+           "StoreUnavailable", "validate_key", "redact", "MIN_PART_BYTES"]
 
 log = logging.getLogger(__name__)
 
 # A connection refused means nothing listens on the port: retry it only this long (a restarting
 # gateway comes back within it; a wrong port fails fast). Other transient errors get retry_time.
 REFUSED_RETRY_S = 1.0
+# S3 refuses multipart parts below 5 MiB (all but the last part of an upload).
+MIN_PART_BYTES = 5 << 20
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
@@ -145,6 +154,10 @@ class ObjectStore(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove the object; a missing key is not an error."""
 
+    def open_upload(self, key: str, size: int, part_size: int) -> "Upload":
+        """An object of `size` bytes written in parts at multiples of `part_size` (see Upload)."""
+        return _BufferedUpload(self, key, size)
+
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Sorted keys starting with ``prefix`` (tools and ingest only, never the hot path)."""
@@ -158,6 +171,71 @@ class ObjectStore(abc.ABC):
 
 
 # ----------------------------------------------------------------------------- local directory
+
+class Upload(abc.ABC):
+    """One object written in parts: `write(offset, data)` from any thread in any order (offsets
+    are multiples of the upload's part size; every part but the last is exactly that long),
+    then `commit()` publishes all of it at once, or `abort()` drops it. Nothing is visible
+    under the key before the commit."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, data) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self) -> None: ...
+
+
+class _BufferedUpload(Upload):
+    """For stores without part uploads: collect the parts, one put on commit."""
+
+    def __init__(self, store: "ObjectStore", key: str, size: int):
+        self.store, self.key, self.buf = store, key, bytearray(size)
+
+    def write(self, offset, data):
+        self.buf[offset:offset + len(data)] = data
+
+    def commit(self):
+        self.store.put(self.key, bytes(self.buf))
+
+    def abort(self):
+        self.buf = bytearray()
+
+
+class _FileUpload(Upload):
+    """Parts pwritten into one temp file next to the target; fsync and rename on commit."""
+
+    def __init__(self, path: Path, size: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.tmp = path.parent / f"{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex}"
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.ftruncate(self.fd, size)
+
+    def write(self, offset, data):
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def commit(self):
+        try:
+            os.fsync(self.fd)  # the rename must not publish a file whose data is not on disk
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
+
 
 _TMP_MARK = ".mmpt-tmp-"  # temp files of in-progress puts; never listed, never read as objects
 
@@ -217,6 +295,9 @@ class LocalStore(ObjectStore):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def open_upload(self, key, size, part_size):
+        return _FileUpload(Path(self._path(key)), size)
 
     def size(self, key):
         path = Path(self._path(key))
@@ -317,6 +398,113 @@ class _Retry(Exception):
         self.reason = reason
 
 
+# Retry reasons that mean "too many requests" (or a server too busy to answer in time): they
+# cut the concurrency (_AdaptiveLimit).
+_THROTTLE = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+             "TooManyRequests", "ServiceUnavailable", "503", "429", "timeout"}
+
+
+class _AdaptiveLimit:
+    """At most `limit` requests at once; a throttled reply halves `limit` (not below one), each
+    `limit` successes in a row raise it by one, up to `maximum` (AIMD, as TCP does)."""
+
+    def __init__(self, maximum: int):
+        self.maximum = self.limit = maximum
+        self.active = self._ok = self.cuts = 0
+        self._cv = threading.Condition()
+
+    def acquire(self) -> None:
+        with self._cv:
+            while self.active >= self.limit:
+                self._cv.wait()
+            self.active += 1
+
+    def release(self, throttled: bool) -> None:
+        with self._cv:
+            self.active -= 1
+            if throttled:
+                self._ok = 0
+                if self.limit > 1:
+                    self.limit = max(1, self.limit // 2)
+                    self.cuts += 1
+            else:
+                self._ok += 1
+                if self._ok >= self.limit and self.limit < self.maximum:
+                    self.limit += 1
+                    self._ok = 0
+            self._cv.notify_all()
+
+
+class _S3Upload(Upload):
+    """A multipart upload (objects above one part) or a single put (one part) on commit."""
+
+    def __init__(self, store: "S3Store", key: str, size: int, part_size: int):
+        self.store, self.key, self.size, self.part_size = store, key, size, part_size
+        self.parts: dict[int, str] = {}
+        self.single: bytes | None = None
+        self.upload_id = None
+        self._lock = threading.Lock()
+        if size > part_size:
+            full = store._key(key)
+            self.upload_id = store._call("PUT", key, lambda c: c.create_multipart_upload(
+                Bucket=store.bucket, Key=full))["UploadId"]
+
+    def write(self, offset, data):
+        if offset % self.part_size or (len(data) != self.part_size
+                                       and offset + len(data) != self.size):
+            raise ValueError(f"{self.key}: part at {offset} of {len(data)} bytes is not a whole "
+                             f"part of {self.part_size} bytes (or the last one)")
+        if self.upload_id is None:
+            self.single = bytes(data)
+            return
+        s, full, number = self.store, self.store._key(self.key), offset // self.part_size + 1
+        body = bytes(data)
+        md5 = hashlib.md5(body)
+
+        def attempt(client):
+            resp = client.upload_part(Bucket=s.bucket, Key=full, UploadId=self.upload_id,
+                                      PartNumber=number, Body=body,
+                                      ContentMD5=base64.b64encode(md5.digest()).decode())
+            m = _etag_md5(resp)
+            if m and m != md5.hexdigest():
+                raise _Retry("etag-mismatch", "stored part's ETag differs from the sent MD5")
+            return resp["ETag"]
+
+        etag = s._call("PUT", self.key, attempt)
+        s._count("bytes_written", len(body))
+        with self._lock:
+            self.parts[number] = etag
+
+    def commit(self):
+        s, full = self.store, self.store._key(self.key)
+        if self.upload_id is None:
+            s.put(self.key, self.single if self.single is not None else b"")
+            return
+        want = -(-self.size // self.part_size)
+        if sorted(self.parts) != list(range(1, want + 1)):
+            raise StoreError(f"{s.url}/{self.key}: commit with parts {sorted(self.parts)} "
+                             f"of {want}")
+        parts = [{"PartNumber": n, "ETag": self.parts[n]} for n in sorted(self.parts)]
+        try:
+            s._call("PUT", self.key, lambda c: c.complete_multipart_upload(
+                Bucket=s.bucket, Key=full, UploadId=self.upload_id,
+                MultipartUpload={"Parts": parts}))
+        except NotFound:
+            # a retry after a completion whose reply was lost finds no upload: the object is
+            # there if that completion went through
+            if s.size(self.key) != self.size:
+                raise
+
+    def abort(self):
+        if self.upload_id is not None:
+            s, full = self.store, self.store._key(self.key)
+            try:
+                s._call("DELETE", self.key, lambda c: c.abort_multipart_upload(
+                    Bucket=s.bucket, Key=full, UploadId=self.upload_id))
+            except StoreError as e:
+                log.warning("abandoning multipart upload of %s/%s: %s", s.url, self.key, e)
+
+
 class S3Store(ObjectStore):
     """Objects under ``s3://bucket/prefix`` on any S3-compatible endpoint, through boto3."""
 
@@ -380,7 +568,7 @@ class S3Store(ObjectStore):
                                           region_name=self.region, config=config, **self._keys)
         except ValueError as e:  # botocore's "Invalid endpoint: <url>" would echo credentials
             raise StoreError(f"{self.url}: cannot use endpoint {self.endpoint}: {redact(e)}") from None
-        self._sem = threading.BoundedSemaphore(self.max_concurrency)
+        self._limit = _AdaptiveLimit(self.max_concurrency)
         self._lock = threading.Lock()
         self._rng = random.Random(retry_jitter_seed(self.seed))
         self._counts = {"requests": 0, "retries": 0, "bytes_read": 0, "bytes_written": 0}
@@ -413,7 +601,8 @@ class S3Store(ObjectStore):
     def stats(self) -> dict:
         s = self._state()
         with s._lock:
-            return {**s._counts, "retry_reasons": dict(s._retry_reasons)}
+            return {**s._counts, "retry_reasons": dict(s._retry_reasons),
+                    "concurrency_cuts": s._limit.cuts, "concurrency_limit": s._limit.limit}
 
     @property
     def endpoint(self) -> str:
@@ -433,12 +622,16 @@ class S3Store(ObjectStore):
         t0 = time.monotonic()
         last, attempt = None, 0
         while True:
+            s._limit.acquire()
+            throttled = False
             try:
-                with s._sem:
-                    self._count("requests")
-                    return attempt_fn(s._client)
+                self._count("requests")
+                return attempt_fn(s._client)
             except Exception as exc:  # noqa: BLE001 - classified right below
                 retry = self._classify(exc, what, where)
+                throttled = retry.reason in _THROTTLE
+            finally:
+                s._limit.release(throttled)
             attempt += 1
             last = retry
             with s._lock:
@@ -565,6 +758,11 @@ class S3Store(ObjectStore):
 
         self._call("PUT", key, attempt)
         self._count("bytes_written", len(data))
+
+    def open_upload(self, key, size, part_size):
+        if part_size < MIN_PART_BYTES:
+            raise ValueError(f"part_size={part_size} is below S3's minimum of {MIN_PART_BYTES}")
+        return _S3Upload(self, key, size, part_size)
 
     def size(self, key):
         full = self._key(key)

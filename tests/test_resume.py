@@ -1,9 +1,12 @@
 """Exact resume with real processes: 4 torchrun ranks, PP2 x V2 x DP2 with EP2 and DEP, float32
 CPU, the tiny model on the real small corpus (ingested into a local directory).
 
-One uninterrupted reference run of 8 steps, and one run that is SIGKILLed twice and resumed:
-  1. killed DURING the checkpoint write of step 4 (MMPT_PAUSE_BEFORE_COMMIT stops rank 0 after
-     the shards and metadata are written, before the COMMITTED marker), with step 2 committed;
+One uninterrupted reference run of 8 steps, and one run that is SIGKILLed three times and resumed:
+  0. killed while the background writers of checkpoint 4 are stuck in their first data part
+     (MMPT_PAUSE_DURING_WRITE) and training has gone on past step 4, with step 2 committed;
+  1. resumed from step 2 (the previous checkpoint stayed valid); killed DURING the checkpoint
+     write of step 4 (MMPT_PAUSE_BEFORE_COMMIT stops rank 0 after the shards and metadata are
+     written, before the COMMITTED marker), with step 2 committed;
   2. resumed: step-4 is reported incomplete and skipped, training restarts from step 2; killed
      again (SIGKILL, whole process tree) after a seeded random step in [5, 7];
   3. resumed; one rank exits before the last step, torchrun (--max-restarts=1) restarts the
@@ -60,6 +63,15 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     finish(ref, "reference", tmp_path, TIMEOUT)
 
     args = overrides(ds, tmp_path / "ckpt")
+    # 0. Killed during the background write of checkpoint 4, while training runs on.
+    early = start_run("attempt0", tmp_path, cfg, args, 4, env={"MMPT_PAUSE_DURING_WRITE": "4"})
+    flag = tmp_path / "attempt0" / "paused-during-write-4"
+    wait_until(early, lambda: flag.exists() and 5 in logged_steps(tmp_path / "attempt0"),
+               TIMEOUT, "a background write of step 4 stuck while step 5 trains")
+    kill_group(early)
+    assert not (tmp_path / "ckpt" / "step-00000004" / "COMMITTED").exists()
+    assert (tmp_path / "ckpt" / "step-00000002" / "COMMITTED").exists()
+
     # 1. Killed during the write of checkpoint 4: its shards exist, its COMMITTED marker not.
     first = start_run("attempt1", tmp_path, cfg, args, 4, env={"MMPT_PAUSE_BEFORE_COMMIT": "4"})
     flag = tmp_path / "attempt1" / "paused-before-commit-4"
@@ -68,6 +80,8 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     step4 = tmp_path / "ckpt" / "step-00000004"
     assert (step4 / "metadata.json").exists() and not (step4 / "COMMITTED").exists()
     assert (tmp_path / "ckpt" / "step-00000002" / "COMMITTED").exists()
+    events = _events(tmp_path / "attempt1")  # no part was published: nothing to skip
+    assert any("resumed from" in e and "(step 2)" in e for e in events), events
 
     # 2. Resumes from step 2 (skipping the incomplete 4); killed after a seeded random step.
     at = kill_step(SEED, KILL_AFTER, STEPS)
@@ -91,10 +105,12 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     assert len(resumed_at) == 2 and f"(step {committed})" in resumed_at[0], resumed_at
     assert f"(step {STEPS - 2})" in resumed_at[1], resumed_at
 
+    table, bad = compare(tmp_path / "reference", [tmp_path / "attempt0"])
+    assert not bad, table
     runs = [tmp_path / f"attempt{i}" for i in (1, 2, 3)]
     table, bad = compare(tmp_path / "reference", runs)
     assert not bad, table
-    logged = set().union(*(logged_steps(r) for r in runs))
+    logged = set().union(*(logged_steps(r) for r in [tmp_path / "attempt0", *runs]))
     assert logged == set(range(1, STEPS + 1)), table
     assert logged_steps(runs[1])[0] == 3 and logged_steps(runs[2])[-1] == STEPS
     prints = final_fingerprints(tmp_path / "attempt3")

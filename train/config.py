@@ -177,6 +177,12 @@ class CheckpointConfig:
     dir: str = ""  # local path or s3://bucket/prefix; empty disables checkpointing
     every: int = 10
     keep_last: int = 3
+    # Training stalls only to copy this rank's state to host memory; the write runs in a
+    # background thread (the next save, and the end of the run, wait for it).
+    async_save: bool = True
+    concurrency: int = 8  # parts one rank writes (and objects it reads) at once
+    part_mib: int = 16  # multipart part size (S3 needs >= 5 MiB except the last part)
+    object_mib: int = 512  # a rank's data objects are closed at this size
 
 
 @dataclass
@@ -187,11 +193,21 @@ class StoreConfig:
     read_timeout: float = 20.0  # seconds a reply may stall before the attempt counts as failed
     retry_time: float = 60.0  # seconds one operation keeps retrying transient failures
     max_attempts: int = 8  # attempts per operation, whichever limit comes first
+    # Checkpoint writes run in the background and must outlast long throttling (a SlowDown
+    # storm while thousands of ranks write): minutes, not seconds.
+    checkpoint_retry_time: float = 900.0
+    checkpoint_max_attempts: int = 1000
 
     def store_opts(self) -> dict[str, Any]:
         """Keyword arguments for data.store.open_store / S3Store."""
         return {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
                 "retry_time": self.retry_time, "max_attempts": self.max_attempts}
+
+    def checkpoint_store_opts(self, concurrency: int) -> dict[str, Any]:
+        """store_opts for the checkpoint store: the checkpoint retry budget, `concurrency`
+        requests at once (what one rank's background writer uses)."""
+        return {**self.store_opts(), "retry_time": self.checkpoint_retry_time,
+                "max_attempts": self.checkpoint_max_attempts, "max_concurrency": concurrency}
 
 
 @dataclass
@@ -476,10 +492,17 @@ def validate(cfg: Config) -> None:
              "validation needs data: set data.val_manifest or data.holdout_fraction > 0")
     _require(c.every > 0, "checkpoint.every", c.every, "must be > 0")
     _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
+    _require(c.concurrency >= 1, "checkpoint.concurrency", c.concurrency, "must be >= 1")
+    _require(c.part_mib >= 5, "checkpoint.part_mib", c.part_mib,
+             "must be >= 5 (S3 refuses smaller multipart parts)")
+    _require(c.object_mib >= c.part_mib, "checkpoint.object_mib", c.object_mib,
+             f"must be >= checkpoint.part_mib={c.part_mib}")
     s = cfg.store
-    for name in ("connect_timeout", "read_timeout", "retry_time"):
+    for name in ("connect_timeout", "read_timeout", "retry_time", "checkpoint_retry_time"):
         _require(getattr(s, name) > 0, f"store.{name}", getattr(s, name), "must be > 0 seconds")
     _require(s.max_attempts >= 1, "store.max_attempts", s.max_attempts, "must be >= 1")
+    _require(s.checkpoint_max_attempts >= 1, "store.checkpoint_max_attempts",
+             s.checkpoint_max_attempts, "must be >= 1")
     _validate_activations(cfg)
 
 

@@ -28,10 +28,17 @@ and logs the step, and `train.max_bad_steps` consecutive bad steps stop the run 
 `BadStepsError`.
 
 Steps are numbered 1..train.steps; a checkpoint of step N holds the state after N steps.
+Checkpoints are asynchronous by default (checkpoint.async_save): a save stalls training only to
+copy this rank's state to host memory, the write runs in the background, the next save and the
+end of the run wait for it.
+
 Test hooks: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits checkpoint N
 (it writes RUN_DIR/paused-before-commit-N and sleeps), so a test can SIGKILL the run mid-write;
-MMPT_CRASH_AT_STEP=N makes the last rank exit with status 3 before step N, in the first attempt
-only (TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts` restarts the group.
+MMPT_PAUSE_DURING_WRITE=N stops every rank's background writer at its first data part of
+checkpoint N (writing RUN_DIR/paused-during-write-N) while training goes on;
+MMPT_CRASH_AT_STEP=N makes the last rank exit with status 3 before step N (once a checkpoint in
+flight is committed, so where the restart resumes from is fixed), in the first attempt only
+(TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts` restarts the group.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ from train.step import training_step
 # only where the device is known. H200 has the H100's compute (more, faster memory).
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 PAUSE_ENV = "MMPT_PAUSE_BEFORE_COMMIT"
+PAUSE_WRITE_ENV = "MMPT_PAUSE_DURING_WRITE"
 CRASH_ENV = "MMPT_CRASH_AT_STEP"
 
 
@@ -156,20 +164,55 @@ class _PauseBeforeCommit:
         return getattr(self._store, name)
 
 
+class _PauseDuringWrite:
+    """Store wrapper that stops a background checkpoint writer at its first data part of one
+    step (module docstring)."""
+
+    def __init__(self, store, step: int, flag: Path):
+        self._store, self._prefix, self._flag = store, f"{step_dir(step)}/data-", flag
+
+    def open_upload(self, key, size, part_size):
+        upload = self._store.open_upload(key, size, part_size)
+        if not key.startswith(self._prefix):
+            return upload
+        flag = self._flag
+
+        class Paused:
+            def write(self, offset, data):
+                flag.write_text(f"{os.getpid()}\n")
+                while True:  # until SIGKILL
+                    time.sleep(1)
+
+            def __getattr__(self, name):
+                return getattr(upload, name)
+
+        return Paused()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
 def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
     if not cfg.checkpoint.dir:
         return None
     from data.store import StoreError, open_store
 
+    c = cfg.checkpoint
     try:
-        store = open_store(cfg.checkpoint.dir, **cfg.store.store_opts())
+        store = open_store(c.dir, **cfg.store.checkpoint_store_opts(c.concurrency))
     except StoreError as e:  # the store names the path; the field is known here
-        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir!r}: {e}") from None
+        raise ConfigError(f"checkpoint.dir={c.dir!r}: {e}") from None
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         store = _PauseBeforeCommit(store, int(pause), Path(cfg.train.run_dir) /
                                    f"paused-before-commit-{int(pause)}")
-    return CheckpointManager(store, keep_last=cfg.checkpoint.keep_last)
+    pause = os.environ.get(PAUSE_WRITE_ENV)
+    if pause:
+        store = _PauseDuringWrite(store, int(pause), Path(cfg.train.run_dir) /
+                                  f"paused-during-write-{int(pause)}")
+    return CheckpointManager(store, keep_last=c.keep_last, async_save=c.async_save,
+                             concurrency=c.concurrency, part_bytes=c.part_mib << 20,
+                             object_bytes=c.object_mib << 20)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +267,7 @@ class Trainer:
                                           dp_size=cfg.parallel.dp, split="val")
             self.val_categories = loader_categories(self.val_loader)
         self.ckpt = checkpoint_manager(cfg)
+        self._quarantine_seen = 0  # quarantine events already logged
         t = cfg.train
         self.logger = MetricsLogger(
             t.run_dir, t.steps, enabled=self.rank == 0,
@@ -253,6 +297,7 @@ class Trainer:
             self.logger.event(f"checkpoint {name} skipped: {reason}")
         for name, where, reason in self.ckpt.quarantined:
             self.logger.event(f"checkpoint {name} quarantined as {where}: {reason}")
+        self._quarantine_seen = len(self.ckpt.quarantined)
         if loaded is None:
             return False
         lacking = [k for k in loaded.missing if k.startswith(("optim/", "master/"))]
@@ -275,13 +320,24 @@ class Trainer:
     def save(self) -> None:
         meta = {"loader": self.loader.state_dict(), "bad_in_a_row": self.bad_in_a_row,
                 "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict()}
-        t0 = time.monotonic()
-        seen = len(self.ckpt.quarantined)
-        name = self.ckpt.save(self.step, self.state(), meta)
-        for old, where, reason in self.ckpt.quarantined[seen:]:
+        self.wait_for_checkpoint()
+        self.ckpt.save(self.step, self.state(), meta)
+        if not self.ckpt.async_save:
+            self._log_saved(self.ckpt.last_save)
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for the checkpoint being written in the background (if any) and log it."""
+        done = self.ckpt.wait() if self.ckpt is not None else None
+        if done is not None:
+            self._log_saved(done)
+
+    def _log_saved(self, done: dict) -> None:
+        for old, where, reason in self.ckpt.quarantined[self._quarantine_seen:]:
             self.logger.event(f"checkpoint {old} quarantined as {where}: {reason}")
-        self.logger.event(f"checkpoint {self.ckpt.store.url}/{name} "
-                          f"({time.monotonic() - t0:.1f} s)")
+        self._quarantine_seen = len(self.ckpt.quarantined)
+        written = done.get("commit_s", done.get("write_s", 0.0))
+        self.logger.event(f"checkpoint {self.ckpt.store.url}/{done['name']} (training stalled "
+                          f"{done['stall_s']:.2f} s, written in {written:.1f} s)")
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -391,13 +447,20 @@ class Trainer:
             if self.ckpt is not None and (self.step % cfg.checkpoint.every == 0
                                           or self.step == cfg.train.steps):
                 self.save()
+        if self.ckpt is not None:
+            self.wait_for_checkpoint()
+            self.ckpt.close()  # the last checkpoint is committed before any rank exits
         return self.finish()
 
     def _maybe_crash(self, step: int) -> None:
         """The restart-test hook (module docstring)."""
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if (os.environ.get(CRASH_ENV) == str(step) and first_attempt
-                and self.rank == self.world - 1):
+        if os.environ.get(CRASH_ENV) != str(step) or not first_attempt:
+            return
+        if self.ckpt is not None:  # the crash lands after the checkpoint in flight committed
+            self.wait_for_checkpoint()
+            self.ckpt.close()
+        if self.rank == self.world - 1:
             print(f"rank {self.rank}: injected crash before step {step} ({CRASH_ENV})",
                   flush=True)
             os._exit(3)

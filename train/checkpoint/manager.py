@@ -4,19 +4,40 @@ A checkpoint of step N lives under `<root>/step-0000000N/` (root: a local direct
 s3://bucket/prefix, through data.store). Object stores cannot rename, so completeness is a
 marker, the same for both backends:
 
-  1. rank 0 deletes whatever an earlier, interrupted attempt left under the step's prefix;
-  2. every rank writes its tensor shards and rank 0 the metadata (DCP save, storage.py);
-  3. rank 0 writes `meta.json` (small JSON state: step, data-loader state, ...) and then
-     `COMMITTED` LAST: it records the sha256 of metadata.json and meta.json and the size of
-     every data object. No COMMITTED, no checkpoint.
+  1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan
+     (one gather and one scatter, no store request): an attempt id, which rank writes each
+     chunk (replicas are written once, spread by bytes) and which weights need no bytes of
+     their own (below); each rank copies the chunks it writes to host memory (pinned on CUDA).
+     This copy is all that training waits for.
+  2. (background thread, every rank) the chunks are written (storage.write_chunks: parallel
+     parts, every object durable), then a done marker `done/<attempt>/rank-RRRRR.json` with the
+     rank's item records (or the error that stopped it);
+  3. (rank 0's background thread) once every rank's done marker of this attempt is there, it
+     deletes whatever an earlier, interrupted attempt left under the step, writes
+     `metadata.json`, then `meta.json` (small JSON state: step, data-loader state, ...) and
+     then `COMMITTED` LAST: it records the sha256 of metadata.json and meta.json and the size
+     of every data object. No COMMITTED, no checkpoint: a kill at any moment of steps 1-3
+     leaves the previous one intact.
   4. rank 0 applies retention (`_prune`, below) and deletes incomplete checkpoints older than
      the new one (left by a crash).
+The background thread never runs a collective (it would race the training's on the same process
+group): ranks agree through the done markers in the store. `async_save=False` runs steps 2-4 in
+the caller and ends with a barrier, so `save` returns once the checkpoint is committed.
 
-Loading takes the newest checkpoint that validates (marker parses, hashes match, every object
-has its recorded size; then every item's CRC32 while DCP reads). Anything that fails is logged
-with its name and the reason, recorded in `skipped`, and the next older one is tried. Tensors
-are read into fresh buffers and copied into the live state only once the whole load succeeded,
-so a corrupt checkpoint never leaves a half-loaded model behind.
+No redundant bytes: a weight whose every row has an fp32 master that rounds to it exactly (the
+ZeRO-1 owner checks this at save: QK-Clip scaling weights and masters separately can break it
+in bf16) is not stored; metadata.json lists it under `from_master` and a load reads the master's
+bytes into the weight (a cast, as ZeRO-1 does after each step). Expert stacks are one logical
+tensor each (layout.py).
+
+Loading takes the newest checkpoint that validates. Rank 0 reads the marker and the small
+metadata (marker parses, hashes match) and broadcasts them; every rank then checks only the
+objects it reads (their size, then every item's CRC32), so requests per rank follow its own
+shards. One small collective agrees on the outcome: damage found by any rank skips the
+checkpoint on every rank, with the damaged object named. Anything that fails is logged with its
+name and the reason, recorded in `skipped`, and the next older one is tried. Tensors are read
+into fresh buffers and copied into the live state only once the whole load succeeded, so a
+corrupt checkpoint never leaves a half-loaded model behind.
 
 Timelines and quarantine. A run that resumes from step S (`resume`) continues a timeline that
 branches off at S: every committed checkpoint newer than S, which either failed validation or
@@ -41,25 +62,29 @@ import hashlib
 import json
 import logging
 import re
-import warnings
+import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from data.store import NotFound, ObjectStore, StoreError, StoreUnavailable, open_store
-from train.checkpoint.storage import (METADATA, CorruptCheckpoint, StoreReader, StoreWriter,
-                                      parse_metadata)
+from train.checkpoint.layout import Entry, entries, fresh_like
+from train.checkpoint.storage import (METADATA, CorruptCheckpoint, Read, Staged, build_metadata,
+                                      dtype_name, master_key, parse_metadata, read_chunks,
+                                      write_chunks)
 from train.errors import InvalidInput
 
 log = logging.getLogger("mmpt.checkpoint")
 
 COMMITTED = "COMMITTED"
 META = "meta.json"
+DONE = "done"  # per-rank done markers: <step>/done/rank-RRRRR.json
 QUARANTINE = "quarantine"  # top-level prefix of quarantined checkpoints (module docstring)
 QUARANTINED = "QUARANTINED"  # the reason note inside a quarantined checkpoint
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -94,22 +119,58 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_int(value: int) -> int:
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _broadcast(obj):
     if not _dist():
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.broadcast(t, src=0)
-    return int(t.item())
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj) -> list:
+    if not _dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class CheckpointWriteError(RuntimeError):
+    """A background checkpoint write failed (raised at the next save or wait)."""
+
+
+@dataclass
+class _Pending:
+    """A save whose writes (and, on rank 0, commit) run in a background thread."""
+
+    step: int
+    name: str
+    started: float
+    attempt: str = ""  # this attempt's id: done markers of an interrupted one never count
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointManager:
     """Save / find / load / prune checkpoints under one root URL (all ranks call save and load)."""
 
-    def __init__(self, root: str | ObjectStore, keep_last: int = 3):
+    def __init__(self, root: str | ObjectStore, keep_last: int = 3, *, async_save: bool = False,
+                 concurrency: int = 8, part_bytes: int = 16 << 20, object_bytes: int = 512 << 20):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1")
         self.store = open_store(root) if isinstance(root, str) else root
         self.keep_last = keep_last
+        self.async_save, self.concurrency = async_save, concurrency
+        self.part_bytes, self.object_bytes = part_bytes, object_bytes
+        self._pending: _Pending | None = None
+        self._staging: dict[tuple, torch.Tensor] = {}  # host buffers, reused save after save
+        self.last_save: dict[str, Any] = {}  # figures of the newest finished save
+        self.last_load: dict[str, Any] = {}  # figures of the newest load
         self.skipped: list[tuple[str, str]] = []  # (checkpoint name, reason), in report order
         # (checkpoint name, where it went, reason), in order: see "Timelines and quarantine"
         self.quarantined: list[tuple[str, str, str]] = []
@@ -135,28 +196,46 @@ class CheckpointManager:
         log.warning("skipping checkpoint %s/%s: %s", self.store.url, name, reason)
         self.skipped.append((name, reason))
 
-    def validate(self, step: int) -> str | None:
-        """None when step's checkpoint is complete and intact as far as sizes and hashes go,
-        else the reason it is not."""
+    def _check_marker(self, step: int) -> tuple[str | None, dict | None]:
+        """(None, {"metadata": bytes, "meta": bytes, "doc": parsed metadata}) when step's marker
+        is intact and its hashes match metadata.json and meta.json, else (the reason, None).
+        Reads three small objects: what rank 0 checks before a load."""
         name = step_dir(step)
         try:
             marker = json.loads(self.store.get(f"{name}/{COMMITTED}"))
             if marker.get("step") != step:
-                return f"{COMMITTED} records step {marker.get('step')!r}"
+                return f"{COMMITTED} records step {marker.get('step')!r}", None
+            raw = {}
             for fname in (METADATA, META):
-                if _sha256(self.store.get(f"{name}/{fname}")) != marker["sha256"][fname]:
-                    return f"{fname} does not match the sha256 in {COMMITTED}"
-            _, doc = parse_metadata(self.store.get(f"{name}/{METADATA}"), f"{name}/{METADATA}")
+                raw[fname] = self.store.get(f"{name}/{fname}")
+                if _sha256(raw[fname]) != marker["sha256"][fname]:
+                    return f"{fname} does not match the sha256 in {COMMITTED}", None
+            _, doc = parse_metadata(raw[METADATA], f"{name}/{METADATA}")
             for obj, size in marker["objects"].items():
                 if doc["objects"].get(obj) != size:
-                    return f"{COMMITTED} and {METADATA} disagree about {obj}"
+                    return f"{COMMITTED} and {METADATA} disagree about {obj}", None
+            if set(doc["objects"]) != set(marker["objects"]):
+                return f"{COMMITTED} and {METADATA} list different objects", None
+        except NotFound as e:
+            return f"missing object ({e})", None
+        except (ValueError, KeyError, TypeError, AttributeError, CorruptCheckpoint) as e:
+            return f"{type(e).__name__}: {e}", None
+        return None, {"metadata": raw[METADATA], "meta": raw[META], "doc": doc}
+
+    def validate(self, step: int) -> str | None:
+        """None when step's checkpoint is complete and intact as far as sizes and hashes go,
+        else the reason it is not (the marker check, then one size request per object)."""
+        reason, found = self._check_marker(step)
+        if reason is not None:
+            return reason
+        name = step_dir(step)
+        try:
+            for obj, size in found["doc"]["objects"].items():
                 actual = self.store.size(f"{name}/{obj}")
                 if actual != size:
                     return f"object {obj} has {actual} bytes, {size} were written"
         except NotFound as e:
             return f"missing object ({e})"
-        except (ValueError, KeyError, TypeError, AttributeError, CorruptCheckpoint) as e:
-            return f"{type(e).__name__}: {e}"
         return None
 
     # -- save ------------------------------------------------------------------------------
@@ -164,27 +243,161 @@ class CheckpointManager:
     def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None,
              ) -> str:
         """Write a checkpoint of `tensors` (flat FQN -> tensor, see state.py) and `meta` (JSON-able,
-        rank 0's copy is kept) for `step`; returns its name once committed on every rank."""
+        rank 0's copy is kept) for `step`; returns its name. Synchronous managers return once it
+        is committed on every rank; asynchronous ones once this rank's state is copied to host
+        memory (`wait` for the rest; the next save waits too)."""
+        t0 = time.monotonic()
+        self.wait()
+        waited = time.monotonic() - t0
         name = step_dir(step)
         meta_bytes = json.dumps({"step": step, **(meta or {})}, sort_keys=True).encode()
-        if _rank() == 0:
-            for key in self.store.list(f"{name}/"):  # leftovers of an interrupted attempt
-                self.store.delete(key)
-        _barrier()
-        with warnings.catch_warnings():  # DCP warns that no process group means one process
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(tensors, storage_writer=StoreWriter(self.store, name),
-                     planner=DefaultSavePlanner(), no_dist=not _dist())
-        if _rank() == 0:
-            meta_doc = self.store.get(f"{name}/{METADATA}")
-            _, doc = parse_metadata(meta_doc, f"{name}/{METADATA}")
-            self.store.put(f"{name}/{META}", meta_bytes)
-            marker = {"step": step, "objects": doc["objects"],
-                      "sha256": {METADATA: _sha256(meta_doc), META: _sha256(meta_bytes)}}
-            self.store.put(f"{name}/{COMMITTED}", json.dumps(marker, sort_keys=True).encode())
-            self._prune(step)
-        _barrier()
+        mine, table, attempt = self._plan(entries(tensors))
+        planned = time.monotonic()
+        staged = self._stage(mine)
+        job = _Pending(step=step, name=name, started=t0, attempt=attempt)
+        job.stats = {"stall_s": time.monotonic() - t0, "wait_s": waited,
+                     "plan_s": planned - t0 - waited, "stage_s": time.monotonic() - planned,
+                     "bytes": sum(c.nbytes for c in staged),
+                     "chunks": len(staged)}
+        if not self.async_save:
+            self._write(job, staged, table, meta_bytes)
+            self._pending = job
+            self.wait()
+            _barrier()
+            return name
+        job.thread = threading.Thread(target=self._write, args=(job, staged, table, meta_bytes),
+                                      name=f"ckpt-save-{step}", daemon=True)
+        self._pending = job
+        job.thread.start()
         return name
+
+    def wait(self) -> dict[str, Any] | None:
+        """Wait for the save in flight (rank 0: until it is committed); returns its figures
+        (None when none was in flight). Raises CheckpointWriteError if it failed."""
+        job, self._pending = self._pending, None
+        if job is None:
+            return None
+        if job.thread is not None:
+            job.thread.join()
+        if job.error is not None:
+            raise CheckpointWriteError(f"checkpoint {self.store.url}/{job.name} was not "
+                                       f"written: {job.error}") from job.error
+        self.last_save = {"step": job.step, "name": job.name, **job.stats}
+        return self.last_save
+
+    def close(self) -> None:
+        """Before exit: the last save is waited for and committed on every rank."""
+        self.wait()
+        _barrier()
+
+    def _plan(self, ents: list[Entry]) -> tuple[list[Entry], dict | None, str]:
+        """(the entries this rank writes, rank 0: the table of logical tensors for metadata,
+        the attempt id)."""
+        local = [(e.key, e.offsets, e.sizes, dtype_name(e.tensor.dtype), e.nbytes, e.stacked)
+                 for e in ents]
+        verified = _verified_masters(ents)
+        if _dist():
+            plans = [None] * _world() if _rank() == 0 else None
+            dist.gather_object((local, verified), plans, dst=0)
+        else:
+            plans = [(local, verified)]
+        picks, table = (_global_plan(plans) if _rank() == 0 else (None, None))
+        if picks is not None:
+            attempt = uuid.uuid4().hex[:16]
+            picks = [(p, attempt) for p in picks]
+        if _dist():
+            box = [None]
+            dist.scatter_object_list(box, picks, src=0)
+            mine, attempt = box[0]
+        else:
+            mine, attempt = picks[0]
+        return [ents[i] for i in mine], table, attempt
+
+    def _stage(self, mine: list[Entry]) -> list[Staged]:
+        """Host copies of the chunks this rank writes (what training waits for). Asynchronous
+        saves keep the buffers for the next save (pinned on CUDA); a synchronous save writes
+        contiguous CPU tensors as they are."""
+        out, cuda = [], False
+        for e in mine:
+            t = e.tensor.detach()
+            if not self.async_save and t.device.type == "cpu" and t.is_contiguous():
+                out.append(Staged(e.key, e.offsets, t))
+                continue
+            spec = (e.key, e.offsets, e.sizes, t.dtype)
+            buf = self._staging.get(spec)
+            if buf is None:
+                buf = torch.empty(e.sizes, dtype=t.dtype, device="cpu",
+                                  pin_memory=t.device.type == "cuda")
+                if self.async_save:
+                    self._staging[spec] = buf
+            cuda |= t.device.type == "cuda"
+            buf.copy_(t, non_blocking=t.device.type == "cuda")
+            out.append(Staged(e.key, e.offsets, buf))
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def _write(self, job: _Pending, staged: list[Staged], table: dict | None,
+               meta_bytes: bytes) -> None:
+        """Steps 2-4 of the protocol (module docstring); failures land in job.error."""
+        rank, name = _rank(), job.name
+        t0 = time.monotonic()
+        try:
+            if rank == 0:  # a re-save of a committed step: never a marker over new bytes
+                self.store.delete(f"{name}/{COMMITTED}")
+            try:
+                records = write_chunks(self.store, name, rank, staged,
+                                       object_bytes=self.object_bytes, part_bytes=self.part_bytes,
+                                       concurrency=self.concurrency)
+            except BaseException as e:
+                self.store.put(f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json",
+                               json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+                raise
+            self.store.put(f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json",
+                           json.dumps({"items": records}).encode())
+            job.stats["write_s"] = time.monotonic() - t0
+            if rank == 0:
+                self._commit(job.step, name, table, meta_bytes, job.attempt)
+                job.stats["commit_s"] = time.monotonic() - t0
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            job.error = e
+            log.error("checkpoint %s/%s: background write failed: %s", self.store.url, name, e)
+
+    def _commit(self, step: int, name: str, table: dict, meta_bytes: bytes, attempt: str) -> None:
+        """Rank 0: wait for every rank's done marker of this attempt, drop what an interrupted
+        attempt left under the step, then metadata, meta and COMMITTED."""
+        world, delay, waited = _world(), 0.01, time.monotonic()
+        while True:
+            done = self.store.list(f"{name}/{DONE}/{attempt}/")
+            if len(done) >= world:
+                break
+            if time.monotonic() - waited > 60:
+                log.warning("checkpoint %s/%s: %d of %d ranks have written their shards",
+                            self.store.url, name, len(done), world)
+                waited = time.monotonic()
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        items, failed = [], []
+        for key in done:
+            report = json.loads(self.store.get(key))
+            if "error" in report:
+                failed.append(f"{key.rpartition('/')[2]}: {report['error']}")
+            else:
+                items += report["items"]
+        if failed:
+            raise CheckpointWriteError("; ".join(failed))
+        meta_doc = build_metadata(table["tensors"], items, table["from_master"])
+        _, doc = parse_metadata(meta_doc, f"{name}/{METADATA}")
+        ours = {f"{name}/{obj}" for obj in doc["objects"]} | set(done)
+        for key in self.store.list(f"{name}/"):  # leftovers of an interrupted attempt
+            if key not in ours:
+                self.store.delete(key)
+        self.store.put(f"{name}/{METADATA}", meta_doc)
+        self.store.put(f"{name}/{META}", meta_bytes)
+        marker = {"step": step, "objects": doc["objects"],
+                  "sha256": {METADATA: _sha256(meta_doc), META: _sha256(meta_bytes)}}
+        self.store.put(f"{name}/{COMMITTED}", json.dumps(marker, sort_keys=True).encode())
+        self._prune(step)
 
     def _prune(self, newest: int) -> None:
         """Retention after saving `newest` (module docstring); rank 0 only."""
@@ -257,17 +470,18 @@ class CheckpointManager:
 
         Every key of `tensors` must be in the checkpoint with the same shape and dtype, except
         keys starting with a prefix in `optional` (e.g. per-rank RNG states after a change of
-        world size), which are left alone and listed in `Loaded.missing`.
+        world size), which are left alone and listed in `Loaded.missing`. A weight stored only
+        as its fp32 master is read from it (cast to the weight's dtype).
         """
         tried: set[int] = set()
         while True:
-            step = -1
+            step, found = -1, None
             if _rank() == 0:
                 committed, incomplete = self._steps()
                 for s in reversed(committed):
                     if s in tried:
                         continue
-                    reason = self.validate(s)
+                    reason, found = self._check_marker(s)
                     if reason is None:
                         step = s
                         break
@@ -278,62 +492,201 @@ class CheckpointManager:
                         self._report(step_dir(s), f"incomplete: no {COMMITTED} marker "
                                                   "(the write was interrupted)")
                         tried.add(s)
-            step = _broadcast_int(step)
+                found = (step, found["metadata"], found["meta"]) if found else (step, None, None)
+            step, metadata_bytes, meta_bytes = _broadcast(found)
             if step < 0:
                 return None
-            try:
-                return self._load(step, tensors, optional)
-            except (CorruptCheckpoint, StoreError, CheckpointException) as e:
-                # DCP gathers every rank's failure and raises on all ranks alike. Only damaged
-                # data makes us fall back to an older checkpoint; any other error is a bug.
-                reason = _damage(e)
-                if reason is None:
-                    raise
-                self._report(step_dir(step), f"load failed: {reason}")
+            loaded, problem, damage, error = self._load(step, tensors, optional, metadata_bytes,
+                                                        meta_bytes)
+            # One small collective: every rank learns every rank's outcome, so all skip alike.
+            outcomes = _all_gather((problem, damage, None if error is None else
+                                    f"{type(error).__name__}: {error}"))
+            if error is not None:
+                raise error
+            others = [(r, o) for r, o in enumerate(outcomes) if r != _rank()]
+            # A state that cannot take the checkpoint is a config error, not damage: every rank
+            # raises the lowest failing rank's reason, so rank 0 can report it.
+            problem = next((o[0] for o in outcomes if o[0] is not None), None)
+            if problem is not None:
+                raise InvalidInput(f"{problem}; use the config of the run that wrote it, or "
+                                   "another checkpoint.dir (one per model config)")
+            if any(o[2] for _, o in others):
+                raise RuntimeError("loading checkpoint failed on rank(s) "
+                                   + ", ".join(f"{r} ({o[2]})" for r, o in others if o[2]))
+            damages = sorted({o[1] for o in outcomes if o[1]})
+            if damages:
+                self._report(step_dir(step), "load failed: " + "; ".join(damages))
                 tried.add(step)
+                continue
+            return loaded
 
-    def _load(self, step: int, tensors: dict[str, torch.Tensor], optional: tuple[str, ...]) -> Loaded:
+    def _load(self, step: int, tensors: dict[str, torch.Tensor], optional: tuple[str, ...],
+              metadata_bytes: bytes, meta_bytes: bytes):
+        """This rank's part of a load: (Loaded or None, config problem, damage, other error);
+        the live state changes only when all three are None."""
         name = step_dir(step)
-        metadata, _ = parse_metadata(self.store.get(f"{name}/{METADATA}"), f"{name}/{METADATA}")
-        stored = metadata.state_dict_metadata
-        missing = [k for k in tensors if k not in stored]
-        problem = _mismatch(self.store.url, name, tensors, stored, missing, optional)
-        # Every rank must agree before the collective load, or the healthy ranks would hang; all
-        # raise the lowest failing rank's reason, so rank 0 can report it.
-        if _dist():
-            problems: list[str | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(problems, problem)
-            problem = next((p for p in problems if p is not None), None)
-        if problem is not None:
-            raise InvalidInput(problem)
-        fresh = {k: torch.empty_like(t, device="cpu") for k, t in tensors.items() if k in stored}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(fresh, storage_reader=StoreReader(self.store, name),
-                     planner=DefaultLoadPlanner(allow_partial_load=False), no_dist=not _dist())
-        meta = json.loads(self.store.get(f"{name}/{META}"))
+        t0 = time.monotonic()
+        try:
+            metadata, doc = parse_metadata(metadata_bytes, f"{name}/{METADATA}")
+            stacks = doc["format"] != "mmpt-dcp-v1"  # v1 stored one key per routed expert
+            plan, missing, problem = _read_plan(
+                self.store.url, name, entries(tensors, stacks=stacks),
+                metadata.state_dict_metadata, set(doc["from_master"]), optional)
+            if problem is not None:
+                return None, problem, None, None
+            reads = [r for _, _, rs in plan for r in rs]
+            requests = read_chunks(self.store, name, metadata, doc, reads,
+                                   concurrency=self.concurrency)
+        except (CorruptCheckpoint, StoreError) as e:
+            reason = _damage(e)
+            if reason is None:
+                return None, None, None, e
+            return None, None, reason, None
+        except Exception as e:  # noqa: BLE001 - every rank must reach the agreement collective
+            return None, None, None, e
         with torch.no_grad():
-            for k, t in fresh.items():
-                tensors[k].copy_(t)
-        return Loaded(step=step, meta=meta, name=name, missing=missing)
+            for entry, fresh, _ in plan:
+                entry.tensor.copy_(fresh)
+        self.last_load = {"step": step, "requests": requests, "seconds": time.monotonic() - t0,
+                          "bytes": sum(f.numel() * f.element_size() for _, f, _ in plan)}
+        return Loaded(step=step, meta=json.loads(meta_bytes), name=name, missing=missing), \
+            None, None, None
 
 
-def _mismatch(url: str, name: str, tensors: dict[str, torch.Tensor], stored: dict,
-              missing: list[str], optional: tuple[str, ...]) -> str | None:
-    """Why this rank's state cannot take the checkpoint (a config error, not damage), or None."""
-    fix = ("use the config of the run that wrote it, or another checkpoint.dir (one per "
-           "model config)")
+def _verified_masters(ents: list[Entry]) -> list[tuple[str, tuple[int, ...]]]:
+    """(key, offsets) of this rank's master/ chunks whose weight rows on this rank are exactly
+    the master rounded to the weight's dtype: those weights need no bytes of their own."""
+    weights: dict[str, list[Entry]] = {}
+    for e in ents:
+        if e.key.startswith("model/"):
+            weights.setdefault(e.key, []).append(e)
+    out = []
+    with torch.no_grad():
+        for e in ents:
+            if not e.key.startswith("master/"):
+                continue
+            for w in weights.get("model/" + e.key.removeprefix("master/"), []):
+                if w.tensor.dim() != e.tensor.dim() or w.sizes[1:] != e.sizes[1:]:
+                    continue
+                lo = e.offsets[0] - w.offsets[0] if e.tensor.dim() else 0
+                if e.tensor.dim() and not (0 <= lo and lo + e.sizes[0] <= w.sizes[0]):
+                    continue
+                rows = w.tensor.narrow(0, lo, e.sizes[0]) if e.tensor.dim() else w.tensor
+                if rows.is_floating_point() and _rounds_to(e.tensor, rows):
+                    out.append((e.key, e.offsets))
+                break
+    return out
+
+
+_BLOCK = 4 << 20  # elements cast at a time: a small reused buffer instead of a full-size copy
+
+
+def _rounds_to(master: torch.Tensor, weight: torch.Tensor) -> bool:
+    """weight == master.to(weight.dtype), blockwise (faster: no large fresh allocation)."""
+    if master.shape != weight.shape:
+        return False
+    m, w = master.reshape(-1), weight.reshape(-1)
+    scratch = torch.empty(min(_BLOCK, w.numel()), dtype=w.dtype, device=w.device)
+    for i in range(0, w.numel(), _BLOCK):
+        n = min(_BLOCK, w.numel() - i)
+        part = scratch[:n]
+        part.copy_(m[i:i + n])
+        if not torch.equal(part, w[i:i + n]):
+            return False
+    return True
+
+
+def _global_plan(plans: list) -> tuple[list[list[int]], dict]:
+    """Rank 0: from every rank's (chunks, verified masters), which chunk indices each rank
+    writes, and the table of logical tensors (dtype, size, chunks) and `from_master` weights."""
+    tensors: dict[str, dict] = {}
+    holders: dict[tuple, list[tuple[int, int, int]]] = {}
+    for rank, (local, _) in enumerate(plans):
+        for i, (key, offsets, sizes, dtype, nbytes, stacked) in enumerate(local):
+            t = tensors.setdefault(key, {"dtype": dtype, "stacked": stacked, "boxes": {}})
+            if t["dtype"] != dtype or t["stacked"] != stacked:
+                raise ValueError(f"ranks disagree about the dtype of checkpoint entry {key!r}")
+            box = (tuple(offsets), tuple(sizes))
+            t["boxes"][box] = None
+            holders.setdefault((key, box), []).append((rank, i, nbytes))
+    for key, t in tensors.items():
+        boxes = sorted(t["boxes"])
+        if not t["stacked"]:
+            if len(boxes) != 1:
+                raise ValueError(f"ranks hold checkpoint entry {key!r} with different shapes")
+            t["size"] = list(boxes[0][1])
+            continue
+        t["size"] = [max(o[0] + z[0] for o, z in boxes), *boxes[0][1][1:]]
+        end = 0
+        for o, z in boxes:  # the chunks tile [0, E): no gap, no overlap
+            if o[0] != end or list(z[1:]) != t["size"][1:]:
+                raise ValueError(f"the ranks' chunks of {key!r} do not tile it: {boxes}")
+            end = o[0] + z[0]
+    verified: dict[str, list[tuple]] = {}
+    for _, ver in plans:
+        for key, offsets in ver:
+            verified.setdefault(key, []).append(tuple(offsets))
+    from_master = []
+    for key in tensors:
+        mkey = "master/" + key.removeprefix("model/")
+        if not key.startswith("model/") or mkey not in tensors:
+            continue
+        m = tensors[mkey]
+        if m["size"] != tensors[key]["size"]:
+            continue
+        ok = {off for off in verified.get(mkey, [])}
+        if all(o in ok for o, _ in m["boxes"]):  # every master chunk matches its weight rows
+            from_master.append(key)
+    picks: list[list[int]] = [[] for _ in plans]
+    load = [0] * len(plans)
+    order = sorted(holders.items(), key=lambda kv: (-kv[1][0][2], kv[0][0], kv[0][1]))
+    for (key, _), hs in order:
+        if key in from_master:
+            continue
+        rank, i, nbytes = min(hs, key=lambda h: (load[h[0]], h[0]))  # replicas: least loaded
+        picks[rank].append(i)
+        load[rank] += nbytes
+    table = {k: {"dtype": t["dtype"], "size": t["size"],
+                 "chunks": [{"offsets": list(o), "sizes": list(z)} for o, z in sorted(t["boxes"])]}
+             for k, t in tensors.items() if k not in from_master}
+    return [sorted(p) for p in picks], {"tensors": table, "from_master": from_master}
+
+
+def _read_plan(url: str, name: str, ents: list[Entry], stored: dict, from_master: set[str],
+               optional: tuple[str, ...]):
+    """([(entry, fresh buffer, reads)], missing in-memory keys, config problem or None)."""
+    plan, missing = [], []
+    for e in ents:
+        src = e.key if e.key in stored else master_key(e.key) if e.key in from_master else None
+        if src is None:
+            missing += e.members
+            continue
+        md = stored[src]
+        size, t = tuple(md.size), e.tensor
+        fits = (len(size) == t.dim() and (e.stacked or e.sizes == size)
+                and all(o + z <= n for o, z, n in zip(e.offsets, e.sizes, size)))
+        same_kind = (md.properties.dtype == t.dtype if src == e.key
+                     else t.is_floating_point())
+        if not (fits and same_kind):
+            rows = f" rows {e.offsets[0]}..{e.offsets[0] + e.sizes[0]}" if e.stacked else ""
+            shown = e.key + rows
+            return [], [], (f"checkpoint {url}/{name}: {shown} is {md.properties.dtype} {size} "
+                            f"there and {t.dtype} {tuple(t.shape)} here (model config differs?)")
+        fresh = fresh_like(e)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(e.offsets), sizes=torch.Size(e.sizes))
+        reads = []
+        for ri in create_read_items_for_chunk_list(src, md, [chunk]):
+            target = fresh
+            for dim, (o, n) in enumerate(zip(ri.dest_offsets, ri.lengths)):
+                target = target.narrow(dim, o, n)
+            reads.append(Read(storage=ri.storage_index, src_offsets=tuple(ri.storage_offsets),
+                              target=target))
+        plan.append((e, fresh, reads))
     required = [k for k in missing if not k.startswith(optional)]
     if required:
-        return (f"checkpoint {url}/{name} lacks {len(required)} entries, e.g. {required[:3]}; "
-                f"was it written by a different model config? {fix}")
-    for key, t in tensors.items():
-        if key in stored and (tuple(stored[key].size) != tuple(t.shape)
-                              or stored[key].properties.dtype != t.dtype):
-            return (f"checkpoint {url}/{name}: {key} is {stored[key].properties.dtype} "
-                    f"{tuple(stored[key].size)} there and {t.dtype} {tuple(t.shape)} here "
-                    f"(model config differs?); {fix}")
-    return None
+        return [], missing, (f"checkpoint {url}/{name} lacks {len(required)} entries, e.g. "
+                             f"{required[:3]}; was it written by a different model config?")
+    return plan, missing, None
 
 
 def _damage(e: BaseException) -> str | None:
@@ -342,8 +695,4 @@ def _damage(e: BaseException) -> str | None:
         return None
     if isinstance(e, (CorruptCheckpoint, StoreError)):
         return f"{type(e).__name__}: {e}"
-    if isinstance(e, CheckpointException):
-        reasons = [_damage(exc) for exc, _ in e.failures.values()]
-        if reasons and all(reasons):
-            return "; ".join(sorted(set(reasons)))
     return None

@@ -7,6 +7,8 @@
     master/<fqn>[/expert-<e>]           ZeRO-1's fp32 master copy, saved by its owner
     rng/rank-<r>/cpu, rng/rank-<r>/cuda-<d>   generator states (per rank: optional on load)
 
+On storage, the per-expert keys of one stack are chunks of one logical tensor (layout.py).
+
 Keys never mention a pipeline stage, a data-parallel rank or an expert-parallel shard, so a
 checkpoint saved at one layout loads at another: each rank simply asks for the keys it holds
 now (its stage's layers, its experts, the optimizer state of the params it owns under ZeRO-1).

@@ -1,43 +1,46 @@
-"""A torch.distributed.checkpoint (DCP) storage layer over our ObjectStore: local dirs and S3 alike.
+"""Checkpoint bytes on our ObjectStore (local directory or S3) in DCP's metadata model.
 
-Why our own StorageWriter/StorageReader instead of DCP's FileSystemWriter (+ an upload step):
+Why our own writer and reader instead of DCP's FileSystemWriter (+ an upload step):
 - one code path for a local directory (`LocalStore`) and S3 (`S3Store`, boto3 with retries), no
   staging disk and no second copy of every shard;
 - no pickle anywhere: DCP's file system layer pickles its `.metadata` and loads it with
   `pickle.load`; ours writes JSON metadata and raw little-endian tensor bytes, so reading a
   checkpoint never unpickles (no torch.load at all);
-- every item carries a CRC32, checked on read, so a corrupt object is detected, not loaded.
+- every item carries a CRC32, checked on read, so a corrupt object is detected, not loaded;
+- writes are split from planning, so they can run in a background thread (manager.py).
 
 Layout under the checkpoint prefix:
-    data-00000-000 ...   raw tensor bytes; plan i writes data-{i:05d}-{part:03d}, a part is
-                         closed at `part_bytes` so a rank never buffers more than that in memory
-    metadata.json        written last by the coordinator (DCP `finish`): tensors, chunks, where
-                         each chunk's bytes are (object, start, length, crc32)
+    data-RRRRR-PPP       raw tensor bytes of rank R; a rank's objects are closed at
+                         `object_bytes`, each written as parts of `part_bytes` (an S3 multipart
+                         upload; pwrite into one file locally), `concurrency` parts at once
+    metadata.json        written by the coordinator once every rank's bytes are durable: logical
+                         tensors with their chunks (DCP's ChunkStorageMetadata: offsets, sizes),
+                         where each chunk's bytes are (object, start, length, crc32), the size of
+                         every object, and the weights stored only as their fp32 masters
 
 Only tensors can be saved (the checkpoint module turns small plain state into JSON beside it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import warnings
 import zlib
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.futures import Future
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata,
                                                    MetadataIndex, TensorProperties,
                                                    TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePlan, SavePlanner,
-                                                  WriteItemType)
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
-from data.store import ObjectStore
+from data.store import NotFound, ObjectStore
 from train.errors import UserError
 
 METADATA = "metadata.json"
-FORMAT = "mmpt-dcp-v1"
+FORMAT = "mmpt-dcp-v2"  # v2: expert stacks as chunked logical tensors, weights from masters
+FORMATS = ("mmpt-dcp-v1", FORMAT)  # v1 (one key per routed expert) still loads
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
@@ -49,101 +52,111 @@ class CorruptCheckpoint(UserError, RuntimeError):
     """The stored bytes or metadata do not match what was written."""
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise TypeError(f"dtype {dtype} cannot be checkpointed")
+    return name
 
 
-def _index_json(index: MetadataIndex) -> dict:
-    return {"fqn": index.fqn, "offset": None if index.offset is None else list(index.offset)}
+def master_key(model_key: str) -> str:
+    """model/<fqn>... -> master/<fqn>...: where a weight stored only as its master is read."""
+    return "master/" + model_key.removeprefix("model/")
 
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
-class StoreWriter(StorageWriter):
-    """DCP writer into `store` under key prefix `prefix` (a checkpoint directory)."""
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
-    def __init__(self, store: ObjectStore, prefix: str, *, part_bytes: int = 256 << 20):
-        super().__init__()
-        self.store, self.prefix, self.part_bytes = store, prefix.rstrip("/"), part_bytes
-        self.is_coordinator = False
 
-    def reset(self, checkpoint_id=None) -> None:
-        pass
+@dataclass
+class Staged:
+    """One chunk this rank writes: its stored key and offsets, and a host copy of its data."""
 
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.is_coordinator = is_coordinator
+    key: str
+    offsets: tuple[int, ...]
+    tensor: torch.Tensor  # contiguous, on the CPU
 
-    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
 
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return [dataclasses.replace(p, storage_data=f"data-{i:05d}") for i, p in enumerate(plans)]
 
-    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        results: list[WriteResult] = []
-        part, buf, size = 0, [], 0
+def write_chunks(store: ObjectStore, prefix: str, rank: int, chunks: list[Staged], *,
+                 object_bytes: int, part_bytes: int, concurrency: int) -> list[dict]:
+    """Write `chunks` as rank `rank`'s data objects under `prefix`; returns one item record per
+    chunk (index, object, start, length, crc32). Parts and CRCs run `concurrency` at a time;
+    every object is committed (durable) before this returns."""
+    objects: list[list[tuple[Staged, int]]] = [[]]  # per object: (chunk, start)
+    fill = 0
+    for c in chunks:
+        if objects[-1] and fill + c.nbytes > object_bytes:
+            objects.append([])
+            fill = 0
+        objects[-1].append((c, fill))
+        fill += c.nbytes
+    objects = [o for o in objects if o]
+    names = [f"data-{rank:05d}-{i:03d}" for i in range(len(objects))]
+    records: list[dict] = []
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckpt-write") as pool:
+        uploads = []
+        try:
+            tasks = []
+            for name, members in zip(names, objects):
+                size = sum(c.nbytes for c, _ in members)
+                up = store.open_upload(_join(prefix, name), size, part_bytes)
+                uploads.append(up)
+                for lo in range(0, max(size, 1), part_bytes):
+                    hi = min(lo + part_bytes, size)
+                    tasks.append(pool.submit(_write_part, up, members, lo, hi))
+            crcs = {id(c): pool.submit(lambda t: zlib.crc32(_bytes_view(t)), c.tensor)
+                    for members in objects for c, _ in members}
+            for t in tasks:
+                t.result()
+            for f in [pool.submit(up.commit) for up in uploads]:
+                f.result()
+        except BaseException:
+            for up in uploads:
+                up.abort()
+            raise
+        for name, members in zip(names, objects):
+            for c, start in members:
+                records.append({"index": {"fqn": c.key, "offset": list(c.offsets)},
+                                "object": name, "start": start, "length": c.nbytes,
+                                "crc32": crcs[id(c)].result()})
+    return records
 
-        def flush():
-            nonlocal part, buf, size
-            if buf:
-                self.store.put(_join(self.prefix, f"{plan.storage_data}-{part:03d}"), b"".join(buf))
-                part, buf, size = part + 1, [], 0
 
-        for item in plan.items:
-            if item.type == WriteItemType.BYTE_IO:
-                raise TypeError(f"checkpoint entry {item.index.fqn!r} is not a tensor; only "
-                                "tensors go through DCP here (small plain state goes to JSON)")
-            tensor = planner.resolve_data(item)
-            if str(tensor.dtype).removeprefix("torch.") not in _DTYPES:
-                raise TypeError(f"checkpoint entry {item.index.fqn!r}: dtype {tensor.dtype} "
-                                "is not supported")
-            data = _tensor_bytes(tensor)
-            if size and size + len(data) > self.part_bytes:
-                flush()
-            info = {"object": f"{plan.storage_data}-{part:03d}", "start": size,
-                    "length": len(data), "crc32": zlib.crc32(data)}
-            buf.append(data)
-            size += len(data)
-            results.append(WriteResult(index=item.index, size_in_bytes=len(data),
-                                       storage_data=info))
-        flush()
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+def _write_part(upload, members: list[tuple[Staged, int]], lo: int, hi: int) -> None:
+    pieces = []
+    for c, start in members:
+        a, b = max(lo, start), min(hi, start + c.nbytes)
+        if a < b:
+            pieces.append(_bytes_view(c.tensor)[a - start:b - start])
+    upload.write(lo, pieces[0] if len(pieces) == 1 else b"".join(pieces))  # b"" if empty
 
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        tensors = {}
-        for fqn, md in metadata.state_dict_metadata.items():
-            if not isinstance(md, TensorStorageMetadata):
-                raise TypeError(f"checkpoint entry {fqn!r} is not a tensor")
-            tensors[fqn] = {"dtype": str(md.properties.dtype).removeprefix("torch."),
-                            "size": list(md.size),
-                            "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes)}
-                                       for c in md.chunks]}
-        items = [{"index": _index_json(r.index), **r.storage_data} for rs in results for r in rs]
-        objects: dict[str, int] = {}
-        for it in items:
-            objects[it["object"]] = max(objects.get(it["object"], 0), it["start"] + it["length"])
-        doc = {"format": FORMAT, "tensors": tensors, "items": items, "objects": objects}
-        self.store.put(_join(self.prefix, METADATA), json.dumps(doc, sort_keys=True).encode())
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return False
-
-    def storage_meta(self):
-        return None
+def build_metadata(tensors: dict[str, dict], items: list[dict], from_master: list[str]) -> bytes:
+    """metadata.json from the coordinator's table of logical tensors (dtype, size, chunks) and
+    every rank's item records."""
+    objects: dict[str, int] = {}
+    for it in items:
+        objects[it["object"]] = max(objects.get(it["object"], 0), it["start"] + it["length"])
+    doc = {"format": FORMAT, "tensors": tensors, "items": items, "objects": objects,
+           "from_master": sorted(from_master)}
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 def parse_metadata(raw: bytes, where: str) -> tuple[Metadata, dict]:
     """Our JSON metadata -> (DCP Metadata, the JSON document); CorruptCheckpoint if malformed."""
     try:
         doc = json.loads(raw)
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"format {doc.get('format')!r}, expected {FORMAT!r}")
+        if doc.get("format") not in FORMATS:
+            raise ValueError(f"format {doc.get('format')!r}, expected one of {FORMATS}")
         state = {}
         for fqn, t in doc["tensors"].items():
             if t["dtype"] not in _DTYPES:
@@ -159,88 +172,89 @@ def parse_metadata(raw: bytes, where: str) -> tuple[Metadata, dict]:
             storage[idx] = {k: it[k] for k in ("object", "start", "length", "crc32")}
         if not isinstance(doc["objects"], dict):
             raise ValueError("objects must be a table")
+        for k in doc.setdefault("from_master", []):
+            if not k.startswith("model/") or master_key(k) not in state:
+                raise ValueError(f"{k} is to be rebuilt from a master that is not stored")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptCheckpoint(f"{where}: unreadable metadata ({type(e).__name__}: {e})") from None
     return Metadata(state_dict_metadata=state, storage_data=storage), doc
 
 
-class StoreReader(StorageReader):
-    """DCP reader from a checkpoint written by StoreWriter; verifies every item's CRC32."""
+@dataclass
+class Read:
+    """Copy part of a stored chunk into `target` (a view of this rank's fresh buffer)."""
 
-    def __init__(self, store: ObjectStore, prefix: str):
-        super().__init__()
-        self.store, self.prefix = store, prefix.rstrip("/")
-        self.storage_data: dict[MetadataIndex, dict] = {}
-
-    def reset(self, checkpoint_id=None) -> None:
-        pass
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        where = f"{self.store.url}/{_join(self.prefix, METADATA)}"
-        metadata, _ = parse_metadata(self.store.get(_join(self.prefix, METADATA)), where)
-        return metadata
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
-                              **kwargs: Any) -> None:
-        self.storage_data = metadata.storage_data
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        by_object: dict[str, list] = {}
-        for req in plan.items:
-            info = self.storage_data[req.storage_index]
-            by_object.setdefault(info["object"], []).append((info, req))
-        for obj, reqs in by_object.items():
-            reqs.sort(key=lambda r: r[0]["start"])
-            for span_start, span_end, group in _coalesce(reqs):
-                blob = self.store.get(_join(self.prefix, obj), span_start, span_end)
-                if len(blob) != span_end - span_start:
-                    raise CorruptCheckpoint(f"{obj}: read {len(blob)} bytes of "
-                                            f"[{span_start}, {span_end}); the object is short")
-                for info, req in group:
-                    data = blob[info["start"] - span_start:info["start"] - span_start + info["length"]]
-                    if zlib.crc32(data) != info["crc32"]:
-                        raise CorruptCheckpoint(f"{obj}: checksum mismatch for "
-                                                f"{req.storage_index.fqn!r}")
-                    self._commit(data, req, planner)
-        fut: Future[None] = Future()
-        fut.set_result(None)
-        return fut
-
-    def _commit(self, data: bytes, req, planner: LoadPlanner) -> None:
-        md = planner.metadata.state_dict_metadata[req.storage_index.fqn]
-        chunk = next(c for c in md.chunks if c.offsets == req.storage_index.offset)
-        stored = torch.frombuffer(bytearray(data), dtype=md.properties.dtype).reshape(chunk.sizes)
-        for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
-            stored = stored.narrow(dim, start, length)
-        target = planner.resolve_tensor(req).detach()
-        if target.shape != stored.shape:
-            raise CorruptCheckpoint(f"{req.storage_index.fqn!r}: stored chunk {tuple(stored.shape)} "
-                                    f"does not fit the target {tuple(target.shape)}")
-        target.copy_(stored)
-        planner.commit_tensor(req, target)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return False
+    storage: MetadataIndex  # the stored chunk
+    src_offsets: tuple[int, ...]  # where, inside the stored chunk, the copied box starts
+    target: torch.Tensor  # the box's destination, already narrowed
 
 
-def _coalesce(reqs):
-    """Group sorted (info, req) pairs into ranged reads of nearby bytes."""
+def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
+                reads: list[Read], *, concurrency: int) -> int:
+    """Check the size of every object `reads` touch against metadata, read them (nearby items
+    of one object in one ranged GET, `concurrency` at a time), check each item's CRC32 and copy
+    the asked-for boxes; returns the number of store requests. CorruptCheckpoint / NotFound name
+    the damaged object."""
+    by_object: dict[str, dict[MetadataIndex, list[Read]]] = {}
+    for r in reads:
+        info = metadata.storage_data[r.storage]
+        by_object.setdefault(info["object"], {}).setdefault(r.storage, []).append(r)
+    spans = []
+    for obj, by_item in by_object.items():
+        infos = sorted(((metadata.storage_data[idx], rs) for idx, rs in by_item.items()),
+                       key=lambda x: x[0]["start"])
+        spans += [(obj, start, end, group) for start, end, group in _coalesce(infos)]
+
+    def check_size(obj: str) -> None:
+        want = doc["objects"].get(obj)
+        try:
+            actual = store.size(_join(prefix, obj))
+        except NotFound as e:
+            raise NotFound(f"missing object ({e})") from None
+        if actual != want:
+            raise CorruptCheckpoint(f"object {obj} has {actual} bytes, {want} were written")
+
+    def read_span(span) -> None:
+        obj, start, end, group = span
+        blob = store.get(_join(prefix, obj), start, end)
+        if len(blob) != end - start:
+            raise CorruptCheckpoint(f"{obj}: read {len(blob)} bytes of [{start}, {end}); the "
+                                    "object is short")
+        view = memoryview(blob)
+        for info, rs in group:
+            data = view[info["start"] - start:info["start"] - start + info["length"]]
+            if zlib.crc32(data) != info["crc32"]:
+                raise CorruptCheckpoint(f"{obj}: checksum mismatch for {rs[0].storage.fqn!r}")
+            md = metadata.state_dict_metadata[rs[0].storage.fqn]
+            chunk = next(c for c in md.chunks if c.offsets == rs[0].storage.offset)
+            # a read-only view of the fetched bytes (only ever copied from, never written)
+            stored = torch.from_numpy(np.frombuffer(data, dtype=np.uint8)).view(
+                md.properties.dtype).reshape(chunk.sizes)
+            for r in rs:
+                box = stored
+                for dim, (o, n) in enumerate(zip(r.src_offsets, r.target.shape)):
+                    box = box.narrow(dim, o, n)
+                r.target.copy_(box)  # casts where a weight is rebuilt from its fp32 master
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckpt-read") as pool, \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        list(pool.map(check_size, sorted(by_object)))
+        list(pool.map(read_span, spans))
+    return len(by_object) + len(spans)
+
+
+def _coalesce(infos):
+    """Group sorted (info, reads) pairs into ranged reads of nearby bytes."""
     group, start, end = [], 0, 0
-    for info, req in reqs:
+    for info, rs in infos:
         s, e = info["start"], info["start"] + info["length"]
         if group and (s - end > _COALESCE_GAP or e - start > _COALESCE_MAX):
             yield start, end, group
             group = []
         if not group:
             start, end = s, e
-        group.append((info, req))
+        group.append((info, rs))
         end = max(end, e)
     if group:
         yield start, end, group
