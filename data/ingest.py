@@ -11,8 +11,18 @@ Inputs (each option repeatable, NAME= optional, default name = file/dir stem):
   `captions.jsonl` in that directory ({"file": NAME, "caption": ...}) or a sidecar NAME-stem.txt;
 - --interleaved: JSONL, one {"segments": [{"text": ...} | {"image": "relative/path.jpg"}, ...]}.
 Every input is fully decoded once to validate it and measure it; corrupt or unreadable inputs are
-reported (path, reason), skipped, counted in the summary and listed in the manifest. Output is
-byte-identical for the same inputs and tokenizer. Format: see data/shards.py.
+reported (path, reason), skipped, counted in the summary and listed in the manifest. So are lines
+that are not UTF-8 (in any JSONL file, captions.jsonl included, named by file and line).
+
+Confinement: the paths on the command line are read as given; everything found below them must
+stay inside them. A symlink whose target lies inside the same input directory is followed (as the
+file it names); one leading out of it is refused, and so are document images named by an absolute
+path or with '..'; each refusal is a counted skip with path and reason.
+
+Atomic for readers: shards and indexes go under a fresh generation prefix (gen-NNNNNN/) and the
+manifest is switched last; the superseded generation stays for readers that opened it until an
+ingest with --prune. Shards, indexes and the fingerprint are byte-identical for the same inputs
+and tokenizer (into a fresh prefix, the whole output is). Format: see data/shards.py.
 """
 
 from __future__ import annotations
@@ -26,11 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, decode_video_frames, probe_video
-from data.shards import ShardBuilder, build_manifest, canonical_json, shard_keys, MANIFEST_KEY
+from data.shards import (GENERATION_PREFIX, MANIFEST_KEY, ShardBuilder, build_manifest, canonical_json,
+                         generation_prefix, shard_keys)
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 VIDEO_EXTS = {".mp4": "mp4"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_GENERATION_KEY = re.compile(r"^gen-(\d{6,})/")
 
 
 class InputError(Exception):
@@ -84,17 +96,59 @@ def _jsonl_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _jsonl_lines(files: list[Path], root: Path, source: str):
+def _inside(path: Path, root: Path) -> Path:
+    """``path`` with symlinks resolved, if it stays inside ``root`` (resolved); else InputError.
+
+    The paths given on the command line are taken as given; everything found below them (files
+    of a directory, captions, images named by documents) must resolve inside them. A symlink
+    whose target lies in the same input directory is followed; one leading out is refused."""
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputError("no such file" + (" (broken symlink)" if path.is_symlink() else "")) from None
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise InputError(f"cannot resolve the path ({e})") from None
+    if not real.is_relative_to(root):
+        raise InputError(f"leads outside the input directory {root.name}/ (symlink); refused")
+    if not real.is_file():
+        raise InputError("not a regular file")
+    return real
+
+
+def _refused(reason: str):
+    def load() -> Sample:
+        raise InputError(reason)
+    return load
+
+
+def _jsonl_lines(files: list[Path], root: Path, source: str, given: Path | None = None):
+    """(where, line bytes) of every non-blank line, or (where, InputError) for a file that leads
+    outside ``root``. ``given`` is a file named on the command line, read as given."""
+    real_root = root.resolve()
     for f in files:
-        for n, line in enumerate(f.read_bytes().split(b"\n"), 1):
+        where = _rel(f, root, source)
+        try:
+            data = (f if f == given else _inside(f, real_root)).read_bytes()
+        except InputError as e:
+            yield where, e
+            continue
+        for n, line in enumerate(data.split(b"\n"), 1):
             if line.strip():
-                yield f"{_rel(f, root, source)}:{n}", line
+                yield f"{where}:{n}", line
+
+
+def _decode_utf8(line: bytes) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"invalid UTF-8 (byte {line[e.start:e.start + 1]!r} at offset {e.start} "
+                         "of the line)") from None
 
 
 def _parse_json(line: bytes) -> dict:
     try:
-        obj = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as e:
+        obj = json.loads(_decode_utf8(line))
+    except ValueError as e:
         raise InputError(f"invalid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise InputError("JSON line is not an object")
@@ -114,27 +168,40 @@ def _text_item(line: bytes):
     return load
 
 
-def _captions(folder: Path) -> dict[str, str]:
-    caps = {}
+def _captions(folder: Path, source: str) -> tuple[dict[str, str], list]:
+    """Captions from ``captions.jsonl`` and the skips of its unusable lines as (where, loader):
+    a line that is not UTF-8 or not a {"file", "caption"} object is a counted skip (its file then
+    needs a sidecar caption)."""
+    caps, bad = {}, []
     cj = folder / "captions.jsonl"
-    if cj.exists():
-        for n, line in enumerate(cj.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    caps[str(row["file"])] = str(row["caption"])
-                except (ValueError, KeyError, TypeError) as e:
-                    print(f"warning: {cj}:{n}: bad caption line ({e}); its file will lack a caption",
-                          file=sys.stderr)
-    return caps
+    if not (cj.exists() or cj.is_symlink()):
+        return caps, bad
+    for where, line in _jsonl_lines([cj], folder, source):
+        if isinstance(line, InputError):  # the whole file is refused (a symlink leading out)
+            bad.append((where, _refused(str(line))))
+            continue
+        try:
+            row = _parse_json(line)
+            file, caption = row["file"], row["caption"]
+            if not isinstance(file, str) or not isinstance(caption, str):
+                raise InputError("'file' and 'caption' must be strings")
+            caps[file] = caption
+        except KeyError as e:
+            bad.append((where, _refused(f"bad caption line (no {e} field)")))
+        except InputError as e:
+            bad.append((where, _refused(f"bad caption line: {e}")))
+    return caps, bad
 
 
-def _caption_for(path: Path, caps: dict[str, str]) -> str:
+def _caption_for(path: Path, caps: dict[str, str], root: Path) -> str:
     if path.name in caps:
         return caps[path.name]
     side = path.with_suffix(".txt")
-    if side.exists():
-        return side.read_text(encoding="utf-8").strip()
+    if side.exists() or side.is_symlink():
+        try:
+            return _decode_utf8(_inside(side, root).read_bytes()).strip()
+        except InputError as e:
+            raise InputError(f"sidecar caption {side.name}: {e}") from None
     raise InputError("no caption (neither in captions.jsonl nor a sidecar .txt)")
 
 
@@ -146,20 +213,20 @@ def _image_meta(data: bytes, name: str, max_pixels: int, member: str) -> dict:
     return {"member": member, "height": int(h), "width": int(w)}
 
 
-def _image_item(path: Path, caps: dict, max_pixels: int):
+def _image_item(path: Path, root: Path, caps: dict, max_pixels: int):
     def load() -> Sample:
-        caption = _caption_for(path, caps)
+        data = _inside(path, root).read_bytes()
+        caption = _caption_for(path, caps, root)
         ext = IMAGE_EXTS[path.suffix.lower()]
-        data = path.read_bytes()
         meta = _image_meta(data, "image", max_pixels, ext)
         return Sample("image", {ext: data, "txt": caption.encode("utf-8")}, caption, images=[meta])
     return load
 
 
-def _video_item(path: Path, caps: dict, backend: str, timeout_s: float):
+def _video_item(path: Path, root: Path, caps: dict, backend: str, timeout_s: float):
     def load() -> Sample:
-        caption = _caption_for(path, caps)
-        data = path.read_bytes()
+        data = _inside(path, root).read_bytes()
+        caption = _caption_for(path, caps, root)
         try:
             info = probe_video(data, "video", backend, timeout_s)
             decode_video_frames(data, [info.frames - 1], "video", backend, timeout_s)  # last frame reads
@@ -170,7 +237,22 @@ def _video_item(path: Path, caps: dict, backend: str, timeout_s: float):
     return load
 
 
-def _interleaved_item(line: bytes, base: Path, max_pixels: int):
+def _document_image(base: Path, root: Path, name: str, i: int) -> Path:
+    """The file an interleaved document's image segment names: a relative path without '..',
+    resolving inside the source's directory."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
+        raise InputError(f"segment {i}: image path {name!r} is absolute; name images relative to "
+                         "the document file's directory")
+    if ".." in re.split(r"[/\\]", name):
+        raise InputError(f"segment {i}: image path {name!r} contains '..'; images must lie inside "
+                         "the document file's directory")
+    try:
+        return _inside(base / name, root)
+    except InputError as e:
+        raise InputError(f"segment {i}: image {name!r}: {e}") from None
+
+
+def _interleaved_item(line: bytes, base: Path, root: Path, max_pixels: int):
     def load() -> Sample:
         segs = _parse_json(line).get("segments")
         if not isinstance(segs, list) or not segs:
@@ -181,10 +263,10 @@ def _interleaved_item(line: bytes, base: Path, max_pixels: int):
                 out.append({"text": seg["text"]})
                 texts.append(seg["text"])
             elif isinstance(seg, dict) and isinstance(seg.get("image"), str) and set(seg) == {"image"}:
-                p = base / seg["image"]
-                ext = IMAGE_EXTS.get(p.suffix.lower())
+                ext = IMAGE_EXTS.get(Path(seg["image"]).suffix.lower())
                 if ext is None:
                     raise InputError(f"segment {i}: {seg['image']!r} is not a jpg/png/webp image")
+                p = _document_image(base, root, seg["image"], i)
                 try:
                     data = p.read_bytes()
                 except OSError as e:
@@ -201,36 +283,81 @@ def _interleaved_item(line: bytes, base: Path, max_pixels: int):
 
 
 def enumerate_inputs(src: Source, max_pixels: int, video_backend: str, timeout_s: float):
-    if src.kind == "text":
+    if src.kind in ("text", "interleaved"):
         files = _jsonl_files(src.path)
-        root = src.path if src.path.is_dir() else src.path.parent
-        for where, line in _jsonl_lines(files, root, src.name):
-            yield where, _text_item(line)
-    elif src.kind == "interleaved":
-        files = _jsonl_files(src.path)
-        root = src.path if src.path.is_dir() else src.path.parent
+        given, root = (None, src.path) if src.path.is_dir() else (src.path, src.path.parent)
         for f in files:
-            for where, line in _jsonl_lines([f], root, src.name):
-                yield where, _interleaved_item(line, f.parent, max_pixels)
+            for where, line in _jsonl_lines([f], root, src.name, given):
+                if isinstance(line, InputError):
+                    yield where, _refused(str(line))
+                elif src.kind == "text":
+                    yield where, _text_item(line)
+                else:
+                    yield where, _interleaved_item(line, f.parent, root.resolve(), max_pixels)
     else:
         if not src.path.is_dir():
             raise SystemExit(f"mmpt ingest: {src.path}: not a directory")
+        root = src.path.resolve()
         exts = IMAGE_EXTS if src.kind == "image" else VIDEO_EXTS
-        caps = _captions(src.path)
+        caps, bad = _captions(src.path, src.name)
+        yield from bad
         for p in sorted(src.path.iterdir()):
-            if p.is_file() and p.suffix.lower() in exts:
-                item = (_image_item(p, caps, max_pixels) if src.kind == "image"
-                        else _video_item(p, caps, video_backend, timeout_s))
+            if p.suffix.lower() in exts and (p.is_file() or p.is_symlink()):
+                item = (_image_item(p, root, caps, max_pixels) if src.kind == "image"
+                        else _video_item(p, root, caps, video_backend, timeout_s))
                 yield _rel(p, src.path, src.name), item
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+class IngestConflict(Exception):
+    """The dataset's manifest changed while this ingest ran (another ingest into the same prefix)."""
+
+
+def _generations(store) -> tuple[bytes | None, dict | None, int]:
+    """(current manifest bytes, parsed manifest or None, highest generation used so far).
+
+    The next ingest takes a generation no object was ever written under (leftovers of failed
+    ingests included), so a key never changes content: caches rely on objects being immutable."""
+    try:
+        raw = store.get(MANIFEST_KEY)
+    except FileNotFoundError:
+        raw = None
+    try:
+        current = json.loads(raw) if raw is not None else None
+        used = int(current.get("generation", 0)) if current is not None else 0
+    except (ValueError, AttributeError, TypeError):  # a damaged manifest: re-ingesting repairs it
+        current, used = None, 0
+    for key in store.list(GENERATION_PREFIX):
+        m = _GENERATION_KEY.match(key)
+        if m:
+            used = max(used, int(m[1]))
+    return raw, current, used
+
+
+def prune(store, manifest: dict, previous: dict | None) -> list[str]:
+    """Delete what the new manifest no longer names: other generations (superseded ones and
+    leftovers of failed ingests) and the previous manifest's shards in the layout without
+    generations. Only keys of those two kinds are touched; returns the deleted keys."""
+    keep = {k for s in manifest["shards"] for k in (s["key"], s["index"])}
+    stale = [k for k in store.list(GENERATION_PREFIX) if _GENERATION_KEY.match(k) and k not in keep]
+    for s in (previous or {}).get("shards", []):
+        stale += [k for k in (s.get("key"), s.get("index")) if isinstance(k, str)
+                  and k not in keep and not _GENERATION_KEY.match(k)]
+    for key in stale:
+        store.delete(key)
+    return stale
+
+
 def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20,
            max_pixels: int = DEFAULT_MAX_PIXELS, video_backend: str = "auto", timeout_s: float = 30.0,
-           progress: bool = True, log=print) -> dict:
-    """Write shards, indexes and the manifest of `sources` to `store`; return the manifest."""
+           progress: bool = True, log=print, prune_old: bool = False) -> dict:
+    """Write shards, indexes and the manifest of `sources` to `store`; return the manifest.
+
+    Atomic for readers: everything goes under a new generation prefix and manifest.json is put
+    last, so a reader sees the old dataset or the new one, never a mix. The previous generation
+    is kept (a running job may hold the old manifest) unless ``prune_old``; see data/shards.py."""
     from tqdm import tqdm
 
     names = [s.name for s in sources]
@@ -239,6 +366,9 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             raise SystemExit(f"mmpt ingest: source name {s.name!r}: use letters, digits, '_' and '-'")
     if len(set(names)) != len(names) or not sources:
         raise SystemExit(f"mmpt ingest: need at least one source, with distinct names (got {names})")
+    before, previous, used = _generations(store)
+    generation = used + 1
+    gen = generation_prefix(generation)
     shards, skipped = [], []
     bar = tqdm(desc="ingest", unit="input", disable=not progress, file=sys.stderr)
     for src in sources:
@@ -248,11 +378,11 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
         def flush():
             nonlocal number, builder
             tar, index = builder.finish()
-            tar_key, idx_key = shard_keys(src.name, number)
+            tar_key, idx_key = shard_keys(src.name, number)  # inside the generation
             idx_bytes = canonical_json(index)
-            store.put(tar_key, tar)
-            store.put(idx_key, idx_bytes)
-            shards.append({"source": src.name, "key": tar_key, "index": idx_key,
+            store.put(gen + tar_key, tar)
+            store.put(gen + idx_key, idx_bytes)
+            shards.append({"source": src.name, "key": gen + tar_key, "index": gen + idx_key,
                            "num_samples": len(index["samples"]), "size": len(tar),
                            "index_sha256": hashlib.sha256(idx_bytes).hexdigest()})
             number += 1
@@ -280,8 +410,22 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             log(f"warning: source {src.name!r} ({src.path}) produced no samples")
     bar.close()
     manifest = build_manifest([{"name": s.name, "kind": s.kind} for s in sources], shards,
-                              tokenizer.info(), skipped)
-    store.put(MANIFEST_KEY, canonical_json(manifest))
+                              tokenizer.info(), skipped, generation)
+    try:
+        now = store.get(MANIFEST_KEY)
+    except FileNotFoundError:
+        now = None
+    if now != before:
+        raise IngestConflict(f"{store.url}/{MANIFEST_KEY} changed while this ingest ran (another "
+                             f"ingest into the same prefix?); left it as it is. This ingest's "
+                             f"{gen} is unreferenced: run the ingest again")
+    store.put(MANIFEST_KEY, canonical_json(manifest))  # the switch: one atomic put
+    if prune_old:
+        removed = prune(store, manifest, previous)
+        log(f"pruned {len(removed)} object(s) of superseded generations")
+    elif previous is not None:
+        log(f"the previous dataset (generation {previous.get('generation', 0)}) is kept for readers "
+            "that opened its manifest; --prune deletes superseded generations")
     return manifest
 
 
@@ -302,7 +446,8 @@ def _layout(sample: Sample, tokenizer) -> list[dict] | None:
 
 
 def summary(manifest: dict, url: str) -> str:
-    lines = [f"wrote {url}/{MANIFEST_KEY}  fingerprint {manifest['fingerprint'][:16]}"]
+    lines = [f"wrote {url}/{MANIFEST_KEY}  generation {manifest.get('generation', 0)}  "
+             f"fingerprint {manifest['fingerprint'][:16]}"]
     for s in manifest["sources"]:
         size = sum(x["size"] for x in manifest["shards"] if x["source"] == s["name"])
         lines.append(f"  {s['name']:<14} {s['kind']:<12} {s['num_samples']:>7} samples "
@@ -351,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video-backend", default="auto", choices=["auto", "decord", "pyav"])
     ap.add_argument("--timeout", type=float, default=30.0, help="per-video decode timeout, seconds")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--prune", action="store_true",
+                    help="after the switch, delete superseded generations (no reader may still use them)")
     args = ap.parse_args(argv)
 
     sources = args.text + args.images + args.videos + args.interleaved
@@ -362,6 +509,6 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(args.out)
     manifest = ingest(sources, store, load_tokenizer(args.tokenizer), args.shard_size, args.max_pixels,
                       args.video_backend, args.timeout, progress=not args.no_progress,
-                      log=_log)
+                      log=_log, prune_old=args.prune)
     print(summary(manifest, store.url))
     return 0

@@ -24,6 +24,9 @@ CELL, COLS = 10, 64
 PALETTE = [(141, 211, 199), (255, 255, 179), (190, 186, 218), (251, 128, 114), (128, 177, 211),
            (253, 180, 98), (179, 222, 105), (252, 205, 229), (188, 128, 189), (204, 235, 197)]
 PAD_COLOR, MEDIA_EDGE = (225, 225, 225), (30, 30, 30)
+# Rendering sequence G plans every window before it (metadata only, about 1.5 ms a window on the
+# tiny config): past this many windows the answer would take minutes, so it is refused up front.
+MAX_PLAN_WINDOWS = 10_000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--windows", type=int, default=20, help="windows to plan for the report")
     ap.add_argument("--batches", type=int, default=4, help="batches to read for the cache stats")
     ap.add_argument("--sequence", type=int, help="global sequence to render (default: first with media)")
+    ap.add_argument("--max-windows", type=int, default=MAX_PLAN_WINDOWS,
+                    help=f"furthest window --sequence may lie in (default {MAX_PLAN_WINDOWS})")
     ap.add_argument("--png", default="data_inspect.png")
     ap.add_argument("--cache-dir", help="disk tier of the cache (default: memory only)")
     return ap
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     known, overrides = _parser().parse_known_args(argv[1:])
     from data.loader import DataLoaderWithState, plan_report
+    from data.store import redact
     from train.config import load_config
 
     over = [f"--data.manifest={known.manifest}"] + overrides
@@ -131,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     if known.window_sequences:
         over.append(f"--data.window_sequences={known.window_sequences}")
     cfg = load_config(known.config, over + ["--data.num_workers=0"])
+    check_sequence(known.sequence, known.max_windows, cfg.data.window_sequences)
     cache = {"memory_bytes": 256 << 20}
     if known.cache_dir:
         cache.update(disk_dir=known.cache_dir, disk_bytes=10 << 30)
     loader = DataLoaderWithState(cfg, cache_opts=cache)
     rep = plan_report(loader.stream, known.windows)
     mix = rep["mix"]
-    print(f"dataset {known.manifest}  fingerprint {loader.fingerprint[:16]}")
+    print(f"dataset {redact(known.manifest)}  fingerprint {loader.fingerprint[:16]}")
     print(f"plan: {rep['windows']} windows x {loader.stream.S} sequences x {cfg.data.seq_len} tokens, "
           f"{mix['documents']} units drawn")
     print(f"mix: vision share {100 * mix['vision_share']:.2f}% (target "
@@ -166,6 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     render_row(batch, row, loader.stream.catalog.names, known.png)
     print(f"wrote {known.png} (sequence {target})")
     return 0
+
+
+def check_sequence(sequence: int | None, max_windows: int, window_sequences: int) -> None:
+    """Refuse, before any planning, a --sequence that would take more than max_windows windows."""
+    if sequence is None:
+        return
+    limit = max_windows * window_sequences
+    if sequence < 0:
+        raise SystemExit(f"mmpt data inspect: --sequence {sequence} must be >= 0")
+    if sequence >= limit:
+        raise SystemExit(f"mmpt data inspect: --sequence {sequence} is beyond what inspect plans: "
+                         f"sequences 0..{limit - 1} (--max-windows {max_windows} x "
+                         f"data.window_sequences {window_sequences}); pick a smaller --sequence or "
+                         "raise --max-windows")
 
 
 def _find_row(loader, batches, sequence: int):

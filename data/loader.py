@@ -42,6 +42,7 @@ from data.media import MediaRules
 from data.mix import MixState, TokenMixer
 from data.pack import PlanState, Window, WindowPlanner, pack_rows
 from data.shards import ShardError, open_dataset, read_member
+from data.store import redact
 
 STATE_FORMAT = "mmpt-loader/1"
 log = logging.getLogger(__name__)
@@ -279,6 +280,8 @@ class DataLoaderWithState:
                  store_opts: dict | None = None, cache_opts: dict | None = None):
         data_cfg = self.cfg = cfg.data
         media = MediaRules.from_config(cfg)
+        # the run's [store] timeouts and retry time, unless the caller passes its own
+        store_opts = {**cfg.store.store_opts(), **(store_opts or {})}
         self.weights = parse_weights(data_cfg.source_weights)
         self.stream = PackedStream(
             data_cfg.manifest, seq_len=data_cfg.seq_len, window_sequences=data_cfg.window_sequences,
@@ -325,7 +328,7 @@ class DataLoaderWithState:
             raise ResumeError(f"loader state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         if state["fingerprint"] != s.fingerprint:
             raise ResumeError(f"loader state is for dataset fingerprint {state['fingerprint']}, but "
-                              f"{self.cfg.manifest} has fingerprint {s.fingerprint}: the data changed; "
+                              f"{redact(self.cfg.manifest)} has fingerprint {s.fingerprint}: the data changed; "
                               "refusing to restart the stream silently")
         mine = {"seed": s.seed, "seq_len": s.seq_len, "window_sequences": s.S,
                 "vision_fraction": s.fraction, "source_weights": dict(self.weights)}

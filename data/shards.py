@@ -2,9 +2,16 @@
 
 Layout under a store prefix (local directory or s3://bucket/prefix, see data/store.py):
 
-    manifest.json
-    <source>/shard-000000.tar          webdataset tar: members "<key>.<ext>"
-    <source>/shard-000000.idx.json     byte-offset index of that tar
+    manifest.json                                 names the current generation's shard keys
+    gen-000001/<source>/shard-000000.tar          webdataset tar: members "<key>.<ext>"
+    gen-000001/<source>/shard-000000.idx.json     byte-offset index of that tar
+
+Generations make ingest atomic for readers: each ingest writes its shards and indexes under a
+fresh `gen-NNNNNN/` (the manifest's generation + 1) and puts manifest.json last, in one atomic
+put. A reader sees either the old manifest, whose objects nobody touches, or the new one, whose
+objects are all written. Old generations stay until `mmpt ingest --prune` removes them, so a
+run that opened the old manifest keeps reading. Datasets written before generations existed
+(shards at `<source>/shard-...`) read the same way: readers only follow the manifest's keys.
 
 Tar shards
 ----------
@@ -25,7 +32,8 @@ Index (<shard>.idx.json)
 {
   "format": "mmpt-index/1",
   "source": "text",                      # source name (manifest.sources[].name)
-  "shard": "text/shard-000000.tar",      # store key of the tar, relative to the dataset prefix
+  "shard": "text/shard-000000.tar",      # the tar's key inside its generation, so identical
+                                         # inputs give identical indexes in every generation
   "size": 123456,                        # tar size in bytes
   "samples": [                           # in tar order; sample i of the shard is samples[i]
     {
@@ -56,14 +64,17 @@ Manifest (manifest.json)
 ------------------------
 {
   "format": "mmpt-manifest/1",
+  "generation": 1,                       # the gen-NNNNNN/ holding the shards (0 or absent: none)
   "sources": [{"name": "text", "kind": "text", "num_samples": 5000, "num_shards": 3}, ...],
   "shards": [                            # sources in manifest order, shards in order within a source
-    {"source": "text", "key": "text/shard-000000.tar", "index": "text/shard-000000.idx.json",
+    {"source": "text", "key": "gen-000001/text/shard-000000.tar",
+     "index": "gen-000001/text/shard-000000.idx.json",
      "num_samples": 2000, "size": 123456, "index_sha256": "..."}
   ],
   "tokenizer": {"fingerprint": "<sha256>", "vocab_size": 2048, "special_tokens": {"<|pad|>": 0, ...}},
   "fingerprint": "<sha256>",             # sha256 over the index files' sha256 in shard order and the
                                          # tokenizer fingerprint: identifies the dataset's content
+                                         # (checked on every read_manifest)
   "skipped": {"count": 2, "inputs": [{"path": "...", "reason": "..."}]},
   "num_samples": 5123
 }
@@ -168,19 +179,36 @@ def shard_keys(source: str, number: int) -> tuple[str, str]:
     return base + ".tar", base + ".idx.json"
 
 
-def build_manifest(sources: list[dict], shards: list[dict], tokenizer: dict, skipped: list[dict]) -> dict:
+GENERATION_PREFIX = "gen-"
+
+
+def generation_prefix(generation: int) -> str:
+    """Key prefix of one ingest generation ('' for datasets written before generations)."""
+    return f"gen-{generation:06d}/" if generation else ""
+
+
+def dataset_fingerprint(tokenizer_fingerprint: str, index_sha256s: list[str]) -> str:
+    """sha256 over the tokenizer fingerprint and the index hashes in shard order."""
+    h = hashlib.sha256(MANIFEST_FORMAT.encode() + b"\0" + tokenizer_fingerprint.encode())
+    for digest in index_sha256s:
+        h.update(b"\0" + digest.encode())
+    return h.hexdigest()
+
+
+def build_manifest(sources: list[dict], shards: list[dict], tokenizer: dict, skipped: list[dict],
+                   generation: int = 0) -> dict:
     """sources: [{"name", "kind"}]; shards: [{"source", "key", "index", "num_samples", "size",
     "index_sha256"}] in order; skipped: [{"path", "reason"}]. Adds counts and the fingerprint."""
-    h = hashlib.sha256(MANIFEST_FORMAT.encode() + b"\0" + tokenizer["fingerprint"].encode())
-    for s in shards:
-        h.update(b"\0" + s["index_sha256"].encode())
     srcs = []
     for src in sources:
         mine = [s for s in shards if s["source"] == src["name"]]
         srcs.append({"name": src["name"], "kind": src["kind"], "num_shards": len(mine),
                      "num_samples": sum(s["num_samples"] for s in mine)})
-    return {"format": MANIFEST_FORMAT, "sources": srcs, "shards": shards, "tokenizer": tokenizer,
-            "fingerprint": h.hexdigest(), "num_samples": sum(s["num_samples"] for s in shards),
+    return {"format": MANIFEST_FORMAT, "generation": generation, "sources": srcs, "shards": shards,
+            "tokenizer": tokenizer,
+            "fingerprint": dataset_fingerprint(tokenizer["fingerprint"],
+                                               [s["index_sha256"] for s in shards]),
+            "num_samples": sum(s["num_samples"] for s in shards),
             "skipped": {"count": len(skipped), "inputs": skipped}}
 
 
@@ -209,9 +237,22 @@ def _get_json(store, key: str, what: str) -> tuple[dict, bytes]:
 
 
 def read_manifest(store, key: str = MANIFEST_KEY) -> dict:
+    """The manifest, with its fingerprint checked against its index hashes (the data order is a
+    function of the fingerprint, so an edited one would silently change it)."""
     m, _ = _get_json(store, key, "dataset manifest")
-    if m.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{store.url}/{key}: format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    where = f"{store.url}/{key}"
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        got = m.get("format") if isinstance(m, dict) else None
+        raise ShardError(f"{where}: format {got!r}, expected {MANIFEST_FORMAT!r}")
+    try:
+        expected = dataset_fingerprint(m["tokenizer"]["fingerprint"],
+                                       [s["index_sha256"] for s in m["shards"]])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"{where}: malformed manifest (missing {e}); re-ingest the dataset") from None
+    if m.get("fingerprint") != expected:
+        raise ShardError(f"{where}: fingerprint {str(m.get('fingerprint'))[:16]}... does not match "
+                         f"its shard index hashes and tokenizer ({expected[:16]}...): the manifest "
+                         "was edited or damaged; re-ingest the dataset (or restore manifest.json)")
     return m
 
 

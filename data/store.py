@@ -24,13 +24,18 @@ Semantics shared by both implementations:
 S3Store specifics: credentials come from the standard AWS chain (env vars, profile, instance
 role); the endpoint from the ``endpoint_url`` argument or ``AWS_ENDPOINT_URL``. boto3's own retries
 are off; our loop retries throttling (SlowDown/503/429), 5xx, timeouts, connection resets and
-truncated bodies with exponential backoff and full jitter, at most ``max_attempts`` tries, then
-raises ``StoreUnavailable``. Every body is checked against Content-Length / Content-Range (and a
+truncated bodies with exponential backoff and full jitter, for at most ``max_attempts`` tries and
+``retry_time`` seconds (a refused connection: ``REFUSED_RETRY_S``), then raises
+``StoreUnavailable``. An attempt waits at most ``connect_timeout`` for a connection and
+``read_timeout`` for each reply; retries that keep a caller waiting over a second are logged
+(logger ``data.store``, WARNING) with what they wait for. ``train.config.StoreConfig`` holds these
+settings for runs. Every body is checked against Content-Length / Content-Range (and a
 whole-object read against the ETag when it is a plain MD5), so a short read is retried, never
 returned. At most ``max_concurrency`` requests run at once per process. ``stats()`` counts
 requests, retries by reason and bytes. Error messages name the URL and the S3 error code, never
-credentials. An S3Store is safe to share across threads, to fork (the client is re-created in the
-child) and to pickle (DataLoader workers with spawn).
+credentials: every endpoint and URL in a message or log line goes through ``redact``. An S3Store
+is safe to share across threads, to fork (the client is re-created in the child) and to pickle
+(DataLoader workers with spawn).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import abc
 import base64
 import hashlib
+import logging
 import os
 import random
 import re
@@ -45,10 +51,38 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 __all__ = ["ObjectStore", "S3Store", "LocalStore", "open_store", "StoreError", "NotFound",
-           "StoreUnavailable", "validate_key"]
+           "StoreUnavailable", "validate_key", "redact"]
+
+log = logging.getLogger(__name__)
+
+# A connection refused means nothing listens on the port: retry it only this long (a restarting
+# gateway comes back within it; a wrong port fails fast). Other transient errors get retry_time.
+REFUSED_RETRY_S = 1.0
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redact_one(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    if "@" in rest:  # userinfo; the last '@' also catches unescaped '/' or '@' inside a password
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError:  # e.g. a malformed IPv6 host: keep only the scheme
+        return f"{scheme}://***"
+    query = "&".join(p.split("=", 1)[0] + ("=***" if "=" in p else "") for p in parts.query.split("&")
+                     if p)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials removed from every URL in it: userinfo (``user:secret@``) becomes
+    ``***@`` and every query-string value ``***`` (presigned signatures, tokens, keys). Use it on
+    any endpoint, URL or message holding one before it is printed, logged or raised."""
+    return _URL_IN_TEXT.sub(lambda m: _redact_one(m.group(0)), str(text))
 
 
 class StoreError(Exception):
@@ -218,8 +252,23 @@ _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout
                 "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "BadDigest",
                 "RequestLimitExceeded", "TooManyRequests"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*[A-Za-z0-9]$")  # legacy names included
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _PLAIN_MD5 = re.compile(r'^"?([0-9a-f]{32})"?$')
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """Whether ``kind`` is in the exception's chain (botocore keeps urllib3's as kwargs['error'])."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kind):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "kwargs", {}).get("error")]
+    return False
 
 
 def _etag_md5(resp: dict) -> str | None:
@@ -250,13 +299,20 @@ class S3Store(ObjectStore):
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  region: str | None = None, max_concurrency: int = 16, max_attempts: int = 8,
                  backoff_base: float = 0.05, backoff_cap: float = 2.0,
-                 connect_timeout: float = 5.0, read_timeout: float = 30.0,
+                 connect_timeout: float = 3.0, read_timeout: float = 20.0, retry_time: float = 60.0,
                  profile: str | None = None, access_key: str | None = None,
                  secret_key: str | None = None, seed: int | None = None):
         if len(bucket) < 3:
-            raise ValueError(f"S3 bucket name {bucket!r} must have at least 3 characters")
+            raise ValueError(f"S3 bucket name {redact(bucket)!r} must have at least 3 characters")
+        if not _BUCKET.match(bucket):
+            # also keeps "user:secret@bucket" (credentials put into an s3:// URL) out of every message
+            raise ValueError(f"S3 bucket name {'***' if '@' in bucket else bucket!r} may hold only "
+                             "letters, digits, '.', '_' and '-'")
         if max_concurrency < 1 or max_attempts < 1:
             raise ValueError("max_concurrency and max_attempts must be >= 1")
+        if not (connect_timeout > 0 and read_timeout > 0 and retry_time > 0):
+            raise ValueError(f"connect_timeout={connect_timeout}, read_timeout={read_timeout} and "
+                             f"retry_time={retry_time} must be > 0 seconds")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -266,6 +322,7 @@ class S3Store(ObjectStore):
         self.max_attempts = max_attempts
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.retry_time = retry_time
         self.profile = profile
         # explicit keys (e.g. the embedded server's); None = the standard AWS credential chain
         self._keys = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key}
@@ -294,8 +351,11 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        self._client = session.client("s3", endpoint_url=self.endpoint_url,
-                                      region_name=self.region, config=config, **self._keys)
+        try:
+            self._client = session.client("s3", endpoint_url=self.endpoint_url,
+                                          region_name=self.region, config=config, **self._keys)
+        except ValueError as e:  # botocore's "Invalid endpoint: <url>" would echo credentials
+            raise StoreError(f"{self.url}: cannot use endpoint {self.endpoint}: {redact(e)}") from None
         self._sem = threading.BoundedSemaphore(self.max_concurrency)
         self._lock = threading.Lock()
         self._rng = random.Random(self.seed)
@@ -305,7 +365,8 @@ class S3Store(ObjectStore):
 
     def __getstate__(self):
         keep = ("bucket", "prefix", "endpoint_url", "region", "max_concurrency", "max_attempts",
-                "backoff_base", "backoff_cap", "connect_timeout", "read_timeout", "profile", "_keys",
+                "backoff_base", "backoff_cap", "connect_timeout", "read_timeout", "retry_time", "profile",
+                "_keys",
                 "seed")
         return {k: self.__dict__[k] for k in keep}
 
@@ -330,28 +391,54 @@ class S3Store(ObjectStore):
         with s._lock:
             return {**s._counts, "retry_reasons": dict(s._retry_reasons)}
 
+    @property
+    def endpoint(self) -> str:
+        """The endpoint for messages and logs: credentials in the URL are redacted."""
+        return redact(self.endpoint_url) if self.endpoint_url else "AWS default"
+
     # -- the retry loop
     def _call(self, what: str, key: str, attempt_fn):
-        """Run ``attempt_fn(client)`` with bounded concurrency and retries; map errors."""
+        """Run ``attempt_fn(client)`` with bounded concurrency and retries; map errors.
+
+        Transient failures are retried with exponential backoff and full jitter until
+        ``max_attempts`` attempts are made or ``retry_time`` seconds have passed (a refused
+        connection: REFUSED_RETRY_S), whichever comes first; an attempt in flight is bounded by
+        the connect/read timeouts. Retries that keep a caller waiting are logged."""
         s = self._state()
         where = f"{self.url}/{key}" if key else self.url
-        last = None
-        for attempt in range(self.max_attempts):
-            if attempt:
-                # exponential backoff with full jitter: spreads retries of many clients apart
-                time.sleep(s._rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt)))
+        t0 = time.monotonic()
+        last, attempt = None, 0
+        while True:
             try:
                 with s._sem:
                     self._count("requests")
                     return attempt_fn(s._client)
             except Exception as exc:  # noqa: BLE001 - classified right below
                 retry = self._classify(exc, what, where)
-                with s._lock:
-                    s._counts["retries"] += attempt + 1 < self.max_attempts
-                    s._retry_reasons[retry.reason] = s._retry_reasons.get(retry.reason, 0) + 1
-                last = retry
-        raise StoreUnavailable(f"{what} {where} failed after {self.max_attempts} attempts "
-                               f"(endpoint {self.endpoint_url or 'AWS default'}): {last}") from None
+            attempt += 1
+            last = retry
+            with s._lock:
+                s._retry_reasons[retry.reason] = s._retry_reasons.get(retry.reason, 0) + 1
+            elapsed = time.monotonic() - t0
+            budget = min(self.retry_time, REFUSED_RETRY_S) if retry.reason == "refused" else self.retry_time
+            # exponential backoff with full jitter: spreads retries of many clients apart
+            delay = s._rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** attempt))
+            if attempt >= self.max_attempts or elapsed + delay >= budget:
+                break
+            with s._lock:
+                s._counts["retries"] += 1
+            # quiet while retries are quick (throttling under load is normal); say what we wait
+            # for once a caller has been kept waiting
+            log.log(logging.WARNING if elapsed >= 1.0 else logging.DEBUG,
+                    "%s %s: %s after %.1f s (endpoint %s); retry %d in %.2f s, giving up after "
+                    "%g s or %d attempts", what, where, retry, elapsed, self.endpoint, attempt,
+                    delay, budget, self.max_attempts)
+            time.sleep(delay)
+        why = (f"{attempt} attempts" if attempt >= self.max_attempts
+               else f"{attempt} attempts in {time.monotonic() - t0:.1f} s (retry time {budget:g} s"
+                    + (" for a refused connection)" if last.reason == "refused" else ")"))
+        raise StoreUnavailable(f"{what} {where} failed after {why} (endpoint {self.endpoint}): "
+                               f"{redact(last)}") from None
 
     def _classify(self, exc: Exception, what: str, where: str) -> _Retry:
         """Return a _Retry for transient failures; raise NotFound/StoreError for the rest."""
@@ -371,10 +458,14 @@ class S3Store(ObjectStore):
                 return _Retry(code or str(status), f"{code or status}: {err.get('Message', '')}")
             raise StoreError(f"{what} {where} failed: {code or status}: "
                              f"{err.get('Message', '')}") from None
-        if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
-            return _Retry("timeout", f"timeout: {type(exc).__name__}")
+        if isinstance(exc, bx.ConnectTimeoutError):
+            return _Retry("timeout", f"no connection within connect_timeout={self.connect_timeout:g} s")
+        if isinstance(exc, bx.ReadTimeoutError):
+            return _Retry("timeout", f"no reply within read_timeout={self.read_timeout:g} s")
         if isinstance(exc, (bx.IncompleteReadError, bx.ResponseStreamingError)):
             return _Retry("truncated", f"truncated body: {type(exc).__name__}")
+        if isinstance(exc, bx.EndpointConnectionError) and _caused_by(exc, ConnectionRefusedError):
+            return _Retry("refused", "connection refused (nothing listens at the endpoint's port)")
         if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError,
                             bx.HTTPClientError, ConnectionError, TimeoutError)):
             return _Retry("connection", f"connection error: {type(exc).__name__}")
@@ -480,20 +571,36 @@ class S3Store(ObjectStore):
             token = page["NextContinuationToken"]
 
 
+# S3Store options about waiting and retrying (train.config.StoreConfig); a local store has no
+# network to wait for and ignores them, so one set of options serves every store URL.
+S3_WAIT_OPTIONS = frozenset({"connect_timeout", "read_timeout", "retry_time", "max_attempts",
+                             "backoff_base", "backoff_cap", "max_concurrency", "seed"})
+
+
 def open_store(url: str, **opts) -> ObjectStore:
-    """Open ``s3://bucket[/prefix]`` (options go to S3Store) or a local path / ``file://`` URL."""
+    """Open ``s3://bucket[/prefix]`` (options go to S3Store) or a local path / ``file://`` URL
+    (S3_WAIT_OPTIONS are ignored there)."""
     if not url:
         raise ValueError("store URL is empty")
     parsed = urlparse(url)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ValueError(f"store URL {url!r} has no bucket")
+            raise ValueError(f"store URL {redact(url)!r} has no bucket")
+        if "@" in parsed.netloc:
+            raise ValueError(f"store URL {redact(url)!r} holds credentials: use the AWS credential "
+                             "chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+        if parsed.query or parsed.fragment or parsed.params:
+            raise ValueError(f"store URL {redact(url)!r}: s3:// URLs take no query string")
         return S3Store(parsed.netloc, parsed.path, **opts)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"store URL {url!r}: file:// URLs must name a local path")
-        return LocalStore(parsed.path, **opts)
+            raise ValueError(f"store URL {redact(url)!r}: file:// URLs must name a local path")
+        return LocalStore(parsed.path, **_local_opts(opts))
     if parsed.scheme and len(parsed.scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise ValueError(f"store URL {url!r}: unsupported scheme {parsed.scheme!r} "
+        raise ValueError(f"store URL {redact(url)!r}: unsupported scheme {parsed.scheme!r} "
                          "(use s3://bucket/prefix, file:///path or a plain path)")
-    return LocalStore(url, **opts)
+    return LocalStore(url, **_local_opts(opts))
+
+
+def _local_opts(opts: dict) -> dict:
+    return {k: v for k, v in opts.items() if k not in S3_WAIT_OPTIONS}

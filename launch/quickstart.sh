@@ -62,7 +62,7 @@ say "3/5 corpus, tokenizer, ingest into S3"
 "$py" -m data.train_tokenizer "$work/corpus" "$work/tokenizer" --vocab-size 2048
 dataset="s3://mmpt-data/quickstart/dataset"
 "$mmpt" ingest --corpus "$work/corpus" --tokenizer "$work/tokenizer/tokenizer.json" \
-  --out "$dataset" --shard-size 1MB --no-progress
+  --out "$dataset" --shard-size 1MB --no-progress --prune  # a rerun replaces the old dataset
 
 say "4/5 train tiny on 4 ranks (PP2 x V2 x DP2, EP2, DEP): reference, SIGKILL, resume from S3"
 "$py" -m launch.resume_check --config configs/tiny.toml --nproc 4 --out "$work/runs" \

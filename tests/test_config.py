@@ -74,3 +74,56 @@ def test_replace_validates():
     assert replace(cfg, model={"num_layers": 6}).model.num_layers == 6
     with pytest.raises(ConfigError, match="model.num_layers"):
         replace(cfg, model={"num_layers": 0})
+
+
+@pytest.mark.parametrize("args, field, fragment", [
+    # 8 groups of 1 expert: HF deepseek_v3 scores a group by its 2 best experts (topk(2) fails)
+    (["--model.n_group=8", "--model.topk_group=4"], "model.n_group", "each group needs >= 2"),
+    # 1 kept group of 2 experts cannot supply 4 experts per token
+    (["--model.n_group=4", "--model.topk_group=1", "--model.num_experts_per_tok=4"],
+     "model.num_experts_per_tok", "= 1 * 2 = 2"),
+])
+def test_grouped_routing_is_validated(args, field, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.toml", args)
+    assert field in str(e.value) and fragment in str(e.value)
+
+
+def test_valid_grouped_routing_loads_and_routes_inside_the_kept_groups():
+    """A layout at the limit (k = kept groups x group size) is accepted, and the router then picks
+    only experts of the groups HF's rule keeps."""
+    import torch
+
+    from train.model.moe import Router
+
+    cfg = load_config(CONFIGS / "tiny.toml", ["--model.n_group=4", "--model.topk_group=2",
+                                              "--model.num_experts_per_tok=4"])
+    torch.manual_seed(0)
+    router = Router(cfg.model)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(64, cfg.model.hidden_size)
+    idx = router(x)[1]
+    scores = torch.sigmoid(x @ router.weight.T).view(64, 4, 2)
+    kept = scores.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    assert all(set((i // 2).tolist()) <= set(k.tolist()) for i, k in zip(idx, kept))
+
+
+def test_seq_len_beyond_max_position_embeddings_is_refused():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.toml", ["--data.seq_len=512", "--model.max_position_embeddings=256"])
+    assert "data.seq_len=512" in str(e.value) and "model.max_position_embeddings=256" in str(e.value)
+    assert load_config(CONFIGS / "tiny.toml", ["--data.seq_len=256",
+                                               "--model.max_position_embeddings=256"]).data.seq_len == 256
+    # K2.5's YaRN context (factor 64 x 4096 original = max_position_embeddings 262144) admits 256K
+    k25 = load_config(CONFIGS / "k2.5.toml", ["--data.seq_len=262144"])
+    assert k25.model.rope_factor * k25.model.rope_original_max_position_embeddings == 262144
+
+
+@pytest.mark.parametrize("args, field", [(["--store.read_timeout=0"], "store.read_timeout"),
+                                         (["--store.retry_time=-1"], "store.retry_time"),
+                                         (["--store.max_attempts=0"], "store.max_attempts")])
+def test_store_settings_are_validated(args, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(CONFIGS / "tiny.toml", args)
+    opts = load_config(CONFIGS / "tiny.toml", ["--store.read_timeout=2.5"]).store.store_opts()
+    assert opts["read_timeout"] == 2.5 and opts["retry_time"] > 0

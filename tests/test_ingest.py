@@ -154,3 +154,156 @@ def test_lone_surrogates_are_counted_skips_not_crashes(inputs, tmp_path):
     assert set(reasons) == {"t/t.jsonl:2", "i/i.jsonl:1"}
     assert all("invalid Unicode" in r for r in reasons.values())
     assert manifest["num_samples"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic re-ingest, invalid UTF-8, inputs confined to their directories
+
+
+class _FailAfterPuts:
+    """A store that raises after `n` successful puts: an ingest killed half way."""
+
+    def __init__(self, store, n: int):
+        self._store, self.n, self.puts = store, n, 0
+
+    def put(self, key, data):
+        if self.puts >= self.n:
+            raise OSError(f"injected fault before put {key}")
+        self.puts += 1
+        self._store.put(key, data)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def _read_everything(store, manifest) -> list[bytes]:
+    """Every index (checked against the manifest) and every member, as a reader sees them."""
+    out = []
+    for sh in manifest["shards"]:
+        index = read_index(store, sh["index"], sh["index_sha256"])
+        out.append(json.dumps(index, sort_keys=True).encode())
+        out += [read_member(store, sh["key"], s, ext) for s in index["samples"] for ext in s["members"]]
+    return out
+
+
+def test_interrupted_reingest_leaves_the_old_dataset_readable(inputs, tmp_path):
+    from data.ingest import corpus_sources, ingest
+    from data.shards import read_manifest
+    from data.store import LocalStore
+
+    _, corpus, tok_path = inputs
+    tok, store = load_tokenizer(tok_path), LocalStore(tmp_path / "ds")
+    quiet = dict(progress=False, log=lambda m: None)
+    first = ingest(corpus_sources(corpus), store, tok, shard_size=150 * 1024, **quiet)
+    old_manifest = (tmp_path / "ds" / "manifest.json").read_bytes()
+    old = _read_everything(store, read_manifest(store))
+    n_objects = 2 * len(first["shards"])
+    # Re-ingest with another shard size (every shard and index differs), killed half way.
+    with pytest.raises(OSError, match="injected fault"):
+        ingest(corpus_sources(corpus), _FailAfterPuts(store, n_objects // 2), tok,
+               shard_size=100 * 1024, **quiet)
+    assert (tmp_path / "ds" / "manifest.json").read_bytes() == old_manifest
+    assert _read_everything(store, read_manifest(store)) == old  # the old dataset reads identically
+    # Completed, the new dataset replaces it; a reader holding the old manifest still reads.
+    second = ingest(corpus_sources(corpus), store, tok, shard_size=100 * 1024, **quiet)
+    assert second["generation"] == 3  # gen 2 holds the failed attempt's objects: never reused
+    assert read_manifest(store) == second and len(second["shards"]) > len(first["shards"])
+    assert _read_everything(store, first) == old
+    new = _read_everything(store, second)
+    # --prune drops superseded generations and leftovers; identical inputs, identical content
+    third = ingest(corpus_sources(corpus), store, tok, shard_size=100 * 1024, prune_old=True, **quiet)
+    assert third["fingerprint"] == second["fingerprint"] and _read_everything(store, third) == new
+    assert store.list("") == sorted({k for s in third["shards"] for k in (s["key"], s["index"])}
+                                    | {"manifest.json"})
+
+
+def test_invalid_utf8_lines_are_counted_skips_naming_file_and_line(inputs, tmp_path):
+    _, corpus, tok = inputs
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("astronaut.jpg", "coffee.jpg"):
+        (images / name).write_bytes((corpus / "images" / name).read_bytes())
+    (images / "captions.jsonl").write_bytes(b'{"file": "astronaut.jpg", "caption": "An astronaut."}\n'
+                                            b'{"file": "coffee.jpg", "caption": "caf\xe9"}\n')
+    text = tmp_path / "t.jsonl"
+    text.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "fine too"}\n')
+    out = tmp_path / "out"
+    assert mmpt(["ingest", "--out", str(out), "--tokenizer", str(tok), "--images", f"i={images}",
+                 "--text", f"t={text}", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {x["path"]: x["reason"] for x in manifest["skipped"]["inputs"]}
+    assert set(reasons) == {"i/captions.jsonl:2", "i/coffee.jpg", "t/t.jsonl:2"}, reasons
+    assert "invalid UTF-8" in reasons["i/captions.jsonl:2"] and "invalid UTF-8" in reasons["t/t.jsonl:2"]
+    assert "no caption" in reasons["i/coffee.jpg"]
+    assert manifest["num_samples"] == 3 and manifest["skipped"]["count"] == 3
+
+
+def test_inputs_cannot_leave_the_given_directories(inputs, tmp_path):
+    """Symlinks out of an input directory and document images named by absolute or '..' paths
+    are refused as counted skips; a symlink to a file inside the same directory is followed."""
+    _, corpus, tok = inputs
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    secret.write_bytes((corpus / "images" / "coffee.jpg").read_bytes())  # decodes fine if read
+    (outside / "secret.txt").write_text("host file content")
+    (outside / "secret.jsonl").write_text('{"text": "host file content"}\n')
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "good.jpg").write_bytes((corpus / "images" / "astronaut.jpg").read_bytes())
+    (images / "alias.jpg").symlink_to("good.jpg")  # inside the tree: followed
+    (images / "escape.jpg").symlink_to(secret)
+    (images / "side.jpg").write_bytes((corpus / "images" / "astronaut.jpg").read_bytes())
+    (images / "side.txt").symlink_to(outside / "secret.txt")  # a caption read from outside
+    (images / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": "c"}) + "\n"
+                                                   for f in ("good.jpg", "alias.jpg", "escape.jpg")))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "ok.jsonl").write_text('{"text": "fine"}\n')
+    (texts / "evil.jsonl").symlink_to(outside / "secret.jsonl")
+    docs = tmp_path / "docs"
+    (docs / "img").mkdir(parents=True)
+    (docs / "img" / "a.jpg").write_bytes((corpus / "interleaved" / "img" / "astronaut.jpg").read_bytes())
+    (docs / "img" / "out.jpg").symlink_to(secret)
+    names = ["img/a.jpg", str(secret), "../outside/secret.jpg", "img/../../outside/secret.jpg",
+             "img/out.jpg"]
+    (docs / "docs.jsonl").write_text("".join(
+        json.dumps({"segments": [{"text": "see"}, {"image": n}]}) + "\n" for n in names))
+    out = tmp_path / "out"
+    assert mmpt(["ingest", "--out", str(out), "--tokenizer", str(tok), "--images", f"i={images}",
+                 "--text", f"t={texts}", "--interleaved", f"d={docs / 'docs.jsonl'}", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    reasons = {x["path"]: x["reason"] for x in manifest["skipped"]["inputs"]}
+    assert set(reasons) == {"i/escape.jpg", "i/side.jpg", "t/evil.jsonl", "d/docs.jsonl:2",
+                            "d/docs.jsonl:3", "d/docs.jsonl:4", "d/docs.jsonl:5"}, reasons
+    for path in ("i/escape.jpg", "i/side.jpg", "t/evil.jsonl", "d/docs.jsonl:5"):
+        assert "leads outside the input directory" in reasons[path], reasons[path]
+    assert "is absolute" in reasons["d/docs.jsonl:2"]
+    assert "contains '..'" in reasons["d/docs.jsonl:3"] and "contains '..'" in reasons["d/docs.jsonl:4"]
+    assert {s["name"]: s["num_samples"] for s in manifest["sources"]} == {"i": 2, "t": 1, "d": 1}
+    blob = b"".join(p.read_bytes() for p in out.rglob("*.tar"))
+    assert secret.read_bytes()[:4096] not in blob and b"host file content" not in blob
+    assert (images / "good.jpg").read_bytes() in blob
+
+
+def test_ingest_refuses_to_switch_a_manifest_that_changed_meanwhile(inputs, tmp_path):
+    """Two ingests into one prefix: the one whose starting manifest was replaced does not switch."""
+    from data.ingest import IngestConflict, Source, ingest
+    from data.store import LocalStore
+
+    _, _, tok_path = inputs
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "one"}\n{"text": "two"}\n')
+    store, tok = LocalStore(tmp_path / "ds"), load_tokenizer(tok_path)
+    quiet = dict(progress=False, log=lambda m: None)
+
+    class OtherIngestMeanwhile(_FailAfterPuts):
+        def put(self, key, data):
+            if key.endswith(".tar"):  # the other ingest switches while this one writes shards
+                self._store.put("manifest.json", b'{"other": true}')
+            self._store.put(key, data)
+
+    with pytest.raises(IngestConflict, match="manifest.json changed while this ingest ran"):
+        ingest([Source("t", "text", text)], OtherIngestMeanwhile(store, 0), tok, **quiet)
+    assert store.get("manifest.json") == b'{"other": true}'
+    assert ingest([Source("t", "text", text)], store, tok, **quiet)["generation"] == 2

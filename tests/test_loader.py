@@ -280,7 +280,7 @@ def test_a_missing_index_is_a_clear_error_naming_the_file(ds, tmp_path):
 
     root = tmp_path / "ds"
     shutil.copytree(ds.url, root)
-    victim = sorted(root.glob("images/*.idx.json"))[0]
+    victim = sorted(root.glob("gen-*/images/*.idx.json"))[0]
     victim.unlink()
     with pytest.raises(ShardError, match=f"{victim.parent.name}/{victim.name}.*missing shard index"):
         DataLoaderWithState(_cfg(ds, manifest=str(root)))
@@ -346,3 +346,22 @@ def test_augmentation_is_keyed_and_changes_only_image_pixels(ds):
         assert p.pixel_patches.shape == a.pixel_patches.shape
     i = with_images[0]
     assert not torch.equal(plain[i].pixel_patches, aug[i].pixel_patches)
+
+
+def test_mmpt_data_inspect_refuses_a_sequence_beyond_its_planning_limit(ds, tmp_path):
+    """Refused before the dataset is even opened (it would plan windows for minutes), naming the
+    limit; a sequence inside the limit is still rendered."""
+    from data.inspect import MAX_PLAN_WINDOWS
+    from train.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["data", "inspect", "--manifest", str(tmp_path / "no-such-dataset"), "--sequence", "99999999"])
+    msg = str(info.value)
+    assert "--sequence 99999999 is beyond what inspect plans" in msg
+    assert f"--max-windows {MAX_PLAN_WINDOWS}" in msg and "data.window_sequences 32" in msg
+    args = ["data", "inspect", "--manifest", ds.url, "--tokenizer", str(ds.tokenizer), "--config",
+            str(TINY), "--window-sequences", str(WINDOW), "--windows", "2", "--batches", "1",
+            "--max-windows", "3", "--png", str(tmp_path / "s.png")]
+    with pytest.raises(SystemExit, match=f"sequences 0..{3 * WINDOW - 1} "):
+        main(args + ["--sequence", str(3 * WINDOW)])
+    assert main(args + ["--sequence", str(3 * WINDOW - 1)]) == 0 and (tmp_path / "s.png").exists()

@@ -12,7 +12,7 @@ import pytest
 
 from data.cache import TieredCache
 from data.embedded_s3 import EmbeddedS3, free_port
-from data.store import S3Store, StoreUnavailable
+from data.store import REFUSED_RETRY_S, S3Store, StoreUnavailable
 from tests.fault_proxy import FaultProxy
 
 N_OBJECTS = 16
@@ -129,7 +129,24 @@ def test_unreachable_store_fails_clearly_and_fast():
     assert "after 4 attempts" in msg and f"127.0.0.1:{port}" in msg and "s3://mmpt-nowhere/x" in msg
     assert "s-e-c-r-e-t" not in msg
     assert elapsed < 10, elapsed
-    assert store.stats()["requests"] == 4 and store.stats()["retry_reasons"] == {"connection": 4}
+    assert store.stats()["requests"] == 4 and store.stats()["retry_reasons"] == {"refused": 4}
+
+
+def test_refused_port_with_default_settings_gives_up_after_a_second(monkeypatch):
+    """Default settings: a refused connection is retried for REFUSED_RETRY_S (1 s), not for the
+    whole retry budget; credentials in AWS_ENDPOINT_URL never reach the message."""
+    port = free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:secret@127.0.0.1:{port}")
+    store = S3Store("mmpt-nowhere", access_key="k", secret_key="s")
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable) as info:
+        store.get("x")
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert "retry time 1 s for a refused connection" in msg and "connection refused" in msg, msg
+    assert f"http://***@127.0.0.1:{port}" in msg and "secret" not in msg and "user" not in msg
+    assert REFUSED_RETRY_S <= 1.0 and elapsed < 5, elapsed  # bounded (about 1 s when idle)
+    assert store.stats()["requests"] < store.max_attempts
 
 
 def test_hanging_store_times_out(s3):
@@ -141,6 +158,24 @@ def test_hanging_store_times_out(s3):
         elapsed = time.monotonic() - t0
     assert elapsed < 15, elapsed
     assert store.stats()["retry_reasons"] == {"timeout": 3}
+
+
+def test_hanging_store_gives_up_after_retry_time_and_says_what_it_waits_for(s3, caplog):
+    """Many attempts allowed, but retry_time bounds the whole operation; the wait is logged."""
+    with FaultProxy(s3.endpoint, fraction=1.0, kinds=("hang",), max_faults_per_request=999) as proxy:
+        store = faulty_store(s3, proxy, max_attempts=100, read_timeout=0.3, connect_timeout=0.3,
+                             retry_time=1.5)
+        endpoint = proxy.endpoint
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="data.store"), \
+                pytest.raises(StoreUnavailable, match=r"retry time 1\.5 s\)") as info:
+            store.get("obj/000", 0, 10)
+        elapsed = time.monotonic() - t0
+    assert "no reply within read_timeout=0.3 s" in str(info.value)
+    assert 1.5 <= elapsed < 1.5 + 0.3 + 2.0, elapsed  # the budget, plus at most one attempt in flight
+    waits = [r.getMessage() for r in caplog.records if r.name == "data.store"]
+    assert waits and all("no reply within read_timeout=0.3 s" in w and endpoint in w
+                         and "giving up after 1.5 s" in w for w in waits), waits
 
 
 def test_a_server_that_closes_every_connection(s3):

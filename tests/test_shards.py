@@ -127,3 +127,23 @@ def test_index_with_unsafe_key_is_rejected(tmp_path):
     store.put("s/x.idx.json", json.dumps(idx).encode())
     with pytest.raises(ShardError):
         read_index(store, "s/x.idx.json")
+
+
+def test_edited_manifest_fingerprint_is_refused_on_read(built, tmp_path):
+    """The data order is a function of the fingerprint: an edited one must not be accepted."""
+    from data.store import LocalStore
+
+    store, manifest = open_dataset(built.url)
+    edited = LocalStore(tmp_path / "ds")
+    fp = manifest["fingerprint"]
+    edited.put("manifest.json", canonical_json(dict(manifest, fingerprint=fp[::-1])))
+    with pytest.raises(ShardError, match=r"manifest\.json: fingerprint .* does not match its shard "
+                                         r"index hashes"):
+        read_manifest(edited)
+    # an edited index hash under the old fingerprint is refused the same way
+    shards = [dict(manifest["shards"][0], index_sha256="0" * 64)] + manifest["shards"][1:]
+    edited.put("manifest.json", canonical_json(dict(manifest, shards=shards)))
+    with pytest.raises(ShardError, match="does not match its shard index hashes"):
+        open_dataset(str(tmp_path / "ds"))
+    edited.put("manifest.json", canonical_json(manifest))
+    assert read_manifest(edited)["fingerprint"] == fp

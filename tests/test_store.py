@@ -4,6 +4,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import pytest
 
 from data.embedded_s3 import EmbeddedS3
 from data.store import (LocalStore, NotFound, S3Store, StoreError, StoreUnavailable, open_store,
-                        validate_key)
+                        redact, validate_key)
 
 BLOB = bytes((i * 7 + i // 251) % 256 for i in range(50_000))
 
@@ -230,3 +231,60 @@ def test_embedded_s3_cli_runs_until_killed(tmp_path, s3):
     with pytest.raises(StoreUnavailable):  # the server (and its weed child) is gone
         S3Store("cli-bucket", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=2,
                 access_key="k", secret_key="s").get("hello")
+
+
+def test_redact_removes_userinfo_and_query_credentials():
+    assert redact("http://user:secret@127.0.0.1:9000") == "http://***@127.0.0.1:9000"
+    msg = redact("GET failed (endpoint https://AKIA:s/e@cret@host:1/b?X-Amz-Signature=abc&x=1&flag): "
+                 "see s3://bucket/key")
+    assert msg == ("GET failed (endpoint https://***@host:1/b?X-Amz-Signature=***&x=***&flag): "
+                   "see s3://bucket/key")
+    assert redact("s3://bucket/prefix") == "s3://bucket/prefix" and redact("no url") == "no url"
+
+
+def test_credentials_in_store_urls_never_reach_messages(tmp_path):
+    for url in ("s3://AKIAEXAMPLE:topsecret@bucket/p", "s3://bucket/p?X-Amz-Signature=topsecret"):
+        with pytest.raises(ValueError) as info:
+            open_store(url)
+        assert "topsecret" not in str(info.value) and "AKIAEXAMPLE" not in str(info.value)
+    with pytest.raises(ValueError) as info:
+        S3Store("user:topsecret@bucket")
+    assert "topsecret" not in str(info.value)
+    s3 = S3Store("bucket", endpoint_url="http://user:topsecret@127.0.0.1:1")
+    assert s3.endpoint == "http://***@127.0.0.1:1" and "topsecret" not in repr(s3)
+    bad = S3Store("bucket", endpoint_url="http://user:topsecret@bad_host!:1", access_key="k",
+                  secret_key="s")
+    with pytest.raises(StoreError, match="cannot use endpoint") as info:  # botocore's ValueError
+        bad.get("x")
+    assert "topsecret" not in str(info.value)
+    # the S3 wait settings apply to every store URL; a local directory has nothing to wait for
+    assert isinstance(open_store(str(tmp_path), read_timeout=1.0, retry_time=2.0), LocalStore)
+
+
+def test_stalled_store_fails_data_inspect_in_bounded_time(monkeypatch, caplog):
+    """An endpoint that accepts connections and never answers: `mmpt data inspect` gives up after
+    store.retry_time (set small here), logs what it waits for, and leaks no credential."""
+    from train.cli import main
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)  # the kernel completes handshakes; nobody ever reads or answers
+    port = srv.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user:secret@127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="data.store"), pytest.raises(StoreUnavailable) as info:
+            main(["data", "inspect", "--manifest", "s3://mmpt-stalled/ds", "--store.read_timeout=0.3",
+                  "--store.connect_timeout=0.3", "--store.retry_time=1.5"])
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.close()
+    msg = str(info.value)
+    assert "manifest.json" in msg and "no reply within read_timeout=0.3 s" in msg, msg
+    assert elapsed < 6, elapsed
+    logged = [r.getMessage() for r in caplog.records if r.name == "data.store"]
+    assert logged and "retry" in logged[0] and f"http://***@127.0.0.1:{port}" in logged[0]
+    for text in [msg, *logged]:
+        assert "secret" not in text and "user" not in text

@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses with defaults, loaded from TOML, overridable from the CLI.
 
-A config is seven sections (model, vision, data, parallel, optim, train, checkpoint). Loading
+A config is eight sections (model, vision, data, parallel, optim, train, checkpoint, store). Loading
 goes TOML file -> `--section.field=value` overrides -> validation. Every error names the field,
 the bad value and what is allowed; unknown keys are errors, never ignored.
 """
@@ -165,6 +165,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class StoreConfig:
+    """How S3 stores (dataset and checkpoints) wait and retry; local directories ignore it."""
+
+    connect_timeout: float = 3.0  # seconds to open a connection to the endpoint
+    read_timeout: float = 20.0  # seconds a reply may stall before the attempt counts as failed
+    retry_time: float = 60.0  # seconds one operation keeps retrying transient failures
+    max_attempts: int = 8  # attempts per operation, whichever limit comes first
+
+    def store_opts(self) -> dict[str, Any]:
+        """Keyword arguments for data.store.open_store / S3Store."""
+        return {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
+                "retry_time": self.retry_time, "max_attempts": self.max_attempts}
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -173,6 +188,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -335,6 +351,18 @@ def validate(cfg: Config) -> None:
              f"must divide model.n_routed_experts={m.n_routed_experts}")
     _require(m.topk_group <= m.n_group, "model.topk_group", m.topk_group,
              f"must be <= model.n_group={m.n_group}")
+    # Group-limited routing as in HF deepseek_v3: a group's score is the sum of its two best
+    # experts, the best topk_group groups are kept, and the top-k experts are chosen among the
+    # kept groups' experts only.
+    per_group = m.n_routed_experts // m.n_group
+    _require(m.n_group == 1 or per_group >= 2, "model.n_group", m.n_group,
+             f"leaves {per_group} expert(s) per group of model.n_routed_experts="
+             f"{m.n_routed_experts}; a group's score sums its 2 best experts, so each group needs >= 2")
+    _require(m.num_experts_per_tok <= m.topk_group * per_group, "model.num_experts_per_tok",
+             m.num_experts_per_tok,
+             f"must be <= model.topk_group * (model.n_routed_experts / model.n_group) = "
+             f"{m.topk_group} * {per_group} = {m.topk_group * per_group}, the experts left after "
+             "the group mask")
     for name in ("image_token_id", "video_token_id"):
         _require(getattr(m, name) >= 0, f"model.{name}", getattr(m, name), "must be >= 0")
     _require(m.rope_factor >= 1.0, "model.rope_factor", m.rope_factor, "must be >= 1.0")
@@ -355,6 +383,12 @@ def validate(cfg: Config) -> None:
                  v.projector_hidden_size, "must be >= 0")
 
     _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    # max_position_embeddings is the context the rope supports, YaRN extension included (as in
+    # HF configs: factor * original length when extended); packed position ids reach seq_len - 1.
+    _require(d.seq_len <= m.max_position_embeddings, "data.seq_len", d.seq_len,
+             f"must be <= model.max_position_embeddings={m.max_position_embeddings} (the model's "
+             "position limit, YaRN included); raise model.max_position_embeddings (with "
+             "model.rope_factor for YaRN) or lower data.seq_len")
     _require(0.0 <= d.vision_fraction < 1.0, "data.vision_fraction", d.vision_fraction,
              "must be in [0, 1)")
     _require(d.global_batch_size > 0, "data.global_batch_size", d.global_batch_size, "must be > 0")
@@ -402,3 +436,7 @@ def validate(cfg: Config) -> None:
     _require(t.max_bad_steps > 0, "train.max_bad_steps", t.max_bad_steps, "must be > 0")
     _require(c.every > 0, "checkpoint.every", c.every, "must be > 0")
     _require(c.keep_last > 0, "checkpoint.keep_last", c.keep_last, "must be > 0")
+    s = cfg.store
+    for name in ("connect_timeout", "read_timeout", "retry_time"):
+        _require(getattr(s, name) > 0, f"store.{name}", getattr(s, name), "must be > 0 seconds")
+    _require(s.max_attempts >= 1, "store.max_attempts", s.max_attempts, "must be >= 1")

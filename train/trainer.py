@@ -142,7 +142,7 @@ def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
         return None
     from data.store import open_store
 
-    store = open_store(cfg.checkpoint.dir)
+    store = open_store(cfg.checkpoint.dir, **cfg.store.store_opts())
     pause = os.environ.get(PAUSE_ENV)
     if pause:
         store = _PauseBeforeCommit(store, int(pause), Path(cfg.train.run_dir) /
