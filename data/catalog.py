@@ -1,10 +1,24 @@
-"""What the mixer and the packer know about a dataset, from its manifest and shard indexes only.
+"""What the mixer and the packer know about a dataset: columnar metadata, memory-mapped.
 
-`Catalog(store, manifest, ...)` reads every shard index once (checked against the manifest's
-sha256) and gives, per source, the packed token count and vision token count of every sample,
-plus its document layout: the segments in reading order (text with its token count, media with
-the token count of each of its chunks). Nothing is decoded: vision token counts come from the
-stored height/width/frames through data.vision.
+Two kinds of column files (data/columnar.py) per source, written at ingest next to its shards:
+
+- the *sample catalog* `<source>/catalog.cols` (format mmpt-catalog/1): one row per sample with
+  its shard number, number within the shard, key, text token and byte counts, and where its
+  member and segment rows start; member rows (extension, data offset, size in the tar); segment
+  rows in reading order (kind, text tokens or media metadata: height, width, frames, fps); and
+  one row per shard (tar key, size). Rows of one shard are contiguous and in tar order, so these
+  are the shard indexes in columns. It does not depend on any training setting.
+- the *plan table* `<source>/plan-<key>.cols` (format mmpt-plan/1) for one planning key (seq_len,
+  window_sequences and the vision settings that fix token counts): one row per unit with its
+  packed token count, vision token count, sample number and first token; totals and the samples
+  that can never be packed (by reason) in its header. `mmpt ingest --plan CONFIG` writes it.
+
+`Catalog(store, manifest, ...)` maps both per source and touches only the rows it plans or builds:
+opening costs the headers, whatever the number of samples. Without a plan table for the run's
+key it derives one in memory from the sample catalog (a pass over every sample: fine for small
+datasets, logged as a warning above a million samples). Datasets ingested before column files
+(no "catalogs" in the manifest) still load: their JSON shard indexes are read (checked against
+the manifest's sha256) and turned into the same columns in memory, with the same stream.
 
 Document token layout (the same arithmetic the loader uses to build rows):
     text segment           its tokens under the dataset tokenizer
@@ -24,14 +38,25 @@ are left out of the order and counted in `skipped` by reason.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from data.columnar import Columns, encode_columns, open_columns
 from data.mix import SourceSpec
 from data.pack import piece_cuts
 from data.shards import ShardError, read_index
+
+log = logging.getLogger(__name__)
+CATALOG_FORMAT = "mmpt-catalog/1"
+PLAN_FORMAT = "mmpt-plan/1"
+SEG_TEXT, SEG_IMAGE, SEG_VIDEO = 0, 1, 2
+SEG_KINDS = ("text", "image", "video")
+WARN_DERIVE_SAMPLES = 1_000_000
 
 MEDIA_MARKERS = 2  # media_begin + media_end around each image / video chunk
 GROUP_OF_KIND = {"text": "text", "image": "vision", "video": "vision", "interleaved": "vision"}
@@ -64,57 +89,168 @@ def parse_weights(spec: str) -> dict[str, float]:
     return out
 
 
-class Catalog:
-    def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
-                 weights: dict[str, float] | None = None):
-        self.store, self.manifest, self.media = store, manifest, media
-        self.seq_len, self.window_sequences = seq_len, window_sequences
-        self.fingerprint: str = manifest["fingerprint"]
-        self.names = [s["name"] for s in manifest["sources"]]
-        self.kinds = [s["kind"] for s in manifest["sources"]]
-        weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise ValueError(f"data.source_weights names unknown source(s) {unknown}; "
-                             f"the manifest has {self.names}")
-        self.skipped: Counter = Counter()
-        self.shard_keys: list[list[str]] = []  # [source][shard number] -> tar key
-        self.samples: list[list[list[dict]]] = []  # [source][shard][member] -> index entry
-        self.sources: list[SourceSpec] = []
-        self._where: list[np.ndarray] = []  # [source] -> [sample] -> (shard, member)
-        for si, (name, kind) in enumerate(zip(self.names, self.kinds)):
-            shards = [s for s in manifest["shards"] if s["source"] == name]
-            indexes = [read_index(store, s["index"], s.get("index_sha256")) for s in shards]
-            for s, idx in zip(shards, indexes):
-                if len(idx["samples"]) != s["num_samples"]:
-                    raise ShardError(f"{store.url}/{s['index']}: {len(idx['samples'])} samples, "
-                                     f"the manifest says {s['num_samples']}")
-            self.shard_keys.append([s["key"] for s in shards])
-            self.samples.append([idx["samples"] for idx in indexes])
-            where = np.array([(k, m) for k, idx in enumerate(indexes) for m in range(len(idx["samples"]))],
-                             dtype=np.int64).reshape(-1, 2)
-            self._where.append(where)
-            units = []  # (sample, offset, tokens, vision)
-            for i, (k, m) in enumerate(where):
-                try:
-                    units += self._units(self._segments(kind, indexes[k]["samples"][m]), i)
-                except ShardError as e:
-                    self.skipped[f"{name}: {e}"] += 1
-            if not units:
-                raise ValueError(f"source {name!r} has no usable samples "
-                                 f"(skipped: {dict(self.skipped)})")
-            sample, offset, tokens, vision = np.array(units, dtype=np.int64).T
-            weight = weights.get(name, float(tokens.sum()))  # default: by size in tokens
-            self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,
-                                           sample, offset))
 
-    # -- layout arithmetic
+# ---------------------------------------------------------------------------------------------
+# The sample catalog: building it from shard indexes (at ingest; for old datasets on load)
+
+
+def _fixed_bytes(values: list[str]) -> np.ndarray:
+    width = max([len(v.encode()) for v in values] + [1])
+    return np.array([v.encode() for v in values], dtype=f"S{width}")
+
+
+def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[dict]) -> tuple[dict, dict]:
+    """(columns, meta) of one source's sample catalog from its shards' manifest entries and
+    parsed indexes (in shard order). Deterministic: the same indexes give the same bytes."""
+    exts: dict[str, int] = {}
+    code = lambda ext: exts.setdefault(ext, len(exts))  # noqa: E731
+    s_shard, s_member, s_key, s_tt, s_tb, s_ms, s_mc, s_gs, s_gc = ([] for _ in range(9))
+    m_ext, m_off, m_size = [], [], []
+    g = {c: [] for c in ("kind", "tokens", "ext", "text_index", "height", "width", "frames", "fps")}
+
+    def seg(kind_code, tokens=0, ext=-1, text_index=0, meta=None):
+        meta = meta or {}
+        for col, v in (("kind", kind_code), ("tokens", tokens), ("ext", ext), ("text_index", text_index),
+                       ("height", meta.get("height", 0)), ("width", meta.get("width", 0)),
+                       ("frames", meta.get("frames", 0)), ("fps", meta.get("fps", 0.0))):
+            g[col].append(v)
+
+    for k, idx in enumerate(indexes):
+        for m, e in enumerate(idx["samples"]):
+            s_shard.append(k)
+            s_member.append(m)
+            s_key.append(e["key"])
+            s_tt.append(int(e["text_tokens"]))
+            s_tb.append(int(e.get("text_bytes", 0)))
+            s_ms.append(len(m_ext))
+            for ext, loc in e["members"].items():
+                m_ext.append(code(ext))
+                m_off.append(int(loc["offset"]))
+                m_size.append(int(loc["size"]))
+            s_mc.append(len(e["members"]))
+            s_gs.append(len(g["kind"]))
+            if kind in ("image", "video"):
+                for meta in e["images" if kind == "image" else "videos"]:
+                    seg(SEG_IMAGE if kind == "image" else SEG_VIDEO, ext=code(meta["member"]), meta=meta)
+            elif kind == "interleaved":
+                layout = e.get("layout")
+                if layout is None:  # kept as a sample without segments: the plan skips it
+                    seg(SEG_TEXT, tokens=-1)
+                else:
+                    images = {im["member"]: im for im in e["images"]}
+                    t = 0
+                    for item in layout:
+                        if "image" in item:
+                            seg(SEG_IMAGE, ext=code(item["image"]), meta=images[item["image"]])
+                        else:
+                            seg(SEG_TEXT, tokens=int(item["text_tokens"]), text_index=t)
+                            t += 1
+            s_gc.append(len(g["kind"]) - s_gs[-1])
+    n = len(s_shard)
+    cols = {
+        "h_key": _fixed_bytes([s["key"] for s in shards]),
+        "h_size": np.array([s["size"] for s in shards], np.int64),
+        "h_first": np.cumsum([0] + [s["num_samples"] for s in shards])[:-1].astype(np.int64),
+        "s_shard": np.array(s_shard, np.int32), "s_member": np.array(s_member, np.int32),
+        "s_key": _fixed_bytes(s_key), "s_text_tokens": np.array(s_tt, np.int32),
+        "s_text_bytes": np.array(s_tb, np.int64), "s_mem_start": np.array(s_ms, np.int64),
+        "s_mem_count": np.array(s_mc, np.int16), "s_seg_start": np.array(s_gs, np.int64),
+        "s_seg_count": np.array(s_gc, np.int32),
+        "m_ext": np.array(m_ext, np.int16), "m_offset": np.array(m_off, np.int64),
+        "m_size": np.array(m_size, np.int64),
+        "g_kind": np.array(g["kind"], np.uint8), "g_tokens": np.array(g["tokens"], np.int32),
+        "g_ext": np.array(g["ext"], np.int16), "g_text_index": np.array(g["text_index"], np.int32),
+        "g_height": np.array(g["height"], np.int32), "g_width": np.array(g["width"], np.int32),
+        "g_frames": np.array(g["frames"], np.int32), "g_fps": np.array(g["fps"], np.float64),
+    }
+    meta = {"format": CATALOG_FORMAT, "source": source, "kind": kind, "num_samples": n,
+            "num_shards": len(shards), "exts": list(exts)}
+    return cols, meta
+
+
+class SourceCatalog:
+    """One source's sample catalog over mapped columns: per-sample lookups touch only its rows."""
+
+    def __init__(self, cols: Columns, name: str, kind: str):
+        meta = cols.meta
+        if meta.get("format") != CATALOG_FORMAT:
+            raise ShardError(f"{cols.name}: format {meta.get('format')!r}, expected {CATALOG_FORMAT!r}")
+        if meta.get("source") != name or meta.get("kind") != kind:
+            raise ShardError(f"{cols.name}: catalog of source {meta.get('source')!r} "
+                             f"({meta.get('kind')}), the manifest names {name!r} ({kind})")
+        self.cols, self.name, self.kind = cols, name, kind
+        self.n = int(meta["num_samples"])
+        self.exts = list(meta["exts"])
+        c = cols.cols
+        self._shard, self._member = c["s_shard"], c["s_member"]
+        self._h_key = c["h_key"]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        return int(self._shard[i]), int(self._member[i])
+
+    def shard_key(self, k: int) -> str:
+        return self._h_key[k].decode()
+
+    def sample_of(self, shard: int, member: int) -> int:
+        """The sample number of member `member` of shard `shard`."""
+        return int(self.cols["h_first"][shard]) + member
+
+    def entry(self, i: int) -> dict:
+        """The sample's index entry (data/shards.py's JSON form), rebuilt from its rows."""
+        c = self.cols.cols
+        ms, mc = int(c["s_mem_start"][i]), int(c["s_mem_count"][i])
+        members = {self.exts[e]: {"offset": o, "size": s} for e, o, s in zip(
+            c["m_ext"][ms:ms + mc].tolist(), c["m_offset"][ms:ms + mc].tolist(),
+            c["m_size"][ms:ms + mc].tolist())}
+        entry = {"key": c["s_key"][i].decode(), "kind": self.kind, "members": members,
+                 "text_tokens": int(c["s_text_tokens"][i]), "text_bytes": int(c["s_text_bytes"][i]),
+                 "images": [], "videos": []}
+        if self.kind == "text":
+            return entry
+        gs, gc = int(c["s_seg_start"][i]), int(c["s_seg_count"][i])
+        rows = zip(*(c[col][gs:gs + gc].tolist() for col in (
+            "g_kind", "g_tokens", "g_ext", "g_text_index", "g_height", "g_width", "g_frames", "g_fps")))
+        layout = []
+        for kind, tokens, ext, _t, h, w, frames, fps in rows:
+            if kind == SEG_IMAGE:
+                entry["images"].append({"member": self.exts[ext], "height": h, "width": w})
+                layout.append({"image": self.exts[ext]})
+            elif kind == SEG_VIDEO:
+                entry["videos"].append({"member": self.exts[ext], "frames": frames, "height": h,
+                                        "width": w, "fps": fps})
+            elif tokens >= 0:
+                layout.append({"text_tokens": tokens})
+        if self.kind == "interleaved" and not (gc == 1 and c["g_tokens"][gs] < 0):
+            entry["layout"] = layout
+        return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan tables: units per planning key
+
+
+def plan_key(media, seq_len: int, window_sequences: int) -> str:
+    """Names what fixes the units' token counts: packing sizes and the vision token arithmetic."""
+    p = media.pre
+    fields = {"seq_len": seq_len, "window_sequences": window_sequences, "patch_size": p.patch_size,
+              "merge_size": p.merge_size, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
+              "video_max_pixels": p.video_max_pixels, "frames_per_chunk": p.frames_per_chunk,
+              "sample_fps": p.sample_fps, "max_frames": p.max_frames}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Layout:
+    """Document layout arithmetic of one media setting and packing size (see the module docstring)."""
+
+    def __init__(self, media, seq_len: int, window_sequences: int):
+        self.media, self.seq_len, self.window_sequences = media, seq_len, window_sequences
+
     def _media(self, kind: str, meta: dict) -> Segment:
         chunks = tuple(self.media.chunk_tokens(kind, meta))
         return Segment(kind, sum(chunks) + MEDIA_MARKERS * len(chunks), meta["member"], chunks=chunks,
                        meta=meta)
 
-    def _segments(self, kind: str, entry: dict) -> list[Segment]:
+    def segments(self, kind: str, entry: dict) -> list[Segment]:
         text = Segment("text", int(entry["text_tokens"]), "txt")
         if kind == "text":
             return [text]
@@ -136,9 +272,9 @@ class Catalog:
                 t += 1
         return segs
 
-    def _units(self, segs: list[Segment], sample: int) -> list[tuple[int, int, int, int]]:
+    def units(self, segs: list[Segment], sample: int) -> list[tuple[int, int, int, int]]:
         """(sample, offset, tokens, vision tokens) of each unit of one document."""
-        length, atoms = sum(s.tokens for s in segs) + 1, self._atoms(segs)
+        length, atoms = sum(s.tokens for s in segs) + 1, atoms_of(segs)
         pieces = piece_cuts(length, atoms, self.seq_len, max_pieces=length)
         if pieces is None:
             raise ShardError(f"cannot pack: media longer than seq_len={self.seq_len}")
@@ -150,45 +286,146 @@ class Catalog:
             units.append((sample, start, end - start, vision))
         return units
 
-    @staticmethod
-    def _atoms(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
-        atoms, at = [], 0
-        for s in segs:
-            if s.kind != "text":
-                atoms.append((at, at + s.tokens))
-            at += s.tokens
-        return tuple(atoms)
+
+def atoms_of(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
+    atoms, at = [], 0
+    for s in segs:
+        if s.kind != "text":
+            atoms.append((at, at + s.tokens))
+        at += s.tokens
+    return tuple(atoms)
+
+
+def plan_columns(source: SourceCatalog, layout: Layout, key: str) -> tuple[dict, dict]:
+    """(columns, meta) of one source's plan table: every sample's units, in sample order."""
+    skipped: Counter = Counter()
+    if source.kind == "text":  # no atoms: units are consecutive windows of S * seq_len tokens
+        length = source.cols["s_text_tokens"].astype(np.int64) + 1
+        per_unit = layout.seq_len * layout.window_sequences
+        count = -(-length // per_unit)
+        sample = np.repeat(np.arange(source.n, dtype=np.int64), count)
+        first = np.repeat(np.cumsum(count) - count, count)
+        offset = (np.arange(len(sample), dtype=np.int64) - first) * per_unit
+        tokens = np.minimum(per_unit, length[sample] - offset)
+        vision = np.zeros_like(tokens)
+    else:
+        units = []
+        for i in range(source.n):
+            try:
+                units += layout.units(layout.segments(source.kind, source.entry(i)), i)
+            except ShardError as e:
+                skipped[str(e)] += 1
+        sample, offset, tokens, vision = np.array(units, dtype=np.int64).reshape(-1, 4).T
+    cols = {"u_tokens": tokens.astype(np.int32), "u_vision": vision.astype(np.int32),
+            "u_sample": sample.astype(np.int32 if source.n < 2**31 else np.int64),
+            "u_offset": offset.astype(np.int32)}
+    meta = {"format": PLAN_FORMAT, "source": source.name, "plan_key": key, "units": int(len(tokens)),
+            "tokens": int(tokens.sum()), "vision_tokens": int(vision.sum()),
+            "seq_len": layout.seq_len, "window_sequences": layout.window_sequences,
+            "skipped": dict(sorted(skipped.items()))}
+    return cols, meta
+
+
+def _in_memory(cols: dict, meta: dict, name: str) -> Columns:
+    return Columns(encode_columns(cols, meta), name)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Catalog:
+    def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
+                 weights: dict[str, float] | None = None):
+        self.store, self.manifest, self.media = store, manifest, media
+        self.seq_len, self.window_sequences = seq_len, window_sequences
+        self.layout_rules = Layout(media, seq_len, window_sequences)
+        self.plan_key = plan_key(media, seq_len, window_sequences)
+        self.fingerprint: str = manifest["fingerprint"]
+        self.names = [s["name"] for s in manifest["sources"]]
+        self.kinds = [s["kind"] for s in manifest["sources"]]
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise ValueError(f"data.source_weights names unknown source(s) {unknown}; "
+                             f"the manifest has {self.names}")
+        self.skipped: Counter = Counter()
+        self.catalogs: list[SourceCatalog] = []
+        self.sources: list[SourceSpec] = []
+        self.plans: list[Columns] = []  # [source] -> its plan table (totals in .meta)
+        self.derived_plans: list[str] = []  # sources whose plan table was built on load
+        listed = {c["source"]: c for c in manifest.get("catalogs", [])}
+        for name, kind in zip(self.names, self.kinds):
+            src = SourceCatalog(self._sample_catalog(name, kind, listed.get(name)), name, kind)
+            plan = self._plan(src, listed.get(name))
+            for reason, n in plan.meta["skipped"].items():
+                self.skipped[f"{name}: {reason}"] += n
+            if plan.meta["units"] == 0:
+                raise ValueError(f"source {name!r} has no usable samples "
+                                 f"(skipped: {dict(self.skipped)})")
+            weight = weights.get(name, float(plan.meta["tokens"]))  # default: by size in tokens
+            self.catalogs.append(src)
+            self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, plan["u_tokens"],
+                                           plan["u_vision"], plan["u_sample"], plan["u_offset"]))
+            self.plans.append(plan)
+
+    def _sample_catalog(self, name: str, kind: str, listed: dict | None) -> Columns:
+        if listed is not None:
+            return open_columns(self.store, listed["key"], int(listed["size"]), listed["sha256"])
+        # A dataset from before column files: its JSON indexes, turned into the same columns.
+        shards = [s for s in self.manifest["shards"] if s["source"] == name]
+        indexes = [read_index(self.store, s["index"], s.get("index_sha256")) for s in shards]
+        for s, idx in zip(shards, indexes):
+            if len(idx["samples"]) != s["num_samples"]:
+                raise ShardError(f"{self.store.url}/{s['index']}: {len(idx['samples'])} samples, "
+                                 f"the manifest says {s['num_samples']}")
+        cols, meta = catalog_columns(name, kind, shards, indexes)
+        return _in_memory(cols, meta, f"{name} (from {len(shards)} JSON indexes)")
+
+    def _plan(self, src: SourceCatalog, listed: dict | None) -> Columns:
+        stored = (listed or {}).get("plans", {}).get(self.plan_key)
+        if stored is not None:
+            plan = open_columns(self.store, stored["key"], int(stored["size"]), stored["sha256"])
+            if plan.meta.get("format") != PLAN_FORMAT or plan.meta.get("plan_key") != self.plan_key:
+                raise ShardError(f"{plan.name}: not the plan table for key {self.plan_key}")
+            return plan
+        if src.n > WARN_DERIVE_SAMPLES:
+            log.warning("source %s: no plan table for key %s (seq_len=%d, window_sequences=%d) in the "
+                        "manifest; deriving it from %d samples on every start (mmpt ingest --plan "
+                        "writes it once)", src.name, self.plan_key, self.seq_len,
+                        self.window_sequences, src.n)
+        self.derived_plans.append(src.name)
+        cols, meta = plan_columns(src, self.layout_rules, self.plan_key)
+        return _in_memory(cols, meta, f"{src.name} plan {self.plan_key} (derived)")
 
     # -- lookups used by the planner and the loader workers
     def locate(self, source: int, sample: int) -> tuple[int, int]:
         """(shard number within the source, sample number within the shard)."""
-        k, m = self._where[source][sample].tolist()  # Python ints in one call (a hot lookup)
-        return k, m
+        return self.catalogs[source].locate(sample)
 
     def entry(self, source: int, sample: int) -> tuple[str, dict]:
-        k, m = self.locate(source, sample)
-        return self.shard_keys[source][k], self.samples[source][k][m]
+        cat = self.catalogs[source]
+        return cat.shard_key(cat.locate(sample)[0]), cat.entry(sample)
 
     def document(self, source: int, sample: int) -> tuple[str, dict, list[Segment]]:
         """(shard key, index entry, segments) of one sample: what the loader needs to build it."""
         key, entry = self.entry(source, sample)
-        return key, entry, self._segments(self.kinds[source], entry)
+        return key, entry, self.layout_rules.segments(self.kinds[source], entry)
 
     def segments(self, source: int, sample: int) -> list[Segment]:
-        return self._segments(self.kinds[source], self.entry(source, sample)[1])
+        return self.layout_rules.segments(self.kinds[source], self.catalogs[source].entry(sample))
 
     def layout(self, draw) -> tuple[int, tuple[tuple[int, int], ...]]:
         """(length, atoms) of a drawn unit, in the unit's own token coordinates."""
         if self.kinds[draw.source] == "text":  # planning's common case: no atoms, no lookup
             return draw.tokens, ()
-        atoms = self._atoms(self.segments(draw.source, draw.sample))
+        atoms = atoms_of(self.segments(draw.source, draw.sample))
         lo, hi = draw.offset, draw.offset + draw.tokens
         return draw.tokens, tuple((a - lo, b - lo) for a, b in atoms if lo <= a and b <= hi)
 
     def summary(self) -> dict:
         return {"fingerprint": self.fingerprint,
                 "sources": {s.name: {"kind": k, "group": s.group, "weight": s.weight,
-                                     "samples": int(len(s.tokens)), "tokens": int(s.tokens.sum()),
-                                     "vision_tokens": int(s.vision.sum())}
-                            for s, k in zip(self.sources, self.kinds)},
+                                     "samples": int(len(s.tokens)), "tokens": p.meta["tokens"],
+                                     "vision_tokens": p.meta["vision_tokens"]}
+                            for s, k, p in zip(self.sources, self.kinds, self.plans)},
                 "skipped": dict(self.skipped)}

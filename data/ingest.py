@@ -336,11 +336,19 @@ def _generations(store) -> tuple[bytes | None, dict | None, int]:
     return raw, current, used
 
 
+def manifest_keys(manifest: dict) -> set[str]:
+    """Every object a manifest names: shards, indexes, column catalogs and plan tables."""
+    keep = {k for s in manifest["shards"] for k in (s["key"], s["index"])}
+    for c in manifest.get("catalogs", []):
+        keep |= {c["key"], *(p["key"] for p in c.get("plans", {}).values())}
+    return keep
+
+
 def prune(store, manifest: dict, previous: dict | None) -> list[str]:
     """Delete what the new manifest no longer names: other generations (superseded ones and
     leftovers of failed ingests) and the previous manifest's shards in the layout without
     generations. Only keys of those two kinds are touched; returns the deleted keys."""
-    keep = {k for s in manifest["shards"] for k in (s["key"], s["index"])}
+    keep = manifest_keys(manifest)
     stale = [k for k in store.list(GENERATION_PREFIX) if _GENERATION_KEY.match(k) and k not in keep]
     for s in (previous or {}).get("shards", []):
         stale += [k for k in (s.get("key"), s.get("index")) if isinstance(k, str)
@@ -350,10 +358,34 @@ def prune(store, manifest: dict, previous: dict | None) -> list[str]:
     return stale
 
 
+def write_catalog(store, gen: str, name: str, kind: str, shards: list[dict], indexes: list[dict],
+                  plans: list[tuple] = ()) -> dict:
+    """Put one source's sample catalog and plan tables (data/catalog.py) under the generation;
+    returns its manifest entry. plans: [(MediaRules, seq_len, window_sequences)]."""
+    from data.catalog import Columns, Layout, SourceCatalog, catalog_columns, plan_columns, plan_key
+    from data.columnar import encode_columns
+
+    def put(key: str, data: bytes) -> dict:
+        store.put(key, data)
+        return {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    cols, meta = catalog_columns(name, kind, shards, indexes)
+    raw = encode_columns(cols, meta)
+    entry = {"source": name, **put(f"{gen}{name}/catalog.cols", raw), "plans": {}}
+    src = SourceCatalog(Columns(raw, name), name, kind)
+    for media, seq_len, window in plans:
+        key = plan_key(media, seq_len, window)
+        pcols, pmeta = plan_columns(src, Layout(media, seq_len, window), key)
+        entry["plans"][key] = {**put(f"{gen}{name}/plan-{key}.cols", encode_columns(pcols, pmeta)),
+                               "seq_len": seq_len, "window_sequences": window}
+    return entry
+
+
 def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20,
            max_pixels: int = DEFAULT_MAX_PIXELS, video_backend: str = "auto", timeout_s: float = 30.0,
-           progress: bool = True, log=print, prune_old: bool = False) -> dict:
-    """Write shards, indexes and the manifest of `sources` to `store`; return the manifest.
+           progress: bool = True, log=print, prune_old: bool = False, plans: list[tuple] = ()) -> dict:
+    """Write shards, indexes, column catalogs and the manifest of `sources` to `store`; return
+    the manifest. ``plans``: [(MediaRules, seq_len, window_sequences)] to write plan tables for.
 
     Atomic for readers: everything goes under a new generation prefix and manifest.json is put
     last, so a reader sees the old dataset or the new one, never a mix. The previous generation
@@ -369,10 +401,10 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
     before, previous, used = _generations(store)
     generation = used + 1
     gen = generation_prefix(generation)
-    shards, skipped = [], []
+    shards, skipped, catalogs = [], [], []
     bar = tqdm(desc="ingest", unit="input", disable=not progress, file=sys.stderr)
     for src in sources:
-        number, count = 0, 0
+        number, count, indexes = 0, 0, []
         builder = ShardBuilder(src.name, shard_keys(src.name, 0)[0])
 
         def flush():
@@ -385,6 +417,7 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             shards.append({"source": src.name, "key": gen + tar_key, "index": gen + idx_key,
                            "num_samples": len(index["samples"]), "size": len(tar),
                            "index_sha256": hashlib.sha256(idx_bytes).hexdigest()})
+            indexes.append(index)
             number += 1
             builder = ShardBuilder(src.name, shard_keys(src.name, number)[0])
 
@@ -408,9 +441,11 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             flush()
         if count == 0:
             log(f"warning: source {src.name!r} ({src.path}) produced no samples")
+        catalogs.append(write_catalog(store, gen, src.name, src.kind,
+                                      [s for s in shards if s["source"] == src.name], indexes, plans))
     bar.close()
     manifest = build_manifest([{"name": s.name, "kind": s.kind} for s in sources], shards,
-                              tokenizer.info(), skipped, generation)
+                              tokenizer.info(), skipped, generation, catalogs)
     try:
         now = store.get(MANIFEST_KEY)
     except FileNotFoundError:
@@ -475,6 +510,18 @@ def _source_arg(kind: str):
     return parse
 
 
+def plan_setting(spec: str) -> tuple:
+    """'configs/k2.5.toml --data.seq_len=8192' -> (MediaRules, seq_len, window_sequences)."""
+    import shlex
+
+    from data.media import MediaRules
+    from train.config import load_config
+
+    path, *overrides = shlex.split(spec)
+    cfg = load_config(path, overrides)
+    return MediaRules.from_config(cfg), cfg.data.seq_len, cfg.data.window_sequences
+
+
 def _log(msg: str) -> None:
     from tqdm import tqdm
 
@@ -496,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video-backend", default="auto", choices=["auto", "decord", "pyav"])
     ap.add_argument("--timeout", type=float, default=30.0, help="per-video decode timeout, seconds")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--plan", action="append", default=[], metavar="'CONFIG.toml [--data.x=y ...]'",
+                    help="also write the plan tables (data/catalog.py) for this training config and "
+                         "overrides, so its runs start without a pass over every sample (repeatable)")
     ap.add_argument("--prune", action="store_true",
                     help="after the switch, delete superseded generations (no reader may still use them)")
     args = ap.parse_args(argv)
@@ -509,6 +559,6 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(args.out)
     manifest = ingest(sources, store, load_tokenizer(args.tokenizer), args.shard_size, args.max_pixels,
                       args.video_backend, args.timeout, progress=not args.no_progress,
-                      log=_log, prune_old=args.prune)
+                      log=_log, prune_old=args.prune, plans=[plan_setting(p) for p in args.plan])
     print(summary(manifest, store.url))
     return 0

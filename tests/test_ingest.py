@@ -187,7 +187,7 @@ def _read_everything(store, manifest) -> list[bytes]:
 
 
 def test_interrupted_reingest_leaves_the_old_dataset_readable(inputs, tmp_path):
-    from data.ingest import corpus_sources, ingest
+    from data.ingest import corpus_sources, ingest, manifest_keys
     from data.shards import read_manifest
     from data.store import LocalStore
 
@@ -213,8 +213,8 @@ def test_interrupted_reingest_leaves_the_old_dataset_readable(inputs, tmp_path):
     # --prune drops superseded generations and leftovers; identical inputs, identical content
     third = ingest(corpus_sources(corpus), store, tok, shard_size=100 * 1024, prune_old=True, **quiet)
     assert third["fingerprint"] == second["fingerprint"] and _read_everything(store, third) == new
-    assert store.list("") == sorted({k for s in third["shards"] for k in (s["key"], s["index"])}
-                                    | {"manifest.json"})
+    assert store.list("") == sorted(manifest_keys(third) | {"manifest.json"})
+    assert {c["key"] for c in third["catalogs"]} <= manifest_keys(third)
 
 
 def test_invalid_utf8_lines_are_counted_skips_naming_file_and_line(inputs, tmp_path):

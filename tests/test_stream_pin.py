@@ -53,7 +53,7 @@ def encode_mpeg4(frames, path: Path, fps: int) -> None:
 
 def build_pinned_dataset(root: Path) -> Built:
     from data import corpus
-    from data.ingest import corpus_sources, ingest
+    from data.ingest import corpus_sources, ingest, plan_setting
     from data.store import open_store
     from data.tokenizer import load_tokenizer
 
@@ -65,7 +65,8 @@ def build_pinned_dataset(root: Path) -> Built:
     tok = make_tokenizer(out, root / "tok")
     url = str(root / "ds")
     ingest(corpus_sources(out), open_store(url), load_tokenizer(tok), shard_size=2**20,
-           progress=False, log=lambda m: None)
+           progress=False, log=lambda m: None, plans=[plan_setting(
+               f"{TINY} " + " ".join(f"--data.{k}={v}" for k, v in QUICKSTART_DATA.items()))])
     return Built(out, tok, url)
 
 
@@ -87,8 +88,32 @@ def stream_sha256(ds, batches: int = BATCHES, **data) -> str:
     return h.hexdigest()
 
 
+def _loader_catalog(ds):
+    over = {"manifest": ds.url, "tokenizer": str(ds.tokenizer), **QUICKSTART_DATA}
+    cfg = load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()])
+    return DataLoaderWithState(cfg).stream.catalog
+
+
 def test_first_50_global_batches_of_the_quickstart_stream_are_pinned(quickstart_ds):
+    assert _loader_catalog(quickstart_ds).derived_plans == []  # read from the stored plan tables
     assert stream_sha256(quickstart_ds) == STREAM_SHA256
+
+
+def test_plan_tables_derived_on_load_and_the_json_indexes_give_the_pinned_stream(quickstart_ds, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(quickstart_ds.url, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for c in manifest["catalogs"]:
+        c["plans"] = {}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    derived = Built(quickstart_ds.corpus, quickstart_ds.tokenizer, str(root))
+    assert _loader_catalog(derived).derived_plans == ["text", "images", "videos", "interleaved"]
+    assert stream_sha256(derived) == STREAM_SHA256
+    del manifest["catalogs"]  # a dataset ingested before column files
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert stream_sha256(derived) == STREAM_SHA256
 
 
 def test_the_pin_sees_a_changed_order(quickstart_ds):
