@@ -147,24 +147,30 @@ def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[di
                             t += 1
             s_gc.append(len(g["kind"]) - s_gs[-1])
     n = len(s_shard)
+    # The narrowest types that hold the values: the catalog's size is what a host keeps on disk.
+    index = lambda v: np.array(v, np.int32 if len(v) < 2**31 and max(v, default=0) < 2**31 else np.int64)  # noqa: E731
+    wide = lambda v: np.array(v, np.uint32 if max(v, default=0) < 2**32 else np.int64)  # noqa: E731
+    sequential = s_key == [f"{i:012d}" for i in range(n)]  # mmpt ingest's keys: not stored
     cols = {
         "h_key": _fixed_bytes([s["key"] for s in shards]),
         "h_size": np.array([s["size"] for s in shards], np.int64),
         "h_first": np.cumsum([0] + [s["num_samples"] for s in shards])[:-1].astype(np.int64),
-        "s_shard": np.array(s_shard, np.int32), "s_member": np.array(s_member, np.int32),
-        "s_key": _fixed_bytes(s_key), "s_text_tokens": np.array(s_tt, np.int32),
-        "s_text_bytes": np.array(s_tb, np.int64), "s_mem_start": np.array(s_ms, np.int64),
-        "s_mem_count": np.array(s_mc, np.int16), "s_seg_start": np.array(s_gs, np.int64),
-        "s_seg_count": np.array(s_gc, np.int32),
-        "m_ext": np.array(m_ext, np.int16), "m_offset": np.array(m_off, np.int64),
-        "m_size": np.array(m_size, np.int64),
-        "g_kind": np.array(g["kind"], np.uint8), "g_tokens": np.array(g["tokens"], np.int32),
-        "g_ext": np.array(g["ext"], np.int16), "g_text_index": np.array(g["text_index"], np.int32),
-        "g_height": np.array(g["height"], np.int32), "g_width": np.array(g["width"], np.int32),
-        "g_frames": np.array(g["frames"], np.int32), "g_fps": np.array(g["fps"], np.float64),
+        **({} if sequential else {"s_key": _fixed_bytes(s_key)}),
+        "s_text_tokens": np.array(s_tt, np.int32), "s_text_bytes": wide(s_tb),
+        "s_mem_start": index(s_ms), "s_mem_count": np.array(s_mc, np.uint8),
+        "m_ext": np.array(m_ext, np.uint8), "m_offset": wide(m_off), "m_size": wide(m_size),
     }
+    if kind != "text":  # text samples have no segment rows: their one segment is the text
+        cols.update({
+            "s_seg_start": index(s_gs), "s_seg_count": np.array(s_gc, np.int32),
+            "g_kind": np.array(g["kind"], np.uint8), "g_tokens": np.array(g["tokens"], np.int32),
+            "g_ext": np.array(g["ext"], np.int16), "g_text_index": np.array(g["text_index"], np.int32),
+            "g_height": np.array(g["height"], np.int32), "g_width": np.array(g["width"], np.int32),
+            "g_frames": np.array(g["frames"], np.int32), "g_fps": np.array(g["fps"], np.float64)})
+    if len(exts) > 255 or max(s_mc, default=0) > 255:
+        raise ShardError(f"source {source}: more than 255 member kinds or members per sample")
     meta = {"format": CATALOG_FORMAT, "source": source, "kind": kind, "num_samples": n,
-            "num_shards": len(shards), "exts": list(exts)}
+            "num_shards": len(shards), "exts": list(exts), "sequential_keys": sequential}
     return cols, meta
 
 
@@ -181,12 +187,20 @@ class SourceCatalog:
         self.cols, self.name, self.kind = cols, name, kind
         self.n = int(meta["num_samples"])
         self.exts = list(meta["exts"])
+        self.sequential_keys = bool(meta.get("sequential_keys"))
         c = cols.cols
-        self._shard, self._member = c["s_shard"], c["s_member"]
-        self._h_key = c["h_key"]
+        self._first, self._h_key = c["h_first"], c["h_key"]
+        self._last_shard = (0, -1, -1)  # (shard, first sample, end): consecutive lookups share it
 
     def locate(self, i: int) -> tuple[int, int]:
-        return int(self._shard[i]), int(self._member[i])
+        """(shard number, sample number within the shard): a binary search of the shard starts."""
+        k, lo, hi = self._last_shard
+        if not lo <= i < hi:
+            k = int(np.searchsorted(self._first, i, side="right")) - 1
+            lo = int(self._first[k])
+            hi = int(self._first[k + 1]) if k + 1 < len(self._first) else self.n
+            self._last_shard = (k, lo, hi)
+        return k, i - lo
 
     def shard_key(self, k: int) -> str:
         return self._h_key[k].decode()
@@ -202,7 +216,8 @@ class SourceCatalog:
         members = {self.exts[e]: {"offset": o, "size": s} for e, o, s in zip(
             c["m_ext"][ms:ms + mc].tolist(), c["m_offset"][ms:ms + mc].tolist(),
             c["m_size"][ms:ms + mc].tolist())}
-        entry = {"key": c["s_key"][i].decode(), "kind": self.kind, "members": members,
+        key = f"{i:012d}" if self.sequential_keys else c["s_key"][i].decode()
+        entry = {"key": key, "kind": self.kind, "members": members,
                  "text_tokens": int(c["s_text_tokens"][i]), "text_bytes": int(c["s_text_bytes"][i]),
                  "images": [], "videos": []}
         if self.kind == "text":

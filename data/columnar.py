@@ -51,30 +51,35 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
-def _layout(columns: dict[str, np.ndarray], meta: dict) -> tuple[bytes, list[tuple[np.ndarray, int]]]:
-    """(header bytes incl. magic and padding, [(column, offset)]) for a file of these columns."""
-    specs, arrays = {}, []
-    # offsets depend on the header length, which depends on the offsets: fix the header size by
-    # iterating (two passes settle: the offsets' digit count only grows)
+def column_layout(specs: dict[str, tuple[np.dtype, tuple]], meta: dict) -> tuple[bytes, dict[str, int]]:
+    """(header bytes incl. magic and padding, {column: offset}) of a file holding columns of the
+    given (dtype, shape): lets a writer fill a large file column by column (np.memmap)."""
     hdr_len = 0
-    for _ in range(4):
+    for _ in range(4):  # the offsets depend on the header length and back: a few passes settle
         at = len(MAGIC) + _LEN.size + hdr_len
         at += _pad(at)
-        specs, arrays = {}, []
-        for name, col in columns.items():
-            col = np.ascontiguousarray(col)
-            if col.dtype.byteorder == ">" or col.dtype.hasobject:
-                raise ValueError(f"column {name!r}: dtype {col.dtype} is not a fixed-width little-endian type")
-            specs[name] = {"dtype": col.dtype.str, "shape": list(col.shape), "offset": at}
-            arrays.append((col, at))
-            at += col.nbytes + _pad(col.nbytes)
-        header = json.dumps({"format": FORMAT, "meta": meta, "columns": specs}, sort_keys=True,
+        out, offsets = {}, {}
+        for name, (dtype, shape) in specs.items():
+            dtype = np.dtype(dtype)
+            if dtype.byteorder == ">" or dtype.hasobject:
+                raise ValueError(f"column {name!r}: dtype {dtype} is not a fixed-width little-endian type")
+            out[name] = {"dtype": dtype.str, "shape": list(shape), "offset": at}
+            offsets[name] = at
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            at += nbytes + _pad(nbytes)
+        header = json.dumps({"format": FORMAT, "meta": meta, "columns": out}, sort_keys=True,
                             separators=(",", ":")).encode()
         if len(header) == hdr_len:
             break
         hdr_len = len(header)
     head = MAGIC + _LEN.pack(len(header)) + header
-    return head + b"\0" * _pad(len(head)), arrays
+    return head + b"\0" * _pad(len(head)), offsets
+
+
+def _layout(columns: dict[str, np.ndarray], meta: dict) -> tuple[bytes, list[tuple[np.ndarray, int]]]:
+    columns = {name: np.ascontiguousarray(col) for name, col in columns.items()}
+    head, offsets = column_layout({n: (c.dtype, c.shape) for n, c in columns.items()}, meta)
+    return head, [(col, offsets[name]) for name, col in columns.items()]
 
 
 def encode_columns(columns: dict[str, np.ndarray], meta: dict) -> bytes:
