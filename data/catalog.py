@@ -209,6 +209,13 @@ class SourceCatalog:
         """The sample number of member `member` of shard `shard`."""
         return int(self.cols["h_first"][shard]) + member
 
+    def segment_rows(self, i: int) -> list[tuple]:
+        """(kind code, text tokens, height, width, frames, fps) of the sample's segment rows."""
+        c = self.cols.cols
+        gs, gc = int(c["s_seg_start"][i]), int(c["s_seg_count"][i])
+        return list(zip(*(c[col][gs:gs + gc].tolist() for col in (
+            "g_kind", "g_tokens", "g_height", "g_width", "g_frames", "g_fps"))))
+
     def entry(self, i: int) -> dict:
         """The sample's index entry (data/shards.py's JSON form), rebuilt from its rows."""
         c = self.cols.cols
@@ -259,6 +266,16 @@ class Layout:
 
     def __init__(self, media, seq_len: int, window_sequences: int):
         self.media, self.seq_len, self.window_sequences = media, seq_len, window_sequences
+        self._atom_tokens: dict[tuple, int] = {}
+
+    def atom_tokens(self, kind_code: int, height: int, width: int, frames: int, fps: float) -> int:
+        """Tokens of one whole image / video with its markers (memoised: sizes repeat)."""
+        key = (kind_code, height, width, frames, fps)
+        n = self._atom_tokens.get(key)
+        if n is None:
+            meta = {"member": "", "height": height, "width": width, "frames": frames, "fps": fps}
+            n = self._atom_tokens[key] = self._media(SEG_KINDS[kind_code], meta).tokens
+        return n
 
     def _media(self, kind: str, meta: dict) -> Segment:
         chunks = tuple(self.media.chunk_tokens(kind, meta))
@@ -431,9 +448,16 @@ class Catalog:
 
     def layout(self, draw) -> tuple[int, tuple[tuple[int, int], ...]]:
         """(length, atoms) of a drawn unit, in the unit's own token coordinates."""
-        if self.kinds[draw.source] == "text":  # planning's common case: no atoms, no lookup
+        if draw.vision == 0:  # text (planning's common case): every atom has vision tokens
             return draw.tokens, ()
-        atoms = atoms_of(self.segments(draw.source, draw.sample))
+        atoms, at = [], 0
+        for kind, tokens, *media in self.catalogs[draw.source].segment_rows(draw.sample):
+            if kind == SEG_TEXT:
+                at += tokens
+            else:
+                n = self.layout_rules.atom_tokens(kind, *media)
+                atoms.append((at, at + n))
+                at += n
         lo, hi = draw.offset, draw.offset + draw.tokens
         return draw.tokens, tuple((a - lo, b - lo) for a, b in atoms if lo <= a and b <= hi)
 

@@ -134,6 +134,8 @@ class WindowPlanner:
 
     def _pieces(self, draw: Draw) -> list[tuple[int, int]]:
         length, atoms = self.layout(draw)
+        if length == draw.tokens <= self.seq_len:  # one piece (what piece_cuts gives)
+            return [(0, length)]
         cuts = piece_cuts(length, atoms, self.seq_len, self.num_seqs)
         if cuts is None or length != draw.tokens:
             raise ValueError(f"unit {draw} cannot be packed (length {length}); the catalog "
@@ -148,6 +150,16 @@ class WindowPlanner:
 
         def admit(d: Draw) -> bool:
             pieces = self._pieces(d)
+            if len(pieces) == 1:  # the common case, placed in place (same result as the trial)
+                n = pieces[0][1] - pieces[0][0]
+                slot = bisect.bisect_left(free, (n, -1))
+                if slot == len(free):
+                    return False
+                space, s = free.pop(slot)
+                bisect.insort(free, (space - n, s))
+                docs.append(d)
+                cuts[d.index] = pieces
+                return True
             trial = list(free)
             for a, b in sorted(pieces, key=lambda p: (p[0] - p[1], p[0])):
                 slot = bisect.bisect_left(trial, (b - a, -1))
@@ -166,14 +178,13 @@ class WindowPlanner:
             else:
                 carry.append(d)
         while total < self.capacity:
-            before = self.mixer.state.copy()
             d = self.mixer.next()
             if admit(d):
                 total += d.tokens
             elif len(carry) < self.lookahead:
                 carry.append(d)
             else:
-                self.mixer.state = before  # not drawn after all: the next window draws it
+                self.mixer.undo(d)  # not drawn after all: the next window draws it
                 break
         # The admitted set fits (admission placed it); lay it out by best-fit-decreasing, which
         # almost always places it too, else keep the admission layout.
