@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -346,13 +347,15 @@ def manifest_keys(manifest: dict) -> set[str]:
 
 def prune(store, manifest: dict, previous: dict | None) -> list[str]:
     """Delete what the new manifest no longer names: other generations (superseded ones and
-    leftovers of failed ingests) and the previous manifest's shards in the layout without
-    generations. Only keys of those two kinds are touched; returns the deleted keys."""
+    leftovers of failed ingests), objects of distributed-ingest parts (parts/: other runs, and
+    this run's part manifests) and the previous manifest's shards in the layout without
+    generations. Only keys of those kinds are touched; returns the deleted keys."""
     keep = manifest_keys(manifest)
     stale = [k for k in store.list(GENERATION_PREFIX) if _GENERATION_KEY.match(k) and k not in keep]
+    stale += [k for k in store.list(PARTS_PREFIX) if k not in keep]
     for s in (previous or {}).get("shards", []):
         stale += [k for k in (s.get("key"), s.get("index")) if isinstance(k, str)
-                  and k not in keep and not _GENERATION_KEY.match(k)]
+                  and k not in keep and not _GENERATION_KEY.match(k) and not k.startswith(PARTS_PREFIX)]
     for key in stale:
         store.delete(key)
     return stale
@@ -381,15 +384,41 @@ def write_catalog(store, gen: str, name: str, kind: str, shards: list[dict], ind
     return entry
 
 
+PART_FORMAT = "mmpt-part/1"
+PARTS_PREFIX = "parts/"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def part_prefix(run_id: str, part: int, parts: int) -> str:
+    """Key prefix of one part of a distributed ingest (its shards and its part manifest)."""
+    if not _RUN_ID_RE.match(run_id) or run_id in (".", ".."):
+        raise SystemExit(f"mmpt ingest: --run-id {run_id!r}: use letters, digits, '_', '-' and '.'")
+    return f"{PARTS_PREFIX}{run_id}/part-{part:05d}-of-{parts:05d}/"
+
+
+def _part_of(items, part: int, parts: int):
+    """Part `part` of `parts` of a deterministic item sequence: a contiguous range (so the parts,
+    concatenated in order, are the sequence). ``items`` is called twice: to count, to take."""
+    import itertools
+
+    total = sum(1 for _ in items())
+    return itertools.islice(items(), total * part // parts, total * (part + 1) // parts)
+
+
 def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20,
            max_pixels: int = DEFAULT_MAX_PIXELS, video_backend: str = "auto", timeout_s: float = 30.0,
-           progress: bool = True, log=print, prune_old: bool = False, plans: list[tuple] = ()) -> dict:
+           progress: bool = True, log=print, prune_old: bool = False, plans: list[tuple] = (),
+           part: tuple[int, int] | None = None, run_id: str = "") -> dict:
     """Write shards, indexes, column catalogs and the manifest of `sources` to `store`; return
     the manifest. ``plans``: [(MediaRules, seq_len, window_sequences)] to write plan tables for.
 
     Atomic for readers: everything goes under a new generation prefix and manifest.json is put
     last, so a reader sees the old dataset or the new one, never a mix. The previous generation
-    is kept (a running job may hold the old manifest) unless ``prune_old``; see data/shards.py."""
+    is kept (a running job may hold the old manifest) unless ``prune_old``; see data/shards.py.
+
+    With ``part=(i, n)``: only the i-th of n contiguous ranges of every source's inputs, into
+    ``parts/<run_id>/part-i-of-n/`` with a part manifest there and no dataset manifest;
+    `merge` then writes the dataset manifest over all parts (same samples, same order)."""
     from tqdm import tqdm
 
     names = [s.name for s in sources]
@@ -398,9 +427,14 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             raise SystemExit(f"mmpt ingest: source name {s.name!r}: use letters, digits, '_' and '-'")
     if len(set(names)) != len(names) or not sources:
         raise SystemExit(f"mmpt ingest: need at least one source, with distinct names (got {names})")
-    before, previous, used = _generations(store)
-    generation = used + 1
-    gen = generation_prefix(generation)
+    if part is not None:
+        if not 0 <= part[0] < part[1]:
+            raise SystemExit(f"mmpt ingest: --part {part[0]}/{part[1]}: need 0 <= I < N")
+        gen, generation = part_prefix(run_id, *part), None
+    else:
+        before, previous, used = _generations(store)
+        generation = used + 1
+        gen = generation_prefix(generation)
     shards, skipped, catalogs = [], [], []
     bar = tqdm(desc="ingest", unit="input", disable=not progress, file=sys.stderr)
     for src in sources:
@@ -421,13 +455,16 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             number += 1
             builder = ShardBuilder(src.name, shard_keys(src.name, number)[0])
 
-        for where, load in enumerate_inputs(src, max_pixels, video_backend, timeout_s):
+        def items(src=src):
+            return enumerate_inputs(src, max_pixels, video_backend, timeout_s)
+
+        for where, load in (items() if part is None else _part_of(items, *part)):
             bar.update(1)
             try:
                 sample = load()
             except (InputError, OSError, UnicodeError) as e:
                 reason = _skip_reason(e)
-                skipped.append({"path": where, "reason": reason})
+                skipped.append({"path": where, "reason": reason, "source": src.name})
                 log(f"skipped {where}: {reason}")
                 continue
             builder.add(f"{count:012d}", sample.kind, sample.members,
@@ -439,13 +476,29 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
                 flush()
         if builder.samples:
             flush()
-        if count == 0:
+        if count == 0 and part is None:
             log(f"warning: source {src.name!r} ({src.path}) produced no samples")
-        catalogs.append(write_catalog(store, gen, src.name, src.kind,
-                                      [s for s in shards if s["source"] == src.name], indexes, plans))
+        if part is None:
+            catalogs.append(write_catalog(store, gen, src.name, src.kind,
+                                          [s for s in shards if s["source"] == src.name], indexes, plans))
     bar.close()
-    manifest = build_manifest([{"name": s.name, "kind": s.kind} for s in sources], shards,
-                              tokenizer.info(), skipped, generation, catalogs)
+    srcs = [{"name": s.name, "kind": s.kind} for s in sources]
+    if part is not None:
+        manifest = {"format": PART_FORMAT, "run_id": run_id, "part": part[0], "parts": part[1],
+                    "sources": srcs, "shards": shards, "tokenizer": tokenizer.info(),
+                    "skipped": skipped}
+        store.put(gen + "part-manifest.json", canonical_json(manifest))
+        return manifest
+    manifest = build_manifest(srcs, shards, tokenizer.info(),
+                              [{"path": x["path"], "reason": x["reason"]} for x in skipped],
+                              generation, catalogs)
+    _switch(store, before, previous, manifest, gen, prune_old, log)
+    return manifest
+
+
+def _switch(store, before: bytes | None, previous: dict | None, manifest: dict, gen: str,
+            prune_old: bool, log) -> None:
+    """Put the new manifest (refused if it changed since `before`), then prune if asked."""
     try:
         now = store.get(MANIFEST_KEY)
     except FileNotFoundError:
@@ -461,6 +514,48 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
     elif previous is not None:
         log(f"the previous dataset (generation {previous.get('generation', 0)}) is kept for readers "
             "that opened its manifest; --prune deletes superseded generations")
+
+
+def merge(store, run_id: str, parts: int, plans: list[tuple] = (), prune_old: bool = False,
+          log=print) -> dict:
+    """The dataset manifest over the `parts` parts of run `run_id`: each source's shards in part
+    order (so its samples are in the order one process gives), column catalogs and plan tables
+    under a new generation, the skips in the same order; then the atomic switch as in `ingest`."""
+    from data.shards import read_index
+
+    pms = []
+    for i in range(parts):
+        key = part_prefix(run_id, i, parts) + "part-manifest.json"
+        try:
+            pm = json.loads(store.get(key))
+        except FileNotFoundError:
+            raise SystemExit(f"mmpt ingest merge: {store.url}/{key} is missing: part {i} of {parts} "
+                             "has not finished (or ran with another --run-id / N)") from None
+        if pm.get("format") != PART_FORMAT or (pm.get("part"), pm.get("parts")) != (i, parts):
+            raise SystemExit(f"mmpt ingest merge: {store.url}/{key} is not part {i}/{parts} of a "
+                             f"{PART_FORMAT} run")
+        pms.append(pm)
+    for pm in pms[1:]:
+        for field_ in ("sources", "tokenizer"):
+            if pm[field_] != pms[0][field_]:
+                raise SystemExit(f"mmpt ingest merge: part {pm['part']} has other {field_} than part 0 "
+                                 "(the parts must run with the same inputs and tokenizer)")
+    before, previous, used = _generations(store)
+    generation = used + 1
+    gen = generation_prefix(generation)
+    shards, skipped, catalogs = [], [], []
+    for src in pms[0]["sources"]:
+        mine = [s for pm in pms for s in pm["shards"] if s["source"] == src["name"]]
+        indexes = [read_index(store, s["index"], s["index_sha256"]) for s in mine]
+        catalogs.append(write_catalog(store, gen, src["name"], src["kind"], mine, indexes, plans))
+        shards += mine
+        skipped += [{"path": x["path"], "reason": x["reason"]} for pm in pms for x in pm["skipped"]
+                    if x["source"] == src["name"]]
+        if not mine:
+            log(f"warning: source {src['name']!r} produced no samples")
+    manifest = build_manifest(pms[0]["sources"], shards, pms[0]["tokenizer"], skipped, generation,
+                              catalogs)
+    _switch(store, before, previous, manifest, gen, prune_old, log)
     return manifest
 
 
@@ -528,7 +623,44 @@ def _log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)  # keeps the progress bar intact
 
 
+def _part_arg(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", s.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise argparse.ArgumentTypeError(f"--part {s!r}: expected I/N with 0 <= I < N (e.g. 0/3)")
+    return int(m[1]), int(m[2])
+
+
+def _run_id(value: str | None) -> str:
+    run = value or os.environ.get("SLURM_ARRAY_JOB_ID", "")
+    if not run:
+        raise SystemExit("mmpt ingest: --part/merge need --run-id (or SLURM_ARRAY_JOB_ID): the id "
+                         "that every part and the merge of one distributed ingest share")
+    return run
+
+
+def merge_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="mmpt ingest merge",
+                                 description="write the dataset manifest over the parts of a "
+                                             "distributed ingest (mmpt ingest --part I/N)")
+    ap.add_argument("--out", required=True, help="the dataset URL the parts wrote into")
+    ap.add_argument("--parts", type=int, required=True, help="N, the number of parts")
+    ap.add_argument("--run-id", help="the parts' --run-id (default: $SLURM_ARRAY_JOB_ID)")
+    ap.add_argument("--plan", action="append", default=[], metavar="'CONFIG.toml [--data.x=y ...]'")
+    ap.add_argument("--prune", action="store_true")
+    args = ap.parse_args(argv)
+    from data.store import open_store
+
+    store = open_store(args.out)
+    manifest = merge(store, _run_id(args.run_id), args.parts, [plan_setting(p) for p in args.plan],
+                     prune_old=args.prune, log=_log)
+    print(summary(manifest, store.url))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     ap = argparse.ArgumentParser(prog="mmpt ingest", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -548,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
                          "overrides, so its runs start without a pass over every sample (repeatable)")
     ap.add_argument("--prune", action="store_true",
                     help="after the switch, delete superseded generations (no reader may still use them)")
+    ap.add_argument("--part", type=_part_arg, metavar="I/N",
+                    help="distributed ingest: only the I-th of N contiguous ranges of every source's "
+                         "inputs, into parts/RUN_ID/; then `mmpt ingest merge` (0 <= I < N)")
+    ap.add_argument("--run-id", help="with --part: the id all parts share (default: $SLURM_ARRAY_JOB_ID)")
     args = ap.parse_args(argv)
 
     sources = args.text + args.images + args.videos + args.interleaved
@@ -557,8 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     from data.tokenizer import load_tokenizer
 
     store = open_store(args.out)
+    part = {"part": args.part, "run_id": _run_id(args.run_id)} if args.part else {}
     manifest = ingest(sources, store, load_tokenizer(args.tokenizer), args.shard_size, args.max_pixels,
                       args.video_backend, args.timeout, progress=not args.no_progress,
-                      log=_log, prune_old=args.prune, plans=[plan_setting(p) for p in args.plan])
+                      log=_log, prune_old=args.prune, plans=[plan_setting(p) for p in args.plan], **part)
+    if args.part:
+        print(f"wrote part {args.part[0]}/{args.part[1]} of run {part['run_id']}: "
+              f"{sum(s['num_samples'] for s in manifest['shards'])} samples, "
+              f"{len(manifest['skipped'])} skipped; then: mmpt ingest merge --parts {args.part[1]}")
+        return 0
     print(summary(manifest, store.url))
     return 0

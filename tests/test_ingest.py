@@ -307,3 +307,44 @@ def test_ingest_refuses_to_switch_a_manifest_that_changed_meanwhile(inputs, tmp_
         ingest([Source("t", "text", text)], OtherIngestMeanwhile(store, 0), tok, **quiet)
     assert store.get("manifest.json") == b'{"other": true}'
     assert ingest([Source("t", "text", text)], store, tok, **quiet)["generation"] == 2
+
+
+def _samples(url):
+    """Every sample per source in dataset order: its members' bytes and its index metadata."""
+    from data.catalog import Columns, SourceCatalog
+    from data.columnar import open_columns
+
+    store, manifest = open_dataset(url)
+    out = {}
+    for c, src in zip(manifest["catalogs"], manifest["sources"]):
+        cat = SourceCatalog(open_columns(store, c["key"], c["size"], c["sha256"]), src["name"], src["kind"])
+        assert isinstance(cat.cols, Columns) and cat.n == src["num_samples"]
+        rows = []
+        for i in range(cat.n):
+            entry, (k, _) = cat.entry(i), cat.locate(i)
+            meta = {f: entry.get(f) for f in ("text_tokens", "text_bytes", "images", "videos", "layout")}
+            rows.append((meta, {ext: read_member(store, cat.shard_key(k), entry, ext)
+                                for ext in entry["members"]}))
+        out[src["name"]] = rows
+    return out, manifest
+
+
+def test_three_parts_merged_give_the_samples_of_one_process_in_its_order(inputs, tmp_path, capsys):
+    root, corpus, tok = inputs
+    assert _run(tmp_path / "one", corpus, tok) == 0
+    for i in range(3):
+        assert _run(tmp_path / "parts", corpus, tok, "--part", f"{i}/3", "--run-id", "r1") == 0
+        assert f"wrote part {i}/3 of run r1" in capsys.readouterr().out
+    assert not (tmp_path / "parts" / "manifest.json").exists()  # nothing for readers before merge
+    assert mmpt(["ingest", "merge", "--out", str(tmp_path / "parts"), "--parts", "3",
+                 "--run-id", "r1", "--prune"]) == 0
+    one, m1 = _samples(str(tmp_path / "one"))
+    merged, m3 = _samples(str(tmp_path / "parts"))
+    assert [s["name"] for s in m3["sources"]] == [s["name"] for s in m1["sources"]]
+    assert merged == one and sum(map(len, one.values())) == m1["num_samples"] > 0
+    assert m3["skipped"] == m1["skipped"]
+    # every part held a share of every source's shards, in part order
+    assert {s["key"].split("/")[2] for s in m3["shards"]} == {f"part-{i:05d}-of-00003" for i in range(3)}
+    # a missing part is refused by name
+    with pytest.raises(SystemExit, match="part-00000-of-00004/part-manifest.json is missing"):
+        mmpt(["ingest", "merge", "--out", str(tmp_path / "parts"), "--parts", "4", "--run-id", "r1"])
