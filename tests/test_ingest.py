@@ -348,3 +348,37 @@ def test_three_parts_merged_give_the_samples_of_one_process_in_its_order(inputs,
     # a missing part is refused by name
     with pytest.raises(SystemExit, match="part-00000-of-00004/part-manifest.json is missing"):
         mmpt(["ingest", "merge", "--out", str(tmp_path / "parts"), "--parts", "4", "--run-id", "r1"])
+
+
+def test_ingest_sbatch_runs_its_part_and_task_0_submits_the_merge(inputs, tmp_path):
+    """launch/slurm/ingest.sbatch outside SLURM: the array variables set by hand and a stand-in
+    sbatch that records its arguments (the real cluster run is in tests/test_launch.py)."""
+    import os
+    import subprocess
+    import sys
+
+    root, corpus, tok = inputs
+    script = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "ingest.sbatch"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.args\necho 99\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # sbatch, the venv's python
+    out = tmp_path / "ds"
+    args = ["--out", str(out), "--tokenizer", str(tok), "--corpus", str(corpus), "--shard-size",
+            "150KB", "--no-progress", "--prune"]
+    for task in (2, 0, 1):
+        env = {**os.environ, "PATH": path, "SLURM_ARRAY_TASK_ID": str(task),
+               "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_MAX": "2", "SLURM_SUBMIT_DIR": str(script.parents[2])}
+        res = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert f"wrote part {task}/3 of run 77" in res.stdout
+    submitted = (tmp_path / "sbatch.args").read_text().split()
+    assert "--dependency=afterok:77" in submitted
+    merge = submitted[submitted.index("merge"):]
+    assert merge == ["merge", "--parts", "3", "--run-id", "77", "--out", str(out), "--prune"]
+    res = subprocess.run(["bash", str(script), *merge], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _run(tmp_path / "one", corpus, tok) == 0
+    assert _samples(str(out))[0] == _samples(str(tmp_path / "one"))[0]
