@@ -4,9 +4,17 @@
         --text text=corpus/text --images images=corpus/images --videos videos=corpus/videos \
         --interleaved docs=corpus/interleaved/docs.jsonl [--shard-size 64MB]
     mmpt ingest --out /data/ds --tokenizer tok/tokenizer.json --corpus corpus   # data.corpus layout
+    mmpt ingest --part 3/16 --run-id R ...    # distributed: part 3 of 16 (launch/slurm/ingest.sbatch)
+    mmpt ingest merge --out s3://bucket/ds --parts 16 --run-id R [--plan configs/k2.5.toml]
 
 Inputs (each option repeatable, NAME= optional, default name = file/dir stem):
-- --text: a JSONL file or a directory of *.jsonl files, one {"text": "..."} per line;
+- --text: a JSONL file or a directory of *.jsonl files, one {"text": "..."} per line; Parquet
+  files (*.parquet, the FineWeb / HF datasets layout) with a text column (--text-column, default
+  "text", read with pyarrow); or an s3:// prefix holding such objects (listed at ingest);
+- --webdataset: webdataset tars of image + caption pairs (LAION / DataComp layout: jpg/png/webp
+  with txt or json {"caption"|"text"}): a .tar, a directory of *.tar or an s3:// prefix; members
+  that escape their directory, links and devices are rejected, a corrupt tar keeps the samples
+  before the damage; each is a counted skip;
 - --images / --videos: a directory of images (jpg, jpeg, png, webp) or videos (mp4); captions from
   `captions.jsonl` in that directory ({"file": NAME, "caption": ...}) or a sidecar NAME-stem.txt;
 - --interleaved: JSONL, one {"segments": [{"text": ...} | {"image": "relative/path.jpg"}, ...]}.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import re
@@ -55,6 +64,9 @@ class Source:
     name: str
     kind: str  # text | image | video | interleaved
     path: Path
+    url: str = ""  # an s3:// prefix instead of a local path (listed at ingest)
+    layout: str = ""  # "webdataset": image + caption pairs read from tar shards
+    column: str = "text"  # the text column of Parquet inputs
 
 
 @dataclass
@@ -283,7 +295,180 @@ def _interleaved_item(line: bytes, base: Path, root: Path, max_pixels: int):
     return load
 
 
+# -- inputs in other layouts: S3 prefixes, Parquet, webdataset tars
+
+
+def _input_files(src: Source, exts: tuple[str, ...]):
+    """(display path, open()) of the source's input files ending in one of ``exts``, sorted;
+    open() gives a local path (confined as above) or, for an S3 prefix, the object's bytes."""
+    if src.url:
+        from data.store import open_store, redact
+
+        store = open_store(src.url)
+        keys = [k for k in store.list("") if k.lower().endswith(exts)]
+        if not keys:
+            raise SystemExit(f"mmpt ingest: {redact(src.url)}: no objects ending in {'/'.join(exts)}")
+        return [(f"{src.name}/{k}", lambda k=k: store.get(k)) for k in keys]
+    path = src.path
+    if path.is_dir():
+        root = path.resolve()
+        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(exts)
+                       and (p.is_file() or p.is_symlink()))
+        if not files:
+            raise SystemExit(f"mmpt ingest: {path}: no files ending in {'/'.join(exts)}")
+        return [(_rel(p, path, src.name), lambda p=p: _inside(p, root)) for p in files]
+    if not path.exists():
+        raise SystemExit(f"mmpt ingest: {path}: no such file")
+    return [(f"{src.name}/{path.name}", lambda: path)]
+
+
+def _read_all(opened) -> bytes:
+    return opened if isinstance(opened, bytes) else opened.read_bytes()
+
+
+def _text_value(value, column: str):
+    def load() -> Sample:
+        text = value
+        if isinstance(text, bytes):
+            text = _decode_utf8(text)
+        if not isinstance(text, str):
+            raise InputError(f"column {column!r} is {'null' if text is None else type(text).__name__}, "
+                             "not text")
+        if not text:
+            raise InputError(f"column {column!r} is empty")
+        return Sample("text", {"txt": text.encode("utf-8")}, text)
+    return load
+
+
+def _parquet_rows(where: str, opened, column: str):
+    """(where, loader) per row of one Parquet file's text column; an unreadable file or column
+    is one counted skip (rows read before a corrupt page stay, the rest is one skip)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit("mmpt ingest: Parquet inputs need pyarrow (pip install 'mmpt[ingest]')") from None
+    n = 0
+    try:
+        source = pa.BufferReader(opened) if isinstance(opened, bytes) else str(opened)
+        pf = pq.ParquetFile(source)
+        names = pf.schema_arrow.names
+        if column not in names:
+            raise InputError(f"no column {column!r} (has {names}); pick one with --text-column")
+        for batch in pf.iter_batches(columns=[column], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                yield f"{where}:row{n}", _text_value(value, column)
+                n += 1
+    except InputError as e:
+        yield where, _refused(str(e))
+    except (pa.ArrowException, OSError) as e:
+        at = f" after row {n}" if n else ""
+        yield where, _refused(f"corrupt Parquet file{at} ({type(e).__name__}: {e})")
+
+
+def _wds_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a webdataset member name; unsafe names raise InputError."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+            or any(p in ("", ".", "..") for p in parts)):
+        raise InputError(f"tar member {name!r} escapes its directory or hides a path; rejected")
+    base = parts[-1]
+    if "." not in base.lstrip("."):
+        raise InputError(f"tar member {name!r} has no extension")
+    stem, _, ext = base.partition(".")
+    return "/".join(parts[:-1] + [stem]), ext.lower()
+
+
+def _wds_sample(where: str, members: dict[str, bytes], max_pixels: int):
+    def load() -> Sample:
+        image = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+        if image is None:
+            raise InputError(f"no jpg/png/webp member (has {sorted(members)})")
+        if "txt" in members:
+            caption = _decode_utf8(members["txt"]).strip()
+        elif "json" in members:
+            meta = _parse_json(members["json"])
+            caption = meta.get("caption", meta.get("text"))
+            if not isinstance(caption, str):
+                raise InputError("json member has no string 'caption' or 'text'")
+        else:
+            raise InputError(f"no caption (txt or json member; has {sorted(members)})")
+        if not caption:
+            raise InputError("empty caption")
+        ext = IMAGE_EXTS["." + image]
+        meta = _image_meta(members[image], "image", max_pixels, ext)
+        return Sample("image", {ext: members[image], "txt": caption.encode("utf-8")}, caption,
+                      images=[meta])
+    return load
+
+
+def _webdataset_samples(where: str, opened, max_pixels: int):
+    """(where, loader) per sample of one webdataset tar (members grouped by key, in tar order).
+    Unsafe or non-file members are counted skips; a corrupt tar keeps the samples before the
+    damage and is one skip for the rest."""
+    import tarfile
+
+    try:
+        data = _read_all(opened())
+    except InputError as e:
+        yield where, _refused(str(e))
+        return
+    key, group, done = None, {}, 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for ti in tf:
+                if ti.isdir():
+                    continue
+                try:
+                    k, ext = _wds_member(ti.name)
+                    if not ti.isreg():
+                        raise InputError(f"tar member {ti.name!r} is not a regular file (link or "
+                                         "device); rejected")
+                except InputError as e:
+                    yield f"{where}:{ti.name}", _refused(str(e))
+                    continue
+                if k != key and group:
+                    yield f"{where}:{key}", _wds_sample(f"{where}:{key}", group, max_pixels)
+                    done += 1
+                    group = {}
+                key = k
+                group[ext] = tf.extractfile(ti).read()
+        if group:
+            yield f"{where}:{key}", _wds_sample(f"{where}:{key}", group, max_pixels)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        lost = f"; sample {key} was being read" if group else ""
+        yield where, _refused(f"corrupt or truncated tar after {done} sample(s){lost} "
+                              f"({type(e).__name__}: {e})")
+
+
 def enumerate_inputs(src: Source, max_pixels: int, video_backend: str, timeout_s: float):
+    if src.layout == "webdataset":
+        for where, opened in _input_files(src, (".tar",)):
+            yield from _webdataset_samples(where, opened, max_pixels)
+        return
+    if src.url and src.kind != "text":
+        raise SystemExit(f"mmpt ingest: --{src.kind}s from an S3 prefix is not supported; S3 inputs "
+                         "are --text (JSONL, Parquet) and --webdataset (tars)")
+    if src.kind == "text" and (src.url or src.path.suffix == ".parquet"
+                               or (src.path.is_dir() and any(src.path.glob("*.parquet")))):
+        for where, opened in _input_files(src, (".jsonl", ".parquet")):
+            if where.endswith(".parquet"):
+                try:
+                    opened = opened()
+                except InputError as e:
+                    yield where, _refused(str(e))
+                    continue
+                yield from _parquet_rows(where, opened, src.column)
+                continue
+            try:
+                data = _read_all(opened())
+            except InputError as e:
+                yield where, _refused(str(e))
+                continue
+            for n, line in enumerate(data.split(b"\n"), 1):
+                if line.strip():
+                    yield f"{where}:{n}", _text_item(line)
+        return
     if src.kind in ("text", "interleaved"):
         files = _jsonl_files(src.path)
         given, root = (None, src.path) if src.path.is_dir() else (src.path, src.path.parent)
@@ -596,12 +781,14 @@ def corpus_sources(corpus: Path) -> list[Source]:
             Source("interleaved", "interleaved", c / "interleaved" / "docs.jsonl")]
 
 
-def _source_arg(kind: str):
+def _source_arg(kind: str, layout: str = ""):
     def parse(s: str) -> Source:
         name, sep, path = s.partition("=")
-        if not sep:
-            name, path = Path(s).stem, s
-        return Source(name, kind, Path(path))
+        if not sep or "://" in name:
+            name, path = Path(s.rstrip("/")).stem, s
+        if path.startswith("s3://"):
+            return Source(name, kind, Path(), url=path, layout=layout)
+        return Source(name, kind, Path(path), layout=layout)
     return parse
 
 
@@ -669,6 +856,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind, opt in (("text", "--text"), ("image", "--images"), ("video", "--videos"),
                       ("interleaved", "--interleaved")):
         ap.add_argument(opt, action="append", default=[], type=_source_arg(kind), metavar="[NAME=]PATH")
+    ap.add_argument("--webdataset", action="append", default=[], type=_source_arg("image", "webdataset"),
+                    metavar="[NAME=]PATH|s3://...", help="webdataset tars of image + caption pairs "
+                    "(jpg/png/webp with txt or json): a .tar, a directory of them or an S3 prefix")
+    ap.add_argument("--text-column", default="text", help="the text column of Parquet inputs")
     ap.add_argument("--corpus", help="a directory in the data.corpus layout (adds its four sources)")
     ap.add_argument("--shard-size", type=parse_size, default=64 * 2**20, help="target tar size (default 64MB)")
     ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit")
@@ -686,7 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-id", help="with --part: the id all parts share (default: $SLURM_ARRAY_JOB_ID)")
     args = ap.parse_args(argv)
 
-    sources = args.text + args.images + args.videos + args.interleaved
+    sources = args.text + args.images + args.videos + args.interleaved + args.webdataset
+    for src in args.text:
+        src.column = args.text_column
     if args.corpus:
         sources += corpus_sources(Path(args.corpus))
     from data.store import open_store
