@@ -75,7 +75,7 @@ def write_dataset(root: Path, n: int) -> dict:
     """A synthetic dataset of n samples under root; returns what was written."""
     import numpy as np
 
-    from data.catalog import CATALOG_FORMAT, PLAN_FORMAT, Layout, SEG_IMAGE, plan_key
+    from data.catalog import CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, Layout, plan_key, unit_dtype
     from data.shards import build_manifest, canonical_json, generation_prefix
 
     media = _media()
@@ -151,27 +151,27 @@ def write_dataset(root: Path, n: int) -> dict:
         size = _fill(root / cat_key, specs, meta, lambda name, lo, hi: fills[name](lo, hi))
 
         # plan table: one unit per sample (no document is longer than a window of 131,072 tokens)
-        def units(name, lo, hi):
+        def units(lo, hi):
             t = text_tokens(source, lo, hi).astype(np.int64) + 1
             v = np.zeros(hi - lo, np.int64)
             if source == "images":
                 s = image_size(lo, hi)
                 t, v = t + img_tokens[s], img_vision[s]
-            return {"u_tokens": t, "u_vision": v, "u_sample": np.arange(lo, hi),
-                    "u_offset": np.zeros(hi - lo)}[name]
+            rows = np.zeros(hi - lo, unit_dtype(count))
+            rows["tokens"], rows["vision"], rows["sample"] = t, v, np.arange(lo, hi)
+            return rows
 
         totals = [0, 0]
         for lo in range(0, count, CHUNK):
-            hi = min(count, lo + CHUNK)
-            totals[0] += int(units("u_tokens", lo, hi).sum())
-            totals[1] += int(units("u_vision", lo, hi).sum())
+            rows = units(lo, min(count, lo + CHUNK))
+            totals[0] += int(rows["tokens"].sum())
+            totals[1] += int(rows["vision"].sum())
         pmeta = {"format": PLAN_FORMAT, "source": source, "plan_key": key, "units": count,
                  "tokens": totals[0], "vision_tokens": totals[1], "seq_len": SEQ_LEN,
                  "window_sequences": WINDOW, "skipped": {}}
         plan_key_path = f"{gen}{source}/plan-{key}.cols"
-        psize = _fill(root / plan_key_path, {c: (np.int32, (count,)) for c in
-                                             ("u_tokens", "u_vision", "u_sample", "u_offset")},
-                      pmeta, units)
+        psize = _fill(root / plan_key_path, {"units": (unit_dtype(count), (count,))}, pmeta,
+                      lambda name, lo, hi: units(lo, hi))
         catalogs.append({"source": source, "key": cat_key, "size": size, "sha256": None,
                          "plans": {key: {"key": plan_key_path, "size": psize, "sha256": None,
                                          "seq_len": SEQ_LEN, "window_sequences": WINDOW}}})

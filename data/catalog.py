@@ -10,7 +10,8 @@ Two kinds of column files (data/columnar.py) per source, written at ingest next 
   are the shard indexes in columns. It does not depend on any training setting.
 - the *plan table* `<source>/plan-<key>.cols` (format mmpt-plan/1) for one planning key (seq_len,
   window_sequences and the vision settings that fix token counts): one row per unit with its
-  packed token count, vision token count, sample number and first token; totals and the samples
+  packed token count, vision token count, sample number and first token (one record per unit,
+  so a draw touches one page); totals and the samples
   that can never be packed (by reason) in its header. `mmpt ingest --plan CONFIG` writes it.
 
 `Catalog(store, manifest, ...)` maps both per source and touches only the rows it plans or builds:
@@ -328,6 +329,12 @@ def atoms_of(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
     return tuple(atoms)
 
 
+def unit_dtype(num_samples: int) -> np.dtype:
+    """One plan-table row: a drawn unit's fields sit together, so a draw touches one page."""
+    return np.dtype([("tokens", "<i4"), ("vision", "<i4"),
+                     ("sample", "<i4" if num_samples < 2**31 else "<i8"), ("offset", "<i4")])
+
+
 def plan_columns(source: SourceCatalog, layout: Layout, key: str) -> tuple[dict, dict]:
     """(columns, meta) of one source's plan table: every sample's units, in sample order."""
     skipped: Counter = Counter()
@@ -348,9 +355,9 @@ def plan_columns(source: SourceCatalog, layout: Layout, key: str) -> tuple[dict,
             except ShardError as e:
                 skipped[str(e)] += 1
         sample, offset, tokens, vision = np.array(units, dtype=np.int64).reshape(-1, 4).T
-    cols = {"u_tokens": tokens.astype(np.int32), "u_vision": vision.astype(np.int32),
-            "u_sample": sample.astype(np.int32 if source.n < 2**31 else np.int64),
-            "u_offset": offset.astype(np.int32)}
+    units = np.empty(len(tokens), unit_dtype(source.n))
+    units["tokens"], units["vision"], units["sample"], units["offset"] = tokens, vision, sample, offset
+    cols = {"units": units}
     meta = {"format": PLAN_FORMAT, "source": source.name, "plan_key": key, "units": int(len(tokens)),
             "tokens": int(tokens.sum()), "vision_tokens": int(vision.sum()),
             "seq_len": layout.seq_len, "window_sequences": layout.window_sequences,
@@ -396,8 +403,9 @@ class Catalog:
                                  f"(skipped: {dict(self.skipped)})")
             weight = weights.get(name, float(plan.meta["tokens"]))  # default: by size in tokens
             self.catalogs.append(src)
-            self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, plan["u_tokens"],
-                                           plan["u_vision"], plan["u_sample"], plan["u_offset"]))
+            units = plan["units"]
+            self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, units["tokens"],
+                                           units["vision"], units["sample"], units["offset"]))
             self.plans.append(plan)
 
     def _sample_catalog(self, name: str, kind: str, listed: dict | None) -> Columns:

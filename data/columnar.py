@@ -5,6 +5,9 @@ Layout of one file (all integers little-endian):
     b"MMPTCOL1"  u64 header length  header (canonical JSON, padded to 64 bytes)
     column data, each column starting at a multiple of 64 bytes
 
+A column may be of a record type (several fixed-width fields per row, e.g. a plan table's units):
+rows that are read together then share one page.
+
     header = {"format": "mmpt-columns/1", "meta": {...},
               "columns": {name: {"dtype": "<i4", "shape": [n], "offset": bytes from file start}}}
 
@@ -63,7 +66,9 @@ def column_layout(specs: dict[str, tuple[np.dtype, tuple]], meta: dict) -> tuple
             dtype = np.dtype(dtype)
             if dtype.byteorder == ">" or dtype.hasobject:
                 raise ValueError(f"column {name!r}: dtype {dtype} is not a fixed-width little-endian type")
-            out[name] = {"dtype": dtype.str, "shape": list(shape), "offset": at}
+            # a record type (several fields per row) keeps its field names and offsets
+            spec = ([list(f) for f in dtype.descr] if dtype.names else dtype.str)
+            out[name] = {"dtype": spec, "shape": list(shape), "offset": at}
             offsets[name] = at
             nbytes = int(np.prod(shape)) * dtype.itemsize
             at += nbytes + _pad(nbytes)
@@ -127,7 +132,9 @@ class Columns:
         self.meta: dict = header["meta"]
         self.cols: dict[str, np.ndarray] = {}
         for col, spec in header["columns"].items():
-            dtype, shape, at = np.dtype(spec["dtype"]), tuple(spec["shape"]), int(spec["offset"])
+            d = spec["dtype"]
+            dtype = np.dtype([tuple(f) for f in d] if isinstance(d, list) else d)
+            shape, at = tuple(spec["shape"]), int(spec["offset"])
             count = int(np.prod(shape)) if shape else 1
             if at + count * dtype.itemsize > len(view):
                 raise ColumnError(f"{name}: truncated (column {col!r} needs bytes up to "
