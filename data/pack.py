@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,8 +71,7 @@ def best_fit_decreasing(lengths: list[int], num_bins: int, capacity: int) -> lis
     return where
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Tokens [start, end) of the window's unit `doc` (an index into Window.docs)."""
 
     doc: int
