@@ -105,7 +105,7 @@ def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[di
     parsed indexes (in shard order). Deterministic: the same indexes give the same bytes."""
     exts: dict[str, int] = {}
     code = lambda ext: exts.setdefault(ext, len(exts))  # noqa: E731
-    s_shard, s_member, s_key, s_tt, s_tb, s_ms, s_mc, s_gs, s_gc = ([] for _ in range(9))
+    s_key, s_tt, s_tb, s_ms, s_mc, s_gs, s_gc = ([] for _ in range(7))
     m_ext, m_off, m_size = [], [], []
     g = {c: [] for c in ("kind", "tokens", "ext", "text_index", "height", "width", "frames", "fps")}
 
@@ -116,10 +116,8 @@ def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[di
                        ("frames", meta.get("frames", 0)), ("fps", meta.get("fps", 0.0))):
             g[col].append(v)
 
-    for k, idx in enumerate(indexes):
-        for m, e in enumerate(idx["samples"]):
-            s_shard.append(k)
-            s_member.append(m)
+    for idx in indexes:
+        for e in idx["samples"]:
             s_key.append(e["key"])
             s_tt.append(int(e["text_tokens"]))
             s_tb.append(int(e.get("text_bytes", 0)))
@@ -147,10 +145,15 @@ def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[di
                             seg(SEG_TEXT, tokens=int(item["text_tokens"]), text_index=t)
                             t += 1
             s_gc.append(len(g["kind"]) - s_gs[-1])
-    n = len(s_shard)
+    n = len(s_key)
+
     # The narrowest types that hold the values: the catalog's size is what a host keeps on disk.
-    index = lambda v: np.array(v, np.int32 if len(v) < 2**31 and max(v, default=0) < 2**31 else np.int64)  # noqa: E731
-    wide = lambda v: np.array(v, np.uint32 if max(v, default=0) < 2**32 else np.int64)  # noqa: E731
+    def index(v):
+        return np.array(v, np.int32 if max(v, default=0) < 2**31 else np.int64)
+
+    def wide(v):
+        return np.array(v, np.uint32 if max(v, default=0) < 2**32 else np.int64)
+
     sequential = s_key == [f"{i:012d}" for i in range(n)]  # mmpt ingest's keys: not stored
     cols = {
         "h_key": _fixed_bytes([s["key"] for s in shards]),

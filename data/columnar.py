@@ -155,6 +155,10 @@ def map_file(path: str | os.PathLike, name: str | None = None) -> Columns:
         if size == 0:
             raise ColumnError(f"{name or path}: empty column file")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):
+        # Rows are read in a shuffled order: no read-ahead, and no mapping of the neighbouring
+        # pages on a fault (they would count as resident without ever being read).
+        mm.madvise(mmap.MADV_RANDOM)
     return Columns(mm, name or str(path))
 
 

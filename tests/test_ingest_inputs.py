@@ -20,7 +20,8 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     corpus = make_corpus(root)
     tok = make_tokenizer(corpus, root / "tok")
-    texts = [json.loads(line)["text"] for line in (corpus / "text" / "topics.jsonl").read_text().splitlines()[:40]]
+    lines = (corpus / "text" / "topics.jsonl").read_text().splitlines()[:40]
+    texts = [json.loads(line)["text"] for line in lines]
     par = root / "parquet"
     par.mkdir()
     pq.write_table(pa.table({"id": list(range(30)), "content": texts[:30]}), par / "a.parquet")
@@ -137,7 +138,8 @@ def test_an_s3_prefix_of_jsonl_parquet_and_tars_ingests_like_the_local_files(inp
             store.put(f"wds/{f.name}", f.read_bytes())
         assert _ingest(tmp_path / "from-s3", tok, "--text", "t=s3://mmpt-in/in/text/",
                        "--webdataset", "w=s3://mmpt-in/in/wds", *local) == 0
-    assert _ingest(tmp_path / "from-disk", tok, "--text", f"t={text}", "--webdataset", f"w={wds}", *local) == 0
+    assert _ingest(tmp_path / "from-disk", tok, "--text", f"t={text}", "--webdataset", f"w={wds}",
+                   *local) == 0
     a, ma = _texts_and_captions(str(tmp_path / "from-s3"))
     b, mb = _texts_and_captions(str(tmp_path / "from-disk"))
     assert a == b and len(a) > 30
