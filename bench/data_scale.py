@@ -185,10 +185,13 @@ def write_dataset(root: Path, n: int) -> dict:
     return written
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
+    """Resident MB of this process (VmRSS), or of one part: RssAnon (private memory), RssFile
+    (mapped file pages: shared with every process of the host mapping the same file, and
+    reclaimable; the kernel maps up to 16 cached neighbours of a faulting page)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -199,14 +202,14 @@ def measure(url: str) -> dict:
     from data.loader import PackedStream
 
     imports = {"wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu,
-               "rss_mb": _rss_mb()}
+               "rss_mb": _rss_mb(), "rss_anon_mb": _rss_mb("RssAnon")}
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     stream = PackedStream(url, seq_len=SEQ_LEN, window_sequences=WINDOW, global_batch=GLOBAL_BATCH,
                           dp_rank=0, dp_size=1, seed=0, vision_fraction=0.1, weights={},
                           tokenizer="", media=_media())
     cursor = stream.new_cursor()
     startup = {"wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu,
-               "rss_mb": _rss_mb()}
+               "rss_mb": _rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "rss_file_mb": _rss_mb("RssFile")}
     startup["rss_over_imports_mb"] = startup["rss_mb"] - imports["rss_mb"]
     windows = GLOBAL_BATCH // WINDOW
     t_wall, t_cpu = time.perf_counter(), time.process_time()
@@ -218,7 +221,8 @@ def measure(url: str) -> dict:
                          "wall_s": time.perf_counter() - t_wall, "core_fraction_at_10s_step": cpu / 10,
                          "documents": mix["documents"], "packing_efficiency":
                              tokens / (GLOBAL_BATCH * SEQ_LEN), "vision_share": mix["vision_share"],
-                         "rss_mb_after": _rss_mb()},
+                         "rss_mb_after": _rss_mb(), "rss_anon_mb_after": _rss_mb("RssAnon"),
+                         "rss_file_mb_after": _rss_mb("RssFile")},
             "derived_plans": stream.catalog.derived_plans}
 
 
@@ -250,11 +254,13 @@ def main(argv=None) -> int:
                 runs.append(json.loads(out.strip().splitlines()[-1]))
             results["sizes"][str(size)] = {"written": written, "write_s": wrote_s, "runs": runs}
             r = runs[-1]
+            on_disk = sum(w["catalog_bytes"] + w["plan_bytes"] for w in written.values()
+                          if isinstance(w, dict))
             print(f"{size:>11,} samples: start-up {r['startup']['wall_s']:.3f} s "
                   f"({r['startup']['rss_mb']:.0f} MB resident, {r['startup']['rss_over_imports_mb']:.1f} MB "
                   f"over imports); planning {r['planning']['cpu_s_per_global_batch']:.2f} CPU s per "
                   f"global batch = {100 * r['planning']['core_fraction_at_10s_step']:.1f}% of a core "
-                  f"at a 10 s step; catalog+plan {sum(w['catalog_bytes'] + w['plan_bytes'] for k, w in written.items() if isinstance(w, dict)) / 1e9:.2f} GB",
+                  f"at a 10 s step; catalog+plan {on_disk / 1e9:.2f} GB",
                   flush=True)
             if not args.keep:
                 shutil.rmtree(root)
