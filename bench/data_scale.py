@@ -75,7 +75,8 @@ def write_dataset(root: Path, n: int) -> dict:
     """A synthetic dataset of n samples under root; returns what was written."""
     import numpy as np
 
-    from data.catalog import CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, Layout, plan_key, unit_dtype
+    from data.catalog import (CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, SEGMENT_DTYPE, Layout, plan_key,
+                              unit_dtype)
     from data.shards import build_manifest, canonical_json, generation_prefix
 
     media = _media()
@@ -96,6 +97,12 @@ def write_dataset(root: Path, n: int) -> dict:
 
     def image_size(lo, hi):
         return np.random.default_rng([n, 7, lo]).integers(0, len(IMAGE_SIZES), hi - lo)
+
+    def segments(lo, hi):  # one image per sample: its kind and size
+        rows = np.zeros(hi - lo, SEGMENT_DTYPE)
+        size = np.array(IMAGE_SIZES)[image_size(lo, hi)]
+        rows["kind"], rows["height"], rows["width"] = SEG_IMAGE, size[:, 0], size[:, 1]
+        return rows
 
     for source, count in counts.items():
         (root / gen / source).mkdir(parents=True, exist_ok=True)
@@ -122,14 +129,7 @@ def write_dataset(root: Path, n: int) -> dict:
             "m_size": lambda lo, hi: np.full(hi - lo, 4096, np.uint32),
             "s_seg_start": lambda lo, hi: np.arange(lo, hi, dtype=np.int64),
             "s_seg_count": lambda lo, hi: np.ones(hi - lo, np.int32),
-            "g_kind": lambda lo, hi: np.full(hi - lo, SEG_IMAGE, np.uint8),
-            "g_tokens": lambda lo, hi: np.zeros(hi - lo, np.int32),
-            "g_ext": lambda lo, hi: np.zeros(hi - lo, np.int16),
-            "g_text_index": lambda lo, hi: np.zeros(hi - lo, np.int32),
-            "g_height": lambda lo, hi: np.array(IMAGE_SIZES)[image_size(lo, hi), 0].astype(np.int32),
-            "g_width": lambda lo, hi: np.array(IMAGE_SIZES)[image_size(lo, hi), 1].astype(np.int32),
-            "g_frames": lambda lo, hi: np.zeros(hi - lo, np.int32),
-            "g_fps": lambda lo, hi: np.zeros(hi - lo, np.float64),
+            "segments": lambda lo, hi: segments(lo, hi),
         }
         idx = np.int32 if count * members < 2**31 else np.int64
         specs = {"h_key": ("S40", (num_shards,)), "h_size": (np.int64, (num_shards,)),
@@ -139,10 +139,7 @@ def write_dataset(root: Path, n: int) -> dict:
                  "m_offset": (np.uint32, (count * members,)), "m_size": (np.uint32, (count * members,))}
         if source == "images":
             specs.update({"s_seg_start": (idx, (count,)), "s_seg_count": (np.int32, (count,)),
-                          **{c: (d, (count,)) for c, d in (
-                              ("g_kind", np.uint8), ("g_tokens", np.int32), ("g_ext", np.int16),
-                              ("g_text_index", np.int32), ("g_height", np.int32), ("g_width", np.int32),
-                              ("g_frames", np.int32), ("g_fps", np.float64))}})
+                          "segments": (SEGMENT_DTYPE, (count,))})
         kind = "text" if source == "text" else "image"
         meta = {"format": CATALOG_FORMAT, "source": source, "kind": kind, "num_samples": count,
                 "num_shards": num_shards, "exts": ["txt"] if source == "text" else ["jpg", "txt"],

@@ -58,6 +58,9 @@ PLAN_FORMAT = "mmpt-plan/1"
 SEG_TEXT, SEG_IMAGE, SEG_VIDEO = 0, 1, 2
 SEG_KINDS = ("text", "image", "video")
 WARN_DERIVE_SAMPLES = 1_000_000
+# One segment row (a record: a sample's segments are read together, from one page)
+SEGMENT_DTYPE = np.dtype([("kind", "u1"), ("tokens", "<i4"), ("height", "<i4"), ("width", "<i4"),
+                          ("frames", "<i4"), ("fps", "<f8"), ("ext", "<i2"), ("text_index", "<i4")])
 
 MEDIA_MARKERS = 2  # media_begin + media_end around each image / video chunk
 GROUP_OF_KIND = {"text": "text", "image": "vision", "video": "vision", "interleaved": "vision"}
@@ -167,10 +170,7 @@ def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[di
     if kind != "text":  # text samples have no segment rows: their one segment is the text
         cols.update({
             "s_seg_start": index(s_gs), "s_seg_count": np.array(s_gc, np.int32),
-            "g_kind": np.array(g["kind"], np.uint8), "g_tokens": np.array(g["tokens"], np.int32),
-            "g_ext": np.array(g["ext"], np.int16), "g_text_index": np.array(g["text_index"], np.int32),
-            "g_height": np.array(g["height"], np.int32), "g_width": np.array(g["width"], np.int32),
-            "g_frames": np.array(g["frames"], np.int32), "g_fps": np.array(g["fps"], np.float64)})
+            "segments": np.array(list(zip(*(g[f] for f in SEGMENT_DTYPE.names))), SEGMENT_DTYPE)})
     if len(exts) > 255 or max(s_mc, default=0) > 255:
         raise ShardError(f"source {source}: more than 255 member kinds or members per sample")
     meta = {"format": CATALOG_FORMAT, "source": source, "kind": kind, "num_samples": n,
@@ -214,11 +214,10 @@ class SourceCatalog:
         return int(self.cols["h_first"][shard]) + member
 
     def segment_rows(self, i: int) -> list[tuple]:
-        """(kind code, text tokens, height, width, frames, fps) of the sample's segment rows."""
+        """(kind code, text tokens, height, width, frames, fps, ext, text index) per segment."""
         c = self.cols.cols
         gs, gc = int(c["s_seg_start"][i]), int(c["s_seg_count"][i])
-        return list(zip(*(c[col][gs:gs + gc].tolist() for col in (
-            "g_kind", "g_tokens", "g_height", "g_width", "g_frames", "g_fps"))))
+        return c["segments"][gs:gs + gc].tolist()
 
     def entry(self, i: int) -> dict:
         """The sample's index entry (data/shards.py's JSON form), rebuilt from its rows."""
@@ -233,11 +232,9 @@ class SourceCatalog:
                  "images": [], "videos": []}
         if self.kind == "text":
             return entry
-        gs, gc = int(c["s_seg_start"][i]), int(c["s_seg_count"][i])
-        rows = zip(*(c[col][gs:gs + gc].tolist() for col in (
-            "g_kind", "g_tokens", "g_ext", "g_text_index", "g_height", "g_width", "g_frames", "g_fps")))
+        rows = self.segment_rows(i)
         layout = []
-        for kind, tokens, ext, _t, h, w, frames, fps in rows:
+        for kind, tokens, h, w, frames, fps, ext, _t in rows:
             if kind == SEG_IMAGE:
                 entry["images"].append({"member": self.exts[ext], "height": h, "width": w})
                 layout.append({"image": self.exts[ext]})
@@ -246,7 +243,7 @@ class SourceCatalog:
                                         "width": w, "fps": fps})
             elif tokens >= 0:
                 layout.append({"text_tokens": tokens})
-        if self.kind == "interleaved" and not (gc == 1 and c["g_tokens"][gs] < 0):
+        if self.kind == "interleaved" and not (len(rows) == 1 and rows[0][1] < 0):
             entry["layout"] = layout
         return entry
 
@@ -462,11 +459,11 @@ class Catalog:
         if draw.vision == 0:  # text (planning's common case): every atom has vision tokens
             return draw.tokens, ()
         atoms, at = [], 0
-        for kind, tokens, *media in self.catalogs[draw.source].segment_rows(draw.sample):
+        for kind, tokens, h, w, frames, fps, _, _ in self.catalogs[draw.source].segment_rows(draw.sample):
             if kind == SEG_TEXT:
                 at += tokens
             else:
-                n = self.layout_rules.atom_tokens(kind, *media)
+                n = self.layout_rules.atom_tokens(kind, h, w, frames, fps)
                 atoms.append((at, at + n))
                 at += n
         lo, hi = draw.offset, draw.offset + draw.tokens
