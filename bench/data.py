@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         img_src, vid_src = cat.names.index("images"), cat.names.index("videos")
 
         def entries(src):
-            return [(cat.shard_keys[src][k], e) for k, shard in enumerate(cat.samples[src]) for e in shard]
+            return [cat.entry(src, i) for i in range(cat.catalogs[src].n)]
 
         imgs = entries(img_src)
         results["jpeg_size"] = [imgs[0][1]["images"][0]["height"], imgs[0][1]["images"][0]["width"]]

@@ -1,10 +1,25 @@
-"""What the mixer and the packer know about a dataset, from its manifest and shard indexes only.
+"""What the mixer and the packer know about a dataset: columnar metadata, memory-mapped.
 
-`Catalog(store, manifest, ...)` reads every shard index once (checked against the manifest's
-sha256) and gives, per source, the packed token count and vision token count of every sample,
-plus its document layout: the segments in reading order (text with its token count, media with
-the token count of each of its chunks). Nothing is decoded: vision token counts come from the
-stored height/width/frames through data.vision.
+Two kinds of column files (data/columnar.py) per source, written at ingest next to its shards:
+
+- the *sample catalog* `<source>/catalog.cols` (format mmpt-catalog/1): one row per sample with
+  its shard number, number within the shard, key, text token and byte counts, and where its
+  member and segment rows start; member rows (extension, data offset, size in the tar); segment
+  rows in reading order (kind, text tokens or media metadata: height, width, frames, fps); and
+  one row per shard (tar key, size). Rows of one shard are contiguous and in tar order, so these
+  are the shard indexes in columns. It does not depend on any training setting.
+- the *plan table* `<source>/plan-<key>.cols` (format mmpt-plan/1) for one planning key (seq_len,
+  window_sequences and the vision settings that fix token counts): one row per unit with its
+  packed token count, vision token count, sample number and first token (one record per unit,
+  so a draw touches one page); totals and the samples
+  that can never be packed (by reason) in its header. `mmpt ingest --plan CONFIG` writes it.
+
+`Catalog(store, manifest, ...)` maps both per source and touches only the rows it plans or builds:
+opening costs the headers, whatever the number of samples. Without a plan table for the run's
+key it derives one in memory from the sample catalog (a pass over every sample: fine for small
+datasets, logged as a warning above a million samples). Datasets ingested before column files
+(no "catalogs" in the manifest) still load: their JSON shard indexes are read (checked against
+the manifest's sha256) and turned into the same columns in memory, with the same stream.
 
 Document token layout (the same arithmetic the loader uses to build rows):
     text segment           its tokens under the dataset tokenizer
@@ -32,15 +47,28 @@ the catalog (and so the training stream) is exactly what it is without hold-out.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
+from data.columnar import Columns, encode_columns, open_columns
 from data.mix import SourceSpec
 from data.pack import piece_cuts
 from data.shards import ShardError, read_index
 from train.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+CATALOG_FORMAT = "mmpt-catalog/1"
+PLAN_FORMAT = "mmpt-plan/1"
+SEG_TEXT, SEG_IMAGE, SEG_VIDEO = 0, 1, 2
+SEG_KINDS = ("text", "image", "video")
+WARN_DERIVE_SAMPLES = 1_000_000
+# One segment row (a record: a sample's segments are read together, from one page)
+SEGMENT_DTYPE = np.dtype([("kind", "u1"), ("tokens", "<i4"), ("height", "<i4"), ("width", "<i4"),
+                          ("frames", "<i4"), ("fps", "<f8"), ("ext", "<i2"), ("text_index", "<i4")])
 
 MEDIA_MARKERS = 2  # media_begin + media_end around each image / video chunk
 GROUP_OF_KIND = {"text": "text", "image": "vision", "video": "vision", "interleaved": "vision"}
@@ -91,76 +119,206 @@ def parse_weights(spec: str) -> dict[str, float]:
     return out
 
 
-class Catalog:
-    def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
-                 weights: dict[str, float] | None = None, holdout_fraction: float = 0.0,
-                 split: str = "train"):
-        if split not in SPLITS:
-            raise ValueError(f"split {split!r}; choose one of {list(SPLITS)}")
-        if not 0.0 <= holdout_fraction < 1.0:
-            raise ValueError(f"data.holdout_fraction={holdout_fraction} must be in [0, 1)")
-        if split == "val" and holdout_fraction == 0:
-            raise ValueError("a validation split of a dataset needs data.holdout_fraction > 0")
-        self.store, self.manifest, self.media = store, manifest, media
-        self.holdout_fraction, self.split = holdout_fraction, split
-        self.seq_len, self.window_sequences = seq_len, window_sequences
-        self.fingerprint: str = manifest["fingerprint"]
-        self.names = [s["name"] for s in manifest["sources"]]
-        self.kinds = [s["kind"] for s in manifest["sources"]]
-        weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise ValueError(f"data.source_weights names unknown source(s) {unknown}; "
-                             f"the manifest has {self.names}")
-        self.skipped: Counter = Counter()
-        self.shard_keys: list[list[str]] = []  # [source][shard number] -> tar key
-        self.samples: list[list[list[dict]]] = []  # [source][shard][member] -> index entry
-        self.sources: list[SourceSpec] = []
-        self._where: list[np.ndarray] = []  # [source] -> [sample] -> (shard, member)
-        for si, (name, kind) in enumerate(zip(self.names, self.kinds)):
-            shards = [s for s in manifest["shards"] if s["source"] == name]
-            indexes = [read_index(store, s["index"], s.get("index_sha256")) for s in shards]
-            for s, idx in zip(shards, indexes):
-                if len(idx["samples"]) != s["num_samples"]:
-                    raise ShardError(f"{store.url}/{s['index']}: {len(idx['samples'])} samples, "
-                                     f"the manifest says {s['num_samples']}")
-            self.shard_keys.append([s["key"] for s in shards])
-            self.samples.append([idx["samples"] for idx in indexes])
-            where = np.array([(k, m) for k, idx in enumerate(indexes) for m in range(len(idx["samples"]))],
-                             dtype=np.int64).reshape(-1, 2)
-            self._where.append(where)
-            keep = None  # samples of this split (None: all)
-            if holdout_fraction > 0:
-                val = held_out(name, [(int(k), indexes[k]["samples"][m]["key"])
-                                      for k, m in where.tolist()], holdout_fraction)
-                keep = val if split == "val" else ~val
-                if not keep.any():
-                    raise ValueError(f"source {name!r} has {len(where)} sample(s): with "
-                                     f"data.holdout_fraction={holdout_fraction} none is left "
-                                     "for training")
-            units = []  # (sample, offset, tokens, vision)
-            for i, (k, m) in enumerate(where):
-                if keep is not None and not keep[i]:
-                    continue
-                try:
-                    units += self._units(self._segments(kind, indexes[k]["samples"][m]), i)
-                except ShardError as e:
-                    self.skipped[f"{name}: {e}"] += 1
-            if not units:
-                raise InvalidInput(f"source {name!r} has no usable samples "
-                                   f"(skipped: {dict(self.skipped)})")
-            sample, offset, tokens, vision = np.array(units, dtype=np.int64).T
-            weight = weights.get(name, float(tokens.sum()))  # default: by size in tokens
-            self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,
-                                           sample, offset))
 
-    # -- layout arithmetic
+# ---------------------------------------------------------------------------------------------
+# The sample catalog: building it from shard indexes (at ingest; for old datasets on load)
+
+
+def _fixed_bytes(values: list[str]) -> np.ndarray:
+    width = max([len(v.encode()) for v in values] + [1])
+    return np.array([v.encode() for v in values], dtype=f"S{width}")
+
+
+def catalog_columns(source: str, kind: str, shards: list[dict], indexes: list[dict]) -> tuple[dict, dict]:
+    """(columns, meta) of one source's sample catalog from its shards' manifest entries and
+    parsed indexes (in shard order). Deterministic: the same indexes give the same bytes."""
+    exts: dict[str, int] = {}
+    code = lambda ext: exts.setdefault(ext, len(exts))  # noqa: E731
+    s_key, s_tt, s_tb, s_ms, s_mc, s_gs, s_gc = ([] for _ in range(7))
+    m_ext, m_off, m_size = [], [], []
+    g = {c: [] for c in ("kind", "tokens", "ext", "text_index", "height", "width", "frames", "fps")}
+
+    def seg(kind_code, tokens=0, ext=-1, text_index=0, meta=None):
+        meta = meta or {}
+        for col, v in (("kind", kind_code), ("tokens", tokens), ("ext", ext), ("text_index", text_index),
+                       ("height", meta.get("height", 0)), ("width", meta.get("width", 0)),
+                       ("frames", meta.get("frames", 0)), ("fps", meta.get("fps", 0.0))):
+            g[col].append(v)
+
+    for idx in indexes:
+        for e in idx["samples"]:
+            s_key.append(e["key"])
+            s_tt.append(int(e["text_tokens"]))
+            s_tb.append(int(e.get("text_bytes", 0)))
+            s_ms.append(len(m_ext))
+            for ext, loc in e["members"].items():
+                m_ext.append(code(ext))
+                m_off.append(int(loc["offset"]))
+                m_size.append(int(loc["size"]))
+            s_mc.append(len(e["members"]))
+            s_gs.append(len(g["kind"]))
+            if kind in ("image", "video"):
+                for meta in e["images" if kind == "image" else "videos"]:
+                    seg(SEG_IMAGE if kind == "image" else SEG_VIDEO, ext=code(meta["member"]), meta=meta)
+            elif kind == "interleaved":
+                layout = e.get("layout")
+                if layout is None:  # kept as a sample without segments: the plan skips it
+                    seg(SEG_TEXT, tokens=-1)
+                else:
+                    images = {im["member"]: im for im in e["images"]}
+                    t = 0
+                    for item in layout:
+                        if "image" in item:
+                            seg(SEG_IMAGE, ext=code(item["image"]), meta=images[item["image"]])
+                        else:
+                            seg(SEG_TEXT, tokens=int(item["text_tokens"]), text_index=t)
+                            t += 1
+            s_gc.append(len(g["kind"]) - s_gs[-1])
+    n = len(s_key)
+
+    # The narrowest types that hold the values: the catalog's size is what a host keeps on disk.
+    def index(v):
+        return np.array(v, np.int32 if max(v, default=0) < 2**31 else np.int64)
+
+    def wide(v):
+        return np.array(v, np.uint32 if max(v, default=0) < 2**32 else np.int64)
+
+    sequential = s_key == [f"{i:012d}" for i in range(n)]  # mmpt ingest's keys: not stored
+    cols = {
+        "h_key": _fixed_bytes([s["key"] for s in shards]),
+        "h_size": np.array([s["size"] for s in shards], np.int64),
+        "h_first": np.cumsum([0] + [s["num_samples"] for s in shards])[:-1].astype(np.int64),
+        **({} if sequential else {"s_key": _fixed_bytes(s_key)}),
+        "s_text_tokens": np.array(s_tt, np.int32), "s_text_bytes": wide(s_tb),
+        "s_mem_start": index(s_ms), "s_mem_count": np.array(s_mc, np.uint8),
+        "m_ext": np.array(m_ext, np.uint8), "m_offset": wide(m_off), "m_size": wide(m_size),
+    }
+    if kind != "text":  # text samples have no segment rows: their one segment is the text
+        cols.update({
+            "s_seg_start": index(s_gs), "s_seg_count": np.array(s_gc, np.int32),
+            "segments": np.array(list(zip(*(g[f] for f in SEGMENT_DTYPE.names))), SEGMENT_DTYPE)})
+    if len(exts) > 255 or max(s_mc, default=0) > 255:
+        raise ShardError(f"source {source}: more than 255 member kinds or members per sample")
+    meta = {"format": CATALOG_FORMAT, "source": source, "kind": kind, "num_samples": n,
+            "num_shards": len(shards), "exts": list(exts), "sequential_keys": sequential}
+    return cols, meta
+
+
+class SourceCatalog:
+    """One source's sample catalog over mapped columns: per-sample lookups touch only its rows."""
+
+    def __init__(self, cols: Columns, name: str, kind: str):
+        meta = cols.meta
+        if meta.get("format") != CATALOG_FORMAT:
+            raise ShardError(f"{cols.name}: format {meta.get('format')!r}, expected {CATALOG_FORMAT!r}")
+        if meta.get("source") != name or meta.get("kind") != kind:
+            raise ShardError(f"{cols.name}: catalog of source {meta.get('source')!r} "
+                             f"({meta.get('kind')}), the manifest names {name!r} ({kind})")
+        self.cols, self.name, self.kind = cols, name, kind
+        self.n = int(meta["num_samples"])
+        self.exts = list(meta["exts"])
+        self.sequential_keys = bool(meta.get("sequential_keys"))
+        c = cols.cols
+        self._first, self._h_key = c["h_first"], c["h_key"]
+        self._last_shard = (0, -1, -1)  # (shard, first sample, end): consecutive lookups share it
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard number, sample number within the shard): a binary search of the shard starts."""
+        k, lo, hi = self._last_shard
+        if not lo <= i < hi:
+            k = int(np.searchsorted(self._first, i, side="right")) - 1
+            lo = int(self._first[k])
+            hi = int(self._first[k + 1]) if k + 1 < len(self._first) else self.n
+            self._last_shard = (k, lo, hi)
+        return k, i - lo
+
+    def shard_key(self, k: int) -> str:
+        return self._h_key[k].decode()
+
+    def identities(self) -> list[tuple[int, str]]:
+        """(shard number, member key) of every sample, in order: what the hold-out split hashes
+        (a pass over the whole source: only runs with data.holdout_fraction > 0 pay it)."""
+        c = self.cols.cols
+        shard = np.searchsorted(self._first, np.arange(self.n), side="right") - 1
+        keys = ([f"{i:012d}" for i in range(self.n)] if self.sequential_keys
+                else [k.decode() for k in c["s_key"]])
+        return list(zip(shard.tolist(), keys))
+
+    def sample_of(self, shard: int, member: int) -> int:
+        """The sample number of member `member` of shard `shard`."""
+        return int(self.cols["h_first"][shard]) + member
+
+    def segment_rows(self, i: int) -> list[tuple]:
+        """(kind code, text tokens, height, width, frames, fps, ext, text index) per segment."""
+        c = self.cols.cols
+        gs, gc = int(c["s_seg_start"][i]), int(c["s_seg_count"][i])
+        return c["segments"][gs:gs + gc].tolist()
+
+    def entry(self, i: int) -> dict:
+        """The sample's index entry (data/shards.py's JSON form), rebuilt from its rows."""
+        c = self.cols.cols
+        ms, mc = int(c["s_mem_start"][i]), int(c["s_mem_count"][i])
+        members = {self.exts[e]: {"offset": o, "size": s} for e, o, s in zip(
+            c["m_ext"][ms:ms + mc].tolist(), c["m_offset"][ms:ms + mc].tolist(),
+            c["m_size"][ms:ms + mc].tolist())}
+        key = f"{i:012d}" if self.sequential_keys else c["s_key"][i].decode()
+        entry = {"key": key, "kind": self.kind, "members": members,
+                 "text_tokens": int(c["s_text_tokens"][i]), "text_bytes": int(c["s_text_bytes"][i]),
+                 "images": [], "videos": []}
+        if self.kind == "text":
+            return entry
+        rows = self.segment_rows(i)
+        layout = []
+        for kind, tokens, h, w, frames, fps, ext, _t in rows:
+            if kind == SEG_IMAGE:
+                entry["images"].append({"member": self.exts[ext], "height": h, "width": w})
+                layout.append({"image": self.exts[ext]})
+            elif kind == SEG_VIDEO:
+                entry["videos"].append({"member": self.exts[ext], "frames": frames, "height": h,
+                                        "width": w, "fps": fps})
+            elif tokens >= 0:
+                layout.append({"text_tokens": tokens})
+        if self.kind == "interleaved" and not (len(rows) == 1 and rows[0][1] < 0):
+            entry["layout"] = layout
+        return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan tables: units per planning key
+
+
+def plan_key(media, seq_len: int, window_sequences: int) -> str:
+    """Names what fixes the units' token counts: packing sizes and the vision token arithmetic."""
+    p = media.pre
+    fields = {"seq_len": seq_len, "window_sequences": window_sequences, "patch_size": p.patch_size,
+              "merge_size": p.merge_size, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
+              "video_max_pixels": p.video_max_pixels, "frames_per_chunk": p.frames_per_chunk,
+              "sample_fps": p.sample_fps, "max_frames": p.max_frames}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Layout:
+    """Document layout arithmetic of one media setting and packing size (see the module docstring)."""
+
+    def __init__(self, media, seq_len: int, window_sequences: int):
+        self.media, self.seq_len, self.window_sequences = media, seq_len, window_sequences
+        self._atom_tokens: dict[tuple, int] = {}
+
+    def atom_tokens(self, kind_code: int, height: int, width: int, frames: int, fps: float) -> int:
+        """Tokens of one whole image / video with its markers (memoised: sizes repeat)."""
+        key = (kind_code, height, width, frames, fps)
+        n = self._atom_tokens.get(key)
+        if n is None:
+            meta = {"member": "", "height": height, "width": width, "frames": frames, "fps": fps}
+            n = self._atom_tokens[key] = self._media(SEG_KINDS[kind_code], meta).tokens
+        return n
+
     def _media(self, kind: str, meta: dict) -> Segment:
         chunks = tuple(self.media.chunk_tokens(kind, meta))
         return Segment(kind, sum(chunks) + MEDIA_MARKERS * len(chunks), meta["member"], chunks=chunks,
                        meta=meta)
 
-    def _segments(self, kind: str, entry: dict) -> list[Segment]:
+    def segments(self, kind: str, entry: dict) -> list[Segment]:
         text = Segment("text", int(entry["text_tokens"]), "txt")
         if kind == "text":
             return [text]
@@ -182,9 +340,9 @@ class Catalog:
                 t += 1
         return segs
 
-    def _units(self, segs: list[Segment], sample: int) -> list[tuple[int, int, int, int]]:
+    def units(self, segs: list[Segment], sample: int) -> list[tuple[int, int, int, int]]:
         """(sample, offset, tokens, vision tokens) of each unit of one document."""
-        length, atoms = sum(s.tokens for s in segs) + 1, self._atoms(segs)
+        length, atoms = sum(s.tokens for s in segs) + 1, atoms_of(segs)
         pieces = piece_cuts(length, atoms, self.seq_len, max_pieces=length)
         if pieces is None:
             raise ShardError(f"cannot pack: media longer than seq_len={self.seq_len}")
@@ -196,45 +354,182 @@ class Catalog:
             units.append((sample, start, end - start, vision))
         return units
 
-    @staticmethod
-    def _atoms(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
-        atoms, at = [], 0
-        for s in segs:
-            if s.kind != "text":
-                atoms.append((at, at + s.tokens))
-            at += s.tokens
-        return tuple(atoms)
+
+def atoms_of(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
+    atoms, at = [], 0
+    for s in segs:
+        if s.kind != "text":
+            atoms.append((at, at + s.tokens))
+        at += s.tokens
+    return tuple(atoms)
+
+
+def unit_dtype(num_samples: int) -> np.dtype:
+    """One plan-table row: a drawn unit's fields sit together, so a draw touches one page."""
+    return np.dtype([("tokens", "<i4"), ("vision", "<i4"),
+                     ("sample", "<i4" if num_samples < 2**31 else "<i8"), ("offset", "<i4")])
+
+
+def plan_columns(source: SourceCatalog, layout: Layout, key: str) -> tuple[dict, dict]:
+    """(columns, meta) of one source's plan table: every sample's units, in sample order."""
+    skipped: Counter = Counter()
+    if source.kind == "text":  # no atoms: units are consecutive windows of S * seq_len tokens
+        length = source.cols["s_text_tokens"].astype(np.int64) + 1
+        per_unit = layout.seq_len * layout.window_sequences
+        count = -(-length // per_unit)
+        sample = np.repeat(np.arange(source.n, dtype=np.int64), count)
+        first = np.repeat(np.cumsum(count) - count, count)
+        offset = (np.arange(len(sample), dtype=np.int64) - first) * per_unit
+        tokens = np.minimum(per_unit, length[sample] - offset)
+        vision = np.zeros_like(tokens)
+    else:
+        units = []
+        for i in range(source.n):
+            try:
+                units += layout.units(layout.segments(source.kind, source.entry(i)), i)
+            except ShardError as e:
+                skipped[str(e)] += 1
+        sample, offset, tokens, vision = np.array(units, dtype=np.int64).reshape(-1, 4).T
+    units = np.empty(len(tokens), unit_dtype(source.n))
+    units["tokens"], units["vision"], units["sample"], units["offset"] = tokens, vision, sample, offset
+    cols = {"units": units}
+    meta = {"format": PLAN_FORMAT, "source": source.name, "plan_key": key, "units": int(len(tokens)),
+            "tokens": int(tokens.sum()), "vision_tokens": int(vision.sum()),
+            "seq_len": layout.seq_len, "window_sequences": layout.window_sequences,
+            "skipped": dict(sorted(skipped.items()))}
+    return cols, meta
+
+
+def _in_memory(cols: dict, meta: dict, name: str) -> Columns:
+    return Columns(encode_columns(cols, meta), name)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Catalog:
+    def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
+                 weights: dict[str, float] | None = None, holdout_fraction: float = 0.0,
+                 split: str = "train"):
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}; choose one of {list(SPLITS)}")
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"data.holdout_fraction={holdout_fraction} must be in [0, 1)")
+        if split == "val" and holdout_fraction == 0:
+            raise ValueError("a validation split of a dataset needs data.holdout_fraction > 0")
+        self.holdout_fraction, self.split = holdout_fraction, split
+        self.store, self.manifest, self.media = store, manifest, media
+        self.seq_len, self.window_sequences = seq_len, window_sequences
+        self.layout_rules = Layout(media, seq_len, window_sequences)
+        self.plan_key = plan_key(media, seq_len, window_sequences)
+        self.fingerprint: str = manifest["fingerprint"]
+        self.names = [s["name"] for s in manifest["sources"]]
+        self.kinds = [s["kind"] for s in manifest["sources"]]
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise ValueError(f"data.source_weights names unknown source(s) {unknown}; "
+                             f"the manifest has {self.names}")
+        self.skipped: Counter = Counter()
+        self.catalogs: list[SourceCatalog] = []
+        self.sources: list[SourceSpec] = []
+        self.plans: list[Columns] = []  # [source] -> its plan table (totals in .meta)
+        self.derived_plans: list[str] = []  # sources whose plan table was built on load
+        listed = {c["source"]: c for c in manifest.get("catalogs", [])}
+        for name, kind in zip(self.names, self.kinds):
+            src = SourceCatalog(self._sample_catalog(name, kind, listed.get(name)), name, kind)
+            plan = self._plan(src, listed.get(name))
+            for reason, n in plan.meta["skipped"].items():
+                self.skipped[f"{name}: {reason}"] += n
+            if plan.meta["units"] == 0:
+                raise InvalidInput(f"source {name!r} has no usable samples "
+                                   f"(skipped: {dict(self.skipped)})")
+            units = plan["units"]
+            tokens, vision, sample, offset = (units["tokens"], units["vision"], units["sample"],
+                                              units["offset"])
+            total = float(plan.meta["tokens"])
+            if holdout_fraction > 0:  # this split's units only (a copy; the table stays mapped)
+                val = held_out(name, src.identities(), holdout_fraction)
+                keep = val if split == "val" else ~val
+                if not keep.any():
+                    raise ValueError(f"source {name!r} has {src.n} sample(s): with "
+                                     f"data.holdout_fraction={holdout_fraction} none is left "
+                                     "for training")
+                mine = keep[np.asarray(sample)]
+                tokens, vision, sample, offset = (np.asarray(a)[mine] for a in
+                                                  (tokens, vision, sample, offset))
+                total = float(tokens.sum())
+            weight = weights.get(name, total)  # default: by size in tokens
+            self.catalogs.append(src)
+            self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,
+                                           sample, offset))
+            self.plans.append(plan)
+
+    def _sample_catalog(self, name: str, kind: str, listed: dict | None) -> Columns:
+        if listed is not None:
+            return open_columns(self.store, listed["key"], int(listed["size"]), listed["sha256"])
+        # A dataset from before column files: its JSON indexes, turned into the same columns.
+        shards = [s for s in self.manifest["shards"] if s["source"] == name]
+        indexes = [read_index(self.store, s["index"], s.get("index_sha256")) for s in shards]
+        for s, idx in zip(shards, indexes):
+            if len(idx["samples"]) != s["num_samples"]:
+                raise ShardError(f"{self.store.url}/{s['index']}: {len(idx['samples'])} samples, "
+                                 f"the manifest says {s['num_samples']}")
+        cols, meta = catalog_columns(name, kind, shards, indexes)
+        return _in_memory(cols, meta, f"{name} (from {len(shards)} JSON indexes)")
+
+    def _plan(self, src: SourceCatalog, listed: dict | None) -> Columns:
+        stored = (listed or {}).get("plans", {}).get(self.plan_key)
+        if stored is not None:
+            plan = open_columns(self.store, stored["key"], int(stored["size"]), stored["sha256"])
+            if plan.meta.get("format") != PLAN_FORMAT or plan.meta.get("plan_key") != self.plan_key:
+                raise ShardError(f"{plan.name}: not the plan table for key {self.plan_key}")
+            return plan
+        if src.n > WARN_DERIVE_SAMPLES:
+            log.warning("source %s: no plan table for key %s (seq_len=%d, window_sequences=%d) in the "
+                        "manifest; deriving it from %d samples on every start (mmpt ingest --plan "
+                        "writes it once)", src.name, self.plan_key, self.seq_len,
+                        self.window_sequences, src.n)
+        self.derived_plans.append(src.name)
+        cols, meta = plan_columns(src, self.layout_rules, self.plan_key)
+        return _in_memory(cols, meta, f"{src.name} plan {self.plan_key} (derived)")
 
     # -- lookups used by the planner and the loader workers
     def locate(self, source: int, sample: int) -> tuple[int, int]:
         """(shard number within the source, sample number within the shard)."""
-        k, m = self._where[source][sample].tolist()  # Python ints in one call (a hot lookup)
-        return k, m
+        return self.catalogs[source].locate(sample)
 
     def entry(self, source: int, sample: int) -> tuple[str, dict]:
-        k, m = self.locate(source, sample)
-        return self.shard_keys[source][k], self.samples[source][k][m]
+        cat = self.catalogs[source]
+        return cat.shard_key(cat.locate(sample)[0]), cat.entry(sample)
 
     def document(self, source: int, sample: int) -> tuple[str, dict, list[Segment]]:
         """(shard key, index entry, segments) of one sample: what the loader needs to build it."""
         key, entry = self.entry(source, sample)
-        return key, entry, self._segments(self.kinds[source], entry)
+        return key, entry, self.layout_rules.segments(self.kinds[source], entry)
 
     def segments(self, source: int, sample: int) -> list[Segment]:
-        return self._segments(self.kinds[source], self.entry(source, sample)[1])
+        return self.layout_rules.segments(self.kinds[source], self.catalogs[source].entry(sample))
 
     def layout(self, draw) -> tuple[int, tuple[tuple[int, int], ...]]:
         """(length, atoms) of a drawn unit, in the unit's own token coordinates."""
-        if self.kinds[draw.source] == "text":  # planning's common case: no atoms, no lookup
+        if draw.vision == 0:  # text (planning's common case): every atom has vision tokens
             return draw.tokens, ()
-        atoms = self._atoms(self.segments(draw.source, draw.sample))
+        atoms, at = [], 0
+        for kind, tokens, h, w, frames, fps, _, _ in self.catalogs[draw.source].segment_rows(draw.sample):
+            if kind == SEG_TEXT:
+                at += tokens
+            else:
+                n = self.layout_rules.atom_tokens(kind, h, w, frames, fps)
+                atoms.append((at, at + n))
+                at += n
         lo, hi = draw.offset, draw.offset + draw.tokens
         return draw.tokens, tuple((a - lo, b - lo) for a, b in atoms if lo <= a and b <= hi)
 
     def summary(self) -> dict:
         return {"fingerprint": self.fingerprint,
                 "sources": {s.name: {"kind": k, "group": s.group, "weight": s.weight,
-                                     "samples": int(len(s.tokens)), "tokens": int(s.tokens.sum()),
-                                     "vision_tokens": int(s.vision.sum())}
-                            for s, k in zip(self.sources, self.kinds)},
+                                     "samples": int(len(s.tokens)), "tokens": p.meta["tokens"],
+                                     "vision_tokens": p.meta["vision_tokens"]}
+                            for s, k, p in zip(self.sources, self.kinds, self.plans)},
                 "skipped": dict(self.skipped)}

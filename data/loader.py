@@ -10,6 +10,9 @@ Determinism. The global sequence stream is fixed by (seed, manifest fingerprint)
 (data/mix.py) orders documents, the planner (data/pack.py) packs them into windows of S
 sequences, window k holding global sequences [k*S, (k+1)*S). Global batch j (counted from the
 resume point g0) is sequences g0 + j*B + [0, B); DP rank r of D takes [r*B/D, (r+1)*B/D) of it.
+When a window spans several global batches, the planner spreads its sequences over them by
+vision content (data/pack.py), so every batch carries the vision share; the order therefore
+depends on B, which the loader state records.
 DataLoader worker w of W builds the local batches j = w, w+W, ... and torch's DataLoader hands
 them out in round-robin order, so batch j always comes out j-th. Nothing depends on W or D
 except who does the work. Loader state is (fingerprint, seed, sequences consumed) plus the
@@ -49,7 +52,7 @@ from data.shards import ShardError, open_dataset, read_member
 from data.store import redact
 from train.errors import InvalidInput, UserError
 
-STATE_FORMAT = "mmpt-loader/1"
+STATE_FORMAT = "mmpt-loader/2"  # /2: sequences of a window are spread over its global batches
 log = logging.getLogger(__name__)
 
 
@@ -121,7 +124,8 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     def new_cursor(self, window: int | None = None, state: PlanState | None = None) -> WindowCursor:
         mixer = TokenMixer(self.catalog.sources, self.fraction, self.seed, self.fingerprint)
-        planner = WindowPlanner(mixer, self.catalog.layout, self.seq_len, self.S)
+        planner = WindowPlanner(mixer, self.catalog.layout, self.seq_len, self.S,
+                                batch_sequences=self.B)
         planner.seek(self.start_window if window is None else window,
                      self.start_state if state is None else state)
         return WindowCursor(planner)
@@ -357,9 +361,9 @@ class DataLoaderWithState:
         seq, k, state = self._position()
         s = self.stream
         return {"format": STATE_FORMAT, "fingerprint": s.fingerprint, "seed": s.seed,
-                "seq_len": s.seq_len, "window_sequences": s.S, "vision_fraction": s.fraction,
-                "source_weights": dict(self.weights), "holdout_fraction": s.holdout_fraction,
-                "sequences_consumed": seq, "window": k,
+                "seq_len": s.seq_len, "window_sequences": s.S, "global_batch": s.B,
+                "vision_fraction": s.fraction, "source_weights": dict(self.weights),
+                "holdout_fraction": s.holdout_fraction, "sequences_consumed": seq, "window": k,
                 "plan_state": state.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -370,7 +374,7 @@ class DataLoaderWithState:
             raise ResumeError(f"loader state is for dataset fingerprint {state['fingerprint']}, but "
                               f"{redact(self.url)} has fingerprint {s.fingerprint}: the data changed; "
                               "refusing to restart the stream silently")
-        mine = {"seed": s.seed, "seq_len": s.seq_len, "window_sequences": s.S,
+        mine = {"seed": s.seed, "seq_len": s.seq_len, "window_sequences": s.S, "global_batch": s.B,
                 "vision_fraction": s.fraction, "source_weights": dict(self.weights),
                 "holdout_fraction": s.holdout_fraction}
         for key, value in mine.items():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class SourceStream:
         self._perm_epoch = -1
         self._perm: KeyedPermutation | None = None
         self._block_start = -1
-        self._block: list[int] = []
+        self._block: list[tuple[int, int, int, int, int]] = []
 
     def _permutation(self, epoch: int) -> KeyedPermutation:
         if epoch != self._perm_epoch:
@@ -132,18 +133,27 @@ class SourceStream:
 
     def unit_at(self, position: int) -> int:
         """Unit number at stream position `position` (any epoch)."""
+        return self.info_at(position)[0]
+
+    def info_at(self, position: int) -> tuple[int, int, int, int, int]:
+        """(unit, tokens, vision tokens, sample, offset) at stream position `position`: read for a
+        whole block at once (one gather per column instead of four scalar reads per draw)."""
         epoch, offset = divmod(position, self.n)
         start = offset - offset % self.BLOCK
         if (epoch, start) != (self._perm_epoch, self._block_start) or not self._block:
             stop = min(start + self.BLOCK, self.n)
-            self._block = self._permutation(epoch)(np.arange(start, stop)).tolist()
+            units = self._permutation(epoch)(np.arange(start, stop))
+            spec = self.spec
+            self._block = list(zip(units.tolist(), spec.tokens[units].tolist(),
+                                   spec.vision[units].tolist(), spec.samples[units].tolist(),
+                                   spec.offsets[units].tolist()))
             self._block_start = start
         return self._block[offset - start]
 
 
-@dataclass(frozen=True)
-class Draw:
-    """One document of the mixed stream."""
+class Draw(NamedTuple):
+    """One document of the mixed stream (a named tuple: one is made per draw, in the planner's
+    inner loop, and a tuple is several times cheaper to build than a frozen dataclass)."""
 
     source: int  # index into the mixer's sources
     sample: int  # the source's sample number
@@ -206,6 +216,8 @@ class TokenMixer:
 
     def _pick_in_group(self, group: str) -> int:
         members = self.groups[group]
+        if len(members) == 1:
+            return members[0]
         weight_sum = sum(self.sources[i].weight for i in members)
         group_tokens = sum(self.state.tokens[i] for i in members)
         best, best_deficit = members[0], None
@@ -215,29 +227,36 @@ class TokenMixer:
                 best, best_deficit = i, deficit
         return best
 
-    def _candidate(self, source: int) -> tuple[int, int, int]:
-        stream, spec = self.streams[source], self.sources[source]
-        u = stream.unit_at(self.state.positions[source])
-        return u, int(spec.tokens[u]), int(spec.vision[u])
+    def _candidate(self, source: int) -> tuple[int, int, int, int, int]:
+        return self.streams[source].info_at(self.state.positions[source])
 
     def next(self) -> Draw:
         st, f = self.state, self.vision_fraction
         source = self._pick_in_group("text")
+        candidate = self._candidate(source)
         if f > 0:
             vsource = self._pick_in_group("vision")
             error = sum(st.vision) - f * sum(st.tokens)
-            _, nt, vt = self._candidate(source)
-            _, nv, vv = self._candidate(vsource)
+            _, nt, vt, _, _ = candidate
+            vcandidate = self._candidate(vsource)
+            _, nv, vv, _, _ = vcandidate
             if abs(error + vv - f * nv) < abs(error + vt - f * nt):
-                source = vsource
-        u, n, v = self._candidate(source)
-        spec = self.sources[source]
-        epoch = st.positions[source] // len(spec.tokens)
+                source, candidate = vsource, vcandidate
+        _, n, v, sample, offset = candidate
+        epoch = st.positions[source] // self.streams[source].n
         st.positions[source] += 1
         st.tokens[source] += n
         st.vision[source] += v
         st.draws += 1
-        return Draw(source, int(spec.samples[u]), epoch, n, v, int(spec.offsets[u]), st.draws - 1)
+        return Draw(source, sample, epoch, n, v, offset, st.draws - 1)
+
+    def undo(self, draw: Draw) -> None:
+        """Take back the last draw (the state is as if it had not been drawn)."""
+        st = self.state
+        st.positions[draw.source] -= 1
+        st.tokens[draw.source] -= draw.tokens
+        st.vision[draw.source] -= draw.vision
+        st.draws -= 1
 
     def report(self) -> dict:
         """Realised mix so far: token shares per source and the vision token share."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,8 +71,7 @@ def best_fit_decreasing(lengths: list[int], num_bins: int, capacity: int) -> lis
     return where
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Tokens [start, end) of the window's unit `doc` (an index into Window.docs)."""
 
     doc: int
@@ -120,9 +120,12 @@ class WindowPlanner:
     """
 
     def __init__(self, mixer: TokenMixer, layout, seq_len: int, window_sequences: int,
-                 lookahead: int = 8):
+                 lookahead: int = 8, batch_sequences: int | None = None):
         if seq_len <= 0 or window_sequences <= 0 or lookahead < 0:
             raise ValueError("seq_len and window_sequences must be > 0, lookahead >= 0")
+        if batch_sequences is not None and batch_sequences <= 0:
+            raise ValueError(f"batch_sequences must be > 0, got {batch_sequences}")
+        self.batch_sequences = batch_sequences
         self.mixer, self.layout, self.lookahead = mixer, layout, lookahead
         self.seq_len, self.num_seqs = seq_len, window_sequences
         self.capacity = seq_len * window_sequences
@@ -134,6 +137,8 @@ class WindowPlanner:
 
     def _pieces(self, draw: Draw) -> list[tuple[int, int]]:
         length, atoms = self.layout(draw)
+        if length == draw.tokens <= self.seq_len:  # one piece (what piece_cuts gives)
+            return [(0, length)]
         cuts = piece_cuts(length, atoms, self.seq_len, self.num_seqs)
         if cuts is None or length != draw.tokens:
             raise ValueError(f"unit {draw} cannot be packed (length {length}); the catalog "
@@ -148,6 +153,16 @@ class WindowPlanner:
 
         def admit(d: Draw) -> bool:
             pieces = self._pieces(d)
+            if len(pieces) == 1:  # the common case, placed in place (same result as the trial)
+                n = pieces[0][1] - pieces[0][0]
+                slot = bisect.bisect_left(free, (n, -1))
+                if slot == len(free):
+                    return False
+                space, s = free.pop(slot)
+                bisect.insort(free, (space - n, s))
+                docs.append(d)
+                cuts[d.index] = pieces
+                return True
             trial = list(free)
             for a, b in sorted(pieces, key=lambda p: (p[0] - p[1], p[0])):
                 slot = bisect.bisect_left(trial, (b - a, -1))
@@ -166,14 +181,13 @@ class WindowPlanner:
             else:
                 carry.append(d)
         while total < self.capacity:
-            before = self.mixer.state.copy()
             d = self.mixer.next()
             if admit(d):
                 total += d.tokens
             elif len(carry) < self.lookahead:
                 carry.append(d)
             else:
-                self.mixer.state = before  # not drawn after all: the next window draws it
+                self.mixer.undo(d)  # not drawn after all: the next window draws it
                 break
         # The admitted set fits (admission placed it); lay it out by best-fit-decreasing, which
         # almost always places it too, else keep the admission layout.
@@ -186,9 +200,51 @@ class WindowPlanner:
         sequences: list[list[Piece]] = [[] for _ in range(self.num_seqs)]
         for (i, a, b), s in zip(flat, where):  # flat is in stream order
             sequences[s].append(Piece(i, a, b))
+        if self.batch_sequences is not None and self.batch_sequences < self.num_seqs:
+            sequences = self._spread_vision(sequences, docs, cuts)
         window = Window(self.next_index, docs, sequences, start, PlanState(self.mixer.state.copy(), carry))
         self.next_index, self.next_state = self.next_index + 1, window.end_state.copy()
         return window
+
+
+    def _piece_vision(self, d: Draw, a: int, b: int, pieces: list) -> float:
+        """Vision tokens of piece [a, b) of unit d: exact for a one-piece unit, else the unit's
+        vision tokens shared out by the atom tokens inside the piece."""
+        if len(pieces) == 1 or d.vision == 0:
+            return float(d.vision)
+        atoms = self.layout(d)[1]
+        inside = sum(e - s for s, e in atoms if a <= s and e <= b)
+        return d.vision * inside / (sum(e - s for s, e in atoms) or 1)
+
+    def _spread_vision(self, sequences: list[list[Piece]], docs: list[Draw],
+                       cuts: dict) -> list[list[Piece]]:
+        """Reorder a window's sequences so that each global batch's part of it gets vision tokens
+        in proportion to its number of sequences (global batch j is sequences [j*B, (j+1)*B)).
+
+        Sequences go in decreasing vision content (ties: lower number first) to the part with free
+        rows whose vision is furthest below its proportional target (ties: the earlier part); each
+        part keeps its sequences in their layout order. Greedy by largest item, so every part ends
+        within one sequence's vision tokens (<= seq_len) of its target."""
+        S, B = self.num_seqs, self.batch_sequences
+        first = self.next_index * S
+        bounds = sorted({0, S} | {j * B - first for j in range(-(-first // B), (first + S) // B + 1)
+                                  if 0 < j * B - first < S})
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        vision = [sum(self._piece_vision(docs[p.doc], p.start, p.end, cuts[docs[p.doc].index])
+                      for p in seq) for seq in sequences]
+        total = sum(vision)
+        got = [0.0] * len(parts)
+        members: list[list[int]] = [[] for _ in parts]
+        for i in sorted(range(S), key=lambda i: (-vision[i], i)):
+            best, best_gap = None, None
+            for k, (lo, hi) in enumerate(parts):
+                if len(members[k]) < hi - lo:
+                    gap = total * (hi - lo) / S - got[k]
+                    if best_gap is None or gap > best_gap:
+                        best, best_gap = k, gap
+            members[best].append(i)
+            got[best] += vision[i]
+        return [sequences[i] for m in members for i in sorted(m)]
 
 
 def _online_best_fit(lengths: list[int], groups: list[list], num_bins: int, capacity: int) -> list[int]:

@@ -71,6 +71,11 @@ Manifest (manifest.json)
      "index": "gen-000001/text/shard-000000.idx.json",
      "num_samples": 2000, "size": 123456, "index_sha256": "..."}
   ],
+  "catalogs": [                          # column files per source (data/catalog.py): the sample
+    {"source": "text", "key": "gen-000001/text/catalog.cols", "size": 4096, "sha256": "...",
+     "plans": {"<plan key>": {"key": "gen-000001/text/plan-<plan key>.cols", "size": ...,
+                              "sha256": "...", "seq_len": 4096, "window_sequences": 32}}}
+  ],                                     # catalog and the plan tables written by --plan
   "tokenizer": {"fingerprint": "<sha256>", "vocab_size": 2048, "special_tokens": {"<|pad|>": 0, ...}},
   "fingerprint": "<sha256>",             # sha256 over the index files' sha256 in shard order and the
                                          # tokenizer fingerprint: identifies the dataset's content
@@ -80,6 +85,10 @@ Manifest (manifest.json)
 }
 
 A sample is identified by (source, shard number within the source, sample number within the shard).
+Training reads the column files, not the JSON indexes (which stay for webdataset tools and for
+datasets written before column files; see data/catalog.py). The fingerprint covers the indexes
+and the tokenizer; the column files are derived from the indexes and checked by their sha256
+when a host fetches them.
 Keys in the manifest/index are relative to the dataset prefix (the directory holding manifest.json).
 """
 
@@ -198,16 +207,18 @@ def dataset_fingerprint(tokenizer_fingerprint: str, index_sha256s: list[str]) ->
 
 
 def build_manifest(sources: list[dict], shards: list[dict], tokenizer: dict, skipped: list[dict],
-                   generation: int = 0) -> dict:
+                   generation: int = 0, catalogs: list[dict] | None = None) -> dict:
     """sources: [{"name", "kind"}]; shards: [{"source", "key", "index", "num_samples", "size",
-    "index_sha256"}] in order; skipped: [{"path", "reason"}]. Adds counts and the fingerprint."""
+    "index_sha256"}] in order; skipped: [{"path", "reason"}]; catalogs: the column files of
+    data/catalog.py, one entry per source. Adds counts and the fingerprint."""
     srcs = []
     for src in sources:
         mine = [s for s in shards if s["source"] == src["name"]]
         srcs.append({"name": src["name"], "kind": src["kind"], "num_shards": len(mine),
                      "num_samples": sum(s["num_samples"] for s in mine)})
+    extra = {"catalogs": catalogs} if catalogs is not None else {}
     return {"format": MANIFEST_FORMAT, "generation": generation, "sources": srcs, "shards": shards,
-            "tokenizer": tokenizer,
+            **extra, "tokenizer": tokenizer,
             "fingerprint": dataset_fingerprint(tokenizer["fingerprint"],
                                                [s["index_sha256"] for s in shards]),
             "num_samples": sum(s["num_samples"] for s in shards),

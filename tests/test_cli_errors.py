@@ -33,15 +33,15 @@ def inputs(tmp_path_factory):
     ds = make_dataset(root)
     out = {"ds": ds, "root": root}
 
-    changed = root / "ds-changed"  # one shard index edited after the manifest was written
+    changed = root / "ds-changed"  # one source's catalog cut short after the manifest was written
     changed.mkdir()
     for f in Path(ds.url).rglob("*"):
         if f.is_file():
             (changed / f.relative_to(ds.url)).parent.mkdir(parents=True, exist_ok=True)
             (changed / f.relative_to(ds.url)).write_bytes(f.read_bytes())
-    index = sorted(changed.rglob("*.idx.json"))[0]
-    index.write_text(index.read_text() + " ")
-    out["changed"], out["index"] = changed, index
+    catalog = sorted(changed.rglob("catalog.cols"))[0]
+    catalog.write_bytes(catalog.read_bytes()[:-8])
+    out["changed"], out["catalog"] = changed, catalog
 
     out["other_tok"] = make_tokenizer(ds.corpus, root / "tok-1024", vocab_size=1024)
 
@@ -82,9 +82,9 @@ CASES = {
     "train: missing manifest": (
         lambda x, t: _train(x, t, f"--data.manifest={t / 'no-dataset'}"),
         ["no-dataset/manifest.json", "data.manifest"]),
-    "train: changed index": (
+    "train: changed catalog": (
         lambda x, t: _train(x, t, f"--data.manifest={x['changed']}"),
-        ["shard-000000.idx.json", "re-ingest"]),
+        ["catalog.cols", "the manifest says", "re-ingest"]),
     "train: tokenizer file missing": (
         lambda x, t: _train(x, t, f"--data.tokenizer={t / 'nope.json'}"),
         ["nope.json", "data.tokenizer"]),

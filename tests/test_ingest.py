@@ -194,7 +194,7 @@ def _read_everything(store, manifest) -> list[bytes]:
 
 
 def test_interrupted_reingest_leaves_the_old_dataset_readable(inputs, tmp_path):
-    from data.ingest import corpus_sources, ingest
+    from data.ingest import corpus_sources, ingest, manifest_keys
     from data.shards import read_manifest
     from data.store import LocalStore
 
@@ -220,8 +220,8 @@ def test_interrupted_reingest_leaves_the_old_dataset_readable(inputs, tmp_path):
     # --prune drops superseded generations and leftovers; identical inputs, identical content
     third = ingest(corpus_sources(corpus), store, tok, shard_size=100 * 1024, prune_old=True, **quiet)
     assert third["fingerprint"] == second["fingerprint"] and _read_everything(store, third) == new
-    assert store.list("") == sorted({k for s in third["shards"] for k in (s["key"], s["index"])}
-                                    | {"manifest.json"})
+    assert store.list("") == sorted(manifest_keys(third) | {"manifest.json"})
+    assert {c["key"] for c in third["catalogs"]} <= manifest_keys(third)
 
 
 def test_invalid_utf8_lines_are_counted_skips_naming_file_and_line(inputs, tmp_path):
@@ -343,3 +343,78 @@ def test_a_dataset_without_generations_reads_and_is_replaced(inputs, tmp_path):
     again = ingest(src, old, tok, prune_old=True, **quiet)
     assert again["generation"] == 1 and again["fingerprint"] == manifest["fingerprint"]
     assert old.list("") == sorted(new.list("") + ["notes/readme.txt"])  # only the old shards went
+
+
+def _samples(url):
+    """Every sample per source in dataset order: its members' bytes and its index metadata."""
+    from data.catalog import Columns, SourceCatalog
+    from data.columnar import open_columns
+
+    store, manifest = open_dataset(url)
+    out = {}
+    for c, src in zip(manifest["catalogs"], manifest["sources"]):
+        cat = SourceCatalog(open_columns(store, c["key"], c["size"], c["sha256"]), src["name"], src["kind"])
+        assert isinstance(cat.cols, Columns) and cat.n == src["num_samples"]
+        rows = []
+        for i in range(cat.n):
+            entry, (k, _) = cat.entry(i), cat.locate(i)
+            meta = {f: entry.get(f) for f in ("text_tokens", "text_bytes", "images", "videos", "layout")}
+            rows.append((meta, {ext: read_member(store, cat.shard_key(k), entry, ext)
+                                for ext in entry["members"]}))
+        out[src["name"]] = rows
+    return out, manifest
+
+
+def test_three_parts_merged_give_the_samples_of_one_process_in_its_order(inputs, tmp_path, capsys):
+    root, corpus, tok = inputs
+    assert _run(tmp_path / "one", corpus, tok) == 0
+    for i in range(3):
+        assert _run(tmp_path / "parts", corpus, tok, "--part", f"{i}/3", "--run-id", "r1") == 0
+        assert f"wrote part {i}/3 of run r1" in capsys.readouterr().out
+    assert not (tmp_path / "parts" / "manifest.json").exists()  # nothing for readers before merge
+    assert mmpt(["ingest", "merge", "--out", str(tmp_path / "parts"), "--parts", "3",
+                 "--run-id", "r1", "--prune"]) == 0
+    one, m1 = _samples(str(tmp_path / "one"))
+    merged, m3 = _samples(str(tmp_path / "parts"))
+    assert [s["name"] for s in m3["sources"]] == [s["name"] for s in m1["sources"]]
+    assert merged == one and sum(map(len, one.values())) == m1["num_samples"] > 0
+    assert m3["skipped"] == m1["skipped"]
+    # every part held a share of every source's shards, in part order
+    assert {s["key"].split("/")[2] for s in m3["shards"]} == {f"part-{i:05d}-of-00003" for i in range(3)}
+    # a missing part is refused by name
+    with pytest.raises(SystemExit, match="part-00000-of-00004/part-manifest.json is missing"):
+        mmpt(["ingest", "merge", "--out", str(tmp_path / "parts"), "--parts", "4", "--run-id", "r1"])
+
+
+def test_ingest_sbatch_runs_its_part_and_task_0_submits_the_merge(inputs, tmp_path):
+    """launch/slurm/ingest.sbatch outside SLURM: the array variables set by hand and a stand-in
+    sbatch that records its arguments (the real cluster run is in tests/test_launch.py)."""
+    import os
+    import subprocess
+    import sys
+
+    root, corpus, tok = inputs
+    script = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "ingest.sbatch"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.args\necho 99\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # sbatch, the venv's python
+    out = tmp_path / "ds"
+    args = ["--out", str(out), "--tokenizer", str(tok), "--corpus", str(corpus), "--shard-size",
+            "150KB", "--no-progress", "--prune"]
+    for task in (2, 0, 1):
+        env = {**os.environ, "PATH": path, "SLURM_ARRAY_TASK_ID": str(task),
+               "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_MIN": "0",
+               "SLURM_ARRAY_TASK_MAX": "2", "SLURM_SUBMIT_DIR": str(script.parents[2])}
+        res = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert f"wrote part {task}/3 of run 77" in res.stdout
+    submitted = (tmp_path / "sbatch.args").read_text().split()
+    assert "--dependency=afterok:77" in submitted
+    merge = submitted[submitted.index("merge"):]
+    assert merge == ["merge", "--parts", "3", "--run-id", "77", "--out", str(out), "--prune"]
+    res = subprocess.run(["bash", str(script), *merge], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _run(tmp_path / "one", corpus, tok) == 0
+    assert _samples(str(out))[0] == _samples(str(tmp_path / "one"))[0]

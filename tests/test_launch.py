@@ -239,7 +239,8 @@ def _wait_job(conf: str, job: str, out: Path, timeout: float = 240) -> str:
 
 
 def test_launch_scripts_parse_and_nccl_env_sources():
-    for script in ("launch/slurm/train.sbatch", "launch/slurm/local_cluster.sh",
+    for script in ("launch/slurm/train.sbatch", "launch/slurm/ingest.sbatch",
+                   "launch/slurm/local_cluster.sh",
                    "docker/entrypoint.sh", "launch/setup.sh", "tests/run.sh"):
         res = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
         assert res.returncode == 0, f"{script}: {res.stderr}"
@@ -275,6 +276,42 @@ def test_slurm_sbatch_trains_checkpoints_and_restarts(slurm_cluster, dataset, re
     for step in (EVERY, STEPS):
         assert (job_dir / "ckpt" / f"step-{step:08d}" / "COMMITTED").is_file()
     _assert_matches_reference(job_dir / "run", reference)
+
+
+def test_slurm_ingest_array_parts_then_merge_gives_the_single_process_samples(slurm_cluster,
+                                                                              tmp_path):
+    """sbatch launch/slurm/ingest.sbatch as a 3-task array on the real one-node cluster: each
+    task ingests its part, task 0 submits the merge job (afterok on the array), and the merged
+    dataset holds the samples of a one-process ingest of the same inputs, in the same order."""
+    from tests.corpus_fixtures import make_corpus, make_tokenizer
+    from tests.test_ingest import _samples
+
+    corpus = make_corpus(tmp_path)
+    tok = make_tokenizer(corpus, tmp_path / "tok")
+    common = ["--tokenizer", str(tok), "--corpus", str(corpus), "--shard-size", "150KB",
+              "--no-progress"]
+    assert cli.main(["ingest", "--out", str(tmp_path / "one"), *common]) == 0
+    env = _env(SLURM_CONF=slurm_cluster, PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+               MMPT_INGEST_MERGE_OUTPUT=str(tmp_path / "merge-%j.out"))
+    res = subprocess.run(["sbatch", "--parsable", "--array=0-2", f"--output={tmp_path}/part-%A_%a.out",
+                          str(ROOT / "launch" / "slurm" / "ingest.sbatch"),
+                          "--out", str(tmp_path / "ds"), *common], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"sbatch failed: {res.stdout}{res.stderr}"
+    array = res.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "ds" / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("*.out")))
+    assert (tmp_path / "ds" / "manifest.json").exists(), f"no merged manifest; job output:\n{logs}"
+    for task in range(3):
+        assert f"ingest.sbatch: array {array} task {task} of 3" in logs
+        assert f"wrote part {task}/3 of run {array}" in logs
+    assert "merge job" in logs and f"waits for array {array}" in logs
+    merged, manifest = _samples(str(tmp_path / "ds"))
+    one, single = _samples(str(tmp_path / "one"))
+    assert merged == one and manifest["skipped"] == single["skipped"]
+    assert {s["key"].split("/")[1] for s in manifest["shards"]} == {array}
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_batches_are_consistent_and_cover_every_planned_unit_once(ds, tmp_path):
         assert int(b.cu_seqlens[-1]) == B * S and int(b.cu_seqlens.diff().min()) > 0
         for row in b.sample_ids.tolist():
             r, src, shard, member, epoch, lo, hi = row
-            sample = int(np.flatnonzero((loader.stream.catalog._where[src] == (shard, member)).all(1))[0])
+            sample = loader.stream.catalog.catalogs[src].sample_of(shard, member)
             pieces.setdefault((src, sample, epoch), []).append((lo, hi))
     # Every planned unit is in the batches exactly once, as contiguous pieces. Both sides are
     # compared as maximal runs per document: two units of one long document may be adjacent.
@@ -283,13 +283,33 @@ def test_corrupt_media_and_truncated_shards_are_counted_deterministic_skips(ds, 
     assert _digests(_take(_loader(copy, num_workers=2), 16)) == _digests(a)
 
 
-def test_a_missing_index_is_a_clear_error_naming_the_file(ds, tmp_path):
+def test_a_missing_catalog_file_is_a_clear_error_naming_it(ds, tmp_path):
     import shutil
 
     from data.shards import ShardError
 
     root = tmp_path / "ds"
     shutil.copytree(ds.url, root)
+    victim = sorted(root.glob("gen-*/images/catalog.cols"))[0]
+    victim.unlink()
+    with pytest.raises(ShardError, match=f"{victim.parent.name}/{victim.name}.*missing column file"):
+        DataLoaderWithState(_cfg(ds, manifest=str(root)))
+
+
+def test_a_dataset_without_column_files_loads_from_its_json_indexes_with_the_same_stream(ds, tmp_path):
+    import shutil
+
+    from data.shards import ShardError
+
+    root = tmp_path / "ds"
+    shutil.copytree(ds.url, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for c in manifest.pop("catalogs"):  # the manifest of a dataset ingested before column files
+        (root / c["key"]).unlink()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    old = _loader(ds, manifest=str(root))
+    assert old.stream.catalog.derived_plans == old.stream.catalog.names
+    assert _digests(_take(old, 5)) == _digests(_take(_loader(ds), 5))
     victim = sorted(root.glob("gen-*/images/*.idx.json"))[0]
     victim.unlink()
     with pytest.raises(ShardError, match=f"{victim.parent.name}/{victim.name}.*missing shard index"):

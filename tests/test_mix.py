@@ -136,3 +136,46 @@ def test_mixer_rejects_impossible_mixes():
         _spec("t", "text", 5, rng, weight=0.0)
     only_text = TokenMixer([_spec("t", "text", 5, rng)], 0.0, seed=0, fingerprint="fp")
     assert all(d.source == 0 for d in _draws(only_text, 20))
+
+
+def _window_planner(batch, seq_len=256, window=32):
+    from data.pack import WindowPlanner
+
+    rng = np.random.default_rng(5)
+    text = rng.integers(5, 700, 600)
+    img_v = rng.integers(16, 200, 200)
+    sources = [SourceSpec("text", "text", 1.0, text.astype(np.int64), np.zeros(600, np.int64)),
+               SourceSpec("img", "vision", 1.0, (img_v + 30).astype(np.int64), img_v.astype(np.int64))]
+
+    def layout(draw):  # image documents: the image (markers + placeholders) first, one atom
+        n = int(sources[draw.source].tokens[draw.sample])
+        return (n, ((0, draw.vision + 2),)) if draw.vision else (n, ())
+
+    mixer = TokenMixer(sources, 0.1, seed=0, fingerprint="fp")
+    return WindowPlanner(mixer, layout, seq_len, window, batch_sequences=batch)
+
+
+def _batch_part_errors(windows, batch, window=32):
+    """|vision of a global batch's part of a window - its share of the window's vision| per part."""
+    errors = []
+    for w in windows:
+        vision = [sum(w.docs[p.doc].vision for p in seq) for seq in w.sequences]  # one-piece units
+        first = w.index * window
+        cuts = sorted({0, window} | {b - first for b in range(0, first + window + 1, batch)
+                                     if 0 < b - first < window})
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            errors.append(abs(sum(vision[lo:hi]) - sum(vision) * (hi - lo) / window))
+    return errors
+
+
+@pytest.mark.parametrize("batch", [8, 12])
+def test_every_global_batch_of_a_window_carries_its_vision_share_within_one_sequence(batch):
+    seq_len = 256
+    spread = [p.next() for p in [_window_planner(batch)] for _ in range(40)]
+    plain = [p.next() for p in [_window_planner(None)] for _ in range(40)]
+    # the same windows, only the order of their sequences differs
+    for a, b in zip(spread, plain):
+        assert a.docs == b.docs and sorted(map(repr, a.sequences)) == sorted(map(repr, b.sequences))
+    assert max(_batch_part_errors(spread, batch)) <= seq_len
+    # best-fit-decreasing alone puts the big (multimodal) documents in the first sequences
+    assert max(_batch_part_errors(plain, batch)) > seq_len

@@ -168,7 +168,8 @@ def _identities(batches, catalog):
     out = set()
     for b in batches:
         for _, src, shard, member, *_ in b.sample_ids.tolist():
-            out.add((catalog.names[src], shard, catalog.samples[src][shard][member]["key"]))
+            cat = catalog.catalogs[src]
+            out.add((catalog.names[src], shard, cat.entry(cat.sample_of(shard, member))["key"]))
     return out
 
 
@@ -185,7 +186,8 @@ def test_holdout_is_keyed_by_sample_identity_and_never_reaches_training(ds):
     cat = full.stream.catalog
     expected, every = set(), set()
     for s, name in enumerate(cat.names):
-        ids = [(name, k, cat.samples[s][k][m]["key"]) for k, m in cat._where[s].tolist()]
+        src = cat.catalogs[s]
+        ids = [(name, src.locate(i)[0], src.entry(i)["key"]) for i in range(src.n)]
         every |= set(ids)
         # Independently of held_out(): the samples whose score is below f, or else the one
         # with the smallest score (every source has validation data).
