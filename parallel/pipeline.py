@@ -28,7 +28,7 @@ from torch.distributed.pipelining import (Schedule1F1B, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble)
 
 from parallel.main_grad import MainGradStage
-from train.model.lm import lm_loss_sum
+from train.model.lm import lm_head_loss_sum, lm_loss_sum
 
 
 def layer_counts(num_layers: int, num_chunks: int) -> list[int]:
@@ -127,7 +127,8 @@ class PipelineRunner:
 
     def __init__(self, stage_modules: list[tuple[int, StageModule]], num_stages: int,
                  pp_group, microbatches: int, schedule: str, hidden_size: int, vocab_size: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 loss_chunk_tokens: int = 0):
         if schedule not in self.SCHEDULES:
             raise ValueError(f"schedule {schedule!r}; choose one of {sorted(self.SCHEDULES)}")
         self.stage_modules = stage_modules
@@ -140,10 +141,21 @@ class PipelineRunner:
         self._built_for: tuple[int, int] | None = None
         self.schedule = None
         self._n_tokens = 1.0  # loss-token count of the global batch, set per step
+        # loss_chunk_tokens > 0: the last stage outputs normed hidden states and the loss
+        # applies the head chunk by chunk (lm_head_loss_sum), never whole logits.
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self._head: nn.Linear | None = None
+        for idx, module in stage_modules:
+            if idx == num_stages - 1 and loss_chunk_tokens > 0:
+                module.lm.head_in_loss = True
+                self._head = module.lm.head
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """target [B, S, 2] = (labels, loss mask): summed loss over the global token count.
         (The count is an attribute, not a loss kwarg: torch < 2.13 schedules take none.)"""
+        if self._head is not None:  # `logits` are the normed hidden states
+            return lm_head_loss_sum(logits, self._head.weight, target[..., 0], target[..., 1],
+                                    self.loss_chunk_tokens)[0] / self._n_tokens
         return lm_loss_sum(logits, target[..., 0], target[..., 1])[0] / self._n_tokens
 
     def modules(self) -> list[StageModule]:
@@ -162,7 +174,7 @@ class PipelineRunner:
         for idx, module in self.stage_modules:
             inp = meta(mb_rows, seq_len, dtype=torch.long) if idx == 0 else hidden
             out = (meta(mb_rows, seq_len, self.vocab_size, dtype=self.dtype)
-                   if idx == self.num_stages - 1 else hidden)
+                   if idx == self.num_stages - 1 and self._head is None else hidden)
             stages.append(MainGradStage(module, idx, self.num_stages, self.device,
                                         input_args=(inp,), output_args=(out,), group=self.pp_group))
         cls = self.SCHEDULES[self.schedule_name]

@@ -32,6 +32,7 @@ from parallel.pieces import RankCoords, RankPieces, take_rank_pieces
 from parallel.pipeline import PipelineRunner
 from parallel.zero import MakeOptimizer, ShardGroup, ZeroOptimizer
 from train.config import Config, ConfigError
+from train.model.activations import apply_activation_memory
 
 
 @dataclass
@@ -69,10 +70,12 @@ class ParallelRuntime:
         stages = pieces.stages
         for _, module in stages:
             shard_experts(module, mesh.ep_group, mesh.ep_rank, mesh.ep)
+            apply_activation_memory(module, cfg.activations, device)
         self.stage_modules = [m for _, m in stages]
         self.runner = PipelineRunner(stages, p.pp * p.virtual_stages, mesh.pp_group,
                                      p.microbatches, p.schedule, cfg.model.hidden_size,
-                                     cfg.model.vocab_size, dtype=dtype, device=device)
+                                     cfg.model.vocab_size, dtype=dtype, device=device,
+                                     loss_chunk_tokens=cfg.activations.loss_chunk_tokens)
         named = [(n, q) for m in self.stage_modules for n, q in m.named_parameters()]
         groups = [ShardGroup(mesh.dp_group, [(n, q) for n, q in named if not is_expert_param(n)]),
                   ShardGroup(mesh.edp_group, [(n, q) for n, q in named if is_expert_param(n)],

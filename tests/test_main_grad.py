@@ -46,7 +46,8 @@ class CaptureGrads(torch.optim.Optimizer):
 def _config(pp: int, schedule: str):
     cfg = tiny_config(pp=pp, virtual_stages=2 if pp > 1 else 1, microbatches=MICROBATCHES,
                       schedule=schedule if pp > 1 else "1f1b", dep=False)
-    return replace(cfg, optim=dict(grad_clip=0.0))  # 0: the norm is measured, grads untouched
+    # grad_clip 0: the norm is measured, grads untouched; whole-logits loss, as the reference
+    return replace(cfg, optim=dict(grad_clip=0.0), activations=dict(loss_chunk_tokens=0))
 
 
 def _runtime_grads(rank, world, cfg, batch):

@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses with defaults, loaded from TOML, overridable from the CLI.
 
-A config is eight sections (model, vision, data, parallel, optim, train, checkpoint, store). Loading
+A config is nine sections (model, vision, data, parallel, optim, train, checkpoint, store,
+activations). Loading
 goes TOML file -> `--section.field=value` overrides -> validation. Every error names the field,
 the bad value and what is allowed; unknown keys are errors, never ignored.
 """
@@ -180,6 +181,23 @@ class StoreConfig:
 
 
 @dataclass
+class ActivationConfig:
+    """What the backward pass keeps, and where (train/model/activations.py applies it)."""
+
+    # "selective": RMSNorm, SwiGLU and the MLA up-projections are recomputed in backward;
+    # "full": every decoder layer is recomputed from its input.
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_moe_down: bool = False  # selective: also the routed experts' SwiGLU + down-proj
+    # Saved inputs of the routed experts' up-projections and of SwiGLU as FP8-E4M3 (1x128
+    # tiles, fp32 scales); the matmuls still run in the working dtype.
+    fp8_storage: bool = False
+    offload: bool = False  # decoder layers' saved activations go to (pinned) host memory
+    # The last stage's loss applies the head this many tokens at a time (never the whole
+    # [tokens, vocab] logits); 0 computes whole logits and then the loss.
+    loss_chunk_tokens: int = 1024
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -189,6 +207,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -440,3 +459,21 @@ def validate(cfg: Config) -> None:
     for name in ("connect_timeout", "read_timeout", "retry_time"):
         _require(getattr(s, name) > 0, f"store.{name}", getattr(s, name), "must be > 0 seconds")
     _require(s.max_attempts >= 1, "store.max_attempts", s.max_attempts, "must be >= 1")
+    _validate_activations(cfg)
+
+
+def _validate_activations(cfg: Config) -> None:
+    """Settings that only the config decides; what the torch build and the device support is
+    checked where the settings are applied (`train.model.activations.check_support`)."""
+    a, m = cfg.activations, cfg.model
+    _require(a.loss_chunk_tokens >= 0, "activations.loss_chunk_tokens", a.loss_chunk_tokens,
+             "must be >= 0 (0: whole logits)")
+    if a.recompute_moe_down:
+        _require(a.recompute == "selective", "activations.recompute_moe_down", True,
+                 f"needs activations.recompute='selective' (got {a.recompute!r})")
+        _require(m.first_k_dense < m.num_layers, "activations.recompute_moe_down", True,
+                 f"the model has no MoE layer (model.first_k_dense={m.first_k_dense} = "
+                 f"model.num_layers), so no routed-expert down-projection to recompute")
+    _require(not (a.fp8_storage and a.recompute == "full"), "activations.fp8_storage", True,
+             "has nothing to store with activations.recompute='full' (a layer keeps only its "
+             "input); use 'selective' or 'none'")

@@ -46,6 +46,9 @@ class DecoderLM(nn.Module):
             self.head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg)
         self.attention_backend = cfg.attention_backend
+        # When set, forward stops after the final norm and the loss applies the head
+        # (`lm_head_loss_sum`), so whole logits are never materialised.
+        self.head_in_loss = False
 
     def embed_tokens(self, input_ids: torch.Tensor,
                      vision_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +69,8 @@ class DecoderLM(nn.Module):
                 vision_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """x: input_ids [B, S] when `embed` is present, else hidden states [B, S, H].
 
-        Returns logits [B, S, V] when `head` is present, else hidden states [B, S, H].
+        Returns logits [B, S, V] when `head` is present (and `head_in_loss` is off), else
+        hidden states [B, S, H].
         """
         h = self.embed_tokens(x, vision_embeds) if self.embed is not None else x
         cos, sin = self.rope(position_ids)
@@ -75,7 +79,7 @@ class DecoderLM(nn.Module):
             h = layer(h, cos, sin, mask)
         if self.norm is not None:
             h = self.norm(h)
-        if self.head is not None:
+        if self.head is not None and not self.head_in_loss:
             h = self.head(h)
         return h
 
@@ -91,6 +95,65 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                              labels.reshape(-1).masked_fill(~mask, 0), reduction="none")
     return (losses * mask).sum(), mask.sum()
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed masked cross-entropy of head(hidden), chunk_tokens rows at a time.
+
+    Forward keeps only (hidden, weight, labels, mask); backward recomputes each chunk's logits
+    and turns them into the logits' gradient softmax - onehot in place. Per chunk, the numbers
+    follow the plain path: the matmul in the working dtype, the softmax in float32, the logits'
+    gradient cast back to the working dtype; the head's gradient is summed over chunks in
+    float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, mask, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = F.linear(hidden[rows], weight).float()
+            picked = logits.gather(1, labels[rows, None]).squeeze(1)
+            total += ((logits.logsumexp(-1) - picked) * mask[rows]).sum()
+        ctx.save_for_backward(hidden, weight, labels, mask)
+        ctx.chunk_tokens = chunk_tokens
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, labels, mask = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            grad = F.linear(hidden[rows], weight).float().softmax(-1)
+            grad.scatter_add_(1, labels[rows, None],
+                              torch.full_like(labels[rows, None], -1, dtype=grad.dtype))
+            grad = (grad * (mask[rows] * grad_total)[:, None]).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad @ weight
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ hidden[rows]).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def lm_head_loss_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                     loss_mask: torch.Tensor, chunk_tokens: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lm_loss_sum(head(hidden), labels, loss_mask)` without whole logits: the head and the
+    float32 softmax run chunk_tokens tokens at a time, in forward and again in backward, so at
+    most [chunk_tokens, V] float32 logits exist at once. hidden [B, S, H] (after the final
+    norm), head_weight [V, H]."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be > 0")
+    mask = loss_mask.bool().reshape(-1)
+    labels = labels.reshape(-1).masked_fill(~mask, 0)
+    total = _ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), head_weight, labels,
+                                   mask.float(), chunk_tokens)
+    return total, mask.sum()
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -50,24 +50,31 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: DocMask) -> torch.Tensor:
         batch, seq, _ = x.shape
-        if self.q_proj is not None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
-        q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-
+        q_in = x if self.q_proj is not None else self.q_a_norm(self.q_a_proj(x))
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
-        kv = self.kv_b_proj(self.kv_a_norm(kv_latent))
-        kv = kv.view(batch, seq, self.num_heads, -1).transpose(1, 2)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope.view(batch, 1, seq, self.rope_dim), cos, sin)
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
-
+        q, k, v = self.up_project(q_in, self.kv_a_norm(kv_latent), k_rope, cos, sin)
         if self.record_max_logits:
             self.last_max_logits = max_logits(q.detach(), k.detach(), mask, self.scale)
-        out = attention(q, k, v, mask, self.scale)
+        out = self.attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def up_project(self, q_in: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Latents (q_in: normed q latent, or x without q low rank) -> per-head q, k [B, H, S,
+        nope+rope] and v [B, H, S, v_dim], rope applied."""
+        batch, seq, _ = q_in.shape
+        q = (self.q_proj if self.q_proj is not None else self.q_b_proj)(q_in)
+        q = q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(kv_latent).view(batch, seq, self.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope.reshape(batch, 1, seq, self.rope_dim), cos, sin)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: DocMask) -> torch.Tensor:
+        return attention(q, k, v, mask, self.scale)

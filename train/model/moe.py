@@ -16,6 +16,14 @@ from torch import nn
 from train.config import ModelConfig
 
 
+class SwiGLU(nn.Module):
+    """silu(gate) * up. A module (without parameters) so activation-memory settings can
+    recompute it or store its inputs compactly."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """Dense SwiGLU feed-forward (dense layers and shared experts)."""
 
@@ -24,9 +32,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = SwiGLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -91,6 +100,7 @@ class GroupedExperts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.act = SwiGLU()
         self.first_expert = 0
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")
 
@@ -100,25 +110,35 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"{counts.numel()} expert counts for {self.w_gate.shape[0]} local experts")
         dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
                  else x.dtype)
-        if self.use_grouped_mm and (x.device.type == "cpu" or dtype == torch.bfloat16):
-            return self._grouped(x.to(dtype), counts, dtype)
-        return self._loop(x, counts)
+        grouped = self.use_grouped_mm and (x.device.type == "cpu" or dtype == torch.bfloat16)
+        if grouped:
+            x = x.to(dtype)
+        gate, up = self.up_project(x, counts, grouped)
+        out = self.down_project(gate, up, counts, grouped)
+        return _ContiguousGrad.apply(out) if grouped else out
 
-    def _grouped(self, x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
-
-        def mm(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return torch._grouped_mm(inp, w.to(dtype).transpose(-2, -1), offs=offsets)
-
-        return _ContiguousGrad.apply(mm(F.silu(mm(x, self.w_gate)) * mm(x, self.w_up), self.w_down))
-
-    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outs = []
+    def up_project(self, x: torch.Tensor, counts: torch.Tensor,
+                   grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of every token copy, [N, I] each."""
+        if grouped:
+            return self._mm(x, self.w_gate, counts), self._mm(x, self.w_up, counts)
         # Every expert runs, even on zero rows, so all weights are in the graph (zero grads).
-        for e, xs in enumerate(x.split(counts.tolist())):
-            h = F.silu(F.linear(xs, self.w_gate[e])) * F.linear(xs, self.w_up[e])
-            outs.append(F.linear(h, self.w_down[e]))
-        return torch.cat(outs)
+        parts = x.split(counts.tolist())
+        return (torch.cat([F.linear(xs, self.w_gate[e]) for e, xs in enumerate(parts)]),
+                torch.cat([F.linear(xs, self.w_up[e]) for e, xs in enumerate(parts)]))
+
+    def down_project(self, gate: torch.Tensor, up: torch.Tensor, counts: torch.Tensor,
+                     grouped: bool) -> torch.Tensor:
+        """SwiGLU, then the down projection, [N, H]."""
+        h = self.act(gate, up)
+        if grouped:
+            return self._mm(h, self.w_down, counts)
+        return torch.cat([F.linear(hs, self.w_down[e]) for e, hs in enumerate(h.split(counts.tolist()))])
+
+    @staticmethod
+    def _mm(inp: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(inp, w.to(inp.dtype).transpose(-2, -1), offs=offsets)
 
 
 class LocalDispatcher:

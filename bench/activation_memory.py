@@ -1,0 +1,258 @@
+"""Activation memory of one K2.5 MoE decoder layer per setting, and what a k2.5 rank holds.
+
+    .venv/bin/python bench/activation_memory.py                 # full width, CPU, bf16
+    .venv/bin/python bench/activation_memory.py --tokens 256 512 --out bench/results/x.json
+
+Saved-activation bytes are measured, not modelled: the layer (train/model, at the width of
+configs/k2.5.toml, with the 384 / EP16 = 24 experts one rank holds, top-8 routing among them)
+runs one forward with its parameters requiring grad, and every tensor autograd saves passes
+through a counting store (`apply_activation_memory(..., store=...)`); storages are counted once,
+parameters not at all. Offload moves bytes to the host: the table gives device and host bytes.
+Attention runs on the CPU sdpa path, which also saves the float32 attention probabilities
+(heads x seq_len x 4 bytes per token); two sequence lengths separate that seq-dependent part
+from the per-token part (a flash-style kernel saves q, k, v, out and the log-sum-exp instead).
+
+The rank's states follow the recipe at the shipped layout (PP16 x V2, DP16, EP16, so the
+expert-data-parallel size is 1): bf16 weights + a float32 gradient-accumulation buffer for
+every parameter a rank holds; float32 master weights and optimizer state (Muon momentum for
+matrices, AdamW moments for embedding, head and 1-D parameters) on the ZeRO-1 owner only
+(sharded over DP for dense parameters, over DP / EP for experts, over the world for the DEP
+vision encoder, which every rank holds). Prints a table and writes JSON
+(bench/results/activation_memory.json unless --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from parallel.pipeline import chunk_layer_keys, layer_counts  # noqa: E402
+from train.config import ActivationConfig, Config, ModelConfig, load_config  # noqa: E402
+from train.model.activations import HostStore, apply_activation_memory  # noqa: E402
+from train.model.attention import DocMask  # noqa: E402
+from train.model.lm import DecoderLayer, DecoderLM  # noqa: E402
+from train.model.rope import RotaryEmbedding  # noqa: E402
+from train.model.vision import VisionTower  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "none": ActivationConfig(),
+    "selective": ActivationConfig(recompute="selective"),
+    "selective+fp8": ActivationConfig(recompute="selective", fp8_storage=True),
+    "selective+fp8+offload": ActivationConfig(recompute="selective", fp8_storage=True,
+                                              offload=True),
+    "selective+moe_down+fp8": ActivationConfig(recompute="selective", recompute_moe_down=True,
+                                               fp8_storage=True),
+    "full": ActivationConfig(recompute="full"),
+}
+
+
+class CountingStore:
+    """Counts the bytes of each distinct storage it is handed (device), or of the host copies
+    it makes (offload); keeps what it counts alive until `clear`, so addresses cannot repeat."""
+
+    def __init__(self, offload: bool):
+        self.host = HostStore("cpu") if offload else None
+        self.device_bytes = self.host_bytes = 0
+        self._held: dict[int, torch.Tensor] = {}
+
+    def pack(self, t: torch.Tensor):
+        if self.host is not None:
+            out = self.host.pack(t)
+            self.host_bytes += out.host.untyped_storage().nbytes()
+            return out
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self._held:
+            self._held[ptr] = t
+            self.device_bytes += t.untyped_storage().nbytes()
+        return t
+
+    def unpack(self, packed):
+        return self.host.unpack(packed) if self.host is not None else packed
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
+def moe_layer_config(model: ModelConfig, local_experts: int) -> ModelConfig:
+    """The model config of one rank's MoE layer: `local_experts` experts, top-k among them."""
+    return dataclasses.replace(model, n_routed_experts=local_experts, n_group=1, topk_group=1,
+                               num_layers=model.first_k_dense + 1, attention_backend="sdpa")
+
+
+def layer_weights(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights (normal, init_std) for one MoE layer, made once and shared by settings."""
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, cfg.first_k_dense)
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in layer.state_dict().items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(t.shape, dtype=dtype)
+        elif t.dtype == torch.float32 and name.endswith("bias"):
+            out[name] = torch.zeros(t.shape, dtype=torch.float32)
+        else:
+            out[name] = torch.empty(t.shape, dtype=dtype).normal_(0.0, cfg.init_std, generator=gen)
+    return out
+
+
+def saved_bytes(cfg: ModelConfig, weights: dict[str, torch.Tensor], act: ActivationConfig,
+                tokens: int, dtype: torch.dtype) -> dict[str, int]:
+    """Device and host bytes autograd keeps for one forward of the MoE layer on `tokens`
+    tokens (one packed row)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, cfg.first_k_dense)
+    layer.load_state_dict(weights, assign=True)
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    store = CountingStore(act.offload)
+    apply_activation_memory(layer, act, "cpu", store=store)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1, tokens, cfg.hidden_size, generator=gen).to(dtype).requires_grad_(True)
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(tokens).unsqueeze(0))
+    mask = DocMask(torch.zeros(1, tokens, dtype=torch.long), "sdpa")
+    out = layer(h, cos.to(dtype), sin.to(dtype), mask)
+    result = {"device_bytes": store.device_bytes, "host_bytes": store.host_bytes}
+    del out, layer
+    store.clear()
+    gc.collect()
+    return result
+
+
+def per_token_table(cfg: ModelConfig, tokens: list[int], dtype: torch.dtype,
+                    settings: dict[str, ActivationConfig] = SETTINGS) -> dict[str, dict]:
+    """Per setting: bytes per token at each length, and the parts that do not grow with the
+    sequence (per_token) and that do (per_token_per_seq: the sdpa attention probabilities),
+    fitted from the first and last length."""
+    weights = layer_weights(cfg, dtype)
+    table = {}
+    for name, act in settings.items():
+        t0 = time.perf_counter()
+        rows = {n: saved_bytes(cfg, weights, act, n, dtype) for n in tokens}
+        entry = {"by_tokens": {str(n): r for n, r in rows.items()},
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        for kind in ("device_bytes", "host_bytes"):
+            per = [rows[n][kind] / n for n in tokens]
+            slope = (per[-1] - per[0]) / (tokens[-1] - tokens[0]) if len(tokens) > 1 else 0.0
+            entry[f"{kind}_per_token"] = per[0] - slope * tokens[0]
+            entry[f"{kind}_per_token_per_seq"] = slope
+        table[name] = entry
+    del weights
+    gc.collect()
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# What one rank holds in states (the recipe's precision layout)
+# --------------------------------------------------------------------------------------------
+
+
+def rank_state_bytes(cfg: Config) -> dict:
+    """Parameters and state bytes of every pipeline rank (one DP/EP position; all are alike),
+    counted from the meta-device model; the heaviest rank is reported."""
+    p = cfg.parallel
+    with torch.device("meta"):
+        lm = DecoderLM(cfg.model)
+        vision = VisionTower(cfg.vision, cfg.model.hidden_size) if cfg.vision.enabled else None
+    n_chunks = p.pp * p.virtual_stages
+    keys = chunk_layer_keys(cfg.model.num_layers, layer_counts(cfg.model.num_layers, n_chunks))
+    edp = p.dp // p.ep
+    world = p.pp * p.dp
+
+    def role(name: str, param: torch.Tensor) -> str:
+        if ".experts." in f".{name}":
+            return "expert"
+        if name.startswith(("embed.", "head.")) or param.dim() < 2:
+            return "adamw"
+        return "muon"
+
+    ranks = []
+    for pp_rank in range(p.pp):
+        stages = list(range(pp_rank, n_chunks, p.pp))
+        layer_keys = {k for s in stages for k in keys[s]}
+        count = {"expert": 0, "muon": 0, "adamw": 0}
+        for name, param in lm.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "layers" and parts[1] not in layer_keys:
+                continue
+            if parts[0] == "embed" and 0 not in stages:
+                continue
+            if parts[0] in ("norm", "head") and n_chunks - 1 not in stages:
+                continue
+            r = role(name, param)
+            count[r] += param.numel() // (p.ep if r == "expert" else 1)
+        vision_params = sum(q.numel() for q in vision.parameters()) if vision is not None else 0
+        local = count["expert"] + count["muon"] + count["adamw"] + vision_params
+        weights_and_accum = local * (2 + 4)  # bf16 weights + float32 gradient accumulation
+        owner = (count["expert"] * (4 + 4) / edp + count["muon"] * (4 + 4) / p.dp
+                 + count["adamw"] * (4 + 8) / p.dp + vision_params * (4 + 8) / world)
+        ranks.append({"pp_rank": pp_rank, "layers": sorted(layer_keys, key=int),
+                      "params": local, "expert_params": count["expert"],
+                      "vision_params": vision_params,
+                      "bf16_weights_fp32_grad_accum_bytes": weights_and_accum,
+                      "zero1_master_and_optimizer_bytes": owner,
+                      "state_bytes": weights_and_accum + owner})
+    heaviest = max(ranks, key=lambda r: r["state_bytes"])
+    return {"layout": {"pp": p.pp, "virtual_stages": p.virtual_stages, "dp": p.dp, "ep": p.ep,
+                       "expert_dp": edp, "world": world},
+            "heaviest_rank": heaviest, "ranks": ranks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/k2.5.toml"))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--out", default=str(ROOT / "bench/results/activation_memory.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = load_config(args.config)
+    local_experts = cfg.model.n_routed_experts // cfg.parallel.ep
+    layer_cfg = moe_layer_config(cfg.model, local_experts)
+    dtype = getattr(torch, args.dtype)
+    table = per_token_table(layer_cfg, args.tokens, dtype)
+    states = rank_state_bytes(cfg)
+    seq = cfg.data.seq_len
+    heavy = states["heaviest_rank"]
+    gib = 2 ** 30
+    print(f"one MoE layer, hidden {layer_cfg.hidden_size}, {local_experts} local experts, "
+          f"top-{layer_cfg.num_experts_per_tok}, {args.dtype}, tokens {args.tokens}")
+    print(f"{'setting':26s} {'device B/tok':>13s} {'+ per seq pos':>13s} {'host B/tok':>11s} "
+          f"{'GiB/layer/seq':>14s}")
+    for name, e in table.items():
+        per_seq = (e["device_bytes_per_token"] + e["device_bytes_per_token_per_seq"] * seq) * seq
+        e["device_gib_per_layer_per_sequence"] = per_seq / gib
+        print(f"{name:26s} {e['device_bytes_per_token']:13.0f} "
+              f"{e['device_bytes_per_token_per_seq']:13.1f} {e['host_bytes_per_token']:11.0f} "
+              f"{per_seq / gib:14.2f}")
+    print(f"heaviest rank (pp_rank {heavy['pp_rank']}, layers {heavy['layers']}): "
+          f"{heavy['params'] / 1e9:.2f}B params ({heavy['expert_params'] / 1e9:.2f}B expert), "
+          f"states {heavy['state_bytes'] / gib:.1f} GiB")
+    out = {"config": str(Path(args.config).relative_to(ROOT)) if Path(args.config).is_relative_to(ROOT)
+           else args.config,
+           "device": "cpu", "device_name": platform.machine(), "dtype": args.dtype,
+           "torch": torch.__version__, "tokens": args.tokens, "seq_len": seq,
+           "layer": {"hidden_size": layer_cfg.hidden_size, "num_heads": layer_cfg.num_heads,
+                     "q_lora_rank": layer_cfg.q_lora_rank, "kv_lora_rank": layer_cfg.kv_lora_rank,
+                     "local_experts": local_experts, "top_k": layer_cfg.num_experts_per_tok,
+                     "moe_intermediate_size": layer_cfg.moe_intermediate_size,
+                     "attention": "sdpa (CPU math path)"},
+           "activations": table, "rank_states": states}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
