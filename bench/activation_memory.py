@@ -8,9 +8,12 @@ configs/k2.5.toml, with the 384 / EP16 = 24 experts one rank holds, top-8 routin
 runs one forward with its parameters requiring grad, and every tensor autograd saves passes
 through a counting store (`apply_activation_memory(..., store=...)`); storages are counted once,
 parameters not at all. Offload moves bytes to the host: the table gives device and host bytes.
-Attention runs on the CPU sdpa path, which also saves the float32 attention probabilities
-(heads x seq_len x 4 bytes per token); two sequence lengths separate that seq-dependent part
-from the per-token part (a flash-style kernel saves q, k, v, out and the log-sum-exp instead).
+Two attention cores are measured. "sdpa" is the CPU path as it runs: it saves float32 copies
+of the scaled q, k and of v, and the float32 attention probabilities (heads x seq_len x 4 bytes
+per token); two sequence lengths separate that seq-dependent part from the per-token part.
+"flash" swaps in a core that saves what FlashAttention / flex attention keep on a GPU (q, k, v,
+the output and the float32 log-sum-exp) and recomputes the rest in backward; everything else is
+the same layer. The flash rows are what a GPU rank keeps.
 
 The rank's states follow the recipe at the shipped layout (PP16 x V2, DP16, EP16, so the
 expert-data-parallel size is 1): bf16 weights + a float32 gradient-accumulation buffer for
@@ -106,13 +109,41 @@ def layer_weights(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0) -> dict[s
     return out
 
 
+class _FlashSaves(torch.autograd.Function):
+    """Attention that keeps what a flash kernel keeps (q, k, v, out, log-sum-exp) and
+    recomputes the probabilities in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        with torch.no_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.dense(), scale=scale)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale = mask, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask.dense(), scale=ctx.scale)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+        return dq, dk, dv, None, None
+
+
 def saved_bytes(cfg: ModelConfig, weights: dict[str, torch.Tensor], act: ActivationConfig,
-                tokens: int, dtype: torch.dtype) -> dict[str, int]:
+                tokens: int, dtype: torch.dtype, attention: str = "sdpa") -> dict[str, int]:
     """Device and host bytes autograd keeps for one forward of the MoE layer on `tokens`
     tokens (one packed row)."""
     with torch.device("meta"):
         layer = DecoderLayer(cfg, cfg.first_k_dense)
     layer.load_state_dict(weights, assign=True)
+    if attention == "flash":
+        mla = layer.attn
+        mla.attend = lambda q, k, v, mask: _FlashSaves.apply(q, k, v, mask, mla.scale)
     for p in layer.parameters():
         p.requires_grad_(True)
     store = CountingStore(act.offload)
@@ -130,7 +161,8 @@ def saved_bytes(cfg: ModelConfig, weights: dict[str, torch.Tensor], act: Activat
 
 
 def per_token_table(cfg: ModelConfig, tokens: list[int], dtype: torch.dtype,
-                    settings: dict[str, ActivationConfig] = SETTINGS) -> dict[str, dict]:
+                    settings: dict[str, ActivationConfig] = SETTINGS,
+                    attention: str = "sdpa") -> dict[str, dict]:
     """Per setting: bytes per token at each length, and the parts that do not grow with the
     sequence (per_token) and that do (per_token_per_seq: the sdpa attention probabilities),
     fitted from the first and last length."""
@@ -138,7 +170,7 @@ def per_token_table(cfg: ModelConfig, tokens: list[int], dtype: torch.dtype,
     table = {}
     for name, act in settings.items():
         t0 = time.perf_counter()
-        rows = {n: saved_bytes(cfg, weights, act, n, dtype) for n in tokens}
+        rows = {n: saved_bytes(cfg, weights, act, n, dtype, attention) for n in tokens}
         entry = {"by_tokens": {str(n): r for n, r in rows.items()},
                  "seconds": round(time.perf_counter() - t0, 2)}
         for kind in ("device_bytes", "host_bytes"):
@@ -208,11 +240,60 @@ def rank_state_bytes(cfg: Config) -> dict:
             "heaviest_rank": heaviest, "ranks": ranks}
 
 
+def rank_fit(cfg: Config, tables: dict[str, dict], states: dict, hbm_gib: float = 80e9 / 2 ** 30,
+             host_gib: float = 2e12 / 8 / 2 ** 30, attention: str = "flash") -> dict:
+    """Peak saved activations of the heaviest rank per setting at the shipped schedule, next to
+    its states (HBM: 80 GB; host: 2 TB per node of 8 GPUs). Interleaved 1F1B runs
+    (V - 1) * PP + 2 * (PP - 1 - r) warm-up forwards on pipeline rank r before its first
+    backward (torch's schedule), so that many chunk forwards, plus the one of the first steady
+    step, are alive at once. With offload the device still holds one layer's saved tensors of
+    one micro-batch while that layer runs (they are released when its forward ends and the
+    copies are done); with full recomputation, one layer's whole set while it is recomputed."""
+    p = cfg.parallel
+    heavy = states["heaviest_rank"]
+    r = heavy["pp_rank"]
+    in_flight = min((p.virtual_stages - 1) * p.pp + 2 * (p.pp - 1 - r) + 1,
+                    p.microbatches * p.virtual_stages)
+    layers_per_chunk = len(heavy["layers"]) / p.virtual_stages
+    mb_sequences = cfg.data.global_batch_size // (p.dp * p.microbatches)
+    gib = 2 ** 30
+    states_gib = heavy["state_bytes"] / gib
+    out = {"attention": attention, "pp_rank": r, "chunk_forwards_in_flight": in_flight,
+           "layers_per_chunk": layers_per_chunk, "sequences_per_microbatch": mb_sequences,
+           "states_gib": states_gib, "hbm_gib": hbm_gib, "host_gib_per_gpu": host_gib,
+           "settings": {}}
+    seq = cfg.data.seq_len
+    for name, e in tables[attention].items():
+        dev_seq, host_seq = ((e[f"{k}_per_token"] + e[f"{k}_per_token_per_seq"] * seq) * seq / gib
+                             for k in ("device_bytes", "host_bytes"))
+        alive = in_flight * layers_per_chunk  # layer-forwards whose saved tensors are alive
+        # One layer's whole saved set is on the device while it runs: the forward under
+        # offload (host_seq > 0 only then), the recomputed forward in backward under "full".
+        transient = host_seq
+        if name.startswith("full"):
+            none = tables[attention]["none"]
+            transient = (none["device_bytes_per_token"]
+                         + none["device_bytes_per_token_per_seq"] * seq) * seq / gib
+        dev_per_seq = dev_seq * alive + transient  # per sequence of the micro-batch
+        host_per_seq = host_seq * alive
+        dev = dev_per_seq * mb_sequences
+        host = host_per_seq * mb_sequences
+        fit_dev = int((hbm_gib - states_gib) // dev_per_seq)
+        fit_host = int(host_gib // host_per_seq) if host_per_seq > 0 else None
+        out["settings"][name] = {
+            "device_activation_gib": dev, "host_activation_gib": host,
+            "device_total_gib": states_gib + dev,
+            "fits": states_gib + dev <= hbm_gib and host <= host_gib,
+            "max_sequences_per_microbatch": fit_dev if fit_host is None else min(fit_dev, fit_host)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs/k2.5.toml"))
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--attention", nargs="+", default=["sdpa", "flash"], choices=["sdpa", "flash"])
     ap.add_argument("--out", default=str(ROOT / "bench/results/activation_memory.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -220,21 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     local_experts = cfg.model.n_routed_experts // cfg.parallel.ep
     layer_cfg = moe_layer_config(cfg.model, local_experts)
     dtype = getattr(torch, args.dtype)
-    table = per_token_table(layer_cfg, args.tokens, dtype)
+    tables = {kind: per_token_table(layer_cfg, args.tokens, dtype, attention=kind)
+              for kind in args.attention}
     states = rank_state_bytes(cfg)
     seq = cfg.data.seq_len
     heavy = states["heaviest_rank"]
     gib = 2 ** 30
     print(f"one MoE layer, hidden {layer_cfg.hidden_size}, {local_experts} local experts, "
           f"top-{layer_cfg.num_experts_per_tok}, {args.dtype}, tokens {args.tokens}")
-    print(f"{'setting':26s} {'device B/tok':>13s} {'+ per seq pos':>13s} {'host B/tok':>11s} "
-          f"{'GiB/layer/seq':>14s}")
-    for name, e in table.items():
-        per_seq = (e["device_bytes_per_token"] + e["device_bytes_per_token_per_seq"] * seq) * seq
-        e["device_gib_per_layer_per_sequence"] = per_seq / gib
-        print(f"{name:26s} {e['device_bytes_per_token']:13.0f} "
-              f"{e['device_bytes_per_token_per_seq']:13.1f} {e['host_bytes_per_token']:11.0f} "
-              f"{per_seq / gib:14.2f}")
+    print(f"{'attention':9s} {'setting':24s} {'device B/tok':>13s} {'+ per seq pos':>13s} "
+          f"{'host B/tok':>11s} {'GiB/layer/seq':>14s}")
+    for kind, table in tables.items():
+        for name, e in table.items():
+            per_seq = (e["device_bytes_per_token"] + e["device_bytes_per_token_per_seq"] * seq) * seq
+            e["device_gib_per_layer_per_sequence"] = per_seq / gib
+            print(f"{kind:9s} {name:24s} {e['device_bytes_per_token']:13.0f} "
+                  f"{e['device_bytes_per_token_per_seq']:13.1f} {e['host_bytes_per_token']:11.0f} "
+                  f"{per_seq / gib:14.2f}")
     print(f"heaviest rank (pp_rank {heavy['pp_rank']}, layers {heavy['layers']}): "
           f"{heavy['params'] / 1e9:.2f}B params ({heavy['expert_params'] / 1e9:.2f}B expert), "
           f"states {heavy['state_bytes'] / gib:.1f} GiB")
@@ -246,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                      "q_lora_rank": layer_cfg.q_lora_rank, "kv_lora_rank": layer_cfg.kv_lora_rank,
                      "local_experts": local_experts, "top_k": layer_cfg.num_experts_per_tok,
                      "moe_intermediate_size": layer_cfg.moe_intermediate_size,
-                     "attention": "sdpa (CPU math path)"},
-           "activations": table, "rank_states": states}
+                     "attention": {"sdpa": "CPU math path as it runs",
+                                   "flash": "a core saving q, k, v, out, lse (GPU kernels)"}},
+           "activations": tables, "rank_states": states,
+           "rank_fit": rank_fit(cfg, tables, states,
+                                attention="flash" if "flash" in tables else args.attention[0])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

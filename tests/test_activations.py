@@ -156,6 +156,9 @@ def test_bad_settings_name_the_field(monkeypatch):
         check_support(ActivationConfig(fp8_storage=True), "cpu")
 
 
+SETTINGS_FOR_FLASH = {"none": ActivationConfig(), "selective": ActivationConfig(recompute="selective")}
+
+
 def test_measured_saved_bytes_per_setting_small_width():
     """The bench's measurement (bench/activation_memory.py, which runs it at K2.5 width) on a
     narrow MoE layer: each setting keeps less than the one before, offload keeps nothing saved
@@ -177,6 +180,14 @@ def test_measured_saved_bytes_per_setting_small_width():
     assert dev["selective+fp8"] * 0.9 < host < dev["selective+fp8"] * 1.1
     assert t["full"]["device_bytes_per_token"] <= (m.hidden_size + 2 * m.qk_rope_head_dim) * 2
     assert t["full"]["device_bytes_per_token_per_seq"] == 0
+    # With a core that saves q, k, v themselves (flash-style, as on GPUs), selective
+    # recomputation also drops those (the MLA up-projections' outputs).
+    f = per_token_table(moe_layer_config(m, 8), [64, 128], torch.bfloat16,
+                        settings=SETTINGS_FOR_FLASH,
+                        attention="flash")
+    qkv_bytes = m.num_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + m.v_head_dim) * 2
+    saved_by_selective = f["none"]["device_bytes_per_token"] - f["selective"]["device_bytes_per_token"]
+    assert saved_by_selective > dev["none"] - dev["selective"] + 0.9 * qkv_bytes
 
 
 @pytest.mark.parametrize("settings", [
@@ -191,3 +202,14 @@ def test_runtime_with_settings_matches_single_process_pp2_v2_dp2_ep2(settings):
     cfg = replace(tiny_config(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4),
                   activations=settings)
     _compare(cfg, 4, _steps(2, 4))
+
+
+def test_training_with_fp8_storage_tracks_bf16_storage_few_steps():
+    """The short version of bench/fp8_storage_run.py (200 steps, results in bench/results):
+    same first loss (the forward is untouched), then within the band the bench states."""
+    from bench.fp8_storage_run import compare
+
+    r = compare(6, rows=4, seq=64)
+    assert r["first_step_equal"]
+    assert r["loss_bf16_storage"][-1] < r["loss_bf16_storage"][0] - 0.1  # it does learn
+    assert r["max_abs_step_diff"] < 0.02, r["max_abs_step_diff"]
