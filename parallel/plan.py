@@ -426,15 +426,20 @@ def _chunk_layers(cfg: Config) -> list[list[int]]:
 
 def sample_vision_items(cfg: Config, seed: int = 0) -> tuple[list[int], list[int]]:
     """(patches per encoder item, data-parallel replica of each) for one step, sampled by
-    bench/dep_balance.py (native-resolution images, 4-frame video chunks, 10% vision tokens)."""
+    bench/dep_balance.py (native-resolution images, 4-frame video chunks) at the config's
+    vision fraction, each item capped at the pixel budget data/vision.py resizes to
+    (data.image_max_pixels per image, data.video_max_pixels per frame)."""
     db = _bench("dep_balance")
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    d, v = cfg.data, cfg.vision
+    tokens = d.global_batch_size * d.seq_len
     old = db.VISION_FRACTION
-    db.VISION_FRACTION = cfg.data.vision_fraction
+    db.VISION_FRACTION = d.vision_fraction
     try:
-        return db.build_step(tokens, cfg.parallel.dp, seed)
+        patches, replica_of = db.build_step(tokens, cfg.parallel.dp, seed)
     finally:
         db.VISION_FRACTION = old
+    cap = max(d.image_max_pixels, v.frames_per_chunk * d.video_max_pixels) // v.patch_size ** 2
+    return [min(x, cap) for x in patches], replica_of
 
 
 def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
@@ -710,6 +715,34 @@ def smallest_fix(cfg: Config, hw: Hardware, result: Plan) -> str | None:
     return None
 
 
+def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) -> str | None:
+    """For a config or layout that does not validate: the first single override (fewer
+    virtual stages, another pp, micro-batch count) with which it validates, runs and fits."""
+    import tomllib
+
+    from train.config import parse_overrides
+
+    raw = tomllib.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    for section, values in parse_overrides(overrides).items():
+        raw.setdefault(section, {}).update(values)
+    par = {**dataclasses.asdict(Config().parallel), **raw.get("parallel", {})}
+    cands = [f"--parallel.virtual_stages={v}" for v in range(par["virtual_stages"] - 1, 0, -1)]
+    pps = sorted((x for x in range(1, gpus + 1) if gpus % x == 0 and x != par["pp"]),
+                 key=lambda x: (abs(x - par["pp"]), x))
+    cands += [f"--parallel.pp={x}" for x in pps[:6]]
+    cands += [f"--parallel.microbatches={x}" for x in (par["microbatches"] // 2,
+                                                        par["microbatches"] * 2) if x >= 1]
+    for extra in cands:
+        try:
+            cfg = layout_of(load_config(path, [*overrides, extra]), gpus)
+            r = plan(cfg, hw)
+        except ConfigError:
+            continue
+        if r.runs and r.fits:
+            return extra
+    return None
+
+
 def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
     """Layouts on `gpus` GPUs that run and fit, best predicted tokens/s/GPU first."""
     m = cfg.model
@@ -763,6 +796,11 @@ def parse_tokens(text: str) -> float:
 
 def render(r: Plan) -> str:
     lay = r.layout
+    if "pp" not in lay:  # the config itself did not validate
+        lines = ["CANNOT RUN: " + "; ".join(r.reasons)]
+        lines.append(f"smallest change that runs and fits: {r.fix}" if r.fix else
+                     "no single change of virtual_stages, pp or microbatches makes it run and fit")
+        return "\n".join(lines)
     lines = [f"layout PP{lay['pp']} x V{lay['virtual_stages']} x DP{lay['dp']}, EP{lay['ep']}, "
              f"{lay['microbatches']} micro-batches ({lay['schedule']}), DEP "
              f"{'on' if lay['dep'] else 'off'}, {lay['gpus']} x {r.gpu}; activations: recompute "
@@ -828,17 +866,12 @@ def main(argv: list[str]) -> int:
                   roce_bytes_per_s_per_node=args.roce_gbps * 1e9 / 8,
                   efficiency=args.efficiency, attention=args.attention,
                   overlap_ep=not args.no_ep_overlap)
-    base = load_config(args.config, overrides)
     try:
-        cfg = layout_of(base, args.gpus)
-    except ConfigError as e:
-        r = Plan({"gpus": args.gpus, "pp": base.parallel.pp}, hw.gpu.name, fits=False,
-                 runs=False, reasons=[str(e)])
-        divisors = [x for x in range(1, args.gpus + 1) if args.gpus % x == 0]
-        near = min(divisors, key=lambda x: (abs(x - base.parallel.pp), x))
-        r.fix = f"--parallel.pp={near}"
-        print(json.dumps(r.to_dict(), indent=1) if args.json else
-              f"CANNOT RUN: {e}\nsmallest change: {r.fix}")
+        cfg = layout_of(load_config(args.config, overrides), args.gpus)
+    except ConfigError as e:  # a layout the config validation rejects cannot run
+        r = Plan({"gpus": args.gpus}, hw.gpu.name, fits=False, runs=False, reasons=[str(e)])
+        r.fix = fix_for_invalid(args.config, overrides, args.gpus, hw)
+        print(json.dumps(r.to_dict(), indent=1) if args.json else render(r))
         return 1
     if args.search:
         found = search(cfg, hw, args.gpus)
