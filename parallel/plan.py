@@ -253,9 +253,21 @@ def schedule_actions(schedule: str, pp: int, virtual_stages: int, microbatches: 
             sched.pipeline_order = sched._add_bubbles_to_actions(pp * virtual_stages)
         order = sched.pipeline_order
     compute = {"F", "B", "I", "W"}
-    return {r: [(a.stage_index, a.computation_type.value, a.microbatch_index)
-                for a in acts if a is not None and a.computation_type.value in compute]
-            for r, acts in order.items()}
+    out = {r: [(a.stage_index, a.computation_type.value, a.microbatch_index)
+               for a in acts if a is not None and a.computation_type.value in compute]
+           for r, acts in order.items()}
+    if schedule == "1f1b":
+        # Schedule1F1B's list (torch uses it for display; its runtime follows the same order)
+        # numbers the last rank's forwards from 1 when that rank has no warm-up forward: each
+        # rank runs its micro-batches in order, so number them by occurrence.
+        for r, acts in out.items():
+            seen = {"F": 0, "B": 0}
+            fixed = []
+            for stage, kind, _ in acts:
+                fixed.append((stage, kind, seen[kind]))
+                seen[kind] += 1
+            out[r] = fixed
+    return out
 
 
 def peak_in_flight(actions: list[tuple[int, str, int]], bytes_of_stage: dict[int, float],
@@ -715,9 +727,8 @@ def smallest_fix(cfg: Config, hw: Hardware, result: Plan) -> str | None:
     return None
 
 
-def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) -> str | None:
-    """For a config or layout that does not validate: the first single override (fewer
-    virtual stages, another pp, micro-batch count) with which it validates, runs and fits."""
+def _raw_parallel(path: str, overrides: list[str]) -> dict:
+    """The [parallel] values a config file and its overrides give, before validation."""
     import tomllib
 
     from train.config import parse_overrides
@@ -725,7 +736,21 @@ def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) ->
     raw = tomllib.loads(Path(path).read_text()) if Path(path).is_file() else {}
     for section, values in parse_overrides(overrides).items():
         raw.setdefault(section, {}).update(values)
-    par = {**dataclasses.asdict(Config().parallel), **raw.get("parallel", {})}
+    return {**dataclasses.asdict(Config().parallel), **raw.get("parallel", {})}
+
+
+def with_gpus(path: str, overrides: list[str], gpus: int) -> list[str]:
+    """overrides plus --parallel.dp = gpus / pp (ConfigError when pp does not divide gpus)."""
+    pp = _raw_parallel(path, overrides)["pp"]
+    if not isinstance(pp, int) or pp < 1 or gpus % pp:
+        raise ConfigError(f"--gpus {gpus} is not divisible by parallel.pp={pp!r}")
+    return [*overrides, f"--parallel.dp={gpus // pp}"]
+
+
+def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) -> str | None:
+    """For a config or layout that does not validate: the first single override (fewer
+    virtual stages, another pp, micro-batch count) with which it validates, runs and fits."""
+    par = _raw_parallel(path, overrides)
     cands = [f"--parallel.virtual_stages={v}" for v in range(par["virtual_stages"] - 1, 0, -1)]
     pps = sorted((x for x in range(1, gpus + 1) if gpus % x == 0 and x != par["pp"]),
                  key=lambda x: (abs(x - par["pp"]), x))
@@ -734,7 +759,7 @@ def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) ->
                                                         par["microbatches"] * 2) if x >= 1]
     for extra in cands:
         try:
-            cfg = layout_of(load_config(path, [*overrides, extra]), gpus)
+            cfg = load_config(path, with_gpus(path, [*overrides, extra], gpus))
             r = plan(cfg, hw)
         except ConfigError:
             continue
@@ -757,7 +782,7 @@ def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
         for v in (1, 2, 4):
             if m.num_layers < pp * v:
                 continue
-            for ep in (8, 16, 32, 64):
+            for ep in (1, 2, 4, 8, 16, 32, 64):
                 if dp % ep or m.n_routed_experts % ep:
                     continue
                 for mbk in (1, 2, 4):
@@ -867,7 +892,8 @@ def main(argv: list[str]) -> int:
                   efficiency=args.efficiency, attention=args.attention,
                   overlap_ep=not args.no_ep_overlap)
     try:
-        cfg = layout_of(load_config(args.config, overrides), args.gpus)
+        overrides = with_gpus(args.config, overrides, args.gpus)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:  # a layout the config validation rejects cannot run
         r = Plan({"gpus": args.gpus}, hw.gpu.name, fits=False, runs=False, reasons=[str(e)])
         r.fix = fix_for_invalid(args.config, overrides, args.gpus, hw)
