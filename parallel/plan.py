@@ -74,6 +74,15 @@ class Hardware:
     p2p_latency_s: float = 20e-6
     attention: str = "flash"  # what the attention core saves: "flash" (GPU) or "sdpa" (CPU)
     overlap_ep: bool = True  # EP all-to-all hidden behind compute (K2's extra warm-up)
+    # Fixed costs that FLOPs do not see (0 / small on a GPU; calibrated on CPU): per decoder
+    # layer and forward (a backward counts twice), per collective, per owned parameter of the
+    # optimizer step.
+    layer_overhead_s: float = 0.0
+    collective_latency_s: float = 20e-6
+    optimizer_s_per_param: float = 0.0
+    dep_overhead_s: float = 0.0  # per step under DEP, beyond its FLOPs and collectives
+    # A send or receive also occupies the rank for p2p_latency_s (CPU gloo; ~0 on GPUs)
+    p2p_occupies_rank: bool = False
 
     @property
     def roce_per_gpu(self) -> float:
@@ -597,6 +606,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     wsize = torch.empty(0, dtype=getattr(torch, cfg.train.dtype)).element_size()
     h = m.hidden_size
     n_stages = len(chunks)
+    world = p.pp * p.dp
 
     def ep_bytes_in_node_and_out(nbytes: float) -> tuple[float, float]:
         """Split what one rank sends in an EP all-to-all into NVLink and RoCE parts: EP groups
@@ -611,6 +621,8 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     moe_tokens = tokens_mb * m.num_experts_per_tok * h * wsize  # dispatch volume per layer
     near, far = ep_bytes_in_node_and_out(moe_tokens)
     a2a_s = near / hw.gpu.nvlink_bytes_per_s + far / hw.roce_per_gpu  # one all-to-all
+    if p.ep > 1:
+        a2a_s += hw.collective_latency_s
 
     fwd, bwd = {}, {}
     for s, layers in enumerate(chunks):
@@ -619,8 +631,8 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         if s == n_stages - 1:
             f += 2 * h * m.vocab_size
         n_moe = sum(1 for i in layers if i >= m.first_k_dense)
-        f_s = f * tokens_mb / hw.flops
-        b_s = (2 * f + rc) * tokens_mb / hw.flops
+        f_s = f * tokens_mb / hw.flops + len(layers) * hw.layer_overhead_s
+        b_s = (2 * f + rc) * tokens_mb / hw.flops + 2 * len(layers) * hw.layer_overhead_s
         f_comm, b_comm = 2 * n_moe * a2a_s, (2 + (2 if act.recompute == "full" else 0)) * n_moe * a2a_s
         if s == 0 and vision_on and not p.dep:
             enc = replica_max_patches / p.microbatches * vision_flops_per_patch(cfg.vision) / hw.flops
@@ -628,14 +640,22 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         fwd[s] = max(f_s, f_comm) if hw.overlap_ep else f_s + f_comm
         bwd[s] = max(b_s, b_comm) if hw.overlap_ep else b_s + b_comm
 
-    def cost(stage, kind, mb):
+    def p2p_ops(stage: int, kind: str) -> int:
+        if p.pp == 1 or not hw.p2p_occupies_rank or kind == "W":
+            return 0
         if kind == "F":
-            return fwd[stage]
-        if kind == "B":
-            return bwd[stage]
-        return bwd[stage] / 2  # I and W split the backward
+            return (stage > 0) + (stage < n_stages - 1)
+        return (stage < n_stages - 1) + (stage > 0)
 
-    hop = p.pp > 1 and (tokens_mb * h * wsize / hw.roce_per_gpu + hw.p2p_latency_s) or 0.0
+    def cost(stage, kind, mb):
+        extra = p2p_ops(stage, kind) * hw.p2p_latency_s
+        if kind == "F":
+            return fwd[stage] + extra
+        if kind == "B":
+            return bwd[stage] + extra
+        return bwd[stage] / 2 + extra  # I and W split the backward
+
+    hop = (tokens_mb * h * wsize / hw.roce_per_gpu + hw.p2p_latency_s) if p.pp > 1 else 0.0
     r = replay(order, cost, hop, n_stages, p.pp)
     pipeline_s = r["makespan_s"]
 
@@ -652,15 +672,26 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         bw = hw.roce_per_gpu if spans_nodes else hw.gpu.nvlink_bytes_per_s
         return nbytes * (group - 1) / group / bw
 
+    # parallel/zero.py reduces each owner's fp32 gradient bucket to it and broadcasts its fp32
+    # masters back: two collectives per owner of each shard group, fp32 both ways.
     edp = p.dp // p.ep
-    dp_s = (ring_s(dense * (4 + wsize), p.dp, 1) + ring_s(expert * (4 + wsize), edp, p.ep))
+    dp_s = (ring_s(dense * 8, p.dp, 1) + ring_s(expert * 8, edp, p.ep))
+    dp_s += 2 * hw.collective_latency_s * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0))
+    # the step's small all-reduces: loss-token count, loss, grad norm, expert loads, stats
+    dp_s += 5 * hw.collective_latency_s
     enc_s = 0.0
     if vision_on and p.dep:  # forward without autograd, recompute forward, backward: 4 forwards
         enc_s = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops
-        enc_s += ring_s(mem.encoder_parameters * (4 + wsize), p.pp * p.dp, 1)
-    total = pipeline_s + dp_s + enc_s
+        enc_s += 4 * cfg.vision.num_layers * hw.layer_overhead_s
+        enc_s += ring_s(mem.encoder_parameters * 8, p.pp * p.dp, 1)
+        # metadata gather, embeddings out, gradients back; the encoder's ZeRO-1 group is the world
+        enc_s += (6 + (2 * world if world > 1 else 0)) * hw.collective_latency_s
+        enc_s += hw.dep_overhead_s
+    optimizer_s = mem.master_bytes / 4 * hw.optimizer_s_per_param
+    total = pipeline_s + dp_s + enc_s + optimizer_s
     return {"step_s": total, "pipeline_s": pipeline_s, "dp_reduce_gather_s": dp_s,
-            "dep_encoder_s": enc_s, "bubble_fraction": r["bubble_fraction"],
+            "dep_encoder_s": enc_s, "optimizer_s": optimizer_s,
+            "bubble_fraction": r["bubble_fraction"],
             "ep_all_to_all_s_per_layer": a2a_s, "pp_hop_s": hop,
             "forward_s_per_chunk": {str(k): v for k, v in fwd.items()}}
 
