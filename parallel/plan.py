@@ -42,6 +42,7 @@ from parallel.mesh import check_parallel_config
 from parallel.pipeline import chunk_layer_keys, layer_counts
 from parallel.rank_memory import RankMemory, rank_memory
 from train.config import ActivationConfig, Config, ConfigError, ModelConfig, load_config, replace
+from train.model.lm import DecoderLayer
 from train.model import flops
 
 GB = 1e9
@@ -107,7 +108,9 @@ def _bench(name: str):
     return importlib.import_module(f"bench.{name}")
 
 
-PROBE_TOKENS = (32, 64)
+# Probe lengths per attention core: hundreds of tokens (the CPU sdpa path picks its kernel by
+# size, and a few dozen tokens miss a small part that grows with the length).
+PROBE_TOKENS = {"flash": (128, 256), "sdpa": (128, 256)}
 
 
 def _cached(fn):
@@ -125,6 +128,26 @@ def _cached(fn):
 
 
 @_cached
+def _layer_weights(cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> dict:
+    """Random weights for one decoder layer. The saved bytes depend on the values a little
+    (zero weights save less than trained-like ones at hundreds of tokens), so the probe uses
+    bench/activation_memory.py's initialisation; a dense layer is filled the same way."""
+    am = _bench("activation_memory")
+    if layer_id >= cfg.first_k_dense:
+        return am.layer_weights(cfg, dtype)
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, layer_id)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in layer.state_dict().items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(t.shape, dtype=dtype)
+        else:
+            out[name] = torch.empty(t.shape, dtype=dtype).normal_(0.0, cfg.init_std, generator=gen)
+    return out
+
+
+@_cached
 def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, attention: str,
                           dtype: str) -> dict[str, float]:
     """Bytes autograd keeps per token for one decoder layer of `kind` ("dense" or "moe") at
@@ -132,7 +155,7 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
     "none_device_per_seq"} (per_seq: the part that grows with the sequence, sdpa only; none_*:
     the same layer without any setting, which full recomputation rebuilds in backward).
 
-    A real forward of one layer on PROBE_TOKENS tokens, every saved tensor counted once
+    A real forward of one layer on PROBE_TOKENS[attention] tokens, every saved tensor counted once
     (bench/activation_memory.py's CountingStore through apply_activation_memory). A MoE layer
     is probed with top-k local experts: each token copy is then processed here, as the k copies
     of a rank's tokens are on average under EP; the router's [tokens, experts] scores are the
@@ -140,7 +163,6 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
     am = _bench("activation_memory")
     from train.model.activations import apply_activation_memory
     from train.model.attention import DocMask
-    from train.model.lm import DecoderLayer
     from train.model.rope import RotaryEmbedding
 
     torch_dtype = getattr(torch, dtype)
@@ -152,16 +174,12 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
         cfg = dataclasses.replace(model, first_k_dense=1, num_layers=1, attention_backend="sdpa")
         layer_id = 0
 
+    weights = _layer_weights(cfg, layer_id, torch_dtype)
+
     def measure(a: ActivationConfig, tokens: int) -> tuple[int, int]:
         with torch.device("meta"):
             layer = DecoderLayer(cfg, layer_id)
-        layer.to_empty(device="cpu")
-        with torch.no_grad():  # the values do not change what is saved; zeros are cheap
-            for t in list(layer.parameters()) + list(layer.buffers()):
-                t.zero_()
-        layer.to(torch_dtype)
-        for t in layer.buffers():
-            t.data = t.data.float() if t.dtype != torch.long else t.data
+        layer.load_state_dict(weights, assign=True)
         for q in layer.parameters():
             q.requires_grad_(True)
         if attention == "flash":
@@ -184,7 +202,7 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
     def fit(a: ActivationConfig) -> tuple[float, float, float, float]:
         """bytes(n) = a*n + b*n^2 (b: the sdpa probabilities); two lengths give a and b, for
         the device and for the host part."""
-        (n0, (d0, h0)), (n1, (d1, h1)) = ((n, measure(a, n)) for n in PROBE_TOKENS)
+        (n0, (d0, h0)), (n1, (d1, h1)) = ((n, measure(a, n)) for n in PROBE_TOKENS[attention])
         out = []
         for x0, x1 in ((d0, d1), (h0, h1)):
             b = (x1 / n1 - x0 / n0) / (n1 - n0)
@@ -193,7 +211,11 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
 
     dev, dev_seq, host, host_seq = fit(act)
     base = ActivationConfig(loss_chunk_tokens=act.loss_chunk_tokens)
-    none_dev, none_seq = fit(base)[:2] if act != base else (dev, dev_seq)
+    if act != base:
+        none = layer_saved_per_token(model, base, kind, attention, dtype)
+        none_dev, none_seq = none["device"], none["device_per_seq"]
+    else:
+        none_dev, none_seq = dev, dev_seq
     return {"device": dev, "device_per_seq": dev_seq, "host": host, "host_per_seq": host_seq,
             "none_device": none_dev, "none_device_per_seq": none_seq}
 
@@ -445,20 +467,38 @@ def _chunk_layers(cfg: Config) -> list[list[int]]:
             for keys in chunk_layer_keys(cfg.model.num_layers, layer_counts(cfg.model.num_layers, n))]
 
 
+@_cached
+def _rank_memory(cfg: Config, rank: int) -> RankMemory:
+    return rank_memory(cfg, rank)
+
+
+@_cached
+def _dep_loads(patches: tuple[int, ...], replica_of: tuple[int, ...], pp: int, dp: int
+               ) -> tuple[float, int, int]:
+    """(DEP max/mean, DEP's largest per-rank patches, the largest replica's patches when
+    stage 0 encodes its own replica's items)."""
+    dep = plan_encoder_work(patches, pp * dp)
+    return dep.max_over_mean, max(dep.load), max(stage0_only_load(patches, replica_of, pp, dp))
+
+
+@_cached
+def _sampled_items(data, vision, dp: int, seed: int) -> tuple[list[int], list[int]]:
+    db = _bench("dep_balance")
+    old = db.VISION_FRACTION
+    db.VISION_FRACTION = data.vision_fraction
+    try:
+        return db.build_step(data.global_batch_size * data.seq_len, dp, seed)
+    finally:
+        db.VISION_FRACTION = old
+
+
 def sample_vision_items(cfg: Config, seed: int = 0) -> tuple[list[int], list[int]]:
     """(patches per encoder item, data-parallel replica of each) for one step, sampled by
     bench/dep_balance.py (native-resolution images, 4-frame video chunks) at the config's
     vision fraction, each item capped at the pixel budget data/vision.py resizes to
     (data.image_max_pixels per image, data.video_max_pixels per frame)."""
-    db = _bench("dep_balance")
     d, v = cfg.data, cfg.vision
-    tokens = d.global_batch_size * d.seq_len
-    old = db.VISION_FRACTION
-    db.VISION_FRACTION = d.vision_fraction
-    try:
-        patches, replica_of = db.build_step(tokens, cfg.parallel.dp, seed)
-    finally:
-        db.VISION_FRACTION = old
+    patches, replica_of = _sampled_items(d, v, cfg.parallel.dp, seed)
     cap = max(d.image_max_pixels, v.frames_per_chunk * d.video_max_pixels) // v.patch_size ** 2
     return [min(x, cap) for x in patches], replica_of
 
@@ -513,11 +553,8 @@ def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
     vis_patch_bytes = (vision_saved_per_patch(cfg.vision, m.hidden_size, dtype)
                        if vision_on and patches else 0.0)
     if patches:
-        dep_plan = plan_encoder_work(patches, world)
-        dep_ratio = dep_plan.max_over_mean
-        dep_max_patches = max(dep_plan.load)
-        s0 = stage0_only_load(patches, replica_of, p.pp, p.dp)
-        replica_max_patches = max(s0)
+        dep_ratio, dep_max_patches, replica_max_patches = _dep_loads(
+            tuple(patches), tuple(replica_of), p.pp, p.dp)
     else:
         dep_ratio, dep_max_patches, replica_max_patches = 1.0, 0, 0
 
@@ -525,7 +562,7 @@ def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
     stages: list[StagePlan] = []
     for name, pp_rank in positions(p.pp):
         rank = pp_rank * p.dp
-        mem: RankMemory = rank_memory(cfg, rank)
+        mem: RankMemory = _rank_memory(cfg, rank)
         mine = [s for s in range(pp_rank, n_stages, p.pp)]
         bytes_of = dict(stage_dev)
         if vision_on and not p.dep and 0 in mine:  # the tower runs inside chunk 0's forward
@@ -661,7 +698,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
 
     # ZeRO-1 (parallel/runtime.py): fp32 gradients reduced to their owners, bf16 parameters
     # gathered back, over DP for dense pieces and over DP / EP for experts.
-    mem = rank_memory(cfg, (p.pp // 2) * p.dp)
+    mem = _rank_memory(cfg, (p.pp // 2) * p.dp)
     expert = mem.expert_parameters
     dense = mem.parameters - expert - mem.encoder_parameters
 
