@@ -224,6 +224,35 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
 
 
 @_cached
+def loss_saved_per_token(hidden: int, dtype: str) -> float:
+    """Bytes the last chunk's final norm and chunked loss keep per token (the head's weight is
+    a parameter, so the vocabulary does not enter): measured on 256 tokens."""
+    am = _bench("activation_memory")
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from train.model.lm import lm_head_loss_sum
+    from train.model.norm import RMSNorm
+
+    torch_dtype, tokens, vocab = getattr(torch, dtype), 256, 256
+    norm = RMSNorm(hidden).to(torch_dtype)
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(torch_dtype)
+    params = {q.untyped_storage().data_ptr() for q in [*norm.parameters(), *head.parameters()]}
+    store = am.CountingStore(False)
+
+    def pack(t):
+        return t if t.untyped_storage().data_ptr() in params else store.pack(t)
+
+    x = torch.randn(1, tokens, hidden).to(torch_dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = lm_head_loss_sum(norm(x), head.weight, labels, torch.ones_like(labels).bool(), 64)
+    n = store.device_bytes
+    del out
+    store.clear()
+    return n / tokens
+
+
+@_cached
 def vision_saved_per_patch(vision, lm_hidden: int, dtype: str) -> float:
     """Bytes the vision encoder keeps per patch when its forward runs with autograd (DEP's
     recompute), measured on a 1- and a 2-layer tower (the layers are alike) and scaled to
@@ -595,14 +624,17 @@ def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
         b["communication"] = comm
         if n_stages - 1 in mine:
             chunk = act.loss_chunk_tokens or tokens_mb
-            # saved: final-norm input and output; transient: one chunk of logits (working
-            # dtype + fp32) and its fp32 softmax gradient, the head's fp32 gradient + cast
-            saved = 2.0 * tokens_mb * h * wsize + tokens_mb * 12
+            # saved (measured): the final norm's fp32 internals and output, labels and mask, per
+            # micro-batch alive on the last chunk; transient: one chunk of logits (working
+            # dtype + fp32) and its fp32 softmax gradient, the head's fp32 gradient + its cast
+            saved = loss_saved_per_token(h, dtype) * tokens_mb
             transient_loss = min(chunk, tokens_mb) * m.vocab_size * (wsize + 4 + 4) \
                 + m.vocab_size * h * (4 + wsize)
             if act.loss_chunk_tokens == 0:  # whole logits, fp32 copy and log-softmax kept
                 transient_loss = tokens_mb * m.vocab_size * (wsize + 4 + 4)
-            b["logits_and_loss"] = saved * in_flight / max(1, len(mine)) + transient_loss
+            last_alive, _ = peak_in_flight(order[pp_rank], {s_: float(s_ == n_stages - 1)
+                                                            for s_ in range(n_stages)}, split)
+            b["logits_and_loss"] = saved * last_alive + transient_loss
         else:
             b["logits_and_loss"] = 0.0
         b["dep_encoder"] = (vis_patch_bytes * dep_max_patches if vision_on and p.dep else 0.0)
