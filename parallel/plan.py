@@ -872,7 +872,9 @@ def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) ->
 
 
 def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
-    """Layouts on `gpus` GPUs that run and fit, best predicted tokens/s/GPU first."""
+    """Layouts on `gpus` GPUs that run and fit, best predicted tokens/s/GPU first: pp, virtual
+    stages (1, 2, 4), ep (at most 64 local experts), pp or 2 pp micro-batches, and three memory
+    settings (the config's, K2's, full recomputation)."""
     m = cfg.model
     found = []
     pps = [x for x in (1, 2, 4, 8, 16, 32) if gpus % x == 0]
@@ -886,9 +888,10 @@ def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
             if m.num_layers < pp * v:
                 continue
             for ep in (1, 2, 4, 8, 16, 32, 64):
-                if dp % ep or m.n_routed_experts % ep:
+                # at most 64 local experts per rank; EP must divide DP and the experts
+                if dp % ep or m.n_routed_experts % ep or m.n_routed_experts > 64 * ep:
                     continue
-                for mbk in (1, 2, 4):
+                for mbk in (1, 2):
                     mb = pp * mbk
                     for s in settings:
                         key = (pp, v, ep, mb, tuple(sorted(s.items())))
@@ -900,6 +903,13 @@ def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
                                                               "microbatches": mb},
                                                  "activations": s})
                         if new is None:
+                            continue
+                        try:
+                            check_parallel_config(new, gpus)
+                        except ConfigError:
+                            continue
+                        # the states of the middle rank alone: a cheap first filter
+                        if _rank_memory(new, (pp // 2) * dp).peak_state_bytes > hw.gpu.memory_bytes:
                             continue
                         r = plan(new, hw)
                         if r.runs and r.fits:
