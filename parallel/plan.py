@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import gc
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
