@@ -1,0 +1,1027 @@
+"""`mmpt plan`: per-GPU memory and step time of a layout, counted from the real modules.
+
+    mmpt plan --config configs/k2.5.toml --gpus 2048 --gpu h800 [--json] [--tokens 15.5T]
+              [--search] [--section.field=value ...]
+
+`--gpus N` keeps `parallel.pp` and sets `parallel.dp = N / pp`. For each distinct pipeline
+position (first, middle, last) it counts:
+- states: weights, fp32 main gradients, owned masters and optimizer state, the ZeRO-1 reduce
+  buffers: exactly those of the rank's pieces built on the meta device (parallel/rank_memory.py);
+- activations: the bytes autograd saves per token for each layer kind (dense, MoE), measured by
+  a real forward of one layer at the model's full width under the `[activations]` settings
+  (train/model/activations.py, counted by bench/activation_memory.py's store, with the
+  flash-style attention core a GPU runs or the CPU sdpa path), times the tokens of a
+  micro-batch, times the largest number of micro-batches alive on the rank at once, read off
+  torch's own action list for the configured schedule;
+- the last stage's chunked loss (saved hidden states, one chunk of fp32 logits and their
+  gradient, the head's fp32 gradient), communication buffers (PP send/recv, EP dispatch), and
+  the DEP encoder's recompute activations.
+Step time: per-action compute from the model's FLOPs (train/model/flops.py) at a calibrated
+efficiency, EP all-to-all and ZeRO-1 reduce/gather volumes over NVLink and RoCE, replayed along
+torch's action list to get the step and its bubble; DEP's encoder load from the real planner
+(parallel/dep_plan.py) on sampled image/video sizes (bench/dep_balance.py's sampler). A layout
+that cannot run or fit is reported with the reason and the smallest change that fixes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from parallel.dep_plan import plan_encoder_work, stage0_only_load
+from parallel.mesh import check_parallel_config
+from parallel.pipeline import chunk_layer_keys, layer_counts
+from parallel.rank_memory import RankMemory, rank_memory
+from train.config import ActivationConfig, Config, ConfigError, ModelConfig, load_config, replace
+from train.model.lm import DecoderLayer
+from train.model import flops
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: float
+    bf16_flops: float  # dense bf16 peak
+    nvlink_bytes_per_s: float  # per GPU, one direction
+    host_bytes: float  # host memory per GPU (offload target)
+
+
+GPUS = {
+    # NVLink per direction: H800 400 GB/s bidirectional, H100/H200 900, A100 600.
+    "h800": GPU("H800", 80e9, 989e12, 200e9, 2e12 / 8),
+    "h100": GPU("H100", 80e9, 989e12, 450e9, 2e12 / 8),
+    "h200": GPU("H200", 141e9, 989e12, 450e9, 2e12 / 8),
+    "a100": GPU("A100", 80e9, 312e12, 300e9, 1e12 / 8),
+}
+
+
+@dataclass
+class Hardware:
+    gpu: GPU
+    gpus_per_node: int = 8
+    roce_bytes_per_s_per_node: float = 8 * 400e9 / 8  # 8 x 400 Gb/s
+    efficiency: float = 0.5  # achieved fraction of peak for the model's math
+    p2p_latency_s: float = 20e-6
+    attention: str = "flash"  # what the attention core saves: "flash" (GPU) or "sdpa" (CPU)
+    overlap_ep: bool = True  # EP all-to-all hidden behind compute (K2's extra warm-up)
+    # Fixed costs that FLOPs do not see (0 / small on a GPU; calibrated on CPU): per decoder
+    # layer and forward (a backward counts twice), per collective, per owned parameter of the
+    # optimizer step.
+    layer_overhead_s: float = 0.0
+    collective_latency_s: float = 20e-6
+    optimizer_s_per_param: float = 0.0
+    dep_overhead_s: float = 0.0  # per step under DEP, beyond its FLOPs and collectives
+    # A send or receive also occupies the rank for p2p_latency_s (CPU gloo; ~0 on GPUs)
+    p2p_occupies_rank: bool = False
+
+    @property
+    def roce_per_gpu(self) -> float:
+        return self.roce_bytes_per_s_per_node / self.gpus_per_node
+
+    @property
+    def flops(self) -> float:
+        return self.gpu.bf16_flops * self.efficiency
+
+
+# --------------------------------------------------------------------------------------------
+# Activations: saved bytes per token of each layer kind, measured on a real forward
+# --------------------------------------------------------------------------------------------
+
+
+def _bench(name: str):
+    """A bench module (the measurement helpers live there); bench/ sits next to the packages."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import importlib
+    return importlib.import_module(f"bench.{name}")
+
+
+# Probe lengths per attention core: hundreds of tokens (the CPU sdpa path picks its kernel by
+# size, and a few dozen tokens miss a small part that grows with the length).
+PROBE_TOKENS = {"flash": (128, 256), "sdpa": (128, 256)}
+
+
+def _cached(fn):
+    """Memoise on the arguments' reprs (the config dataclasses are not hashable)."""
+    memo: dict[str, object] = {}
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        key = repr(args)
+        if key not in memo:
+            memo[key] = fn(*args)
+        return memo[key]
+
+    return wrapped
+
+
+@_cached
+def _layer_weights(cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> dict:
+    """Random weights for one decoder layer. The saved bytes depend on the values a little
+    (zero weights save less than trained-like ones at hundreds of tokens), so the probe uses
+    bench/activation_memory.py's initialisation; a dense layer is filled the same way."""
+    am = _bench("activation_memory")
+    if layer_id >= cfg.first_k_dense:
+        return am.layer_weights(cfg, dtype)
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, layer_id)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in layer.state_dict().items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(t.shape, dtype=dtype)
+        else:
+            out[name] = torch.empty(t.shape, dtype=dtype).normal_(0.0, cfg.init_std, generator=gen)
+    return out
+
+
+@_cached
+def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, attention: str,
+                          dtype: str) -> dict[str, float]:
+    """Bytes autograd keeps per token for one decoder layer of `kind` ("dense" or "moe") at
+    model's width under `act`: {"device", "device_per_seq", "host", "none_device",
+    "none_device_per_seq"} (per_seq: the part that grows with the sequence, sdpa only; none_*:
+    the same layer without any setting, which full recomputation rebuilds in backward).
+
+    A real forward of one layer on PROBE_TOKENS[attention] tokens, every saved tensor counted once
+    (bench/activation_memory.py's CountingStore through apply_activation_memory). A MoE layer
+    is probed with top-k local experts: each token copy is then processed here, as the k copies
+    of a rank's tokens are on average under EP; the router's [tokens, experts] scores are the
+    only part that depends on the expert count (a few hundred bytes per token at 24 experts)."""
+    am = _bench("activation_memory")
+    from train.model.activations import apply_activation_memory
+    from train.model.attention import DocMask
+    from train.model.rope import RotaryEmbedding
+
+    torch_dtype = getattr(torch, dtype)
+    k = model.num_experts_per_tok
+    if kind == "moe":
+        cfg = dataclasses.replace(am.moe_layer_config(model, k), attention_backend="sdpa")
+        layer_id = cfg.first_k_dense
+    else:
+        cfg = dataclasses.replace(model, first_k_dense=1, num_layers=1, attention_backend="sdpa")
+        layer_id = 0
+
+    weights = _layer_weights(cfg, layer_id, torch_dtype)
+
+    def measure(a: ActivationConfig, tokens: int) -> tuple[int, int]:
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg, layer_id)
+        layer.load_state_dict(weights, assign=True)
+        for q in layer.parameters():
+            q.requires_grad_(True)
+        if attention == "flash":
+            mla = layer.attn
+            mla.attend = lambda q_, k_, v_, mask: am._FlashSaves.apply(q_, k_, v_, mask, mla.scale)
+        store = am.CountingStore(a.offload)
+        apply_activation_memory(layer, a, "cpu", store=store)
+        gen = torch.Generator().manual_seed(1)
+        h = torch.randn(1, tokens, cfg.hidden_size, generator=gen).to(torch_dtype)
+        h.requires_grad_(True)
+        cos, sin = RotaryEmbedding(cfg)(torch.arange(tokens).unsqueeze(0))
+        mask = DocMask(torch.zeros(1, tokens, dtype=torch.long), "sdpa")
+        out = layer(h, cos.to(torch_dtype), sin.to(torch_dtype), mask)
+        result = (store.device_bytes, store.host_bytes)
+        del out, layer
+        store.clear()
+        gc.collect()
+        return result
+
+    def fit(a: ActivationConfig) -> tuple[float, float, float, float]:
+        """bytes(n) = a*n + b*n^2 (b: the sdpa probabilities); two lengths give a and b, for
+        the device and for the host part."""
+        (n0, (d0, h0)), (n1, (d1, h1)) = ((n, measure(a, n)) for n in PROBE_TOKENS[attention])
+        out = []
+        for x0, x1 in ((d0, d1), (h0, h1)):
+            if attention == "flash":  # nothing grows with the length: bytes per token at n1
+                out += [x1 / n1, 0.0]  # (a fitted slope would only carry routing noise)
+                continue
+            b = (x1 / n1 - x0 / n0) / (n1 - n0)
+            out += [x0 / n0 - b * n0, b]
+        return tuple(out)
+
+    dev, dev_seq, host, host_seq = fit(act)
+    base = ActivationConfig(loss_chunk_tokens=act.loss_chunk_tokens)
+    if act != base:
+        none = layer_saved_per_token(model, base, kind, attention, dtype)
+        none_dev, none_seq = none["device"], none["device_per_seq"]
+    else:
+        none_dev, none_seq = dev, dev_seq
+    return {"device": dev, "device_per_seq": dev_seq, "host": host, "host_per_seq": host_seq,
+            "none_device": none_dev, "none_device_per_seq": none_seq}
+
+
+@_cached
+def loss_saved_per_token(hidden: int, dtype: str) -> float:
+    """Bytes the last chunk's final norm and chunked loss keep per token (the head's weight is
+    a parameter, so the vocabulary does not enter): measured on 256 tokens."""
+    am = _bench("activation_memory")
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from train.model.lm import lm_head_loss_sum
+    from train.model.norm import RMSNorm
+
+    torch_dtype, tokens, vocab = getattr(torch, dtype), 256, 256
+    norm = RMSNorm(hidden).to(torch_dtype)
+    head = torch.nn.Linear(hidden, vocab, bias=False).to(torch_dtype)
+    params = {q.untyped_storage().data_ptr() for q in [*norm.parameters(), *head.parameters()]}
+    store = am.CountingStore(False)
+
+    def pack(t):
+        return t if t.untyped_storage().data_ptr() in params else store.pack(t)
+
+    x = torch.randn(1, tokens, hidden).to(torch_dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = lm_head_loss_sum(norm(x), head.weight, labels, torch.ones_like(labels).bool(), 64)
+    n = store.device_bytes
+    del out
+    store.clear()
+    return n / tokens
+
+
+@_cached
+def vision_saved_per_patch(vision, lm_hidden: int, dtype: str) -> float:
+    """Bytes the vision encoder keeps per patch when its forward runs with autograd (DEP's
+    recompute), measured on a 1- and a 2-layer tower (the layers are alike) and scaled to
+    vision.num_layers; one 8x8-patch image, so the per-image attention term is small."""
+    am = _bench("activation_memory")
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from train.model.vision import VisionTower
+
+    torch_dtype = getattr(torch, dtype)
+
+    def measure(layers: int) -> int:
+        cfg = dataclasses.replace(vision, num_layers=layers)
+        tower = VisionTower(cfg, lm_hidden).to(torch_dtype)
+        grid = torch.tensor([[1, 8, 8]])
+        patches = torch.randn(64, cfg.in_channels * cfg.patch_size ** 2).to(torch_dtype)
+        store = am.CountingStore(False)
+        params = {q.untyped_storage().data_ptr() for q in tower.parameters()}
+
+        def pack(t):
+            return t if t.untyped_storage().data_ptr() in params else store.pack(t)
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            out = tower(patches, grid)
+        n = store.device_bytes
+        del out, tower
+        store.clear()
+        return n
+
+    one, two = measure(1), measure(2)
+    per_layer = two - one
+    return (one - per_layer + per_layer * vision.num_layers) / 64
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule: torch's own action list
+# --------------------------------------------------------------------------------------------
+
+
+def schedule_actions(schedule: str, pp: int, virtual_stages: int, microbatches: int
+                     ) -> dict[int, list[tuple[int, str, int]]]:
+    """Per pipeline rank, its compute actions in order as (stage, "F"|"B"|"I"|"W", micro-batch),
+    generated by torch.distributed.pipelining's schedule classes themselves (no process group:
+    the generators only read the sizes)."""
+    from torch.distributed.pipelining import schedules as S
+
+    if schedule == "1f1b":
+        sched = object.__new__(S.Schedule1F1B)
+        sched._num_stages, sched._n_microbatches = pp, microbatches
+        order = sched._get_pipeline_order()
+    else:
+        cls = {"interleaved_1f1b": S.ScheduleInterleaved1F1B,
+               "interleaved_zero_bubble": S.ScheduleInterleavedZeroBubble}[schedule]
+        sched = object.__new__(cls)
+        sched.pp_group_size, sched.n_local_stages = pp, virtual_stages
+        sched._n_microbatches = microbatches
+        sched.number_of_rounds = max(1, microbatches // pp)
+        sched.microbatches_per_round = microbatches // sched.number_of_rounds
+        sched.pipeline_order = {r: sched._calculate_single_rank_operations(r) for r in range(pp)}
+        if cls is S.ScheduleInterleavedZeroBubble:
+            sched.pipeline_order = sched._add_bubbles_to_actions(pp * virtual_stages)
+        order = sched.pipeline_order
+    compute = {"F", "B", "I", "W"}
+    out = {r: [(a.stage_index, a.computation_type.value, a.microbatch_index)
+               for a in acts if a is not None and a.computation_type.value in compute]
+           for r, acts in order.items()}
+    if schedule == "1f1b":
+        # Schedule1F1B's list (torch uses it for display; its runtime follows the same order)
+        # numbers the last rank's forwards from 1 when that rank has no warm-up forward: each
+        # rank runs its micro-batches in order, so number them by occurrence.
+        for r, acts in out.items():
+            seen = {"F": 0, "B": 0}
+            fixed = []
+            for stage, kind, _ in acts:
+                fixed.append((stage, kind, seen[kind]))
+                seen[kind] += 1
+            out[r] = fixed
+    return out
+
+
+def peak_in_flight(actions: list[tuple[int, str, int]], bytes_of_stage: dict[int, float],
+                   split_backward: bool) -> tuple[float, int]:
+    """(largest saved bytes alive at once, largest number of micro-batch chunk forwards alive)
+    along one rank's actions: a forward's activations live until its backward (until its
+    weight-gradient action W when the backward is split: W still needs the layers' inputs)."""
+    alive: dict[int, int] = {}
+    best_bytes, best_count = 0.0, 0
+    free_on = "W" if split_backward else "B"
+    for stage, kind, _ in actions:
+        if kind == "F":
+            alive[stage] = alive.get(stage, 0) + 1
+            now = sum(n * bytes_of_stage[s] for s, n in alive.items())
+            best_bytes = max(best_bytes, now)
+            best_count = max(best_count, sum(alive.values()))
+        elif kind == free_on:
+            alive[stage] -= 1
+    return best_bytes, best_count
+
+
+def replay(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: float, num_stages: int,
+           pp: int) -> dict:
+    """Run every rank's actions in torch's order with per-action costs cost(stage, kind, mb)
+    (seconds): an action starts when its rank is free and its input has arrived (the previous
+    stage's forward / the next stage's backward, plus hop_s for the transfer). Returns the
+    makespan, each rank's busy time and the bubble (idle / busy over all ranks)."""
+    done: dict[tuple[int, str, int], float] = {}
+    pos = {r: 0 for r in order}
+    free = {r: 0.0 for r in order}
+    busy = {r: 0.0 for r in order}
+    remaining = sum(len(a) for a in order.values())
+    while remaining:
+        progress = False
+        for r, acts in order.items():
+            while pos[r] < len(acts):
+                stage, kind, mb = acts[pos[r]]
+                if kind == "F":
+                    dep = None if stage == 0 else (stage - 1, "F", mb)
+                elif kind in ("B", "I"):
+                    if stage == num_stages - 1:
+                        dep = (stage, "F", mb)
+                    else:
+                        dep = (stage + 1, "B", mb) if (stage + 1, "B", mb) in done else \
+                            (stage + 1, "I", mb)
+                else:  # W after this rank's own I
+                    dep = (stage, "I", mb)
+                if dep is not None and dep not in done:
+                    break
+                ready = 0.0 if dep is None else done[dep] + (hop_s if dep[0] != stage else 0.0)
+                start = max(free[r], ready)
+                c = cost(stage, kind, mb)
+                done[(stage, kind, mb)] = free[r] = start + c
+                busy[r] += c
+                pos[r] += 1
+                remaining -= 1
+                progress = True
+        if not progress:
+            raise RuntimeError("schedule replay made no progress (inconsistent action list)")
+    makespan = max(free.values())
+    total_busy = sum(busy.values())
+    idle = sum(makespan - b for b in busy.values())
+    return {"makespan_s": makespan, "busy_s": busy, "bubble_fraction": idle / total_busy}
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs per layer (train/model/flops.py's terms, split by where they run)
+# --------------------------------------------------------------------------------------------
+
+
+def layer_training_flops_per_token(m: ModelConfig, seq_len: int, dense: bool) -> float:
+    h = m.hidden_size
+    mlp = 3 * h * m.intermediate_size if dense else (
+        m.n_routed_experts * h
+        + 3 * h * m.moe_intermediate_size * (m.n_shared_experts + m.num_experts_per_tok))
+    return 6 * (flops.mla_matmul_params(m) + mlp) + flops.attention_flops_per_token(m, seq_len) \
+        / m.num_layers
+
+
+def recompute_flops_per_token(m: ModelConfig, act: ActivationConfig, dense: bool,
+                              seq_len: int) -> float:
+    """Extra forward FLOPs per token the backward spends recomputing (matmuls only)."""
+    if act.recompute == "full":
+        return layer_training_flops_per_token(m, seq_len, dense) / 3
+    if act.recompute == "selective":
+        heads, qk = m.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim
+        up = 2 * ((m.q_lora_rank or m.hidden_size) * heads * qk
+                  + m.kv_lora_rank * heads * (m.qk_nope_head_dim + m.v_head_dim))
+        down = (2 * m.hidden_size * m.moe_intermediate_size * m.num_experts_per_tok
+                if act.recompute_moe_down and not dense else 0)
+        return up + down
+    return 0.0
+
+
+def vision_flops_per_patch(v) -> float:
+    """Forward FLOPs per patch of the encoder's blocks (matmuls; attention within an item is
+    small next to them at native-resolution sizes)."""
+    h = v.hidden_size
+    return 2 * v.num_layers * (4 * h * h + 2 * h * v.intermediate_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StagePlan:
+    stage: str  # "first" | "middle" | "last"
+    pp_rank: int
+    rank: int
+    layers: list[int]
+    bytes: dict[str, float]
+    total_bytes: float
+    host_bytes: float
+    microbatches_in_flight: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Plan:
+    layout: dict
+    gpu: str
+    fits: bool
+    runs: bool
+    reasons: list[str] = field(default_factory=list)
+    fix: str | None = None
+    per_stage: list[StagePlan] = field(default_factory=list)
+    step_time_s: float = 0.0
+    step: dict = field(default_factory=dict)
+    tokens_per_s_per_gpu: float = 0.0
+    mfu: float = 0.0
+    bubble_fraction: float = 0.0
+    dep_max_over_mean: float = 1.0
+    multimodal_over_text_step: dict = field(default_factory=dict)
+    gpu_days: float | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+
+def layout_of(cfg: Config, gpus: int) -> Config:
+    """cfg with parallel.dp = gpus / parallel.pp (ConfigError when that does not divide)."""
+    p = cfg.parallel
+    if gpus % p.pp:
+        raise ConfigError(f"--gpus {gpus} is not divisible by parallel.pp={p.pp}")
+    return replace(cfg, parallel={"dp": gpus // p.pp})
+
+
+def positions(pp: int) -> list[tuple[str, int]]:
+    out = [("first", 0)]
+    if pp > 2:
+        out.append(("middle", pp // 2))
+    if pp > 1:
+        out.append(("last", pp - 1))
+    return out
+
+
+def _chunk_layers(cfg: Config) -> list[list[int]]:
+    p = cfg.parallel
+    n = p.pp * p.virtual_stages
+    return [[int(k) for k in keys]
+            for keys in chunk_layer_keys(cfg.model.num_layers, layer_counts(cfg.model.num_layers, n))]
+
+
+@_cached
+def _rank_memory(cfg: Config, rank: int) -> RankMemory:
+    return rank_memory(cfg, rank)
+
+
+@_cached
+def _dep_loads(patches: tuple[int, ...], replica_of: tuple[int, ...], pp: int, dp: int
+               ) -> tuple[float, int, int]:
+    """(DEP max/mean, DEP's largest per-rank patches, the largest replica's patches when
+    stage 0 encodes its own replica's items)."""
+    dep = plan_encoder_work(patches, pp * dp)
+    return dep.max_over_mean, max(dep.load), max(stage0_only_load(patches, replica_of, pp, dp))
+
+
+@_cached
+def _sampled_items(data, vision, dp: int, seed: int) -> tuple[list[int], list[int]]:
+    db = _bench("dep_balance")
+    old = db.VISION_FRACTION
+    db.VISION_FRACTION = data.vision_fraction
+    try:
+        return db.build_step(data.global_batch_size * data.seq_len, dp, seed)
+    finally:
+        db.VISION_FRACTION = old
+
+
+def sample_vision_items(cfg: Config, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(patches per encoder item, data-parallel replica of each) for one step, sampled by
+    bench/dep_balance.py (native-resolution images, 4-frame video chunks) at the config's
+    vision fraction, each item capped at the pixel budget data/vision.py resizes to
+    (data.image_max_pixels per image, data.video_max_pixels per frame)."""
+    d, v = cfg.data, cfg.vision
+    patches, replica_of = _sampled_items(d, v, cfg.parallel.dp, seed)
+    cap = max(d.image_max_pixels, v.frames_per_chunk * d.video_max_pixels) // v.patch_size ** 2
+    return [min(x, cap) for x in patches], replica_of
+
+
+def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
+         vision_items: tuple[list[int], list[int]] | None = None) -> Plan:
+    """The memory and step-time plan of cfg's layout on hw (see the module docstring)."""
+    p, m, act = cfg.parallel, cfg.model, cfg.activations
+    world = p.pp * p.dp
+    layout = {"pp": p.pp, "virtual_stages": p.virtual_stages, "dp": p.dp, "ep": p.ep,
+              "microbatches": p.microbatches, "schedule": p.schedule, "dep": p.dep,
+              "gpus": world, "recompute": act.recompute, "recompute_moe_down": act.recompute_moe_down,
+              "fp8_storage": act.fp8_storage, "offload": act.offload,
+              "loss_chunk_tokens": act.loss_chunk_tokens}
+    try:
+        check_parallel_config(cfg, world)
+    except ConfigError as e:
+        return Plan(layout, hw.gpu.name, fits=False, runs=False, reasons=[str(e)])
+    dtype = cfg.train.dtype
+    wsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    seq = cfg.data.seq_len
+    rows = cfg.data.global_batch_size // (p.dp * p.microbatches)
+    tokens_mb = rows * seq
+    chunks = _chunk_layers(cfg)
+    n_stages = len(chunks)
+    vision_on = cfg.vision.enabled and cfg.data.vision_fraction > 0
+
+    kinds = {"dense": layer_saved_per_token(m, act, "dense", hw.attention, dtype)
+             if m.first_k_dense else None,
+             "moe": layer_saved_per_token(m, act, "moe", hw.attention, dtype)
+             if m.first_k_dense < m.num_layers else None}
+
+    def kind(layer: int) -> str:
+        return "dense" if layer < m.first_k_dense else "moe"
+
+    def per_mb(layers: list[int], key: str) -> float:
+        out = 0.0
+        for i in layers:
+            k = kinds[kind(i)]
+            base = k[key] + k[f"{key}_per_seq"] * seq
+            out += base * tokens_mb
+        return out
+
+    stage_dev = {s: per_mb(ls, "device") for s, ls in enumerate(chunks)}
+    stage_host = {s: per_mb(ls, "host") for s, ls in enumerate(chunks)}
+    order = schedule_actions(p.schedule, p.pp, p.virtual_stages, p.microbatches)
+    split = p.schedule == "interleaved_zero_bubble"
+
+    # Vision: sampled items, DEP plan, per-patch saved bytes
+    items = vision_items or (sample_vision_items(cfg) if vision_on else ([], []))
+    patches, replica_of = items
+    vis_patch_bytes = (vision_saved_per_patch(cfg.vision, m.hidden_size, dtype)
+                       if vision_on and patches else 0.0)
+    if patches:
+        dep_ratio, dep_max_patches, replica_max_patches = _dep_loads(
+            tuple(patches), tuple(replica_of), p.pp, p.dp)
+    else:
+        dep_ratio, dep_max_patches, replica_max_patches = 1.0, 0, 0
+
+    reasons: list[str] = []
+    stages: list[StagePlan] = []
+    for name, pp_rank in positions(p.pp):
+        rank = pp_rank * p.dp
+        mem: RankMemory = _rank_memory(cfg, rank)
+        mine = [s for s in range(pp_rank, n_stages, p.pp)]
+        bytes_of = dict(stage_dev)
+        if vision_on and not p.dep and 0 in mine:  # the tower runs inside chunk 0's forward
+            bytes_of[0] = bytes_of[0] + vis_patch_bytes * replica_max_patches / p.microbatches
+        act_bytes, in_flight = peak_in_flight(order[pp_rank], bytes_of, split)
+        host_peak, _ = peak_in_flight(order[pp_rank], stage_host, split)
+        # One layer's whole saved set is on the device while it runs: under offload, the
+        # layer being offloaded and the one prefetched for backward; under full recomputation,
+        # the layer being recomputed.
+        layer_set = max(per_mb([i], "host") for s in mine for i in chunks[s])
+        if act.recompute == "full":
+            layer_set = max(((kinds[kind(i)]["none_device"]
+                              + kinds[kind(i)]["none_device_per_seq"] * seq) * tokens_mb)
+                            for s in mine for i in chunks[s])
+            transient = layer_set
+        else:
+            transient = 2 * layer_set if act.offload else 0.0
+        b = {"weights": float(mem.weights_bytes), "main_grads": float(mem.main_grad_bytes),
+             "masters": float(mem.master_bytes), "optimizer_state": float(mem.optimizer_state_bytes),
+             "reduce_buffers": float(mem.owned_grad_bytes + mem.transient_reduce_bytes),
+             "activations": act_bytes + transient}
+        h = m.hidden_size
+        # PP: a send and a receive buffer for activations and for their gradients
+        comm = 4.0 * tokens_mb * h * wsize if p.pp > 1 else 0.0
+        if p.ep > 1:  # EP dispatch: k copies of each token sent and received
+            comm += 2.0 * tokens_mb * m.num_experts_per_tok * h * wsize
+        b["communication"] = comm
+        if n_stages - 1 in mine:
+            chunk = act.loss_chunk_tokens or tokens_mb
+            # saved (measured): the final norm's fp32 internals and output, labels and mask, per
+            # micro-batch alive on the last chunk; transient: one chunk of logits (working
+            # dtype + fp32) and its fp32 softmax gradient, the head's fp32 gradient + its cast
+            saved = loss_saved_per_token(h, dtype) * tokens_mb
+            transient_loss = min(chunk, tokens_mb) * m.vocab_size * (wsize + 4 + 4) \
+                + m.vocab_size * h * (4 + wsize)
+            if act.loss_chunk_tokens == 0:  # whole logits, fp32 copy and log-softmax kept
+                transient_loss = tokens_mb * m.vocab_size * (wsize + 4 + 4)
+            last_alive, _ = peak_in_flight(order[pp_rank], {s_: float(s_ == n_stages - 1)
+                                                            for s_ in range(n_stages)}, split)
+            b["logits_and_loss"] = saved * last_alive + transient_loss
+        else:
+            b["logits_and_loss"] = 0.0
+        b["dep_encoder"] = (vis_patch_bytes * dep_max_patches if vision_on and p.dep else 0.0)
+        total = sum(b.values())
+        host = host_peak
+        stages.append(StagePlan(name, pp_rank, rank, mem.layers, b, total, host, in_flight))
+        if total > hw.gpu.memory_bytes:
+            reasons.append(f"{name} stage (pp rank {pp_rank}) needs {total / GB:.1f} GB > "
+                           f"{hw.gpu.memory_bytes / GB:.0f} GB of {hw.gpu.name} memory")
+        if host > hw.gpu.host_bytes:
+            reasons.append(f"{name} stage offloads {host / GB:.0f} GB > "
+                           f"{hw.gpu.host_bytes / GB:.0f} GB of host memory per GPU")
+
+    step = step_time(cfg, hw, order, chunks, tokens_mb, dep_max_patches, replica_max_patches,
+                     vision_on)
+    tokens_step = cfg.data.global_batch_size * seq
+    tps = tokens_step / step["step_s"] / world
+    out = Plan(layout, hw.gpu.name, fits=not reasons, runs=True, reasons=reasons,
+               per_stage=stages, step_time_s=step["step_s"], step=step,
+               tokens_per_s_per_gpu=tps,
+               mfu=flops.mfu(tps, m, seq, hw.gpu.bf16_flops),
+               bubble_fraction=step["bubble_fraction"], dep_max_over_mean=dep_ratio)
+    if vision_on and patches:
+        text = step_time(cfg, hw, order, chunks, tokens_mb, 0, 0, False)["step_s"]
+        with_dep = step_time(replace(cfg, parallel={"dep": True}), hw, order, chunks, tokens_mb,
+                             dep_max_patches, replica_max_patches, True)["step_s"]
+        stage0 = step_time(replace(cfg, parallel={"dep": False}), hw, order, chunks, tokens_mb,
+                           dep_max_patches, replica_max_patches, True)["step_s"]
+        out.multimodal_over_text_step = {"dep": with_dep / text, "encoder_on_stage0": stage0 / text}
+    if token_budget:
+        out.gpu_days = token_budget / tps / 86400
+    return out
+
+
+def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_patches: int,
+              replica_max_patches: int, vision_on: bool) -> dict:
+    """Seconds per optimizer step: the pipeline replayed along torch's actions with per-action
+    compute (+ exposed EP all-to-all), then the ZeRO-1 reduce/gather and DEP's encoder work."""
+    p, m, act = cfg.parallel, cfg.model, cfg.activations
+    seq = cfg.data.seq_len
+    wsize = torch.empty(0, dtype=getattr(torch, cfg.train.dtype)).element_size()
+    h = m.hidden_size
+    n_stages = len(chunks)
+    world = p.pp * p.dp
+
+    def ep_bytes_in_node_and_out(nbytes: float) -> tuple[float, float]:
+        """Split what one rank sends in an EP all-to-all into NVLink and RoCE parts: EP groups
+        are consecutive ranks (parallel/mesh.py), so min(ep, gpus per node) share a node."""
+        if p.ep == 1:
+            return 0.0, 0.0
+        in_node = min(p.ep, hw.gpus_per_node)
+        away = nbytes * (p.ep - 1) / p.ep
+        near = away * (in_node - 1) / (p.ep - 1)
+        return near, away - near
+
+    moe_tokens = tokens_mb * m.num_experts_per_tok * h * wsize  # dispatch volume per layer
+    near, far = ep_bytes_in_node_and_out(moe_tokens)
+    a2a_s = near / hw.gpu.nvlink_bytes_per_s + far / hw.roce_per_gpu  # one all-to-all
+    if p.ep > 1:
+        a2a_s += hw.collective_latency_s
+
+    fwd, bwd = {}, {}
+    for s, layers in enumerate(chunks):
+        f = sum(layer_training_flops_per_token(m, seq, i < m.first_k_dense) for i in layers) / 3
+        rc = sum(recompute_flops_per_token(m, act, i < m.first_k_dense, seq) for i in layers)
+        if s == n_stages - 1:
+            f += 2 * h * m.vocab_size
+        n_moe = sum(1 for i in layers if i >= m.first_k_dense)
+        f_s = f * tokens_mb / hw.flops + len(layers) * hw.layer_overhead_s
+        b_s = (2 * f + rc) * tokens_mb / hw.flops + 2 * len(layers) * hw.layer_overhead_s
+        f_comm, b_comm = 2 * n_moe * a2a_s, (2 + (2 if act.recompute == "full" else 0)) * n_moe * a2a_s
+        if s == 0 and vision_on and not p.dep:
+            enc = replica_max_patches / p.microbatches * vision_flops_per_patch(cfg.vision) / hw.flops
+            f_s, b_s = f_s + enc, b_s + 2 * enc
+        fwd[s] = max(f_s, f_comm) if hw.overlap_ep else f_s + f_comm
+        bwd[s] = max(b_s, b_comm) if hw.overlap_ep else b_s + b_comm
+
+    def p2p_ops(stage: int, kind: str) -> int:
+        if p.pp == 1 or not hw.p2p_occupies_rank or kind == "W":
+            return 0
+        if kind == "F":
+            return (stage > 0) + (stage < n_stages - 1)
+        return (stage < n_stages - 1) + (stage > 0)
+
+    def cost(stage, kind, mb):
+        extra = p2p_ops(stage, kind) * hw.p2p_latency_s
+        if kind == "F":
+            return fwd[stage] + extra
+        if kind == "B":
+            return bwd[stage] + extra
+        return bwd[stage] / 2 + extra  # I and W split the backward
+
+    hop = (tokens_mb * h * wsize / hw.roce_per_gpu + hw.p2p_latency_s) if p.pp > 1 else 0.0
+    r = replay(order, cost, hop, n_stages, p.pp)
+    pipeline_s = r["makespan_s"]
+
+    # ZeRO-1 (parallel/runtime.py): fp32 gradients reduced to their owners, bf16 parameters
+    # gathered back, over DP for dense pieces and over DP / EP for experts.
+    mem = _rank_memory(cfg, (p.pp // 2) * p.dp)
+    expert = mem.expert_parameters
+    dense = mem.parameters - expert - mem.encoder_parameters
+
+    def ring_s(nbytes: float, group: int, stride: int) -> float:
+        if group <= 1:
+            return 0.0
+        spans_nodes = group * stride > hw.gpus_per_node
+        bw = hw.roce_per_gpu if spans_nodes else hw.gpu.nvlink_bytes_per_s
+        return nbytes * (group - 1) / group / bw
+
+    # parallel/zero.py reduces each owner's fp32 gradient bucket to it and broadcasts its fp32
+    # masters back: two collectives per owner of each shard group, fp32 both ways.
+    edp = p.dp // p.ep
+    dp_s = (ring_s(dense * 8, p.dp, 1) + ring_s(expert * 8, edp, p.ep))
+    dp_s += 2 * hw.collective_latency_s * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0))
+    # the step's small all-reduces: loss-token count, loss, grad norm, expert loads, stats
+    dp_s += 5 * hw.collective_latency_s
+    enc_s = 0.0
+    if vision_on and p.dep:  # forward without autograd, recompute forward, backward: 4 forwards
+        enc_s = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops
+        enc_s += 4 * cfg.vision.num_layers * hw.layer_overhead_s
+        enc_s += ring_s(mem.encoder_parameters * 8, p.pp * p.dp, 1)
+        # metadata gather, embeddings out, gradients back; the encoder's ZeRO-1 group is the world
+        enc_s += (6 + (2 * world if world > 1 else 0)) * hw.collective_latency_s
+        enc_s += hw.dep_overhead_s
+    optimizer_s = mem.master_bytes / 4 * hw.optimizer_s_per_param
+    total = pipeline_s + dp_s + enc_s + optimizer_s
+    return {"step_s": total, "pipeline_s": pipeline_s, "dp_reduce_gather_s": dp_s,
+            "dep_encoder_s": enc_s, "optimizer_s": optimizer_s,
+            "bubble_fraction": r["bubble_fraction"],
+            "ep_all_to_all_s_per_layer": a2a_s, "pp_hop_s": hop,
+            "forward_s_per_chunk": {str(k): v for k, v in fwd.items()}}
+
+
+# --------------------------------------------------------------------------------------------
+# Fixes and search
+# --------------------------------------------------------------------------------------------
+
+K2_SETTINGS = {"recompute": "selective", "fp8_storage": True, "offload": True}
+
+
+def candidate_changes(cfg: Config) -> list[tuple[str, dict]]:
+    """Single changes, smallest first: memory knobs, then micro-batch count, then layout."""
+    p, a = cfg.parallel, cfg.activations
+    out: list[tuple[str, dict]] = []
+    if a.recompute == "none":
+        out.append(("--activations.recompute=selective", {"activations": {"recompute": "selective"}}))
+    if not a.fp8_storage and a.recompute != "full":
+        out.append(("--activations.fp8_storage=true", {"activations": {"fp8_storage": True}}))
+    if not a.offload:
+        out.append(("--activations.offload=true", {"activations": {"offload": True}}))
+    if a.recompute == "selective" and not a.recompute_moe_down:
+        out.append(("--activations.recompute_moe_down=true",
+                    {"activations": {"recompute_moe_down": True}}))
+    if a.recompute != "full":
+        out.append(("--activations.recompute=full",
+                    {"activations": {"recompute": "full", "fp8_storage": False}}))
+    for mb in (p.microbatches * 2, p.microbatches // 2):
+        if mb >= 1:
+            out.append((f"--parallel.microbatches={mb}", {"parallel": {"microbatches": mb}}))
+    for v in range(p.virtual_stages - 1, 0, -1):
+        out.append((f"--parallel.virtual_stages={v}", {"parallel": {"virtual_stages": v}}))
+    for ep in (p.ep * 2, p.ep // 2):
+        if ep >= 1:
+            out.append((f"--parallel.ep={ep}", {"parallel": {"ep": ep}}))
+    for pp in (p.pp * 2, p.pp // 2):
+        if pp >= 1:
+            out.append((f"--parallel.pp={pp} (dp={p.pp * p.dp // pp})",
+                        {"parallel": {"pp": pp, "dp": p.pp * p.dp // pp}}))
+    return out
+
+
+def _try_replace(cfg: Config, change: dict) -> Config | None:
+    try:
+        return replace(cfg, **change)
+    except ConfigError:
+        return None
+
+
+def smallest_fix(cfg: Config, hw: Hardware, result: Plan) -> str | None:
+    """The first single change (candidate_changes' order) that makes the layout run and fit."""
+    for label, change in candidate_changes(cfg):
+        new = _try_replace(cfg, change)
+        if new is None:
+            continue
+        if not result.runs:
+            try:
+                check_parallel_config(new, new.parallel.pp * new.parallel.dp)
+            except ConfigError:
+                continue
+        r = plan(new, hw)
+        if r.runs and r.fits:
+            return label
+    return None
+
+
+def _raw_parallel(path: str, overrides: list[str]) -> dict:
+    """The [parallel] values a config file and its overrides give, before validation."""
+    import tomllib
+
+    from train.config import parse_overrides
+
+    raw = tomllib.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    for section, values in parse_overrides(overrides).items():
+        raw.setdefault(section, {}).update(values)
+    return {**dataclasses.asdict(Config().parallel), **raw.get("parallel", {})}
+
+
+def with_gpus(path: str, overrides: list[str], gpus: int) -> list[str]:
+    """overrides plus --parallel.dp = gpus / pp (ConfigError when pp does not divide gpus)."""
+    pp = _raw_parallel(path, overrides)["pp"]
+    if not isinstance(pp, int) or pp < 1 or gpus % pp:
+        raise ConfigError(f"--gpus {gpus} is not divisible by parallel.pp={pp!r}")
+    return [*overrides, f"--parallel.dp={gpus // pp}"]
+
+
+def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) -> str | None:
+    """For a config or layout that does not validate: the first single override (fewer
+    virtual stages, another pp, micro-batch count) with which it validates, runs and fits."""
+    par = _raw_parallel(path, overrides)
+    cands = [f"--parallel.virtual_stages={v}" for v in range(par["virtual_stages"] - 1, 0, -1)]
+    pps = sorted((x for x in range(1, gpus + 1) if gpus % x == 0 and x != par["pp"]),
+                 key=lambda x: (abs(x - par["pp"]), x))
+    cands += [f"--parallel.pp={x}" for x in pps[:6]]
+    cands += [f"--parallel.microbatches={x}" for x in (par["microbatches"] // 2,
+                                                        par["microbatches"] * 2) if x >= 1]
+    for extra in cands:
+        try:
+            cfg = load_config(path, with_gpus(path, [*overrides, extra], gpus))
+            r = plan(cfg, hw)
+        except ConfigError:
+            continue
+        if r.runs and r.fits:
+            return extra
+    return None
+
+
+def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
+    """Layouts on `gpus` GPUs that run and fit, best predicted tokens/s/GPU first: pp, virtual
+    stages (1, 2, 4), ep (at most 64 local experts), pp or 2 pp micro-batches, and three memory
+    settings (the config's, K2's, full recomputation)."""
+    m = cfg.model
+    found = []
+    pps = [x for x in (1, 2, 4, 8, 16, 32) if gpus % x == 0]
+    settings = [dict(cfg.activations.__dict__),
+                {**cfg.activations.__dict__, **K2_SETTINGS},
+                {**cfg.activations.__dict__, "recompute": "full", "fp8_storage": False}]
+    seen = set()
+    for pp in pps:
+        dp = gpus // pp
+        for v in (1, 2, 4):
+            if m.num_layers < pp * v:
+                continue
+            for ep in (1, 2, 4, 8, 16, 32, 64):
+                # at most 64 local experts per rank; EP must divide DP and the experts
+                if dp % ep or m.n_routed_experts % ep or m.n_routed_experts > 64 * ep:
+                    continue
+                for mbk in (1, 2):
+                    mb = pp * mbk
+                    for s in settings:
+                        key = (pp, v, ep, mb, tuple(sorted(s.items())))
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        new = _try_replace(cfg, {"parallel": {"pp": pp, "dp": dp, "ep": ep,
+                                                              "virtual_stages": v,
+                                                              "microbatches": mb},
+                                                 "activations": s})
+                        if new is None:
+                            continue
+                        try:
+                            check_parallel_config(new, gpus)
+                        except ConfigError:
+                            continue
+                        # the states of the middle rank alone: a cheap first filter
+                        if _rank_memory(new, (pp // 2) * dp).peak_state_bytes > hw.gpu.memory_bytes:
+                            continue
+                        r = plan(new, hw)
+                        if r.runs and r.fits:
+                            found.append(r)
+    found.sort(key=lambda r: -r.tokens_per_s_per_gpu)
+    return found[:limit]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def parse_tokens(text: str) -> float:
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+    t = text.strip().upper()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t[-1] in units else float(t)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"--tokens {text!r}: a number, optionally with K/M/B/T")
+
+
+def render(r: Plan) -> str:
+    lay = r.layout
+    if "pp" not in lay:  # the config itself did not validate
+        lines = ["CANNOT RUN: " + "; ".join(r.reasons)]
+        lines.append(f"smallest change that runs and fits: {r.fix}" if r.fix else
+                     "no single change of virtual_stages, pp or microbatches makes it run and fit")
+        return "\n".join(lines)
+    lines = [f"layout PP{lay['pp']} x V{lay['virtual_stages']} x DP{lay['dp']}, EP{lay['ep']}, "
+             f"{lay['microbatches']} micro-batches ({lay['schedule']}), DEP "
+             f"{'on' if lay['dep'] else 'off'}, {lay['gpus']} x {r.gpu}; activations: recompute "
+             f"{lay['recompute']}{' + moe_down' if lay['recompute_moe_down'] else ''}, fp8 "
+             f"{lay['fp8_storage']}, offload {lay['offload']}"]
+    if not r.runs:
+        lines.append("CANNOT RUN: " + "; ".join(r.reasons))
+        if r.fix:
+            lines.append(f"smallest change that runs and fits: {r.fix}")
+        return "\n".join(lines)
+    lines.append(("FITS" if r.fits else "DOES NOT FIT: " + "; ".join(r.reasons)))
+    if not r.fits and r.fix:
+        lines.append(f"smallest change that fits: {r.fix}")
+    head = ["GB", *(f"{s.stage} (pp {s.pp_rank})" for s in r.per_stage)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in r.per_stage[0].bytes:
+        lines.append(f"| {key} | " + " | ".join(f"{s.bytes[key] / GB:.2f}" for s in r.per_stage)
+                     + " |")
+    lines.append("| **total** | " + " | ".join(f"**{s.total_bytes / GB:.2f}**" for s in r.per_stage)
+                 + " |")
+    lines.append("| host (offload) | " + " | ".join(f"{s.host_bytes / GB:.1f}" for s in r.per_stage)
+                 + " |")
+    lines.append("| micro-batch chunks in flight | "
+                 + " | ".join(str(s.microbatches_in_flight) for s in r.per_stage) + " |")
+    st = r.step
+    lines.append(f"step {r.step_time_s:.2f} s (pipeline {st['pipeline_s']:.2f}, bubble "
+                 f"{r.bubble_fraction:.3f}; ZeRO-1 reduce/gather {st['dp_reduce_gather_s']:.2f}; "
+                 f"DEP encoder {st['dep_encoder_s']:.2f}); EP all-to-all "
+                 f"{st['ep_all_to_all_s_per_layer'] * 1e3:.2f} ms per layer and micro-batch")
+    lines.append(f"{r.tokens_per_s_per_gpu:.0f} tokens/s/GPU, MFU {r.mfu:.1%}, DEP encoder "
+                 f"max/mean {r.dep_max_over_mean:.3f}")
+    if r.multimodal_over_text_step:
+        mm = r.multimodal_over_text_step
+        lines.append(f"multimodal / text-only step time: {mm['dep']:.3f} with DEP, "
+                     f"{mm['encoder_on_stage0']:.3f} with the encoder on stage 0")
+    if r.gpu_days is not None:
+        lines.append(f"GPU-days for the token budget: {r.gpu_days:,.0f} "
+                     f"({r.gpu_days / lay['gpus']:.1f} days on {lay['gpus']} GPUs)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="mmpt plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="TOML config file")
+    ap.add_argument("--gpus", type=int, required=True, help="total GPUs (dp = gpus / pp)")
+    ap.add_argument("--gpu", choices=sorted(GPUS), required=True)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tokens", type=parse_tokens, default=None, help="token budget, e.g. 15.5T")
+    ap.add_argument("--search", action="store_true", help="rank the layouts that fit")
+    ap.add_argument("--efficiency", type=float, default=0.5,
+                    help="achieved fraction of bf16 peak for the model's math (default 0.5)")
+    ap.add_argument("--roce-gbps", type=float, default=8 * 400.0,
+                    help="RoCE bandwidth per node in Gb/s (default 8 x 400)")
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--attention", choices=["flash", "sdpa"], default="flash",
+                    help="what attention saves: flash (GPU kernels) or sdpa (CPU math path)")
+    ap.add_argument("--no-ep-overlap", action="store_true",
+                    help="EP all-to-all adds to compute instead of hiding behind it")
+    args, overrides = ap.parse_known_args(argv)
+    if args.gpus < 1:
+        ap.error(f"--gpus {args.gpus} must be >= 1")
+    hw = Hardware(GPUS[args.gpu], gpus_per_node=args.gpus_per_node,
+                  roce_bytes_per_s_per_node=args.roce_gbps * 1e9 / 8,
+                  efficiency=args.efficiency, attention=args.attention,
+                  overlap_ep=not args.no_ep_overlap)
+    try:
+        overrides = with_gpus(args.config, overrides, args.gpus)
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:  # a layout the config validation rejects cannot run
+        r = Plan({"gpus": args.gpus}, hw.gpu.name, fits=False, runs=False, reasons=[str(e)])
+        r.fix = fix_for_invalid(args.config, overrides, args.gpus, hw)
+        print(json.dumps(r.to_dict(), indent=1) if args.json else render(r))
+        return 1
+    if args.search:
+        found = search(cfg, hw, args.gpus)
+        if args.json:
+            print(json.dumps([r.to_dict() for r in found], indent=1))
+        else:
+            print(f"{len(found)} layouts fit; best first")
+            for r in found:
+                print(render(r), "\n")
+        return 0 if found else 1
+    r = plan(cfg, hw, args.tokens)
+    if not (r.runs and r.fits):
+        r.fix = smallest_fix(cfg, hw, r)
+    print(json.dumps(r.to_dict(), indent=1) if args.json else render(r))
+    return 0 if r.runs and r.fits else 1

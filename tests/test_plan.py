@@ -1,0 +1,161 @@
+"""`mmpt plan` (parallel/plan.py): state bytes equal the built pieces, activation bytes match a
+saved-tensor measurement, the schedule is torch's, the replay gives the known bubbles, and a
+layout that cannot run or fit says why and what fixes it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from parallel.pieces import RankCoords, build_rank_pieces
+from parallel.plan import (GPUS, Hardware, layer_saved_per_token, layout_of, main, peak_in_flight,
+                           plan, replay, schedule_actions, search)
+from parallel.rank_memory import rank_memory
+from train.config import ActivationConfig, load_config, replace
+from train.model import flops
+
+HW = Hardware(GPUS["h100"], attention="sdpa")
+
+
+def _tiny(**parallel):
+    cfg = load_config("configs/tiny.toml")
+    return replace(cfg, parallel=parallel) if parallel else cfg
+
+
+@pytest.mark.parametrize("layout", [dict(pp=2, virtual_stages=2, dp=2, ep=1, microbatches=2),
+                                    dict(pp=2, virtual_stages=1, dp=2, ep=2, microbatches=2)])
+def test_state_bytes_equal_the_built_pieces_tiny(layout):
+    """Weights and fp32 main grads are the pieces' own bytes; the owned masters of all ranks add
+    up to one fp32 copy of the whole model (each piece has exactly one ZeRO-1 owner)."""
+    cfg = replace(_tiny(**layout), train={"dtype": "bfloat16"})
+    p = cfg.parallel
+    r = plan(cfg, HW, vision_items=([], []))
+    assert r.runs
+    total_master = 0
+    for rank in range(p.pp * p.dp):
+        total_master += rank_memory(cfg, rank).master_bytes
+    for st in r.per_stage:
+        pieces = build_rank_pieces(cfg, RankCoords.of_rank(cfg, st.rank))
+        params = [q for _, q in pieces.named_parameters()]
+        buffers = sum(b.numel() * b.element_size() for _, b in pieces.named_buffers())
+        n = sum(q.numel() for q in params)
+        assert st.bytes["weights"] == 2 * n + buffers
+        assert st.bytes["main_grads"] == 4 * n
+        mem = rank_memory(cfg, st.rank)
+        assert st.bytes["masters"] == mem.master_bytes
+        assert st.bytes["optimizer_state"] == mem.optimizer_state_bytes
+    from train.model import build_model
+    with torch.device("meta"):
+        whole = build_model(cfg)
+    assert total_master == 4 * sum(q.numel() for q in whole.parameters())
+
+
+def test_state_bytes_k25_ranks_on_meta():
+    """k2.5 on 2048 GPUs: each planned stage's weights and main grads are its pieces' bytes."""
+    cfg = layout_of(load_config("configs/k2.5.toml"), 2048)
+    for rank in (0, 8 * cfg.parallel.dp, 15 * cfg.parallel.dp):
+        pieces = build_rank_pieces(cfg, RankCoords.of_rank(cfg, rank))
+        n = sum(q.numel() for _, q in pieces.named_parameters())
+        buffers = sum(b.numel() * b.element_size() for _, b in pieces.named_buffers())
+        mem = rank_memory(cfg, rank)
+        assert mem.weights_bytes == 2 * n + buffers
+        assert mem.main_grad_bytes == 4 * n
+    assert mem.master_bytes > 0 and mem.optimizer_state_bytes > 0
+
+
+@pytest.mark.parametrize("hidden,heads", [(128, 4), (256, 8)])
+@pytest.mark.parametrize("act", [ActivationConfig(),
+                                 ActivationConfig(recompute="selective", fp8_storage=True)])
+def test_activation_bytes_within_5pct_of_measurement(hidden, heads, act):
+    """The planner's per-token bytes (one layer, top-k local experts, zero weights, probed at
+    128 and 256 tokens on the sdpa path) predict the saved-tensor count of a real MoE layer with
+    all its local experts and random weights at 512 tokens (bench/activation_memory.py's
+    measurement) within 5%."""
+    from bench.activation_memory import layer_weights, moe_layer_config, saved_bytes
+
+    m = dataclasses.replace(load_config("configs/tiny.toml").model, hidden_size=hidden,
+                            num_heads=heads)
+    k = layer_saved_per_token(m, act, "moe", "sdpa", "bfloat16")
+    tokens = 512
+    predicted = (k["device"] + k["device_per_seq"] * tokens) * tokens
+    layer_cfg = moe_layer_config(m, m.n_routed_experts)
+    measured = saved_bytes(layer_cfg, layer_weights(layer_cfg, torch.bfloat16), act, tokens,
+                           torch.bfloat16)["device_bytes"]
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+@pytest.mark.parametrize("pp,v,m", [(2, 1, 4), (2, 2, 4), (4, 2, 8), (4, 2, 16), (16, 2, 32)])
+def test_interleaved_schedule_in_flight_and_bubble(pp, v, m):
+    """From torch's action list: rank r keeps (v-1)*pp + 2*(pp-1-r) + 1 chunk forwards alive
+    (its warm-up forwards plus the first steady one), and the replay with backward = 2 x
+    forward gives the interleaved bubble (p-1)/(v*m)."""
+    order = schedule_actions("interleaved_1f1b", pp, v, m)
+    ones = {s: 1.0 for s in range(pp * v)}
+    for r in range(pp):
+        assert peak_in_flight(order[r], ones, False)[1] == min((v - 1) * pp + 2 * (pp - 1 - r) + 1,
+                                                               v * m)
+    out = replay(order, lambda s, kind, mb: 1.0 if kind == "F" else 2.0, 0.0, pp * v, pp)
+    assert out["bubble_fraction"] == pytest.approx((pp - 1) / (v * m))
+
+
+def test_1f1b_schedule():
+    order = schedule_actions("1f1b", 4, 1, 8)
+    assert [peak_in_flight(order[r], {s: 1 for s in range(4)}, False)[1] for r in range(4)] == \
+        [4, 3, 2, 1]
+    out = replay(order, lambda s, kind, mb: 1.0 if kind == "F" else 2.0, 0.0, 4, 4)
+    assert out["bubble_fraction"] == pytest.approx(3 / 8)
+
+
+def test_layer_flops_add_up_to_the_model_flops():
+    from parallel.plan import layer_training_flops_per_token
+
+    m = load_config("configs/k2.5.toml").model
+    total = sum(layer_training_flops_per_token(m, 4096, i < m.first_k_dense)
+                for i in range(m.num_layers)) + 6 * m.hidden_size * m.vocab_size
+    assert total == pytest.approx(flops.training_flops_per_token(m, 4096))
+
+
+def test_plan_json_and_a_layout_that_cannot_run(capsys):
+    rc = main(["--config", "configs/tiny.toml", "--gpus", "4", "--gpu", "h100", "--json",
+               "--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.ep=2",
+               "--parallel.microbatches=2", "--tokens", "1B"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"] is True
+    for key in ("per_stage", "step_time_s", "tokens_per_s_per_gpu", "mfu", "bubble_fraction",
+                "dep_max_over_mean", "gpu_days"):
+        assert key in out
+    assert [s["stage"] for s in out["per_stage"]] == ["first", "last"]
+    assert all(s["total_bytes"] == pytest.approx(sum(s["bytes"].values())) for s in out["per_stage"])
+    # 4 layers cannot fill PP4 x V2 = 8 chunks: the reason, and one virtual stage fixes it
+    rc = main(["--config", "configs/tiny.toml", "--gpus", "8", "--gpu", "h100",
+               "--parallel.pp=4", "--parallel.virtual_stages=2", "--data.global_batch_size=16"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "num_layers" in text and "--parallel.virtual_stages=1" in text
+
+
+def test_a_layout_that_does_not_fit_names_the_fix():
+    """Tiny on a GPU with room for its states and half its activations."""
+    from parallel.plan import GPU, smallest_fix
+
+    cfg = replace(_tiny(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=2),
+                  vision={"enabled": False})
+    base = plan(cfg, HW)
+    need = max(s.total_bytes for s in base.per_stage)
+    states = max(s.total_bytes - s.bytes["activations"] for s in base.per_stage)
+    hw = dataclasses.replace(HW, gpu=GPU("small", (states + need) / 2, 1e12, 1e10, 1e12))
+    r = plan(cfg, hw)
+    assert not r.fits and "needs" in r.reasons[0]
+    fix = smallest_fix(cfg, hw, r)
+    assert fix is not None and fix.startswith("--")
+
+
+def test_search_ranks_layouts_that_fit():
+    cfg = replace(_tiny(), parallel=dict(pp=2, virtual_stages=1, dp=8, ep=1, microbatches=2),
+                  data={"global_batch_size": 64}, vision={"enabled": False})
+    found = search(cfg, HW, 16, limit=5)
+    assert found and all(r.fits for r in found)
+    tps = [r.tokens_per_s_per_gpu for r in found]
+    assert tps == sorted(tps, reverse=True)
