@@ -55,7 +55,7 @@ def loadavg() -> float:
 
 
 def check_k25_activations() -> list[dict]:
-    from bench.activation_memory import SETTINGS
+    from train.model.activation_probe import SETTINGS
 
     recorded = json.loads((ROOT / "bench/results/activation_memory.json").read_text())
     model = load_config(ROOT / "configs/k2.5.toml").model

@@ -1,6 +1,6 @@
 """DEP, the decoupled encoder process: the vision encoder's work spread over ALL ranks.
 
-Per step, exactly the three phases of DESIGN.md section 2:
+Per step, exactly the three phases of the recipe (Kimi K2.5):
 
 1. `forward(microbatches)`: every rank learns every replica's vision items (an all-gather of
    grid_thw over its DP group), and all compute the same plan (`plan_encoder_work`, by patch

@@ -30,17 +30,18 @@ import dataclasses
 import functools
 import gc
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from parallel import dep_workload
 from parallel.dep_plan import plan_encoder_work, stage0_only_load
 from parallel.mesh import check_parallel_config
 from parallel.pipeline import chunk_layer_keys, layer_counts
 from parallel.rank_memory import RankMemory, rank_memory
 from train.config import ActivationConfig, Config, ConfigError, ModelConfig, load_config, replace
+from train.model import activation_probe
 from train.model.lm import DecoderLayer
 from train.model import flops
 
@@ -98,15 +99,6 @@ class Hardware:
 # --------------------------------------------------------------------------------------------
 
 
-def _bench(name: str):
-    """A bench module (the measurement helpers live there); bench/ sits next to the packages."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    import importlib
-    return importlib.import_module(f"bench.{name}")
-
-
 # Probe lengths per attention core: hundreds of tokens (the CPU sdpa path picks its kernel by
 # size, and a few dozen tokens miss a small part that grows with the length).
 PROBE_TOKENS = {"flash": (128, 256), "sdpa": (128, 256)}
@@ -131,7 +123,7 @@ def _layer_weights(cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> dict:
     """Random weights for one decoder layer. The saved bytes depend on the values a little
     (zero weights save less than trained-like ones at hundreds of tokens), so the probe uses
     bench/activation_memory.py's initialisation; a dense layer is filled the same way."""
-    am = _bench("activation_memory")
+    am = activation_probe
     if layer_id >= cfg.first_k_dense:
         return am.layer_weights(cfg, dtype)
     with torch.device("meta"):
@@ -159,7 +151,7 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
     is probed with top-k local experts: each token copy is then processed here, as the k copies
     of a rank's tokens are on average under EP; the router's [tokens, experts] scores are the
     only part that depends on the expert count (a few hundred bytes per token at 24 experts)."""
-    am = _bench("activation_memory")
+    am = activation_probe
     from train.model.activations import apply_activation_memory
     from train.model.attention import DocMask
     from train.model.rope import RotaryEmbedding
@@ -183,7 +175,7 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
             q.requires_grad_(True)
         if attention == "flash":
             mla = layer.attn
-            mla.attend = lambda q_, k_, v_, mask: am._FlashSaves.apply(q_, k_, v_, mask, mla.scale)
+            mla.attend = lambda q_, k_, v_, mask: am.FlashSaves.apply(q_, k_, v_, mask, mla.scale)
         store = am.CountingStore(a.offload)
         apply_activation_memory(layer, a, "cpu", store=store)
         gen = torch.Generator().manual_seed(1)
@@ -226,7 +218,7 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
 def loss_saved_per_token(hidden: int, dtype: str) -> float:
     """Bytes the last chunk's final norm and chunked loss keep per token (the head's weight is
     a parameter, so the vocabulary does not enter): measured on 256 tokens."""
-    am = _bench("activation_memory")
+    am = activation_probe
     from torch.autograd.graph import saved_tensors_hooks
 
     from train.model.lm import lm_head_loss_sum
@@ -256,7 +248,7 @@ def vision_saved_per_patch(vision, lm_hidden: int, dtype: str) -> float:
     """Bytes the vision encoder keeps per patch when its forward runs with autograd (DEP's
     recompute), measured on a 1- and a 2-layer tower (the layers are alike) and scaled to
     vision.num_layers; one 8x8-patch image, so the per-image attention term is small."""
-    am = _bench("activation_memory")
+    am = activation_probe
     from torch.autograd.graph import saved_tensors_hooks
 
     from train.model.vision import VisionTower
@@ -514,7 +506,7 @@ def _dep_loads(patches: tuple[int, ...], replica_of: tuple[int, ...], pp: int, d
 
 @_cached
 def _sampled_items(data, vision, dp: int, seed: int) -> tuple[list[int], list[int]]:
-    db = _bench("dep_balance")
+    db = dep_workload
     old = db.VISION_FRACTION
     db.VISION_FRACTION = data.vision_fraction
     try:

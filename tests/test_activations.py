@@ -165,7 +165,7 @@ def test_measured_saved_bytes_per_setting_small_width():
     """The bench's measurement (bench/activation_memory.py, which runs it at K2.5 width) on a
     narrow MoE layer: each setting keeps less than the one before, offload keeps nothing saved
     on the device, full recomputation keeps only the layer's inputs."""
-    from bench.activation_memory import moe_layer_config, per_token_table
+    from train.model.activation_probe import moe_layer_config, per_token_table
     from train.config import ModelConfig
 
     m = ModelConfig(hidden_size=256, num_heads=4, q_lora_rank=128, kv_lora_rank=64,

@@ -74,7 +74,7 @@ def test_activation_bytes_within_5pct_of_measurement(hidden, heads, act):
     128 and 256 tokens on the sdpa path) predict the saved-tensor count of a real MoE layer with
     all its local experts and random weights at 512 tokens (bench/activation_memory.py's
     measurement) within 5%."""
-    from bench.activation_memory import layer_weights, moe_layer_config, saved_bytes
+    from train.model.activation_probe import layer_weights, moe_layer_config, saved_bytes
 
     m = dataclasses.replace(load_config("configs/tiny.toml").model, hidden_size=hidden,
                             num_heads=heads)

@@ -1,6 +1,6 @@
 """MuonClip's optimizer part: Muon for weight matrices, AdamW for everything else, in one optimizer.
 
-Muon, per matrix W with gradient G (DESIGN.md section 2, "Muon is Scalable for LLM Training"):
+Muon, per matrix W with gradient G (as in "Muon is Scalable for LLM Training"):
 
     M  <- mu * M + G                          momentum buffer (fp32 like the parameter)
     U  <- G + mu * M   (nesterov, default)    or U <- M without nesterov
