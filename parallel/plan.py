@@ -9,7 +9,7 @@ position (first, middle, last) it counts:
   buffers: exactly those of the rank's pieces built on the meta device (parallel/rank_memory.py);
 - activations: the bytes autograd saves per token for each layer kind (dense, MoE), measured by
   a real forward of one layer at the model's full width under the `[activations]` settings
-  (train/model/activations.py, counted by bench/activation_memory.py's store, with the
+  (train/model/activations.py, counted by train/model/activation_probe.py's store, with the
   flash-style attention core a GPU runs or the CPU sdpa path), times the tokens of a
   micro-batch, times the largest number of micro-batches alive on the rank at once, read off
   torch's own action list for the configured schedule;
@@ -19,7 +19,7 @@ position (first, middle, last) it counts:
 Step time: per-action compute from the model's FLOPs (train/model/flops.py) at a calibrated
 efficiency, EP all-to-all and ZeRO-1 reduce/gather volumes over NVLink and RoCE, replayed along
 torch's action list to get the step and its bubble; DEP's encoder load from the real planner
-(parallel/dep_plan.py) on sampled image/video sizes (bench/dep_balance.py's sampler). A layout
+(parallel/dep_plan.py) on sampled image/video sizes (parallel/dep_workload.py's sampler). A layout
 that cannot run or fit is reported with the reason and the smallest change that fixes it.
 """
 
@@ -122,7 +122,7 @@ def _cached(fn):
 def _layer_weights(cfg: ModelConfig, layer_id: int, dtype: torch.dtype) -> dict:
     """Random weights for one decoder layer. The saved bytes depend on the values a little
     (zero weights save less than trained-like ones at hundreds of tokens), so the probe uses
-    bench/activation_memory.py's initialisation; a dense layer is filled the same way."""
+    train/model/activation_probe.py's initialisation; a dense layer is filled the same way."""
     am = activation_probe
     if layer_id >= cfg.first_k_dense:
         return am.layer_weights(cfg, dtype)
@@ -147,7 +147,7 @@ def layer_saved_per_token(model: ModelConfig, act: ActivationConfig, kind: str, 
     the same layer without any setting, which full recomputation rebuilds in backward).
 
     A real forward of one layer on PROBE_TOKENS[attention] tokens, every saved tensor counted once
-    (bench/activation_memory.py's CountingStore through apply_activation_memory). A MoE layer
+    (train/model/activation_probe.py's CountingStore through apply_activation_memory). A MoE layer
     is probed with top-k local experts: each token copy is then processed here, as the k copies
     of a rank's tokens are on average under EP; the router's [tokens, experts] scores are the
     only part that depends on the expert count (a few hundred bytes per token at 24 experts)."""
@@ -517,7 +517,7 @@ def _sampled_items(data, vision, dp: int, seed: int) -> tuple[list[int], list[in
 
 def sample_vision_items(cfg: Config, seed: int = 0) -> tuple[list[int], list[int]]:
     """(patches per encoder item, data-parallel replica of each) for one step, sampled by
-    bench/dep_balance.py (native-resolution images, 4-frame video chunks) at the config's
+    parallel/dep_workload.py (native-resolution images, 4-frame video chunks) at the config's
     vision fraction, each item capped at the pixel budget data/vision.py resizes to
     (data.image_max_pixels per image, data.video_max_pixels per frame)."""
     d, v = cfg.data, cfg.vision
