@@ -147,7 +147,9 @@ def batches(cfg, seed: int = 0) -> list[dict]:
 def _timed_steps(rank, world, cfg, per_replica, warmup, steps):
     from parallel.mesh import build_mesh
     from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
-    from parallel.runtime import ParallelRuntime, muonclip_factory
+    from parallel.runtime import ParallelRuntime
+    from train.optim.muon import muonclip_factory
+    from train.step import training_step
 
     torch.set_num_threads(1)
     mesh = build_mesh(cfg)
@@ -156,12 +158,12 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps):
     rt = ParallelRuntime(cfg, pieces, mesh, muonclip_factory(cfg.optim))
     batch = per_replica[mesh.dp_rank]
     for _ in range(warmup):
-        rt.step(batch)
+        training_step(rt, batch)
     times = []
     for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
-        rt.step(batch)
+        training_step(rt, batch)
         times.append(time.perf_counter() - t0)
     return times
 
