@@ -15,13 +15,11 @@ per token); two sequence lengths separate that seq-dependent part from the per-t
 the output and the float32 log-sum-exp) and recomputes the rest in backward; everything else is
 the same layer. The flash rows are what a GPU rank keeps.
 
-The rank's states follow the recipe at the shipped layout (PP16 x V2, DP16, EP16, so the
-expert-data-parallel size is 1): bf16 weights + a float32 gradient-accumulation buffer for
-every parameter a rank holds; float32 master weights and optimizer state (Muon momentum for
-matrices, AdamW moments for embedding, head and 1-D parameters) on the ZeRO-1 owner only
-(sharded over DP for dense parameters, over DP / EP for experts, over the world for the DEP
-vision encoder, which every rank holds). Prints a table and writes JSON
-(bench/results/activation_memory.json unless --out is given).
+The rank's states at the shipped layout are `parallel.rank_memory`'s count for each pipeline
+position (bf16 weights + fp32 main gradients of what the rank holds; fp32 masters and optimizer
+state of what it owns under ZeRO-1; the reduce buffers); `rank_fit` reports, per setting, the
+rank that binds first. Prints a table and writes JSON (bench/results/activation_memory.json
+unless --out is given).
 """
 
 from __future__ import annotations
@@ -36,11 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel.pipeline import chunk_layer_keys, layer_counts  # noqa: E402
+from parallel.rank_memory import rank_memory  # noqa: E402
 from train.config import Config, load_config  # noqa: E402
 from train.model.activation_probe import moe_layer_config, per_token_table  # noqa: E402
-from train.model.lm import DecoderLM  # noqa: E402
-from train.model.vision import VisionTower  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,83 +47,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rank_state_bytes(cfg: Config) -> dict:
-    """Parameters and state bytes of every pipeline rank (one DP/EP position; all are alike),
-    counted from the meta-device model; the heaviest rank is reported."""
+    """State bytes of one rank per pipeline position (data-parallel rank 0), counted by
+    `parallel.rank_memory` from the rank's meta-device pieces and ZeRO-1's ownership plan; the
+    heaviest rank is reported."""
     p = cfg.parallel
-    with torch.device("meta"):
-        lm = DecoderLM(cfg.model)
-        vision = VisionTower(cfg.vision, cfg.model.hidden_size) if cfg.vision.enabled else None
-    n_chunks = p.pp * p.virtual_stages
-    keys = chunk_layer_keys(cfg.model.num_layers, layer_counts(cfg.model.num_layers, n_chunks))
-    edp = p.dp // p.ep
-    world = p.pp * p.dp
-
-    def role(name: str, param: torch.Tensor) -> str:
-        if ".experts." in f".{name}":
-            return "expert"
-        if name.startswith(("embed.", "head.")) or param.dim() < 2:
-            return "adamw"
-        return "muon"
-
     ranks = []
     for pp_rank in range(p.pp):
-        stages = list(range(pp_rank, n_chunks, p.pp))
-        layer_keys = {k for s in stages for k in keys[s]}
-        count = {"expert": 0, "muon": 0, "adamw": 0}
-        for name, param in lm.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "layers" and parts[1] not in layer_keys:
-                continue
-            if parts[0] == "embed" and 0 not in stages:
-                continue
-            if parts[0] in ("norm", "head") and n_chunks - 1 not in stages:
-                continue
-            r = role(name, param)
-            count[r] += param.numel() // (p.ep if r == "expert" else 1)
-        vision_params = sum(q.numel() for q in vision.parameters()) if vision is not None else 0
-        local = count["expert"] + count["muon"] + count["adamw"] + vision_params
-        weights_and_accum = local * (2 + 4)  # bf16 weights + float32 gradient accumulation
-        owner = (count["expert"] * (4 + 4) / edp + count["muon"] * (4 + 4) / p.dp
-                 + count["adamw"] * (4 + 8) / p.dp + vision_params * (4 + 8) / world)
-        ranks.append({"pp_rank": pp_rank, "layers": sorted(layer_keys, key=int),
-                      "params": local, "expert_params": count["expert"],
-                      "vision_params": vision_params,
-                      "bf16_weights_fp32_grad_accum_bytes": weights_and_accum,
-                      "zero1_master_and_optimizer_bytes": owner,
-                      "state_bytes": weights_and_accum + owner})
+        m = rank_memory(cfg, pp_rank * p.dp)
+        ranks.append({"pp_rank": pp_rank, "layers": m.layers, "params": m.parameters,
+                      "expert_params": m.expert_parameters, "vision_params": m.encoder_parameters,
+                      "bf16_weights_fp32_grad_accum_bytes": m.weights_bytes + m.main_grad_bytes,
+                      "zero1_master_and_optimizer_bytes": m.master_bytes + m.optimizer_state_bytes,
+                      "reduce_buffer_bytes": m.owned_grad_bytes + m.transient_reduce_bytes,
+                      "state_bytes": m.peak_state_bytes})
     heaviest = max(ranks, key=lambda r: r["state_bytes"])
     return {"layout": {"pp": p.pp, "virtual_stages": p.virtual_stages, "dp": p.dp, "ep": p.ep,
-                       "expert_dp": edp, "world": world},
+                       "expert_dp": p.dp // p.ep, "world": p.pp * p.dp},
             "heaviest_rank": heaviest, "ranks": ranks}
 
 
 def rank_fit(cfg: Config, tables: dict[str, dict], states: dict, hbm_gib: float = 80e9 / 2 ** 30,
              host_gib: float = 2e12 / 8 / 2 ** 30, attention: str = "flash") -> dict:
-    """Peak saved activations of the heaviest rank per setting at the shipped schedule, next to
-    its states (HBM: 80 GB; host: 2 TB per node of 8 GPUs). Interleaved 1F1B runs
-    (V - 1) * PP + 2 * (PP - 1 - r) warm-up forwards on pipeline rank r before its first
-    backward (torch's schedule), so that many chunk forwards, plus the one of the first steady
-    step, are alive at once. With offload the device still holds one layer's saved tensors of
-    one micro-batch while that layer runs (they are released when its forward ends and the
-    copies are done); with full recomputation, one layer's whole set while it is recomputed."""
+    """Per setting, the pipeline rank that binds first (fewest sequences per micro-batch that
+    fit) with its states and peak saved activations at the shipped schedule (HBM: 80 GB; host:
+    2 TB per node of 8 GPUs). Interleaved 1F1B runs (V - 1) * PP + 2 * (PP - 1 - r) warm-up
+    forwards on pipeline rank r before its first backward (torch's schedule), so that many chunk
+    forwards, plus the one of the first steady step, are alive at once. With offload the device
+    still holds one layer's saved tensors of one micro-batch while that layer runs (they are
+    released when its forward ends and the copies are done); with full recomputation, one
+    layer's whole set while it is recomputed."""
     p = cfg.parallel
-    heavy = states["heaviest_rank"]
-    r = heavy["pp_rank"]
-    in_flight = min((p.virtual_stages - 1) * p.pp + 2 * (p.pp - 1 - r) + 1,
-                    p.microbatches * p.virtual_stages)
-    layers_per_chunk = len(heavy["layers"]) / p.virtual_stages
     mb_sequences = cfg.data.global_batch_size // (p.dp * p.microbatches)
     gib = 2 ** 30
-    states_gib = heavy["state_bytes"] / gib
-    out = {"attention": attention, "pp_rank": r, "chunk_forwards_in_flight": in_flight,
-           "layers_per_chunk": layers_per_chunk, "sequences_per_microbatch": mb_sequences,
-           "states_gib": states_gib, "hbm_gib": hbm_gib, "host_gib_per_gpu": host_gib,
-           "settings": {}}
     seq = cfg.data.seq_len
+    out = {"attention": attention, "sequences_per_microbatch": mb_sequences, "hbm_gib": hbm_gib,
+           "host_gib_per_gpu": host_gib, "settings": {}}
     for name, e in tables[attention].items():
         dev_seq, host_seq = ((e[f"{k}_per_token"] + e[f"{k}_per_token_per_seq"] * seq) * seq / gib
                              for k in ("device_bytes", "host_bytes"))
-        alive = in_flight * layers_per_chunk  # layer-forwards whose saved tensors are alive
         # One layer's whole saved set is on the device while it runs: the forward under
         # offload (host_seq > 0 only then), the recomputed forward in backward under "full".
         transient = host_seq
@@ -135,17 +92,27 @@ def rank_fit(cfg: Config, tables: dict[str, dict], states: dict, hbm_gib: float 
             none = tables[attention]["none"]
             transient = (none["device_bytes_per_token"]
                          + none["device_bytes_per_token_per_seq"] * seq) * seq / gib
-        dev_per_seq = dev_seq * alive + transient  # per sequence of the micro-batch
-        host_per_seq = host_seq * alive
-        dev = dev_per_seq * mb_sequences
-        host = host_per_seq * mb_sequences
-        fit_dev = int((hbm_gib - states_gib) // dev_per_seq)
-        fit_host = int(host_gib // host_per_seq) if host_per_seq > 0 else None
-        out["settings"][name] = {
-            "device_activation_gib": dev, "host_activation_gib": host,
-            "device_total_gib": states_gib + dev,
-            "fits": states_gib + dev <= hbm_gib and host <= host_gib,
-            "max_sequences_per_microbatch": fit_dev if fit_host is None else min(fit_dev, fit_host)}
+        per_rank = []
+        for rank in states["ranks"]:
+            r = rank["pp_rank"]
+            in_flight = min((p.virtual_stages - 1) * p.pp + 2 * (p.pp - 1 - r) + 1,
+                            p.microbatches * p.virtual_stages)
+            alive = in_flight * len(rank["layers"]) / p.virtual_stages  # layer-forwards alive
+            states_gib = rank["state_bytes"] / gib
+            dev_per_seq = dev_seq * alive + transient  # per sequence of the micro-batch
+            host_per_seq = host_seq * alive
+            dev, host = dev_per_seq * mb_sequences, host_per_seq * mb_sequences
+            fit_dev = max(0, int((hbm_gib - states_gib) // dev_per_seq))
+            fit_host = int(host_gib // host_per_seq) if host_per_seq > 0 else None
+            per_rank.append({
+                "pp_rank": r, "chunk_forwards_in_flight": in_flight, "states_gib": states_gib,
+                "device_activation_gib": dev, "host_activation_gib": host,
+                "device_total_gib": states_gib + dev,
+                "fits": states_gib + dev <= hbm_gib and host <= host_gib,
+                "max_sequences_per_microbatch": fit_dev if fit_host is None
+                else min(fit_dev, fit_host)})
+        out["settings"][name] = min(per_rank, key=lambda x: (x["max_sequences_per_microbatch"],
+                                                             -x["device_total_gib"]))
     return out
 
 

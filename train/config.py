@@ -96,7 +96,7 @@ class VisionConfig:
 
 @dataclass
 class DataConfig:
-    """Where the data comes from and how it is mixed and packed (the data issue fills this in)."""
+    """Where the data comes from and how it is mixed and packed."""
 
     manifest: str = ""  # URL of a dataset manifest: s3://bucket/prefix or a local path
     seq_len: int = 256

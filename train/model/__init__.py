@@ -23,7 +23,7 @@ def build_lm(cfg: ModelConfig) -> DecoderLM:
 
 
 def build_model(cfg: Config):
-    """The whole model; KimiK25 lives in kimi.py (the vision engineer's part)."""
+    """The whole model (KimiK25, in kimi.py): the language model plus the vision tower."""
     from train.model.kimi import KimiK25
 
     return KimiK25(cfg)
