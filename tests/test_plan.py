@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from parallel.pieces import RankCoords, build_rank_pieces
-from parallel.plan import (GPUS, Hardware, layer_saved_per_token, layout_of, main, peak_in_flight,
-                           plan, replay, schedule_actions, search)
+from parallel.plan import GPUS, Hardware, layer_saved_per_token, layout_of, main, plan, search
+from parallel.schedule_replay import peak_in_flight, replay, schedule_actions
 from parallel.rank_memory import rank_memory
 from train.config import ActivationConfig, load_config, replace
 from train.model import flops
