@@ -6,16 +6,20 @@
 Writes synthetic datasets (no tar bytes: planning never reads them) in the layout mmpt ingest
 writes: a manifest with one shard entry per 10,000 samples, and per source the sample catalog
 and the plan table for the K2.5 packing (seq_len 4096, window_sequences 32) as column files
-(data/columnar.py). Sources: "text" (90% of the samples, log-normal lengths around 1,000 tokens)
-and "images" (10%, one image of one of eight sizes plus a caption), mixed at 10% vision tokens.
-Columns are filled in chunks through np.memmap, so writing 10^8 samples needs little memory.
+(data/columnar.py), the plan table with its hold-out columns (every sample's identity hashed as
+ingest does, units sorted by score). Sources: "text" (90% of the samples, log-normal lengths
+around 1,000 tokens) and "images" (10%, one image of one of eight sizes plus a caption), mixed at
+10% vision tokens. Columns are filled in chunks through np.memmap; the hold-out sort holds the
+scores and their order in memory (about 2 GB at 10^8 samples).
 
 Per size, in a fresh process: start-up = opening the dataset as a DP rank does (manifest read and
 fingerprint check, catalog and plan mapped, mixer and planner built), wall and CPU seconds;
 resident memory after it (VmRSS), also net of the process after its imports; planning CPU per
 K2.5-size global batch (16,384 sequences of 4096 tokens = 512 windows), i.e. what every rank
 spends per step, as a fraction of one core at a 10 s step. Goals: start-up < 2 s and < 200 MB
-at every size, planning < 5% of a core.
+at every size, planning < 5% of a core. Each size is measured without hold-out and with
+data.holdout_fraction = HOLDOUT (the training split of the same dataset): one run to warm the
+page cache, then REPEATS runs, each in a fresh process; the JSON keeps every run.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ IMAGE_SHARE = 0.1
 IMAGE_SIZES = [(512, 384), (384, 512), (640, 480), (256, 256), (1024, 768), (300, 200), (800, 800),
                (224, 320)]
 CHUNK = 5_000_000
+HOLDOUT = 0.01
+REPEATS = 3
 
 
 def _media():
@@ -75,8 +81,8 @@ def write_dataset(root: Path, n: int) -> dict:
     """A synthetic dataset of n samples under root; returns what was written."""
     import numpy as np
 
-    from data.catalog import (CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, SEGMENT_DTYPE, Layout, plan_key,
-                              unit_dtype)
+    from data.catalog import (CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, SEGMENT_DTYPE, Layout,
+                              holdout_columns, holdout_scores, plan_key, unit_dtype)
     from data.shards import build_manifest, canonical_json, generation_prefix
 
     media = _media()
@@ -163,12 +169,23 @@ def write_dataset(root: Path, n: int) -> dict:
             rows = units(lo, min(count, lo + CHUNK))
             totals[0] += int(rows["tokens"].sum())
             totals[1] += int(rows["vision"].sum())
+        # hold-out columns: mmpt ingest's sequential keys, SAMPLES_PER_SHARD to a shard
+        scores = np.concatenate([holdout_scores(source, ((i // SAMPLES_PER_SHARD, f"{i:012d}")
+                                                         for i in range(lo, min(count, lo + CHUNK))))
+                                 for lo in range(0, count, CHUNK)])
+        unit_tokens = np.concatenate([units(lo, min(count, lo + CHUNK))["tokens"]
+                                      for lo in range(0, count, CHUNK)])
+        hcols, hmeta = holdout_columns(scores, np.arange(count), unit_tokens)  # a unit per sample
+        del scores, unit_tokens
         pmeta = {"format": PLAN_FORMAT, "source": source, "plan_key": key, "units": count,
                  "tokens": totals[0], "vision_tokens": totals[1], "seq_len": SEQ_LEN,
-                 "window_sequences": WINDOW, "skipped": {}}
+                 "window_sequences": WINDOW, "skipped": {}, **hmeta}
         plan_key_path = f"{gen}{source}/plan-{key}.cols"
-        psize = _fill(root / plan_key_path, {"units": (unit_dtype(count), (count,))}, pmeta,
-                      lambda name, lo, hi: units(lo, hi))
+        pspecs = {"units": (unit_dtype(count), (count,)),
+                  **{name: (col.dtype, col.shape) for name, col in hcols.items()}}
+        psize = _fill(root / plan_key_path, pspecs, pmeta,
+                      lambda name, lo, hi: units(lo, hi) if name == "units" else hcols[name][lo:hi])
+        del hcols
         catalogs.append({"source": source, "key": cat_key, "size": size, "sha256": None,
                          "plans": {key: {"key": plan_key_path, "size": psize, "sha256": None,
                                          "seq_len": SEQ_LEN, "window_sequences": WINDOW}}})
@@ -193,7 +210,7 @@ def _rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def measure(url: str) -> dict:
+def measure(url: str, holdout: float = 0.0) -> dict:
     """One rank's start-up and planning (runs in a fresh process)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     from data.loader import PackedStream
@@ -203,7 +220,7 @@ def measure(url: str) -> dict:
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     stream = PackedStream(url, seq_len=SEQ_LEN, window_sequences=WINDOW, global_batch=GLOBAL_BATCH,
                           dp_rank=0, dp_size=1, seed=0, vision_fraction=0.1, weights={},
-                          tokenizer="", media=_media())
+                          tokenizer="", media=_media(), holdout_fraction=holdout)
     cursor = stream.new_cursor()
     startup = {"wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu,
                "rss_mb": _rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "rss_file_mb": _rss_mb("RssFile")}
@@ -220,7 +237,9 @@ def measure(url: str) -> dict:
                              tokens / (GLOBAL_BATCH * SEQ_LEN), "vision_share": mix["vision_share"],
                          "rss_mb_after": _rss_mb(), "rss_anon_mb_after": _rss_mb("RssAnon"),
                          "rss_file_mb_after": _rss_mb("RssFile")},
-            "derived_plans": stream.catalog.derived_plans}
+            "holdout_fraction": holdout, "units": sum(s.size for s in stream.catalog.sources),
+            "derived_plans": stream.catalog.derived_plans,
+            "derived_holdout": stream.catalog.derived_holdout}
 
 
 def main(argv=None) -> int:
@@ -230,12 +249,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="where to write the synthetic datasets")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--holdout", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(args.measure, args.holdout)))
         return 0
     results = {"seq_len": SEQ_LEN, "window_sequences": WINDOW, "global_batch": GLOBAL_BATCH,
-               "samples_per_shard": SAMPLES_PER_SHARD, "cpu_count": os.cpu_count(), "sizes": {}}
+               "samples_per_shard": SAMPLES_PER_SHARD, "cpu_count": os.cpu_count(),
+               "holdout_fraction": HOLDOUT, "repeats": REPEATS, "sizes": {}}
     base = Path(tempfile.mkdtemp(prefix="mmpt-scale-", dir=args.dir))
     try:
         for size in [int(float(s)) for s in args.sizes.split(",")]:
@@ -244,21 +265,27 @@ def main(argv=None) -> int:
             written = write_dataset(root, size)
             wrote_s = time.perf_counter() - t
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            runs = []
-            for _ in range(2):  # the second run finds the catalog in the page cache, like a warm host
-                out = subprocess.run([sys.executable, __file__, "--measure", str(root)], env=env,
-                                     check=True, capture_output=True, text=True).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
-            results["sizes"][str(size)] = {"written": written, "write_s": wrote_s, "runs": runs}
-            r = runs[-1]
+            entry = results["sizes"][str(size)] = {"written": written, "write_s": wrote_s}
             on_disk = sum(w["catalog_bytes"] + w["plan_bytes"] for w in written.values()
                           if isinstance(w, dict))
-            print(f"{size:>11,} samples: start-up {r['startup']['wall_s']:.3f} s "
-                  f"({r['startup']['rss_mb']:.0f} MB resident, {r['startup']['rss_over_imports_mb']:.1f} MB "
-                  f"over imports); planning {r['planning']['cpu_s_per_global_batch']:.2f} CPU s per "
-                  f"global batch = {100 * r['planning']['core_fraction_at_10s_step']:.1f}% of a core "
-                  f"at a 10 s step; catalog+plan {on_disk / 1e9:.2f} GB",
-                  flush=True)
+            for holdout in (0.0, HOLDOUT):
+                runs = []
+                # the first run warms the page cache (a host whose first rank fetched the files)
+                for _ in range(1 + REPEATS):
+                    out = subprocess.run([sys.executable, __file__, "--measure", str(root),
+                                          "--holdout", str(holdout)], env=env, check=True,
+                                         capture_output=True, text=True).stdout
+                    runs.append(json.loads(out.strip().splitlines()[-1]))
+                entry["runs" if holdout == 0 else "runs_holdout"] = runs
+                cpu = sorted(r["planning"]["cpu_s_per_global_batch"] for r in runs[1:])
+                up = sorted(r["startup"]["wall_s"] for r in runs[1:])
+                r = runs[-1]
+                print(f"{size:>11,} samples, holdout {holdout}: start-up {up[0]:.3f}-{up[-1]:.3f} s "
+                      f"({r['startup']['rss_anon_mb']:.0f} MB private, "
+                      f"{r['startup']['rss_over_imports_mb']:.1f} MB over imports); planning "
+                      f"{cpu[0]:.3f}/{cpu[len(cpu) // 2]:.3f}/{cpu[-1]:.3f} CPU s (min/median/max) per "
+                      f"global batch = {10 * cpu[len(cpu) // 2]:.1f}% of a core at a 10 s step; "
+                      f"catalog+plan {on_disk / 1e9:.2f} GB", flush=True)
             if not args.keep:
                 shutil.rmtree(root)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

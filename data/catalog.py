@@ -42,6 +42,13 @@ source where no hash does, the sample with the smallest hash (every source has v
 The choice depends only on the sample's identity, never on the order, the seed, resume or DP
 size. `split="train"` keeps the other samples, `split="val"` only the held-out ones; with f = 0
 the catalog (and so the training stream) is exactly what it is without hold-out.
+A plan table written by ingest carries the split as a column `holdout`: a row per unit (its
+sample's hash as a number in [0, 1), the unit, its tokens) sorted by that score; its header names
+the sample with the smallest score. The held-out units for any f are then a prefix found by one
+binary search, and the training split reads the table through them (data/mix.py's RowsWithout),
+so start-up reads the held-out prefix (about f * 16 bytes per unit), not every sample. A plan
+table without these columns (written before them) gets the split computed on load from the
+samples' identities (a pass over the source, logged above a million samples).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.columnar import Columns, encode_columns, open_columns
-from data.mix import SourceSpec
+from data.mix import RowsWithout, SourceSpec
 from data.pack import piece_cuts
 from data.shards import ShardError, read_index
 from train.errors import InvalidInput
@@ -83,9 +90,21 @@ def holdout_score(source: str, shard: int, member: str) -> float:
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
+def holdout_scores(source: str, identities) -> np.ndarray:
+    """holdout_score of each of a source's samples (shard number, member key), as float64 (one
+    keyed state copied per sample: the same digests, without the key set-up every time)."""
+    keyed = hashlib.blake2b(digest_size=8, key=_HOLDOUT_KEY)
+    digests = bytearray()
+    for k, key in identities:
+        h = keyed.copy()
+        h.update(f"{source}\x1f{k}\x1f{key}".encode())
+        digests += h.digest()
+    return np.frombuffer(bytes(digests), dtype="<u8").astype(np.float64) / 2.0 ** 64
+
+
 def held_out(source: str, identities: list[tuple[int, str]], fraction: float) -> np.ndarray:
     """Which of a source's samples (shard number, member key) are held out (see the docstring)."""
-    scores = np.array([holdout_score(source, k, key) for k, key in identities], dtype=np.float64)
+    scores = holdout_scores(source, identities)
     out = scores < fraction
     if fraction > 0 and len(scores) and not out.any():
         out[int(np.argmin(scores))] = True
@@ -370,8 +389,48 @@ def unit_dtype(num_samples: int) -> np.dtype:
                      ("sample", "<i4" if num_samples < 2**31 else "<i8"), ("offset", "<i4")])
 
 
-def plan_columns(source: SourceCatalog, layout: Layout, key: str) -> tuple[dict, dict]:
-    """(columns, meta) of one source's plan table: every sample's units, in sample order."""
+def holdout_dtype(num_units: int) -> np.dtype:
+    """One row of a plan table's hold-out column: a unit's score, the unit, its tokens."""
+    return np.dtype([("score", "<f8"), ("unit", "<i4" if num_units < 2**31 else "<i8"),
+                     ("tokens", "<i4")])
+
+
+def holdout_columns(scores: np.ndarray, unit_samples: np.ndarray,
+                    unit_tokens: np.ndarray) -> tuple[dict, dict]:
+    """(columns, meta) of a plan table's hold-out split from the samples' scores: a row per unit
+    (its sample's score, the unit, its tokens) sorted by score (ties: unit order), so that the
+    held-out prefix is read contiguously; the meta names the sample with the smallest score
+    (over all samples, packable or not)."""
+    unit_scores = scores[np.asarray(unit_samples)]
+    order = np.argsort(unit_scores, kind="stable")
+    rows = np.empty(len(order), holdout_dtype(len(order)))
+    rows["score"], rows["unit"], rows["tokens"] = unit_scores[order], order, np.asarray(unit_tokens)[order]
+    cols = {"holdout": rows}
+    first = int(np.argmin(scores)) if len(scores) else -1
+    meta = {"holdout_min_sample": first,
+            "holdout_min_score": float(scores[first]) if len(scores) else 1.0}
+    return cols, meta
+
+
+def held_out_units(plan: Columns, fraction: float) -> tuple[np.ndarray, int]:
+    """(plan table rows, sorted; their tokens) of the samples held out at `fraction` > 0, from the
+    hold-out column: a binary search and the held-out prefix (see the module docstring)."""
+    meta = plan.meta
+    if meta["holdout_min_score"] >= fraction:  # no score below f: the smallest one's sample
+        units = plan["units"]
+        key = np.asarray(meta["holdout_min_sample"], dtype=units["sample"].dtype)
+        lo = int(np.searchsorted(units["sample"], key, "left"))
+        hi = int(np.searchsorted(units["sample"], key, "right"))
+        return np.arange(lo, hi, dtype=np.int64), int(units["tokens"][lo:hi].sum())
+    rows = plan["holdout"]
+    m = int(np.searchsorted(rows["score"], fraction, side="left"))
+    return np.sort(rows["unit"][:m].astype(np.int64)), int(rows["tokens"][:m].sum(dtype=np.int64))
+
+
+def plan_columns(source: SourceCatalog, layout: Layout, key: str,
+                 holdout: bool = True) -> tuple[dict, dict]:
+    """(columns, meta) of one source's plan table: every sample's units, in sample order, and
+    (`holdout`) the hold-out columns, which hash every sample's identity once."""
     skipped: Counter = Counter()
     if source.kind == "text":  # no atoms: units are consecutive windows of S * seq_len tokens
         length = source.cols["s_text_tokens"].astype(np.int64) + 1
@@ -397,6 +456,11 @@ def plan_columns(source: SourceCatalog, layout: Layout, key: str) -> tuple[dict,
             "tokens": int(tokens.sum()), "vision_tokens": int(vision.sum()),
             "seq_len": layout.seq_len, "window_sequences": layout.window_sequences,
             "skipped": dict(sorted(skipped.items()))}
+    if holdout:
+        hcols, hmeta = holdout_columns(holdout_scores(source.name, source.identities()), sample,
+                                       tokens)
+        cols.update(hcols)
+        meta.update(hmeta)
     return cols, meta
 
 
@@ -435,6 +499,7 @@ class Catalog:
         self.sources: list[SourceSpec] = []
         self.plans: list[Columns] = []  # [source] -> its plan table (totals in .meta)
         self.derived_plans: list[str] = []  # sources whose plan table was built on load
+        self.derived_holdout: list[str] = []  # sources whose hold-out split was computed on load
         listed = {c["source"]: c for c in manifest.get("catalogs", [])}
         for name, kind in zip(self.names, self.kinds):
             src = SourceCatalog(self._sample_catalog(name, kind, listed.get(name)), name, kind)
@@ -447,22 +512,19 @@ class Catalog:
             units = plan["units"]
             tokens, vision, sample, offset = (units["tokens"], units["vision"], units["sample"],
                                               units["offset"])
-            total = float(plan.meta["tokens"])
-            if holdout_fraction > 0:  # this split's units only (a copy; the table stays mapped)
-                val = held_out(name, src.identities(), holdout_fraction)
-                keep = val if split == "val" else ~val
-                if not keep.any():
+            total, rows = float(plan.meta["tokens"]), None
+            if holdout_fraction > 0:  # this split's units, read through the mapped table
+                held, held_tokens = self._held_out_units(src, plan, holdout_fraction)
+                rows = held if split == "val" else RowsWithout(plan.meta["units"], held)
+                if len(rows) == 0:
                     raise ValueError(f"source {name!r} has {src.n} sample(s): with "
                                      f"data.holdout_fraction={holdout_fraction} none is left "
                                      "for training")
-                mine = keep[np.asarray(sample)]
-                tokens, vision, sample, offset = (np.asarray(a)[mine] for a in
-                                                  (tokens, vision, sample, offset))
-                total = float(tokens.sum())
+                total = float(held_tokens if split == "val" else plan.meta["tokens"] - held_tokens)
             weight = weights.get(name, total)  # default: by size in tokens
             self.catalogs.append(src)
             self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,
-                                           sample, offset))
+                                           sample, offset, rows=rows))
             self.plans.append(plan)
 
     def _sample_catalog(self, name: str, kind: str, listed: dict | None) -> Columns:
@@ -478,6 +540,20 @@ class Catalog:
         cols, meta = catalog_columns(name, kind, shards, indexes)
         return _in_memory(cols, meta, f"{name} (from {len(shards)} JSON indexes)")
 
+    def _held_out_units(self, src: SourceCatalog, plan: Columns,
+                        fraction: float) -> tuple[np.ndarray, int]:
+        if "holdout" in plan.cols:
+            return held_out_units(plan, fraction)
+        # A plan table from before the hold-out columns: hash every sample's identity here.
+        if src.n > WARN_DERIVE_SAMPLES:
+            log.warning("source %s: plan table %s has no hold-out columns; hashing %d sample "
+                        "identities on every start (re-ingest with mmpt ingest --plan to store "
+                        "them)", src.name, plan.name, src.n)
+        self.derived_holdout.append(src.name)
+        val = held_out(src.name, src.identities(), fraction)
+        held = np.flatnonzero(val[np.asarray(plan["units"]["sample"])]).astype(np.int64)
+        return held, int(np.asarray(plan["units"]["tokens"])[held].sum(dtype=np.int64))
+
     def _plan(self, src: SourceCatalog, listed: dict | None) -> Columns:
         stored = (listed or {}).get("plans", {}).get(self.plan_key)
         if stored is not None:
@@ -491,7 +567,8 @@ class Catalog:
                         "writes it once)", src.name, self.plan_key, self.seq_len,
                         self.window_sequences, src.n)
         self.derived_plans.append(src.name)
-        cols, meta = plan_columns(src, self.layout_rules, self.plan_key)
+        cols, meta = plan_columns(src, self.layout_rules, self.plan_key,
+                                  holdout=self.holdout_fraction > 0)
         return _in_memory(cols, meta, f"{src.name} plan {self.plan_key} (derived)")
 
     # -- lookups used by the planner and the loader workers
@@ -529,7 +606,7 @@ class Catalog:
     def summary(self) -> dict:
         return {"fingerprint": self.fingerprint,
                 "sources": {s.name: {"kind": k, "group": s.group, "weight": s.weight,
-                                     "samples": int(len(s.tokens)), "tokens": p.meta["tokens"],
+                                     "samples": int(s.size), "tokens": p.meta["tokens"],
                                      "vision_tokens": p.meta["vision_tokens"]}
                             for s, k, p in zip(self.sources, self.kinds, self.plans)},
                 "skipped": dict(self.skipped)}

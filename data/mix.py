@@ -80,6 +80,48 @@ class KeyedPermutation:
         return int(y[0]) if scalar else y
 
 
+class RowsWithout:
+    """The rows [0, n) without the sorted rows `removed`, as a lazy index map: position i of the
+    rest is row i + #{k : removed[k] - k <= i} (one binary search in a table of len(removed))."""
+
+    def __init__(self, n: int, removed: np.ndarray):
+        removed = np.asarray(removed, dtype=np.int64)
+        self.n = n - len(removed)
+        self._shift = removed - np.arange(len(removed), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        i = np.asarray(i, dtype=np.int64)
+        return i + np.searchsorted(self._shift, i, side="right")
+
+
+class RowView:
+    """Rows `rows` of a column, read only where indexed (a split of a mapped plan table)."""
+
+    def __init__(self, column: np.ndarray, rows):
+        self.column, self.rows = column, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.column[self.rows[i]]
+
+    def __iter__(self):
+        for lo in range(0, len(self), 1 << 16):
+            yield from self[np.arange(lo, min(len(self), lo + (1 << 16)))].tolist()
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[np.arange(len(self))]
+        return out if dtype is None else out.astype(dtype)
+
+    def sum(self) -> int:
+        return int(sum(int(self[np.arange(lo, min(len(self), lo + (1 << 20)))].sum())
+                       for lo in range(0, len(self), 1 << 20)))
+
+
 @dataclass
 class SourceSpec:
     """What the mixer needs to know about one source: per-sample token counts from metadata.
@@ -89,6 +131,10 @@ class SourceSpec:
     tokens), `vision[i]` its vision placeholder tokens, `samples[i]` the source's sample number
     it belongs to and `offsets[i]` its first token in that document. Samples that can never be
     packed have no unit (the catalog counts them).
+
+    `rows` (optional) selects the units of a split: unit i is row rows[i] of the columns (an
+    index array, or a lazy map such as RowsWithout), so a split of a mapped table costs no copy;
+    the four fields then read through it (RowView) and `size` counts the split's units.
     """
 
     name: str
@@ -98,18 +144,30 @@ class SourceSpec:
     vision: np.ndarray
     samples: np.ndarray | None = None
     offsets: np.ndarray | None = None
+    rows: object = None
 
     def __post_init__(self):
         if self.group not in ("text", "vision"):
             raise ValueError(f"source {self.name!r}: group must be 'text' or 'vision', got {self.group!r}")
         if not self.weight > 0:
             raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
-        if len(self.tokens) == 0:
-            raise ValueError(f"source {self.name!r} has no usable samples")
+        n = len(self.tokens)
         if self.samples is None:
-            self.samples = np.arange(len(self.tokens), dtype=np.int64)
+            self.samples = np.arange(n, dtype=np.int64)
         if self.offsets is None:
-            self.offsets = np.zeros(len(self.tokens), dtype=np.int64)
+            self.offsets = np.zeros(n, dtype=np.int64)
+        self._columns = (self.tokens, self.vision, self.samples, self.offsets)
+        if self.rows is not None:
+            self.tokens, self.vision, self.samples, self.offsets = (
+                RowView(c, self.rows) for c in self._columns)
+        self.size = len(self.tokens)
+        if self.size == 0:
+            raise ValueError(f"source {self.name!r} has no usable samples")
+
+    def gather(self, units: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(tokens, vision, samples, offsets) of the given units (one gather per column)."""
+        rows = units if self.rows is None else self.rows[units]
+        return tuple(c[rows] for c in self._columns)
 
 
 class SourceStream:
@@ -119,7 +177,7 @@ class SourceStream:
 
     def __init__(self, spec: SourceSpec, seed: int, fingerprint: str, index: int):
         self.spec, self.seed, self.fingerprint, self.index = spec, seed, fingerprint, index
-        self.n = len(spec.tokens)
+        self.n = spec.size
         self._perm_epoch = -1
         self._perm: KeyedPermutation | None = None
         self._block_start = -1
@@ -143,10 +201,9 @@ class SourceStream:
         if (epoch, start) != (self._perm_epoch, self._block_start) or not self._block:
             stop = min(start + self.BLOCK, self.n)
             units = self._permutation(epoch)(np.arange(start, stop))
-            spec = self.spec
-            self._block = list(zip(units.tolist(), spec.tokens[units].tolist(),
-                                   spec.vision[units].tolist(), spec.samples[units].tolist(),
-                                   spec.offsets[units].tolist()))
+            tokens, vision, samples, offsets = self.spec.gather(units)
+            self._block = list(zip(units.tolist(), tokens.tolist(), vision.tolist(),
+                                   samples.tolist(), offsets.tolist()))
             self._block_start = start
         return self._block[offset - start]
 

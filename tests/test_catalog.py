@@ -1,5 +1,7 @@
 """Column files and the columnar catalog: round trip, where readers map them from, damage."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,115 @@ def test_a_local_dataset_is_mapped_in_place(tmp_path):
     opened = open_columns(TieredCache(store, disk_dir=tmp_path / "cache"), "c.cols", len(raw))
     assert not (tmp_path / "cache" / "columns").exists()
     assert np.array_equal(opened["a"], _columns()["a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The hold-out split from the plan table's columns against the per-sample computation
+
+
+def _holdout_dataset(tmp_path, seq_len=64, window=2):
+    """Two small sources in column files (a few shards, random keys, documents longer than a
+    window); returns (store, manifest, media)."""
+    from data.ingest import write_catalog
+    from data.media import MediaRules
+    from data.shards import build_manifest, generation_prefix
+    from data.vision import VisionPreprocess
+
+    media, rng = MediaRules(VisionPreprocess()), np.random.default_rng(3)
+    store, gen = LocalStore(tmp_path / "ds"), generation_prefix(1)
+    shards_all, catalogs = [], []
+    for name, n in (("web", 900), ("code", 40)):
+        shards, indexes = [], []
+        for k, count in enumerate(np.diff(np.r_[0, np.sort(rng.choice(n - 1, 3, replace=False)) + 1, n])):
+            samples = [{"key": f"{rng.integers(1 << 40):x}", "kind": "text",
+                        "members": {"txt": {"offset": 512 * j, "size": 100}},
+                        "text_tokens": int(rng.integers(1, 300)), "text_bytes": 10,
+                        "images": [], "videos": []} for j in range(int(count))]
+            shards.append({"source": name, "key": f"{gen}{name}/shard-{k:06d}.tar",
+                           "index": f"{gen}{name}/shard-{k:06d}.idx.json",
+                           "num_samples": len(samples), "size": 1 << 20, "index_sha256": f"{k:064x}"})
+            indexes.append({"samples": samples})
+        catalogs.append(write_catalog(store, gen, name, "text", shards, indexes,
+                                      [(media, seq_len, window)]))
+        shards_all += shards
+    manifest = build_manifest([{"name": "web", "kind": "text"}, {"name": "code", "kind": "text"}],
+                              shards_all, {"fingerprint": "t", "vocab_size": 100,
+                                           "special_tokens": {}}, [], 1, catalogs)
+    return store, manifest, media
+
+
+def _old_split(catalog, s, fraction, split):
+    """The split as it was computed before the hold-out columns: hash every sample, filter."""
+    from data.catalog import held_out
+
+    src, units = catalog.catalogs[s], catalog.plans[s]["units"]
+    val = held_out(src.name, src.identities(), fraction)
+    keep = (val if split == "val" else ~val)[np.asarray(units["sample"])]
+    return {f: np.asarray(units[f])[keep] for f in ("tokens", "vision", "sample", "offset")}
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.05, 0.3, 0.9])
+def test_holdout_columns_give_the_split_of_the_per_sample_computation(tmp_path, fraction):
+    from data.catalog import Catalog
+    from data.mix import TokenMixer
+
+    store, manifest, media = _holdout_dataset(tmp_path)
+    opts = dict(media=media, seq_len=64, window_sequences=2)
+    for split in ("train", "val"):
+        cat = Catalog(store, manifest, holdout_fraction=fraction, split=split, **opts)
+        assert cat.derived_plans == [] and cat.derived_holdout == []  # read from the columns
+        assert "holdout" in cat.plans[0].cols
+        for s, spec in enumerate(cat.sources):
+            old = _old_split(cat, s, fraction, split)
+            assert len(old["tokens"]) > 0  # at 0.001: the smallest-score sample of each source
+            for field, got in (("tokens", spec.tokens), ("vision", spec.vision),
+                               ("sample", spec.samples), ("offset", spec.offsets)):
+                assert np.array_equal(np.asarray(got), old[field]), (split, s, field)
+        # the same stream as from the filtered arrays
+        weights = [float(_old_split(cat, s, fraction, split)["tokens"].sum()) for s in range(2)]
+        assert [spec.weight for spec in cat.sources] == weights
+        from data.mix import SourceSpec
+
+        plain = [SourceSpec(sp.name, sp.group, sp.weight, *(_old_split(cat, s, fraction, split)[f]
+                 for f in ("tokens", "vision", "sample", "offset"))) for s, sp in enumerate(cat.sources)]
+        a, b = (TokenMixer(x, 0.0, seed=1, fingerprint="fp") for x in (cat.sources, plain))
+        assert [a.next() for _ in range(3000)] == [b.next() for _ in range(3000)]
+    # a plan table without the hold-out columns: the split is computed on load, the same
+    stripped = json.loads(json.dumps(manifest))
+    for c in stripped["catalogs"]:
+        c["plans"] = {}
+    old_style = Catalog(store, stripped, holdout_fraction=fraction, split="train", **opts)
+    assert old_style.derived_plans == ["web", "code"]
+    new = Catalog(store, manifest, holdout_fraction=fraction, split="train", **opts)
+    for x, y in zip(old_style.sources, new.sources):
+        assert np.array_equal(np.asarray(x.samples), np.asarray(y.samples))
+
+
+def test_a_plan_table_without_holdout_columns_falls_back_to_hashing(tmp_path, monkeypatch):
+    import data.catalog as catalog_mod
+
+    real = catalog_mod.plan_columns
+    monkeypatch.setattr(catalog_mod, "plan_columns",
+                        lambda *a, **k: real(*a, **{**k, "holdout": False}))
+    import data.ingest  # write_catalog imports plan_columns from data.catalog when it runs
+
+    store, manifest, media = _holdout_dataset(tmp_path)
+    monkeypatch.undo()
+    cat = catalog_mod.Catalog(store, manifest, media=media, seq_len=64, window_sequences=2,
+                              holdout_fraction=0.3, split="val")
+    assert "holdout" not in cat.plans[0].cols and cat.derived_holdout == ["web", "code"]
+    for s, spec in enumerate(cat.sources):
+        assert np.array_equal(np.asarray(spec.samples), _old_split(cat, s, 0.3, "val")["sample"])
+
+
+def test_rows_without_matches_deleting_the_rows():
+    from data.mix import RowsWithout
+
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 100):
+        for k in range(n):
+            removed = np.sort(rng.choice(n, k, replace=False))
+            rows = RowsWithout(n, removed)
+            expect = np.delete(np.arange(n), removed)
+            assert len(rows) == len(expect)
+            assert np.array_equal(rows[np.arange(len(expect))], expect)
