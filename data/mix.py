@@ -180,8 +180,10 @@ class SourceStream:
         self.n = spec.size
         self._perm_epoch = -1
         self._perm: KeyedPermutation | None = None
-        self._block_start = -1
-        self._block: list[tuple[int, int, int, int, int]] = []
+        # the cached block: stream positions [lo, hi) of one epoch, rows (unit, tokens, vision,
+        # sample, offset) in position order
+        self.lo = self.hi = self.epoch = -1
+        self.block: list[tuple[int, int, int, int, int]] = []
 
     def _permutation(self, epoch: int) -> KeyedPermutation:
         if epoch != self._perm_epoch:
@@ -196,16 +198,20 @@ class SourceStream:
     def info_at(self, position: int) -> tuple[int, int, int, int, int]:
         """(unit, tokens, vision tokens, sample, offset) at stream position `position`: read for a
         whole block at once (one gather per column instead of four scalar reads per draw)."""
+        if not self.lo <= position < self.hi:
+            self.load(position)
+        return self.block[position - self.lo]
+
+    def load(self, position: int) -> None:
+        """Cache the block holding stream position `position`."""
         epoch, offset = divmod(position, self.n)
         start = offset - offset % self.BLOCK
-        if (epoch, start) != (self._perm_epoch, self._block_start) or not self._block:
-            stop = min(start + self.BLOCK, self.n)
-            units = self._permutation(epoch)(np.arange(start, stop))
-            tokens, vision, samples, offsets = self.spec.gather(units)
-            self._block = list(zip(units.tolist(), tokens.tolist(), vision.tolist(),
-                                   samples.tolist(), offsets.tolist()))
-            self._block_start = start
-        return self._block[offset - start]
+        stop = min(start + self.BLOCK, self.n)
+        units = self._permutation(epoch)(np.arange(start, stop))
+        tokens, vision, samples, offsets = self.spec.gather(units)
+        self.block = list(zip(units.tolist(), tokens.tolist(), vision.tolist(),
+                              samples.tolist(), offsets.tolist()))
+        self.lo, self.hi, self.epoch = epoch * self.n + start, epoch * self.n + stop, epoch
 
 
 class Draw(NamedTuple):
@@ -222,6 +228,9 @@ class Draw(NamedTuple):
 
     def to_list(self) -> list[int]:
         return [self.source, self.sample, self.epoch, self.tokens, self.vision, self.offset, self.index]
+
+
+_new_tuple = tuple.__new__  # builds a Draw without the call through its generated __new__
 
 
 @dataclass
@@ -267,6 +276,9 @@ class TokenMixer:
             raise ValueError(f"vision_fraction={f} but no source has images or video")
         self.streams = [SourceStream(s, self.seed, self.fingerprint, i)
                         for i, s in enumerate(self.sources)]
+        # the one source of a group that has one (no choice to make within it), else None
+        self._text_only, self._vision_only = (m[0] if len(m) == 1 else None
+                                              for m in (self.groups["text"], self.groups["vision"]))
         if self.state is None:
             n = len(self.sources)
             self.state = MixState([0] * n, [0] * n, [0] * n)
@@ -284,28 +296,38 @@ class TokenMixer:
                 best, best_deficit = i, deficit
         return best
 
-    def _candidate(self, source: int) -> tuple[int, int, int, int, int]:
-        return self.streams[source].info_at(self.state.positions[source])
-
     def next(self) -> Draw:
+        # The planner's inner loop: the candidates are read from the streams' cached blocks
+        # inline (info_at's work without its call), the rest is the rule of the module docstring.
         st, f = self.state, self.vision_fraction
-        source = self._pick_in_group("text")
-        candidate = self._candidate(source)
+        positions = st.positions
+        source = self._text_only
+        if source is None:
+            source = self._pick_in_group("text")
+        stream = self.streams[source]
+        p = positions[source]
+        if not stream.lo <= p < stream.hi:
+            stream.load(p)
+        candidate = stream.block[p - stream.lo]
         if f > 0:
-            vsource = self._pick_in_group("vision")
+            vsource = self._vision_only
+            if vsource is None:
+                vsource = self._pick_in_group("vision")
             error = sum(st.vision) - f * sum(st.tokens)
-            _, nt, vt, _, _ = candidate
-            vcandidate = self._candidate(vsource)
-            _, nv, vv, _, _ = vcandidate
-            if abs(error + vv - f * nv) < abs(error + vt - f * nt):
-                source, candidate = vsource, vcandidate
+            vstream = self.streams[vsource]
+            p = positions[vsource]
+            if not vstream.lo <= p < vstream.hi:
+                vstream.load(p)
+            vcandidate = vstream.block[p - vstream.lo]
+            if abs(error + vcandidate[2] - f * vcandidate[1]) < abs(error + candidate[2] - f * candidate[1]):
+                source, candidate, stream = vsource, vcandidate, vstream
         _, n, v, sample, offset = candidate
-        epoch = st.positions[source] // self.streams[source].n
-        st.positions[source] += 1
+        positions[source] += 1
         st.tokens[source] += n
         st.vision[source] += v
-        st.draws += 1
-        return Draw(source, sample, epoch, n, v, offset, st.draws - 1)
+        index = st.draws
+        st.draws = index + 1
+        return _new_tuple(Draw, (source, sample, stream.epoch, n, v, offset, index))
 
     def undo(self, draw: Draw) -> None:
         """Take back the last draw (the state is as if it had not been drawn)."""

@@ -27,6 +27,7 @@ piece, doc ids count the row's pieces from 0 and padding gets the next id of its
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,16 +59,20 @@ def piece_cuts(length: int, atoms: tuple[tuple[int, int], ...], seq_len: int,
 
 def best_fit_decreasing(lengths: list[int], num_bins: int, capacity: int) -> list[int]:
     """Bin of each item by best-fit-decreasing; -1 for an item that fits in no bin."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    free = [(capacity, b) for b in range(num_bins)]  # sorted by (free space, bin)
+    # longest first, ties in item order (a reversed sort keeps equal items in their order)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    # bins sorted by (free space, bin), each as the one integer space * num_bins + bin
+    free = [capacity * num_bins + b for b in range(num_bins)]
     where = [-1] * len(lengths)
+    bisect_left, insort = bisect.bisect_left, bisect.insort
     for i in order:
-        slot = bisect.bisect_left(free, (lengths[i], -1))
+        n = lengths[i] * num_bins
+        slot = bisect_left(free, n)
         if slot == len(free):
             continue
-        space, b = free.pop(slot)
-        where[i] = b
-        bisect.insort(free, (space - lengths[i], b))
+        slot = free.pop(slot)
+        where[i] = slot % num_bins
+        insort(free, slot - n)
     return where
 
 
@@ -136,6 +141,8 @@ class WindowPlanner:
         self.next_index, self.next_state = index, state.copy()
 
     def _pieces(self, draw: Draw) -> list[tuple[int, int]]:
+        if draw.tokens <= self.seq_len:  # one piece, whatever the atoms (no layout needed)
+            return [(0, draw.tokens)]
         length, atoms = self.layout(draw)
         if length == draw.tokens <= self.seq_len:  # one piece (what piece_cuts gives)
             return [(0, length)]
@@ -148,28 +155,30 @@ class WindowPlanner:
     def next(self) -> Window:
         start = self.next_state.copy()
         self.mixer.state = start.mix.copy()
-        free = [(self.seq_len, b) for b in range(self.num_seqs)]  # online best fit, for admission
+        # Online best fit, for admission: sequences sorted by (free space, sequence), each as the
+        # one integer space * S + sequence (cheaper to search than pairs, the same order).
+        S, seq_len = self.num_seqs, self.seq_len
+        free = [seq_len * S + b for b in range(S)]
         docs, carry, cuts, total = [], [], {}, 0
+        bisect_left, insort = bisect.bisect_left, bisect.insort
 
         def admit(d: Draw) -> bool:
-            pieces = self._pieces(d)
-            if len(pieces) == 1:  # the common case, placed in place (same result as the trial)
-                n = pieces[0][1] - pieces[0][0]
-                slot = bisect.bisect_left(free, (n, -1))
+            n = d.tokens
+            if n <= seq_len:  # the common case, one piece placed in place (as the trial would)
+                slot = bisect_left(free, n * S)
                 if slot == len(free):
                     return False
-                space, s = free.pop(slot)
-                bisect.insort(free, (space - n, s))
+                insort(free, free.pop(slot) - n * S)
                 docs.append(d)
-                cuts[d.index] = pieces
+                cuts[d.index] = [(0, n)]
                 return True
+            pieces = self._pieces(d)
             trial = list(free)
             for a, b in sorted(pieces, key=lambda p: (p[0] - p[1], p[0])):
-                slot = bisect.bisect_left(trial, (b - a, -1))
+                slot = bisect_left(trial, (b - a) * S)
                 if slot == len(trial):
                     return False
-                space, s = trial.pop(slot)
-                bisect.insort(trial, (space - (b - a), s))
+                insort(trial, trial.pop(slot) - (b - a) * S)
             free[:] = trial
             docs.append(d)
             cuts[d.index] = pieces
@@ -180,18 +189,29 @@ class WindowPlanner:
                 total += d.tokens
             else:
                 carry.append(d)
-        while total < self.capacity:
-            d = self.mixer.next()
-            if admit(d):
-                total += d.tokens
-            elif len(carry) < self.lookahead:
+        draw, capacity, lookahead = self.mixer.next, self.capacity, self.lookahead
+        while total < capacity:
+            d = draw()
+            n = d.tokens
+            if n <= seq_len:  # admit's common case inline (this loop runs once per draw)
+                slot = bisect_left(free, n * S)
+                if slot < len(free):
+                    insort(free, free.pop(slot) - n * S)
+                    docs.append(d)
+                    cuts[d.index] = [(0, n)]
+                    total += n
+                    continue
+            elif admit(d):
+                total += n
+                continue
+            if len(carry) < lookahead:
                 carry.append(d)
             else:
                 self.mixer.undo(d)  # not drawn after all: the next window draws it
                 break
         # The admitted set fits (admission placed it); lay it out by best-fit-decreasing, which
         # almost always places it too, else keep the admission layout.
-        docs.sort(key=lambda d: d.index)
+        docs.sort(key=_stream_index)
         flat = [(i, a, b) for i, d in enumerate(docs) for a, b in cuts[d.index]]
         where = best_fit_decreasing([b - a for _, a, b in flat], self.num_seqs, self.seq_len)
         if -1 in where:
@@ -245,6 +265,9 @@ class WindowPlanner:
             members[best].append(i)
             got[best] += vision[i]
         return [sequences[i] for m in members for i in sorted(m)]
+
+
+_stream_index = operator.attrgetter("index")
 
 
 def _online_best_fit(lengths: list[int], groups: list[list], num_bins: int, capacity: int) -> list[int]:
