@@ -1,7 +1,10 @@
 """Start-up, resident memory and planning CPU of the data plane against the number of samples.
 
     python bench/data_scale.py [--sizes 1e6,1e7,1e8] [--out bench/results/data_scale.json]
-                               [--dir /path/with/space] [--keep]
+                               [--dir /path/with/space] [--keep] [--profile]
+
+--profile prints the cProfile table of one global batch's planning (the first size, no
+hold-out) instead of measuring.
 
 Writes synthetic datasets (no tar bytes: planning never reads them) in the layout mmpt ingest
 writes: a manifest with one shard entry per 10,000 samples, and per source the sample catalog
@@ -210,7 +213,7 @@ def _rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def measure(url: str, holdout: float = 0.0) -> dict:
+def measure(url: str, holdout: float = 0.0, profile: bool = False) -> dict:
     """One rank's start-up and planning (runs in a fresh process)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     from data.loader import PackedStream
@@ -226,6 +229,14 @@ def measure(url: str, holdout: float = 0.0) -> dict:
                "rss_mb": _rss_mb(), "rss_anon_mb": _rss_mb("RssAnon"), "rss_file_mb": _rss_mb("RssFile")}
     startup["rss_over_imports_mb"] = startup["rss_mb"] - imports["rss_mb"]
     windows = GLOBAL_BATCH // WINDOW
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [cursor.get(k) for k in range(windows)])
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
+        cursor = stream.new_cursor()
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     tokens = sum(cursor.get(k).tokens() for k in range(windows))
     cpu = time.process_time() - t_cpu
@@ -250,9 +261,10 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--holdout", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="profile the planning, do not measure")
     args = ap.parse_args(argv)
     if args.measure:
-        print(json.dumps(measure(args.measure, args.holdout)))
+        print(json.dumps(measure(args.measure, args.holdout, args.profile)))
         return 0
     results = {"seq_len": SEQ_LEN, "window_sequences": WINDOW, "global_batch": GLOBAL_BATCH,
                "samples_per_shard": SAMPLES_PER_SHARD, "cpu_count": os.cpu_count(),
@@ -264,6 +276,10 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             written = write_dataset(root, size)
             wrote_s = time.perf_counter() - t
+            if args.profile:
+                subprocess.run([sys.executable, __file__, "--measure", str(root), "--profile"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+                return 0
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             entry = results["sizes"][str(size)] = {"written": written, "write_s": wrote_s}
             on_disk = sum(w["catalog_bytes"] + w["plan_bytes"] for w in written.values()
