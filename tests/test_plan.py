@@ -159,3 +159,41 @@ def test_search_ranks_layouts_that_fit():
     assert found and all(r.fits for r in found)
     tps = [r.tokens_per_s_per_gpu for r in found]
     assert tps == sorted(tps, reverse=True)
+
+
+def test_processor_sharing_replay_hand_computed():
+    """Two pipeline ranks on one core, F = 1 and B = 2 CPU seconds: while both compute each runs
+    at half speed, so the step is the total work, 12 s (traced by hand: F0 0-1; F1 and the last
+    stage's F0 1-3; its B0 3-5; the first stage's B0 5-9 beside the last stage's F1 5-7 and B1
+    7-10; the first stage's B1 10-12).
+    On two cores it is the unshared replay's 9 s; a wait uses no core."""
+    from parallel.schedule_replay import replay_shared
+
+    order = {0: [(0, "F", 0), (0, "F", 1), (0, "B", 0), (0, "B", 1)],
+             1: [(1, "F", 0), (1, "B", 0), (1, "F", 1), (1, "B", 1)]}
+    unit = {"F": 1.0, "B": 2.0}
+    shared = replay_shared(order, lambda s, k, mb: (unit[k], 0.0), 0.0, 2, cores=1)
+    assert shared["makespan_s"] == pytest.approx(12.0)
+    assert replay(order, lambda s, k, mb: unit[k], 0.0, 2, 2)["makespan_s"] == pytest.approx(9.0)
+    assert replay_shared(order, lambda s, k, mb: (unit[k], 0.0), 0.0, 2,
+                         cores=2)["makespan_s"] == pytest.approx(9.0)
+    # one stage, two replicas on one core: 1 s of CPU each at half speed, then a 1 s wait
+    one = {0: [(0, "F", 0)]}
+    assert replay_shared(one, lambda s, k, mb: (1.0, 1.0), 0.0, 1, cores=1,
+                         copies=2)["makespan_s"] == pytest.approx(3.0)
+    # one background process on the core: the same as a second replica
+    assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=1,
+                         background=1.0)["makespan_s"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("schedule,pp,v,m", [("interleaved_1f1b", 4, 2, 8), ("1f1b", 4, 1, 8),
+                                             ("interleaved_zero_bubble", 2, 2, 4)])
+def test_processor_sharing_replay_with_enough_cores_is_the_replay(schedule, pp, v, m):
+    from parallel.schedule_replay import replay_shared
+
+    order = schedule_actions(schedule, pp, v, m)
+    cost = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+    ref = replay(order, lambda s, k, mb: cost[k] + 0.25, 0.5, pp * v, pp)
+    got = replay_shared(order, lambda s, k, mb: (cost[k], 0.25), 0.5, pp * v, cores=pp)
+    assert got["makespan_s"] == pytest.approx(ref["makespan_s"])
+    assert got["bubble_fraction"] == pytest.approx(ref["bubble_fraction"])
