@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel.plan import (GPU, Hardware, layer_saved_per_token, plan, replay,  # noqa: E402
-                           schedule_actions)
+from parallel.plan import GPU, Hardware, layer_saved_per_token, plan  # noqa: E402
+from parallel.schedule_replay import rank_speed, replay, schedule_actions  # noqa: E402
 from train.config import ActivationConfig, load_config, replace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,65 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def loadavg() -> float:
     return os.getloadavg()[0]
+
+
+def autogroups() -> bool:
+    """Whether the scheduler shares the cores between sessions first (Linux autogroups)."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _group_of(pid: str) -> tuple[str, float]:
+    """(scheduling group, its weight against a nice-0 group): the process's autogroup and the
+    autogroup's nice value."""
+    name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
+    return name, 1.25 ** -int(nice)
+
+
+def _runnable_by_group(grouped: bool) -> dict:
+    """Runnable threads of other processes by scheduling group: {group: (weight, threads)};
+    without autogroups every thread is its own group of its nice weight (1024 / 1.25**nice
+    against a nice-0 thread's 1024)."""
+    me = str(os.getpid())
+    mine = _group_of(me)[0] if grouped else None
+    out: dict = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            group = _group_of(pid) if grouped else None
+            if grouped and group[0] == mine:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] != "R":
+                    continue
+                key, weight = group if grouped else (tid, 1.25 ** -int(fields[16]))
+                w, n = out.get(key, (weight, 0))
+                out[key] = (w, n + 1)
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while it was read
+    return out
+
+
+def background_groups(samples: int = 10, interval_s: float = 0.05) -> list[tuple[float, float]]:
+    """The other scheduling groups competing for the cores now, [(weight, runnable threads)],
+    the threads averaged over `samples` looks at /proc: what the planner's processor sharing
+    is given (parallel.schedule_replay.rank_speed)."""
+    grouped = autogroups()
+    seen: dict = {}
+    for _ in range(samples):
+        for key, (w, n) in _runnable_by_group(grouped).items():
+            seen[key] = (w, seen.get(key, (w, 0))[1] + n)
+        time.sleep(interval_s)
+    return sorted(((w, n / samples) for w, n in seen.values()), key=lambda x: -x[1])
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +147,8 @@ def check_bubble(cost_ms: float) -> list[dict]:
     from bench import pipeline_bubble as pb
 
     rows = []
-    latency = measure_latency()
+    comm = measure_comm()
+    latency = comm["p2p_latency_s"] + comm["p2p_cpu_s"]  # a hop: the whole wall of a p2p op
     for p, v, m in ((2, 1, 4), (2, 2, 4), (2, 2, 8)):
         meas = pb.measure(p, v, m, cost_ms, 1)
         order = schedule_actions("interleaved_1f1b", p, v, m)
@@ -168,47 +228,92 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps):
     return times
 
 
-def measure_step(cfg, world: int, warmup: int, steps: int) -> float:
+def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
+    """The median step (a step ends when its slowest rank ends) and the other runnable
+    processes just before and after the run."""
+    import statistics
+
     from tests.dist import run_distributed
 
+    before = background_groups()
     out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, timeout=900)
-    # a step ends when its slowest rank ends; the fastest such step is the one the other
-    # users of this shared machine disturbed least
-    return min(max(t[i] for t in out) for i in range(steps))
+    after = background_groups()
+    per_step = [max(t[i] for t in out) for i in range(steps)]
+    # both looks, each group's threads halved: the average over the run
+    background = [(w, n / 2) for w, n in before + after]
+    return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
+            "background": background}
 
 
-def cpu_hardware(sec_per_flop: float, layer_s: float, opt_s_per_param: float,
-                 latency_s: float, world: int, share: float = 1.0, dep_s: float = 0.0) -> Hardware:
-    """This machine as the planner sees it: calibrated seconds per FLOP, per layer action and per
-    owned parameter of the optimizer step, gloo latency; every rank gets `share` of the
-    calibration run's CPU (ranks and other users' processes share the cores)."""
-    gpu = GPU("cpu", 1e12, share / sec_per_flop, 2e9, 1e12)
+def cpu_hardware(cal: dict, world: int, background, sec_per_flop: float | None = None,
+                 layer_s: float | None = None, opt_s_per_param: float | None = None,
+                 dep_s: float | None = None) -> Hardware:
+    """This machine as the planner sees it: its cores shared by the ranks and `background`
+    other runnable processes, the calibrated CPU seconds per FLOP, per layer action, per owned
+    parameter of the optimizer step and DEP's fixed cost (cal's, unless given), and the pinged
+    CPU cost and latency of a collective and of a send or receive. `background`: the other
+    scheduling groups, background_groups()."""
+    pick = lambda x, key: cal.get(key, 0.0) if x is None else x  # noqa: E731
+    gpu = GPU("cpu", 1e12, 1 / max(pick(sec_per_flop, "sec_per_flop"), 1e-30), 2e9, 1e12)
     return Hardware(gpu, gpus_per_node=world, roce_bytes_per_s_per_node=2e9 * world,
-                    efficiency=1.0, p2p_latency_s=latency_s, attention="sdpa", overlap_ep=False,
-                    layer_overhead_s=layer_s / share, collective_latency_s=latency_s,
-                    optimizer_s_per_param=opt_s_per_param / share, dep_overhead_s=dep_s / share,
-                    p2p_occupies_rank=True)
+                    efficiency=1.0, p2p_latency_s=cal["p2p_latency_s"], attention="sdpa",
+                    overlap_ep=False, layer_overhead_s=pick(layer_s, "layer_overhead_s"),
+                    collective_latency_s=cal["collective_latency_s"],
+                    optimizer_s_per_param=pick(opt_s_per_param, "optimizer_s_per_param"),
+                    dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores(),
+                    background=tuple(background), ranks_grouped=autogroups(),
+                    collective_cpu_s=cal["collective_cpu_s"],
+                    p2p_cpu_s=cal["p2p_cpu_s"])
 
 
-def cpu_share(world: int, cores: int, background: float) -> float:
-    """CPU per rank relative to a world-1 run when `background` other runnable processes share
-    `cores` cores fairly."""
-    return min(1.0, cores / (background + world)) / min(1.0, cores / (background + 1))
+def _comm_ping(rank, world, reps):
+    """Per collective (all-reduce, all-to-all, broadcast of a few floats) and per send or
+    receive (one-op batch_isend_irecv, as torch's pipeline runtime issues them): wall and CPU
+    (process time: the gloo threads too) per operation on this rank."""
+    x, y = torch.zeros(16), torch.empty(16)
+    peer = 1 - rank
+    ops = {
+        "collective": [lambda: dist.all_reduce(x), lambda: dist.all_to_all_single(y, x),
+                       lambda: dist.broadcast(x, src=0)],
+        "p2p": [lambda: dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, x, peer) if rank == 0 else dist.P2POp(dist.irecv, y, peer)]
+        )[0].wait(),
+                lambda: dist.batch_isend_irecv(
+            [dist.P2POp(dist.irecv, y, peer) if rank == 0 else dist.P2POp(dist.isend, x, peer)]
+        )[0].wait()],
+    }
+    out = {}
+    for kind, fns in ops.items():
+        for f in fns * 5:
+            f()
+        dist.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(reps):
+            for f in fns:
+                f()
+        n = reps * len(fns)
+        out[kind] = ((time.perf_counter() - t0) / n, (time.process_time() - c0) / n)
+    return out
 
 
-def _latency(rank, world, reps):
-    x = torch.zeros(8)
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        dist.all_reduce(x)
-    return (time.perf_counter() - t0) / reps
-
-
-def measure_latency(reps: int = 50) -> float:
+def measure_comm(reps: int = 200, repeats: int = 3) -> dict:
+    """Gloo at world 2 (one rank per core): CPU seconds per operation (the mean over the two
+    ranks) and its latency, the wall time beyond that CPU. The least disturbed of `repeats`
+    pings is kept."""
     from tests.dist import run_distributed
 
-    return max(run_distributed(_latency, 2, reps, timeout=300))
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(repeats):
+        out = run_distributed(_comm_ping, 2, reps, timeout=300)
+        for kind in out[0]:
+            wall = max(o[kind][0] for o in out)
+            cpu = sum(o[kind][1] for o in out) / len(out)
+            if kind not in best or wall < best[kind][0]:
+                best[kind] = (wall, cpu)
+    return {"collective_cpu_s": best["collective"][1],
+            "collective_latency_s": max(0.0, best["collective"][0] - best["collective"][1]),
+            "p2p_cpu_s": best["p2p"][1],
+            "p2p_latency_s": max(0.0, best["p2p"][0] - best["p2p"][1])}
 
 
 def vision_items_of(cfg, per_replica) -> tuple[list[int], list[int]]:
@@ -229,21 +334,29 @@ def _predict(cfg, hw):
     return plan(cfg, hw, vision_items=vision_items_of(cfg, batches(cfg))).step_time_s
 
 
-def calibrate(base, warmup: int, steps: int, latency: float) -> dict:
+def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
     """Three world-1 runs (micro-batch count and tokens varied) give seconds per FLOP, per
-    layer action and the optimizer's fixed cost: the planner is linear in them at world 1."""
+    layer action and per owned parameter of the optimizer step: the planner is linear in them
+    at world 1, beside the pinged communication costs (its intercept)."""
     import numpy as np
 
-    rows_a, t = [], []
+    rows_a, t, runs = [], [], []
     for c in CALIBRATION:
         global ROWS_PER_REPLICA
         saved, ROWS_PER_REPLICA = ROWS_PER_REPLICA, c["rows"]
         try:
             cfg = layout_config(base, dict(LAYOUTS[0][1], microbatches=c["microbatches"]))
-            t.append(measure_step(cfg, 1, warmup, steps))
-            rows_a.append([_predict(cfg, cpu_hardware(1.0, 0.0, 0.0, 0.0, 1)),
-                           _predict(cfg, cpu_hardware(1e-30, 1.0, 0.0, 0.0, 1)),
-                           _predict(cfg, cpu_hardware(1e-30, 0.0, 1.0, 0.0, 1))])
+            got = measure_step(cfg, 1, warmup, steps)
+            bg = got["background"]
+            zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
+            base_t = _predict(cfg, cpu_hardware(comm, 1, bg, **zero))
+            t.append(got["step_s"] - base_t)
+            if not runs:
+                first_s = got["step_s"]
+            runs.append(dict(c, measured_s=round(got["step_s"], 4),
+                             speed=round(rank_speed(cores(), 1, bg, autogroups()), 3)))
+            rows_a.append([_predict(cfg, cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0})))
+                           - base_t for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
         finally:
             ROWS_PER_REPLICA = saved
     a, b = np.array(rows_a), np.array(t)
@@ -261,39 +374,44 @@ def calibrate(base, warmup: int, steps: int, latency: float) -> dict:
     sec_per_flop, layer_s, opt_s = (float(x) for x in best[1])
     sec_per_flop = max(sec_per_flop, 1e-30)
     # DEP's fixed cost: the first calibration layout with DEP off, against its DEP-on time
+    cal = dict(comm, sec_per_flop=sec_per_flop, layer_overhead_s=layer_s,
+               optimizer_s_per_param=opt_s, dep_overhead_s=0.0)
     cfg = layout_config(base, dict(LAYOUTS[0][1], dep=False))
-    no_dep = measure_step(cfg, 1, warmup, steps)
-    hw = cpu_hardware(sec_per_flop, layer_s, opt_s, latency, 1)
-    modelled = _predict(layout_config(base, LAYOUTS[0][1]), hw) - _predict(cfg, hw)
-    dep_s = max(0.0, t[0] - no_dep - modelled)
-    return dict(sec_per_flop=sec_per_flop, layer_overhead_s=layer_s, optimizer_s_per_param=opt_s,
-                dep_overhead_s=dep_s, no_dep_measured_s=round(no_dep, 4),
-                latency_s=latency, runs=[dict(c, measured_s=round(x, 4))
-                                         for c, x in zip(CALIBRATION, t)])
+    got = measure_step(cfg, 1, warmup, steps)
+    bg = got["background"]
+    with_dep = layout_config(base, LAYOUTS[0][1])
+    modelled = (_predict(with_dep, cpu_hardware(cal, 1, bg))
+                - _predict(cfg, cpu_hardware(cal, 1, bg)))
+    share = rank_speed(cores(), 1, bg, autogroups())  # the planner charges DEP's cost at that
+    measured_dep = first_s - got["step_s"]
+    cal["dep_overhead_s"] = max(0.0, measured_dep - modelled) * share
+    return dict(cal, no_dep_measured_s=round(got["step_s"], 4), runs=runs)
 
 
 def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
-    cores = os.cpu_count() or 1
-    latency = measure_latency()
+    comm = measure_comm()
+    print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
     for name, base in configs().items():
-        cal = calibrations[name] = calibrate(base, warmup, steps, latency)
+        cal = calibrations[name] = calibrate(base, warmup, steps, comm)
         print(json.dumps({name: cal}), flush=True)
         for world, par in LAYOUTS[1:]:
             cfg = layout_config(base, par)
             load_before = loadavg()
-            measured = measure_step(cfg, world, warmup, steps)
-            share = cpu_share(world, cores, max(0.0, load_before - 1))
-            hw = cpu_hardware(cal["sec_per_flop"], cal["layer_overhead_s"],
-                              cal["optimizer_s_per_param"], latency, world, share,
-                              cal["dep_overhead_s"])
-            pred = _predict(cfg, hw)
+            got = measure_step(cfg, world, warmup, steps)
+            measured = got["step_s"]
+            pred = _predict(cfg, cpu_hardware(cal, world, got["background"]))
             rows.append(dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
+                             fastest_step_s=round(got["fastest_s"], 4),
                              predicted_step_s=round(pred, 4),
                              rel_error=round(abs(pred - measured) / measured, 4),
                              within_20pct=abs(pred - measured) <= 0.2 * measured,
-                             cpu_share=round(share, 3), loadavg_before=load_before,
-                             loadavg_after=loadavg()))
+                             cores=cores(), autogroups=autogroups(),
+                             rank_speed=round(rank_speed(cores(), world, got["background"],
+                                                         autogroups()), 3),
+                             background=[[round(w, 3), round(n, 2)] for w, n in got["background"]
+                                         if n >= 0.05],
+                             loadavg_before=load_before, loadavg_after=loadavg()))
             print(json.dumps(rows[-1]), flush=True)
     return rows, calibrations
 
@@ -304,8 +422,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bubble", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--bubble-cost-ms", type=float, default=200.0)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "bench/results/plan_check.json"))
     args = ap.parse_args(argv)
     # parts skipped in this run keep their results from an earlier one

@@ -181,9 +181,27 @@ def test_processor_sharing_replay_hand_computed():
     one = {0: [(0, "F", 0)]}
     assert replay_shared(one, lambda s, k, mb: (1.0, 1.0), 0.0, 1, cores=1,
                          copies=2)["makespan_s"] == pytest.approx(3.0)
-    # one background process on the core: the same as a second replica
-    assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=1,
-                         background=1.0)["makespan_s"] == pytest.approx(2.0)
+    # one other nice-0 thread on the core, no groups: the same as a second replica
+    assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=1, background=[(1, 1)],
+                         grouped=False)["makespan_s"] == pytest.approx(2.0)
+    # four replicas on two cores beside another group with one runnable thread: as one group
+    # the ranks get the core that group leaves (1 s of CPU at 1/4 speed); as four nice-0
+    # threads they get 4/5 of both cores (0.4 each)
+    for grouped, expect in ((True, 4.0), (False, 2.5)):
+        assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=2, copies=4,
+                             background=[(1, 1)], grouped=grouped)["makespan_s"] == \
+            pytest.approx(expect)
+
+
+def test_rank_speed_divides_the_cores_by_weight_up_to_demand():
+    from parallel.schedule_replay import rank_speed
+
+    assert rank_speed(2, 1) == 1.0  # a core each
+    assert rank_speed(2, 8) == pytest.approx(0.25)
+    # three other groups, CPU-bound with 2 threads each: a quarter of 2 cores for our 4 ranks
+    assert rank_speed(2, 4, [(1, 2)] * 3) == pytest.approx(0.125)
+    # a group with a weight 4 times ours, but one runnable thread: it takes 1 core, we get 1
+    assert rank_speed(2, 4, [(4, 1)]) == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("schedule,pp,v,m", [("interleaved_1f1b", 4, 2, 8), ("1f1b", 4, 1, 8),
@@ -197,3 +215,24 @@ def test_processor_sharing_replay_with_enough_cores_is_the_replay(schedule, pp, 
     got = replay_shared(order, lambda s, k, mb: (cost[k], 0.25), 0.5, pp * v, cores=pp)
     assert got["makespan_s"] == pytest.approx(ref["makespan_s"])
     assert got["bubble_fraction"] == pytest.approx(ref["bubble_fraction"])
+
+
+def test_gpu_plans_do_not_share_and_enough_cores_give_the_gpu_replay(monkeypatch):
+    """A GPU plan (hw.cores None) replays without processor sharing; a CPU plan with a core
+    for every rank, no other groups and no per-operation CPU cost gives the same step."""
+    import parallel.plan as plan_mod
+
+    cfg = _tiny(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4)
+    ref = plan(cfg, HW, vision_items=([], [])).step
+    with monkeypatch.context() as m:
+        m.setattr(plan_mod, "replay_shared", lambda *a, **k: pytest.fail("shared replay on GPU"))
+        assert plan(cfg, HW, vision_items=([], [])).step == ref
+    cpu = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False), vision_items=([], [])).step
+    gpu = plan(cfg, dataclasses.replace(HW, overlap_ep=False), vision_items=([], [])).step
+    assert cpu["step_s"] == pytest.approx(gpu["step_s"])
+    # two cores for the four ranks: every CPU part of the step at least doubles
+    two = plan(cfg, dataclasses.replace(HW, cores=2, overlap_ep=False,
+                                        layer_overhead_s=1e-3), vision_items=([], [])).step
+    four = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False,
+                                         layer_overhead_s=1e-3), vision_items=([], [])).step
+    assert two["pipeline_s"] > 1.5 * four["pipeline_s"]
