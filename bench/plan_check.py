@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from parallel.plan import GPU, Hardware, layer_saved_per_token, plan  # noqa: E402
-from parallel.schedule_replay import rank_speed, replay, schedule_actions  # noqa: E402
+from parallel.schedule_replay import replay, schedule_actions  # noqa: E402
 from train.config import ActivationConfig, load_config, replace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,59 +49,71 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def autogroups() -> bool:
-    """Whether the scheduler shares the cores between sessions first (Linux autogroups)."""
-    try:
-        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
-    except OSError:
-        return False
-
-
-def _group_of(pid: str) -> tuple[str, float]:
-    """(scheduling group, its weight against a nice-0 group): the process's autogroup and the
-    autogroup's nice value."""
-    name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
-    return name, 1.25 ** -int(nice)
-
-
-def _runnable_by_group(grouped: bool) -> dict:
-    """Runnable threads of other processes by scheduling group: {group: (weight, threads)};
-    without autogroups every thread is its own group of its nice weight (1024 / 1.25**nice
-    against a nice-0 thread's 1024)."""
-    me = str(os.getpid())
-    mine = _group_of(me)[0] if grouped else None
-    out: dict = {}
+def _others_cpu_ns() -> dict[str, int]:
+    """CPU nanoseconds so far of every thread of the other sessions' processes (the machine's
+    other users), /proc/PID/task/TID/schedstat."""
+    mine = os.getsid(0)
+    out: dict[str, int] = {}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or pid == me:
+        if not pid.isdigit():
             continue
         try:
-            group = _group_of(pid) if grouped else None
-            if grouped and group[0] == mine:
-                continue
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == mine:
+                    continue  # this session: the bench and its ranks
             for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if fields[0] != "R":
-                    continue
-                key, weight = group if grouped else (tid, 1.25 ** -int(fields[16]))
-                w, n = out.get(key, (weight, 0))
-                out[key] = (w, n + 1)
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    out[tid] = int(f.read().split()[0])
         except (OSError, IndexError, ValueError):
             continue  # the process ended while it was read
     return out
 
 
-def background_groups(samples: int = 10, interval_s: float = 0.05) -> list[tuple[float, float]]:
-    """The other scheduling groups competing for the cores now, [(weight, runnable threads)],
-    the threads averaged over `samples` looks at /proc: what the planner's processor sharing
-    is given (parallel.schedule_replay.rank_speed)."""
-    grouped = autogroups()
-    seen: dict = {}
-    for _ in range(samples):
-        for key, (w, n) in _runnable_by_group(grouped).items():
-            seen[key] = (w, seen.get(key, (w, 0))[1] + n)
-        time.sleep(interval_s)
-    return sorted(((w, n / samples) for w, n in seen.values()), key=lambda x: -x[1])
+class OthersCpuWatch:
+    """The cores the machine's other users took while the timed steps ran (their threads' CPU
+    time over the window's length): the bench gives the planner the cores left. /proc is read
+    every `interval_s`, so a thread that ends in the window (others' short test processes)
+    counts up to its last look; one born in it counts from its birth."""
+
+    def __init__(self, interval_s: float = 0.1):
+        import multiprocessing as mp
+        import threading
+
+        self.interval_s = interval_s
+        # set by rank 0 around its timed steps (the forked ranks share them)
+        ctx = mp.get_context("fork")
+        self.started, self.finished = ctx.Event(), ctx.Event()
+        self._first: dict[str, int] = {}
+        self._last: dict[str, int] = {}
+        self._window = 0.0
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _look(self, first_look: bool) -> None:
+        for tid, ns in _others_cpu_ns().items():
+            self._first.setdefault(tid, ns if first_look else 0)
+            self._last[tid] = ns
+
+    def _watch(self) -> None:
+        self.started.wait()
+        t0 = time.perf_counter()
+        self._look(True)
+        while not self.finished.wait(self.interval_s):
+            self._look(False)
+        self._look(False)
+        self._window = time.perf_counter() - t0
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.started.set()
+        self.finished.set()
+        self._thread.join()
+
+    def cores_used(self) -> float:
+        ns = sum(max(0, last - self._first[tid]) for tid, last in self._last.items())
+        return ns / 1e9 / max(self._window, 1e-9)
 
 
 def cores() -> int:
@@ -204,7 +216,7 @@ def batches(cfg, seed: int = 0) -> list[dict]:
             for d in range(cfg.parallel.dp)]
 
 
-def _timed_steps(rank, world, cfg, per_replica, warmup, steps):
+def _timed_steps(rank, world, cfg, per_replica, warmup, steps, watch):
     from parallel.mesh import build_mesh
     from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
     from parallel.runtime import ParallelRuntime
@@ -219,40 +231,43 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps):
     batch = per_replica[mesh.dp_rank]
     for _ in range(warmup):
         training_step(rt, batch)
+    dist.barrier()
+    if rank == 0:  # the bench watches the other sessions' demand while the steps run
+        watch.started.set()
     times = []
     for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
         training_step(rt, batch)
         times.append(time.perf_counter() - t0)
+    dist.barrier()
+    if rank == 0:
+        watch.finished.set()
     return times
 
 
 def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
     """The median step (a step ends when its slowest rank ends) and the other runnable
-    processes just before and after the run."""
+    users' leave the ranks while the steps run (OthersCpuWatch)."""
     import statistics
 
     from tests.dist import run_distributed
 
-    before = background_groups()
-    out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, timeout=900)
-    after = background_groups()
+    with OthersCpuWatch() as watch:
+        out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, watch,
+                              timeout=900)
     per_step = [max(t[i] for t in out) for i in range(steps)]
-    # both looks, each group's threads halved: the average over the run
-    background = [(w, n / 2) for w, n in before + after]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
-            "background": background}
+            "cores_free": max(0.1, cores() - watch.cores_used())}
 
 
-def cpu_hardware(cal: dict, world: int, background, sec_per_flop: float | None = None,
+def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float | None = None,
                  layer_s: float | None = None, opt_s_per_param: float | None = None,
                  dep_s: float | None = None) -> Hardware:
-    """This machine as the planner sees it: its cores shared by the ranks and `background`
-    other runnable processes, the calibrated CPU seconds per FLOP, per layer action, per owned
+    """This machine as the planner sees it: the `cores_free` cores the other users left the
+    ranks, shared by them, the calibrated CPU seconds per FLOP, per layer action, per owned
     parameter of the optimizer step and DEP's fixed cost (cal's, unless given), and the pinged
-    CPU cost and latency of a collective and of a send or receive. `background`: the other
-    scheduling groups, background_groups()."""
+    CPU cost and latency of a collective and of a send or receive."""
     pick = lambda x, key: cal.get(key, 0.0) if x is None else x  # noqa: E731
     gpu = GPU("cpu", 1e12, 1 / max(pick(sec_per_flop, "sec_per_flop"), 1e-30), 2e9, 1e12)
     return Hardware(gpu, gpus_per_node=world, roce_bytes_per_s_per_node=2e9 * world,
@@ -260,8 +275,7 @@ def cpu_hardware(cal: dict, world: int, background, sec_per_flop: float | None =
                     overlap_ep=False, layer_overhead_s=pick(layer_s, "layer_overhead_s"),
                     collective_latency_s=cal["collective_latency_s"],
                     optimizer_s_per_param=pick(opt_s_per_param, "optimizer_s_per_param"),
-                    dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores(),
-                    background=tuple(background), ranks_grouped=autogroups(),
+                    dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores_free,
                     collective_cpu_s=cal["collective_cpu_s"],
                     p2p_cpu_s=cal["p2p_cpu_s"])
 
@@ -347,14 +361,14 @@ def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
         try:
             cfg = layout_config(base, dict(LAYOUTS[0][1], microbatches=c["microbatches"]))
             got = measure_step(cfg, 1, warmup, steps)
-            bg = got["background"]
+            bg = got["cores_free"]
             zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
             base_t = _predict(cfg, cpu_hardware(comm, 1, bg, **zero))
             t.append(got["step_s"] - base_t)
             if not runs:
                 first_s = got["step_s"]
             runs.append(dict(c, measured_s=round(got["step_s"], 4),
-                             speed=round(rank_speed(cores(), 1, bg, autogroups()), 3)))
+                             cores_free=round(bg, 2)))
             rows_a.append([_predict(cfg, cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0})))
                            - base_t for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
         finally:
@@ -378,11 +392,11 @@ def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
                optimizer_s_per_param=opt_s, dep_overhead_s=0.0)
     cfg = layout_config(base, dict(LAYOUTS[0][1], dep=False))
     got = measure_step(cfg, 1, warmup, steps)
-    bg = got["background"]
+    bg = got["cores_free"]
     with_dep = layout_config(base, LAYOUTS[0][1])
     modelled = (_predict(with_dep, cpu_hardware(cal, 1, bg))
                 - _predict(cfg, cpu_hardware(cal, 1, bg)))
-    share = rank_speed(cores(), 1, bg, autogroups())  # the planner charges DEP's cost at that
+    share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
     measured_dep = first_s - got["step_s"]
     cal["dep_overhead_s"] = max(0.0, measured_dep - modelled) * share
     return dict(cal, no_dep_measured_s=round(got["step_s"], 4), runs=runs)
@@ -400,17 +414,13 @@ def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
             load_before = loadavg()
             got = measure_step(cfg, world, warmup, steps)
             measured = got["step_s"]
-            pred = _predict(cfg, cpu_hardware(cal, world, got["background"]))
+            pred = _predict(cfg, cpu_hardware(cal, world, got["cores_free"]))
             rows.append(dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
                              fastest_step_s=round(got["fastest_s"], 4),
                              predicted_step_s=round(pred, 4),
                              rel_error=round(abs(pred - measured) / measured, 4),
                              within_20pct=abs(pred - measured) <= 0.2 * measured,
-                             cores=cores(), autogroups=autogroups(),
-                             rank_speed=round(rank_speed(cores(), world, got["background"],
-                                                         autogroups()), 3),
-                             background=[[round(w, 3), round(n, 2)] for w, n in got["background"]
-                                         if n >= 0.05],
+                             cores=cores(), cores_free=round(got["cores_free"], 2),
                              loadavg_before=load_before, loadavg_after=loadavg()))
             print(json.dumps(rows[-1]), flush=True)
     return rows, calibrations

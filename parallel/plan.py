@@ -40,8 +40,7 @@ from parallel.dep_plan import plan_encoder_work, stage0_only_load
 from parallel.mesh import check_parallel_config
 from parallel.pipeline import chunk_layer_keys, layer_counts
 from parallel.rank_memory import RankMemory, rank_memory
-from parallel.schedule_replay import (peak_in_flight, rank_speed, replay, replay_shared,
-                                      schedule_actions)
+from parallel.schedule_replay import peak_in_flight, replay, replay_shared, schedule_actions
 from train.config import ActivationConfig, Config, ConfigError, ModelConfig, load_config, replace
 from train.model import activation_probe
 from train.model.lm import DecoderLayer
@@ -84,15 +83,12 @@ class Hardware:
     collective_latency_s: float = 20e-6
     optimizer_s_per_param: float = 0.0
     dep_overhead_s: float = 0.0  # per step under DEP, beyond its FLOPs and collectives
-    # CPU ranks (gloo): the ranks share `cores` cores with other scheduling groups
-    # (`background`: (weight, runnable threads) each; `ranks_grouped`: the ranks weigh as one
-    # group, see schedule_replay.rank_speed), so compute is replayed with processor sharing
-    # (schedule_replay.replay_shared); every collective also costs the rank collective_cpu_s
-    # of CPU, every send or receive p2p_cpu_s, beside their latencies (waits, which use no
-    # CPU). None: one device per rank, nothing shared.
+    # CPU ranks (gloo): the ranks share `cores` cores (those the machine's other users leave
+    # them), so compute is replayed with processor sharing (schedule_replay.replay_shared);
+    # every collective also costs the rank collective_cpu_s of CPU, every send or receive
+    # p2p_cpu_s, beside their latencies (waits, which use no CPU). None: one device per rank,
+    # nothing shared.
     cores: float | None = None
-    background: tuple = ()
-    ranks_grouped: bool = True
     collective_cpu_s: float = 0.0
     p2p_cpu_s: float = 0.0
 
@@ -640,10 +636,9 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         r = replay(order, cost, hop, n_stages, p.pp)
         share = 1.0
     else:
-        r = replay_shared(order, cpu_cost, hop, n_stages, hw.cores, copies=p.dp,
-                          background=hw.background, grouped=hw.ranks_grouped)
+        r = replay_shared(order, cpu_cost, hop, n_stages, hw.cores, copies=p.dp)
         # after the pipeline every rank computes at once: its share of the cores
-        share = rank_speed(hw.cores, world, hw.background, hw.ranks_grouped)
+        share = min(1.0, hw.cores / world)
     pipeline_s = r["makespan_s"]
 
     # ZeRO-1 (parallel/runtime.py): fp32 gradients reduced to their owners, bf16 parameters

@@ -115,46 +115,16 @@ def _dependency(action: tuple[int, str, int], done: dict, num_stages: int):
     return (stage, "I", mb)  # W after this rank's own I
 
 
-def rank_speed(cores: float, runnable: float, background=(), grouped: bool = True) -> float:
-    """The speed (fraction of one core) of each of `runnable` ranks that share `cores` cores
-    with other scheduling groups, `background` = ((weight, runnable threads), ...): the
-    scheduler divides the cores by weight, a group never getting more cores than it has
-    runnable threads (the rest goes to the others). `grouped`: the ranks together form one
-    group of weight 1 (Linux autogroups: every session, e.g. one launcher and its ranks, weighs
-    the same whatever its nice value or thread count; cgroups likewise); otherwise every rank
-    weighs 1, as every nice-0 thread does without groups."""
-    if runnable <= 0:
-        return 1.0
-    groups = [(1.0 if grouped else float(runnable), float(runnable)),
-              *((float(w), float(d)) for w, d in background)]
-    left, active, ours = float(cores), list(range(len(groups))), None
-    while active:
-        total = sum(groups[i][0] for i in active)
-        capped = [i for i in active if groups[i][1] <= left * groups[i][0] / total]
-        if not capped:
-            if 0 in active:
-                ours = left * groups[0][0] / total
-            break
-        for i in capped:
-            if i == 0:
-                ours = groups[0][1]
-            left -= groups[i][1]
-            active.remove(i)
-    return min(1.0, ours / runnable)
-
-
 def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: float,
-                  num_stages: int, cores: float, copies: int = 1, background=(),
-                  grouped: bool = True) -> dict:
+                  num_stages: int, cores: float, copies: int = 1) -> dict:
     """replay() for ranks that share `cores` CPU cores (processor sharing).
 
     cost(stage, kind, mb) gives (cpu_s, wait_s): the CPU seconds the action needs on a core of
     its own, then a wait that uses no CPU (a collective's latency). Every pipeline rank of the
     order stands for `copies` identical ranks (its data-parallel replicas run the same actions
     at the same times); while n pipeline ranks compute, each progresses at
-    rank_speed(cores, n * copies, background, grouped). A rank waiting for its input (plus
-    hop_s) or in a wait uses no CPU. With cores enough for every rank this is replay() with the
-    action costs cpu_s + wait_s."""
+    min(1, cores / (n * copies)). A rank waiting for its input (plus hop_s) or in a wait uses no
+    CPU. With a core for every rank this is replay() with the action costs cpu_s + wait_s."""
     done: dict[tuple[int, str, int], float] = {}
     pos = {r: 0 for r in order}
     busy = {r: 0.0 for r in order}
@@ -188,8 +158,7 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
     start_ready()
     while any(pos[r] < len(a) for r, a in order.items()):
         computing = [r for r in order if state[r][0] == "cpu"]
-        rate = rank_speed(cores, len(computing) * copies, background, grouped) if computing \
-            else 1.0
+        rate = min(1.0, cores / (len(computing) * copies)) if computing else 1.0
         # the next event: a computation ends, a wait ends, an input arrives
         dt = float("inf")
         for r in order:

@@ -181,27 +181,9 @@ def test_processor_sharing_replay_hand_computed():
     one = {0: [(0, "F", 0)]}
     assert replay_shared(one, lambda s, k, mb: (1.0, 1.0), 0.0, 1, cores=1,
                          copies=2)["makespan_s"] == pytest.approx(3.0)
-    # one other nice-0 thread on the core, no groups: the same as a second replica
-    assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=1, background=[(1, 1)],
-                         grouped=False)["makespan_s"] == pytest.approx(2.0)
-    # four replicas on two cores beside another group with one runnable thread: as one group
-    # the ranks get the core that group leaves (1 s of CPU at 1/4 speed); as four nice-0
-    # threads they get 4/5 of both cores (0.4 each)
-    for grouped, expect in ((True, 4.0), (False, 2.5)):
-        assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=2, copies=4,
-                             background=[(1, 1)], grouped=grouped)["makespan_s"] == \
-            pytest.approx(expect)
-
-
-def test_rank_speed_divides_the_cores_by_weight_up_to_demand():
-    from parallel.schedule_replay import rank_speed
-
-    assert rank_speed(2, 1) == 1.0  # a core each
-    assert rank_speed(2, 8) == pytest.approx(0.25)
-    # three other groups, CPU-bound with 2 threads each: a quarter of 2 cores for our 4 ranks
-    assert rank_speed(2, 4, [(1, 2)] * 3) == pytest.approx(0.125)
-    # a group with a weight 4 times ours, but one runnable thread: it takes 1 core, we get 1
-    assert rank_speed(2, 4, [(4, 1)]) == pytest.approx(0.25)
+    # four replicas on two cores: 1 s of CPU each at half speed
+    assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=2,
+                         copies=4)["makespan_s"] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("schedule,pp,v,m", [("interleaved_1f1b", 4, 2, 8), ("1f1b", 4, 1, 8),
