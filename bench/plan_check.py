@@ -12,15 +12,18 @@ step time of real gloo runs on this CPU machine after a calibration pass.
 2. Bubble: the planner's replay of torch's interleaved 1F1B list (the bench's per-action costs,
    the measured gloo latency per hop) against bench/pipeline_bubble.py's measured
    `bubble_schedule` (stand-in layers that sleep, gloo P2P). Goal: within 10%.
-3. Step time: real ParallelRuntime steps (fp32, AdamW-free MuonClip, synthetic packed batches
-   with images and video chunks) on forked gloo ranks at world 2, 4 and 8, PP / EP / DP / DEP on
-   and off, for the tests' tiny config and a wider one. Calibration pass: a gloo all-reduce
-   ping at world 2 gives the latency of a collective; three world-1 runs of each config
-   (micro-batch count and tokens varied) give seconds per FLOP, per layer action and per owned
-   parameter of the optimizer step. The planner then predicts every layout with those, each
-   rank getting its fair share of the cores among the machine's other runnable processes (the
-   1-minute load average before the run). Goal: within 20%. The machine is shared and heavily
-   loaded; its load average is recorded with each run.
+3. Step time: real training steps (train.step.training_step; fp32, MuonClip, synthetic packed
+   batches with images and video chunks) on forked gloo ranks at world 2, 4 and 8, PP / EP /
+   DP / DEP on and off, for the tests' tiny config and a wider one; the median of --steps
+   steps after --warmup. Calibration, never on the checked layouts: a gloo ping at world 2 gives
+   the CPU time and the latency of a collective and of a send or receive; world-1 runs of each
+   config (micro-batch count and tokens varied, each twice) give seconds per FLOP, per layer
+   action and per owned parameter of the optimizer step, and DEP's fixed cost. The planner
+   then predicts every layout on the cores the machine's other users left free while its steps
+   ran (their threads' CPU time, read from /proc), the ranks sharing those cores (processor
+   sharing in the schedule replay; a rank waiting on a receive or a collective uses none).
+   Goal: within 20%. The machine is shared; the cores left and the load average are recorded
+   with each run.
 """
 
 from __future__ import annotations
@@ -342,6 +345,7 @@ def vision_items_of(cfg, per_replica) -> tuple[list[int], list[int]]:
 
 CALIBRATION = [dict(microbatches=4, rows=8), dict(microbatches=1, rows=8),
                dict(microbatches=2, rows=4)]
+CALIBRATION_PASSES = 2  # each world-1 run twice: the fit sees six, so one disturbed run moves it less
 
 
 def _predict(cfg, hw):
@@ -349,13 +353,14 @@ def _predict(cfg, hw):
 
 
 def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
-    """Three world-1 runs (micro-batch count and tokens varied) give seconds per FLOP, per
-    layer action and per owned parameter of the optimizer step: the planner is linear in them
-    at world 1, beside the pinged communication costs (its intercept)."""
+    """World-1 runs (three micro-batch counts and token counts, each twice) give seconds per
+    FLOP, per layer action and per owned parameter of the optimizer step by non-negative least
+    squares: the planner is linear in them at world 1, beside the pinged communication costs
+    (its intercept)."""
     import numpy as np
 
     rows_a, t, runs = [], [], []
-    for c in CALIBRATION:
+    for c in CALIBRATION * CALIBRATION_PASSES:
         global ROWS_PER_REPLICA
         saved, ROWS_PER_REPLICA = ROWS_PER_REPLICA, c["rows"]
         try:
