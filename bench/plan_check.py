@@ -280,13 +280,15 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
                     optimizer_s_per_param=pick(opt_s_per_param, "optimizer_s_per_param"),
                     dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores_free,
                     collective_cpu_s=cal["collective_cpu_s"],
+                    ep_all_to_all_cpu_s=cal["ep_all_to_all_cpu_s"],
                     p2p_cpu_s=cal["p2p_cpu_s"])
 
 
 def _comm_ping(rank, world, reps):
-    """Per collective (all-reduce, all-to-all, broadcast of a few floats) and per send or
-    receive (one-op batch_isend_irecv, as torch's pipeline runtime issues them): wall and CPU
-    (process time: the gloo threads too) per operation on this rank."""
+    """Per collective (all-reduce, all-to-all, broadcast of a few floats), per send or receive
+    (one-op batch_isend_irecv, as torch's pipeline runtime issues them) and per MoE layer's EP
+    exchange through parallel/expert.py's dispatcher (forward and backward, a few tokens):
+    wall and CPU (process time: the gloo threads too) per operation on this rank."""
     x, y = torch.zeros(16), torch.empty(16)
     peer = 1 - rank
     ops = {
@@ -299,6 +301,18 @@ def _comm_ping(rank, world, reps):
             [dist.P2POp(dist.irecv, y, peer) if rank == 0 else dist.P2POp(dist.isend, x, peer)]
         )[0].wait()],
     }
+    # one MoE layer's EP traffic as parallel/expert.py moves it (three all-to-alls forward,
+    # two backward), on 2 token copies per expert
+    from parallel.expert import AllToAllDispatcher
+
+    disp = AllToAllDispatcher(dist.group.WORLD, 8, 2)
+
+    def ep_layer():
+        xs = torch.randn(16, 8, requires_grad=True)
+        x_local, counts_local = disp.dispatch(xs, torch.full((8,), 2))
+        disp.combine(x_local * 2).sum().backward()
+
+    ops["ep_all_to_all"] = [ep_layer]
     out = {}
     for kind, fns in ops.items():
         for f in fns * 5:
@@ -315,8 +329,8 @@ def _comm_ping(rank, world, reps):
 
 def measure_comm(reps: int = 200, repeats: int = 3) -> dict:
     """Gloo at world 2 (one rank per core): CPU seconds per operation (the mean over the two
-    ranks) and its latency, the wall time beyond that CPU. The least disturbed of `repeats`
-    pings is kept."""
+    ranks) and its latency, the wall time beyond that CPU; an EP layer's CPU split over its
+    five all-to-alls. The least disturbed of `repeats` pings is kept."""
     from tests.dist import run_distributed
 
     best: dict[str, tuple[float, float]] = {}
@@ -328,6 +342,7 @@ def measure_comm(reps: int = 200, repeats: int = 3) -> dict:
             if kind not in best or wall < best[kind][0]:
                 best[kind] = (wall, cpu)
     return {"collective_cpu_s": best["collective"][1],
+            "ep_all_to_all_cpu_s": best["ep_all_to_all"][1] / 5,
             "collective_latency_s": max(0.0, best["collective"][0] - best["collective"][1]),
             "p2p_cpu_s": best["p2p"][1],
             "p2p_latency_s": max(0.0, best["p2p"][0] - best["p2p"][1])}

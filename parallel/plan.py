@@ -91,6 +91,9 @@ class Hardware:
     cores: float | None = None
     collective_cpu_s: float = 0.0
     p2p_cpu_s: float = 0.0
+    # CPU per EP all-to-all with the dispatcher's own work around it (splits, permutation);
+    # None: collective_cpu_s
+    ep_all_to_all_cpu_s: float | None = None
 
     @property
     def roce_per_gpu(self) -> float:
@@ -604,7 +607,8 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         # CPU ranks: parallel/expert.py runs three all-to-alls per MoE layer forward (token
         # counts, dispatch, combine) and two backward, each with its CPU cost; the transfers
         # are waits
-        a2a_cpu = hw.collective_cpu_s if p.ep > 1 else 0.0
+        a2a_cpu = 0.0 if p.ep == 1 else (hw.collective_cpu_s if hw.ep_all_to_all_cpu_s is None
+                                         else hw.ep_all_to_all_cpu_s)
         fwd_cpu[s], bwd_cpu[s] = f_s + 3 * n_moe * a2a_cpu, b_s + 2 * n_moe * a2a_cpu
         fwd_wait[s], bwd_wait[s] = f_comm, b_comm
 
