@@ -162,8 +162,7 @@ def check_bubble(cost_ms: float) -> list[dict]:
     from bench import pipeline_bubble as pb
 
     rows = []
-    comm = measure_comm()
-    latency = comm["p2p_latency_s"] + comm["p2p_cpu_s"]  # a hop: the whole wall of a p2p op
+    latency = measure_latency()
     for p, v, m in ((2, 1, 4), (2, 2, 4), (2, 2, 8)):
         meas = pb.measure(p, v, m, cost_ms, 1)
         order = schedule_actions("interleaved_1f1b", p, v, m)
@@ -282,6 +281,22 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
                     collective_cpu_s=cal["collective_cpu_s"],
                     ep_all_to_all_cpu_s=cal["ep_all_to_all_cpu_s"],
                     p2p_cpu_s=cal["p2p_cpu_s"])
+
+
+def _latency(rank, world, reps):
+    x = torch.zeros(8)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_reduce(x)
+    return (time.perf_counter() - t0) / reps
+
+
+def measure_latency(reps: int = 50) -> float:
+    """The wall time of a small gloo all-reduce at world 2: the bubble check's time per hop."""
+    from tests.dist import run_distributed
+
+    return max(run_distributed(_latency, 2, reps, timeout=300))
 
 
 def _comm_ping(rank, world, reps):
