@@ -128,11 +128,14 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
     done: dict[tuple[int, str, int], float] = {}
     pos = {r: 0 for r in order}
     busy = {r: 0.0 for r in order}
-    # a rank's state: ("cpu", remaining CPU s, wait after) | ("wait", until) | ("blocked", None)
+    # a rank's state: ("cpu", CPU s left, wait after) | ("wait", until) | ("hop", input
+    # arrives, CPU s, wait after) | ("blocked", None, 0.0): its next action's input is not made
     state: dict[int, tuple] = {r: ("blocked", None, 0.0) for r in order}
     current: dict[int, tuple[int, str, int]] = {}
     now = 0.0
-    eps = 1e-15
+
+    def tol() -> float:  # times within a few ulps of now count as now
+        return 1e-12 * max(1.0, now)
 
     def start_ready() -> None:
         for r, acts in order.items():
@@ -145,7 +148,7 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
             ready = 0.0 if dep is None else done[dep] + (hop_s if dep[0] != key[0] else 0.0)
             cpu, wait = cost(*key)
             current[r] = key
-            if ready > now + eps:  # the input is in flight: wait for it, then compute
+            if ready > now + tol():  # the input is in flight: wait for it, then compute
                 state[r] = ("hop", ready, cpu, wait)
             else:
                 state[r] = ("cpu", cpu, wait)
@@ -176,7 +179,7 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
             if s[0] == "cpu":
                 left = s[1] - dt * rate
                 busy[r] += dt * rate
-                if left <= eps * max(1.0, s[1]):
+                if left <= 1e-12 * max(1.0, s[1]):
                     if s[2] > 0:
                         state[r] = ("wait", now + s[2])
                         busy[r] += s[2]
@@ -184,9 +187,9 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
                         finish(r)
                 else:
                     state[r] = ("cpu", left, s[2])
-            elif s[0] == "wait" and s[1] <= now + eps:
+            elif s[0] == "wait" and s[1] <= now + tol():
                 finish(r)
-            elif s[0] == "hop" and s[1] <= now + eps:
+            elif s[0] == "hop" and s[1] <= now + tol():
                 state[r] = ("cpu", s[2], s[3])
         # zero-length actions finish at once; loop until nothing new starts
         while True:
