@@ -40,7 +40,7 @@ from parallel.dep_plan import plan_encoder_work, stage0_only_load
 from parallel.mesh import check_parallel_config
 from parallel.pipeline import chunk_layer_keys, layer_counts
 from parallel.rank_memory import RankMemory, rank_memory
-from parallel.schedule_replay import peak_in_flight, replay, schedule_actions
+from parallel.schedule_replay import peak_in_flight, replay, replay_shared, schedule_actions
 from train.config import ActivationConfig, Config, ConfigError, ModelConfig, load_config, replace
 from train.model import activation_probe
 from train.model.lm import DecoderLayer
@@ -83,8 +83,17 @@ class Hardware:
     collective_latency_s: float = 20e-6
     optimizer_s_per_param: float = 0.0
     dep_overhead_s: float = 0.0  # per step under DEP, beyond its FLOPs and collectives
-    # A send or receive also occupies the rank for p2p_latency_s (CPU gloo; ~0 on GPUs)
-    p2p_occupies_rank: bool = False
+    # CPU ranks (gloo): the ranks share `cores` cores (those the machine's other users leave
+    # them), so compute is replayed with processor sharing (schedule_replay.replay_shared);
+    # every collective also costs the rank collective_cpu_s of CPU, every send or receive
+    # p2p_cpu_s, beside their latencies (waits, which use no CPU). None: one device per rank,
+    # nothing shared.
+    cores: float | None = None
+    collective_cpu_s: float = 0.0
+    p2p_cpu_s: float = 0.0
+    # CPU per EP all-to-all with the dispatcher's own work around it (splits, permutation);
+    # None: collective_cpu_s
+    ep_all_to_all_cpu_s: float | None = None
 
     @property
     def roce_per_gpu(self) -> float:
@@ -580,6 +589,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         a2a_s += hw.collective_latency_s
 
     fwd, bwd = {}, {}
+    fwd_cpu, bwd_cpu, fwd_wait, bwd_wait = {}, {}, {}, {}
     for s, layers in enumerate(chunks):
         f = sum(layer_training_flops_per_token(m, seq, i < m.first_k_dense) for i in layers) / 3
         rc = sum(recompute_flops_per_token(m, act, i < m.first_k_dense, seq) for i in layers)
@@ -594,24 +604,45 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
             f_s, b_s = f_s + enc, b_s + 2 * enc
         fwd[s] = max(f_s, f_comm) if hw.overlap_ep else f_s + f_comm
         bwd[s] = max(b_s, b_comm) if hw.overlap_ep else b_s + b_comm
+        # CPU ranks: parallel/expert.py runs three all-to-alls per MoE layer forward (token
+        # counts, dispatch, combine) and two backward, each with its CPU cost; the transfers
+        # are waits
+        a2a_cpu = 0.0 if p.ep == 1 else (hw.collective_cpu_s if hw.ep_all_to_all_cpu_s is None
+                                         else hw.ep_all_to_all_cpu_s)
+        fwd_cpu[s], bwd_cpu[s] = f_s + 3 * n_moe * a2a_cpu, b_s + 2 * n_moe * a2a_cpu
+        fwd_wait[s], bwd_wait[s] = f_comm, b_comm
 
     def p2p_ops(stage: int, kind: str) -> int:
-        if p.pp == 1 or not hw.p2p_occupies_rank or kind == "W":
+        if p.pp == 1 or kind == "W":
             return 0
         if kind == "F":
             return (stage > 0) + (stage < n_stages - 1)
         return (stage < n_stages - 1) + (stage > 0)
 
     def cost(stage, kind, mb):
-        extra = p2p_ops(stage, kind) * hw.p2p_latency_s
+        extra = p2p_ops(stage, kind) * hw.p2p_cpu_s
         if kind == "F":
             return fwd[stage] + extra
         if kind == "B":
             return bwd[stage] + extra
         return bwd[stage] / 2 + extra  # I and W split the backward
 
+    def cpu_cost(stage, kind, mb) -> tuple[float, float]:
+        extra = p2p_ops(stage, kind) * hw.p2p_cpu_s
+        if kind == "F":
+            return fwd_cpu[stage] + extra, fwd_wait[stage]
+        if kind == "B":
+            return bwd_cpu[stage] + extra, bwd_wait[stage]
+        return bwd_cpu[stage] / 2 + extra, bwd_wait[stage] / 2
+
     hop = (tokens_mb * h * wsize / hw.roce_per_gpu + hw.p2p_latency_s) if p.pp > 1 else 0.0
-    r = replay(order, cost, hop, n_stages, p.pp)
+    if hw.cores is None:
+        r = replay(order, cost, hop, n_stages, p.pp)
+        share = 1.0
+    else:
+        r = replay_shared(order, cpu_cost, hop, n_stages, hw.cores, copies=p.dp)
+        # after the pipeline every rank computes at once: its share of the cores
+        share = min(1.0, hw.cores / world)
     pipeline_s = r["makespan_s"]
 
     # ZeRO-1 (parallel/runtime.py): fp32 gradients reduced to their owners, bf16 parameters
@@ -634,15 +665,18 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     dp_s += 2 * hw.collective_latency_s * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0))
     # the step's small all-reduces: loss-token count, loss, grad norm, expert loads, stats
     dp_s += 5 * hw.collective_latency_s
+    n_dp = 2 * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0)) + 5
+    dp_s += n_dp * hw.collective_cpu_s / share
     enc_s = 0.0
     if vision_on and p.dep:  # forward without autograd, recompute forward, backward: 4 forwards
-        enc_s = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops
-        enc_s += 4 * cfg.vision.num_layers * hw.layer_overhead_s
-        enc_s += ring_s(mem.encoder_parameters * 8, p.pp * p.dp, 1)
+        enc_cpu = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops
+        enc_cpu += 4 * cfg.vision.num_layers * hw.layer_overhead_s
+        enc_s = enc_cpu / share + ring_s(mem.encoder_parameters * 8, p.pp * p.dp, 1)
         # metadata gather, embeddings out, gradients back; the encoder's ZeRO-1 group is the world
-        enc_s += (6 + (2 * world if world > 1 else 0)) * hw.collective_latency_s
-        enc_s += hw.dep_overhead_s
-    optimizer_s = mem.master_bytes / 4 * hw.optimizer_s_per_param
+        n_enc = 6 + (2 * world if world > 1 else 0)
+        enc_s += n_enc * hw.collective_latency_s + n_enc * hw.collective_cpu_s / share
+        enc_s += hw.dep_overhead_s / share
+    optimizer_s = mem.master_bytes / 4 * hw.optimizer_s_per_param / share
     total = pipeline_s + dp_s + enc_s + optimizer_s
     return {"step_s": total, "pipeline_s": pipeline_s, "dp_reduce_gather_s": dp_s,
             "dep_encoder_s": enc_s, "optimizer_s": optimizer_s,

@@ -83,16 +83,7 @@ def replay(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: float, num
         for r, acts in order.items():
             while pos[r] < len(acts):
                 stage, kind, mb = acts[pos[r]]
-                if kind == "F":
-                    dep = None if stage == 0 else (stage - 1, "F", mb)
-                elif kind in ("B", "I"):
-                    if stage == num_stages - 1:
-                        dep = (stage, "F", mb)
-                    else:
-                        dep = (stage + 1, "B", mb) if (stage + 1, "B", mb) in done else \
-                            (stage + 1, "I", mb)
-                else:  # W after this rank's own I
-                    dep = (stage, "I", mb)
+                dep = _dependency(acts[pos[r]], done, num_stages)
                 if dep is not None and dep not in done:
                     break
                 ready = 0.0 if dep is None else done[dep] + (hop_s if dep[0] != stage else 0.0)
@@ -109,3 +100,113 @@ def replay(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: float, num
     total_busy = sum(busy.values())
     idle = sum(makespan - b for b in busy.values())
     return {"makespan_s": makespan, "busy_s": busy, "bubble_fraction": idle / total_busy}
+
+
+def _dependency(action: tuple[int, str, int], done: dict, num_stages: int):
+    """The action whose output this one needs: the previous stage's forward, the next stage's
+    backward (or its input-gradient half), the rank's own I for a W; None for stage 0's F."""
+    stage, kind, mb = action
+    if kind == "F":
+        return None if stage == 0 else (stage - 1, "F", mb)
+    if kind in ("B", "I"):
+        if stage == num_stages - 1:
+            return (stage, "F", mb)
+        return (stage + 1, "B", mb) if (stage + 1, "B", mb) in done else (stage + 1, "I", mb)
+    return (stage, "I", mb)  # W after this rank's own I
+
+
+def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: float,
+                  num_stages: int, cores: float, copies: int = 1) -> dict:
+    """replay() for ranks that share `cores` CPU cores (processor sharing).
+
+    cost(stage, kind, mb) gives (cpu_s, wait_s): the CPU seconds the action needs on a core of
+    its own, then a wait that uses no CPU (a collective's latency). Every pipeline rank of the
+    order stands for `copies` identical ranks (its data-parallel replicas run the same actions
+    at the same times); while n pipeline ranks compute, each progresses at
+    min(1, cores / (n * copies)). A rank waiting for its input (plus hop_s) or in a wait uses no
+    CPU. With a core for every rank this is replay() with the action costs cpu_s + wait_s."""
+    done: dict[tuple[int, str, int], float] = {}
+    pos = {r: 0 for r in order}
+    busy = {r: 0.0 for r in order}
+    # a rank's state: ("cpu", CPU s left, wait after) | ("wait", until) | ("hop", input
+    # arrives, CPU s, wait after) | ("blocked", None, 0.0): its next action's input is not made
+    state: dict[int, tuple] = {r: ("blocked", None, 0.0) for r in order}
+    current: dict[int, tuple[int, str, int]] = {}
+    now = 0.0
+
+    def tol() -> float:  # times within a few ulps of now count as now
+        return 1e-12 * max(1.0, now)
+
+    def start_ready() -> None:
+        for r, acts in order.items():
+            if state[r][0] != "blocked" or pos[r] >= len(acts):
+                continue
+            key = acts[pos[r]]
+            dep = _dependency(key, done, num_stages)
+            if dep is not None and dep not in done:
+                continue
+            ready = 0.0 if dep is None else done[dep] + (hop_s if dep[0] != key[0] else 0.0)
+            cpu, wait = cost(*key)
+            current[r] = key
+            if ready > now + tol():  # the input is in flight: wait for it, then compute
+                state[r] = ("hop", ready, cpu, wait)
+            else:
+                state[r] = ("cpu", cpu, wait)
+
+    def finish(r: int) -> None:
+        done[current.pop(r)] = now
+        pos[r] += 1
+        state[r] = ("blocked", None, 0.0)
+
+    start_ready()
+    while any(pos[r] < len(a) for r, a in order.items()):
+        computing = [r for r in order if state[r][0] == "cpu"]
+        rate = min(1.0, cores / (len(computing) * copies)) if computing else 1.0
+        # the next event: a computation ends, a wait ends, an input arrives
+        dt = float("inf")
+        for r in order:
+            s = state[r]
+            if s[0] == "cpu":
+                dt = min(dt, s[1] / rate)
+            elif s[0] in ("wait", "hop"):
+                dt = min(dt, s[1] - now)
+        if dt == float("inf"):
+            raise RuntimeError("schedule replay made no progress (inconsistent action list)")
+        dt = max(dt, 0.0)
+        now += dt
+        for r in order:
+            s = state[r]
+            if s[0] == "cpu":
+                left = s[1] - dt * rate
+                busy[r] += dt * rate
+                if left <= 1e-12 * max(1.0, s[1]):
+                    if s[2] > 0:
+                        state[r] = ("wait", now + s[2])
+                        busy[r] += s[2]
+                    else:
+                        finish(r)
+                else:
+                    state[r] = ("cpu", left, s[2])
+            elif s[0] == "wait" and s[1] <= now + tol():
+                finish(r)
+            elif s[0] == "hop" and s[1] <= now + tol():
+                state[r] = ("cpu", s[2], s[3])
+        # zero-length actions finish at once; loop until nothing new starts
+        while True:
+            start_ready()
+            zero = [r for r in order if state[r][0] == "cpu" and state[r][1] <= 0.0
+                    and state[r][2] <= 0.0]
+            if not zero:
+                break
+            for r in zero:
+                finish(r)
+        for r in order:  # a zero-CPU action with a wait goes straight to its wait
+            s = state[r]
+            if s[0] == "cpu" and s[1] <= 0.0:
+                state[r] = ("wait", now + s[2])
+                busy[r] += s[2]
+    makespan = now
+    total_busy = sum(busy.values())
+    idle = sum(makespan - b for b in busy.values())
+    return {"makespan_s": makespan, "busy_s": busy,
+            "bubble_fraction": idle / total_busy if total_busy else 0.0}

@@ -159,3 +159,62 @@ def test_search_ranks_layouts_that_fit():
     assert found and all(r.fits for r in found)
     tps = [r.tokens_per_s_per_gpu for r in found]
     assert tps == sorted(tps, reverse=True)
+
+
+def test_processor_sharing_replay_hand_computed():
+    """Two pipeline ranks on one core, F = 1 and B = 2 CPU seconds: while both compute each runs
+    at half speed, so the step is the total work, 12 s (traced by hand: F0 0-1; F1 and the last
+    stage's F0 1-3; its B0 3-5; the first stage's B0 5-9 beside the last stage's F1 5-7 and B1
+    7-10; the first stage's B1 10-12).
+    On two cores it is the unshared replay's 9 s; a wait uses no core."""
+    from parallel.schedule_replay import replay_shared
+
+    order = {0: [(0, "F", 0), (0, "F", 1), (0, "B", 0), (0, "B", 1)],
+             1: [(1, "F", 0), (1, "B", 0), (1, "F", 1), (1, "B", 1)]}
+    unit = {"F": 1.0, "B": 2.0}
+    shared = replay_shared(order, lambda s, k, mb: (unit[k], 0.0), 0.0, 2, cores=1)
+    assert shared["makespan_s"] == pytest.approx(12.0)
+    assert replay(order, lambda s, k, mb: unit[k], 0.0, 2, 2)["makespan_s"] == pytest.approx(9.0)
+    assert replay_shared(order, lambda s, k, mb: (unit[k], 0.0), 0.0, 2,
+                         cores=2)["makespan_s"] == pytest.approx(9.0)
+    # one stage, two replicas on one core: 1 s of CPU each at half speed, then a 1 s wait
+    one = {0: [(0, "F", 0)]}
+    assert replay_shared(one, lambda s, k, mb: (1.0, 1.0), 0.0, 1, cores=1,
+                         copies=2)["makespan_s"] == pytest.approx(3.0)
+    # four replicas on two cores: 1 s of CPU each at half speed
+    assert replay_shared(one, lambda s, k, mb: (1.0, 0.0), 0.0, 1, cores=2,
+                         copies=4)["makespan_s"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("schedule,pp,v,m", [("interleaved_1f1b", 4, 2, 8), ("1f1b", 4, 1, 8),
+                                             ("interleaved_zero_bubble", 2, 2, 4)])
+def test_processor_sharing_replay_with_enough_cores_is_the_replay(schedule, pp, v, m):
+    from parallel.schedule_replay import replay_shared
+
+    order = schedule_actions(schedule, pp, v, m)
+    cost = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}
+    ref = replay(order, lambda s, k, mb: cost[k] + 0.25, 0.5, pp * v, pp)
+    got = replay_shared(order, lambda s, k, mb: (cost[k], 0.25), 0.5, pp * v, cores=pp)
+    assert got["makespan_s"] == pytest.approx(ref["makespan_s"])
+    assert got["bubble_fraction"] == pytest.approx(ref["bubble_fraction"])
+
+
+def test_gpu_plans_do_not_share_and_enough_cores_give_the_gpu_replay(monkeypatch):
+    """A GPU plan (hw.cores None) replays without processor sharing; a CPU plan with a core
+    for every rank, no other groups and no per-operation CPU cost gives the same step."""
+    import parallel.plan as plan_mod
+
+    cfg = _tiny(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4)
+    ref = plan(cfg, HW, vision_items=([], [])).step
+    with monkeypatch.context() as m:
+        m.setattr(plan_mod, "replay_shared", lambda *a, **k: pytest.fail("shared replay on GPU"))
+        assert plan(cfg, HW, vision_items=([], [])).step == ref
+    cpu = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False), vision_items=([], [])).step
+    gpu = plan(cfg, dataclasses.replace(HW, overlap_ep=False), vision_items=([], [])).step
+    assert cpu["step_s"] == pytest.approx(gpu["step_s"])
+    # two cores for the four ranks: every CPU part of the step at least doubles
+    two = plan(cfg, dataclasses.replace(HW, cores=2, overlap_ep=False,
+                                        layer_overhead_s=1e-3), vision_items=([], [])).step
+    four = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False,
+                                         layer_overhead_s=1e-3), vision_items=([], [])).step
+    assert two["pipeline_s"] > 1.5 * four["pipeline_s"]
