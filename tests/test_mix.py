@@ -90,6 +90,26 @@ def test_vision_share_holds_at_every_prefix(fraction):
     assert abs(mixer.report()["vision_share"] - fraction) < 0.002
 
 
+def test_vision_units_without_vision_tokens_do_not_hold_back_the_vision_sources():
+    """Pieces of long interleaved documents: half the vision source's units carry no vision. A
+    unit like that at the head of the vision sources never leaves |E| smaller than a text unit of
+    its length, so the mixer takes it whenever vision is owed; the share still holds."""
+    text = SourceSpec("text", "text", 1.0, np.full(500, 100), np.zeros(500, np.int64))
+    tokens = np.tile([100, 60], 200)
+    vision = np.tile([0, 50], 200)
+    mixer = TokenMixer([text, SourceSpec("inter", "vision", 1.0, tokens, vision)], 0.1, seed=0,
+                       fingerprint="fp")
+    v = t = run = longest = 0
+    for d in _draws(mixer, 3000):
+        v, t = v + d.vision, t + d.tokens
+        if d.source == 1:  # vision-free units of the vision source drawn in a row
+            run = run + 1 if d.vision == 0 else 0
+            longest = max(longest, run)
+        # a unit's tokens, plus f times the tokens of each vision-free vision unit in the run
+        assert abs(v - 0.1 * t) <= 100 + 0.1 * 100 * longest
+    assert abs(v / t - 0.1) < 0.002 and longest < 20
+
+
 def test_weights_within_a_modality_hold_by_tokens():
     mixer = TokenMixer(_sources(np.random.default_rng(2)), 0.1, seed=0, fingerprint="fp")
     draws = _draws(mixer, 3000)

@@ -145,3 +145,29 @@ def test_a_plan_table_of_an_older_unit_rule_is_not_read(quickstart_ds, tmp_path,
         assert _loader_catalog(older).derived_plans == ["text", "images", "videos", "interleaved"]
     assert "0123456789abcdef" in caplog.text and "re-ingest with mmpt ingest --plan" in caplog.text
     assert stream_sha256(older, batches=5) == stream_sha256(quickstart_ds, batches=5)
+
+
+def test_labels_follow_the_document_across_unit_boundaries(quickstart_ds):
+    """A document longer than seq_len is several units, shuffled apart; every piece's labels are
+    still its document's next tokens, so the last token of a unit predicts the first token of
+    the next unit (no loss target is lost at a unit boundary), and the end of a document has none."""
+    over = {"manifest": quickstart_ds.url, "tokenizer": str(quickstart_ds.tokenizer), **QUICKSTART_DATA}
+    cfg = load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()])
+    loader = DataLoaderWithState(cfg)
+    stream = loader.stream
+    tok = stream.tokenizer
+    no_loss = [tok.image_id, tok.video_id, tok.media_end_id]
+    boundaries = ends = 0
+    for _, batch in zip(range(10), loader):
+        at = {}
+        for r, source, shard, member, epoch, lo, hi in batch.sample_ids.tolist():
+            sample = stream.catalog.catalogs[source].sample_of(shard, member)
+            tokens = stream.doc(source, sample, epoch).tokens
+            expected = [t if t not in no_loss else -100 for t in tokens[lo + 1:hi + 1].tolist()]
+            expected += [-100] * (hi - lo - len(expected))  # the document's last token
+            start = at.get(r, 0)
+            assert batch.labels[r, start:start + hi - lo].tolist() == expected
+            at[r] = start + hi - lo
+            boundaries += hi < len(tokens)
+            ends += hi == len(tokens)
+    assert boundaries > 50 and ends > 0
