@@ -202,8 +202,9 @@ def test_every_global_batch_of_a_window_carries_its_vision_share_within_one_sequ
 
 
 def _k25_like_planner(batch, seq_len=4096, window=32):
-    """A K2.5-like mix in metadata: text of log-normal length around 1,000 tokens (some longer
-    than a sequence, a few longer than a window), image-caption units of one image of one of
+    """A K2.5-like mix in metadata: text of log-normal length around 1,000 tokens as whole
+    documents (some longer than a sequence, which the planner cuts; a harder case than the
+    catalog's units of one piece), image-caption units of one image of one of
     eight sizes (the vision token counts of the default preprocessing), 10% vision tokens."""
     from data.pack import WindowPlanner
 
