@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data.loader import DataLoaderWithState
@@ -171,3 +172,25 @@ def test_labels_follow_the_document_across_unit_boundaries(quickstart_ds):
             boundaries += hi < len(tokens)
             ends += hi == len(tokens)
     assert boundaries > 50 and ends > 0
+
+
+def test_a_plan_table_of_another_format_under_the_current_key_is_an_error(quickstart_ds, tmp_path):
+    import hashlib as _hashlib
+    import shutil
+
+    from data.columnar import encode_columns, map_file
+    from data.shards import ShardError
+
+    root = tmp_path / "ds"
+    shutil.copytree(quickstart_ds.url, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(iter(manifest["catalogs"][0]["plans"].values()))
+    table = map_file(root / entry["key"])
+    raw = encode_columns({k: np.asarray(v) for k, v in table.cols.items()},
+                         {**table.meta, "format": "mmpt-plan/1"})
+    (root / entry["key"]).write_bytes(raw)
+    entry.update(size=len(raw), sha256=_hashlib.sha256(raw).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    older = Built(quickstart_ds.corpus, quickstart_ds.tokenizer, str(root))
+    with pytest.raises(ShardError, match=r"'mmpt-plan/1'.*re-ingest with mmpt ingest --plan"):
+        _loader_catalog(older)
