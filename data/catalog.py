@@ -37,8 +37,9 @@ documents (they could not attend to each other anyway). Units of one sequence at
 mixer's every-prefix bound (within one unit's tokens) at sequence granularity, which is what
 lets every global batch of a window carry the vision share; units of a whole window (the rule
 of plan format mmpt-plan/1) let a window hold one long text unit and no vision. A unit's last
-token still predicts the next unit's first token: the loader labels in document coordinates. Samples that can never be packed (an atom longer than seq_len)
-are left out of the order and counted in `skipped` by reason.
+token still predicts the next unit's first token: the loader labels in document coordinates.
+Samples that can never be packed (an atom longer than seq_len) are left out of the order and
+counted in `skipped` by reason.
 
 Hold-out (`holdout_fraction` f > 0): a sample is held out for validation when a keyed hash of its
 identity (source name, shard number within the source, member key) falls below f, plus, in a
@@ -565,8 +566,9 @@ class Catalog:
                                  f"{plan.meta.get('plan_key')!r}: not the plan table for key "
                                  f"{self.plan_key} ({PLAN_FORMAT}); re-ingest with mmpt ingest --plan")
             return plan
+        sizes = (self.seq_len, self.window_sequences)
         older = sorted(k for k, p in (listed or {}).get("plans", {}).items()
-                       if (p.get("seq_len"), p.get("window_sequences")) == (self.seq_len, self.window_sequences))
+                       if (p.get("seq_len"), p.get("window_sequences")) == sizes)
         if older:  # a table for these sizes, but another key: an older unit rule or other vision settings
             log.warning("source %s: the manifest's plan table(s) %s for seq_len=%d, window_sequences=%d "
                         "do not match key %s (plan format %s, unit rule %r, or other vision "
