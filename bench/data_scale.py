@@ -156,35 +156,53 @@ def write_dataset(root: Path, n: int) -> dict:
         cat_key = f"{gen}{source}/catalog.cols"
         size = _fill(root / cat_key, specs, meta, lambda name, lo, hi: fills[name](lo, hi))
 
-        # plan table: one unit per sample (no document is longer than a window of 131,072 tokens)
-        def units(lo, hi):
+        # plan table: a unit per piece of seq_len tokens (data/catalog.py's UNIT_RULE): a text
+        # sample longer than seq_len is several units; an image sample fits one sequence
+        def sample_units(lo, hi):
             t = text_tokens(source, lo, hi).astype(np.int64) + 1
             v = np.zeros(hi - lo, np.int64)
             if source == "images":
                 s = image_size(lo, hi)
                 t, v = t + img_tokens[s], img_vision[s]
-            rows = np.zeros(hi - lo, unit_dtype(count))
-            rows["tokens"], rows["vision"], rows["sample"] = t, v, np.arange(lo, hi)
+                assert t.max() <= SEQ_LEN, "an image sample longer than seq_len: cut at its atoms"
+            per = -(-t // SEQ_LEN)
+            sample = np.repeat(np.arange(lo, hi, dtype=np.int64), per)
+            first = np.repeat(np.cumsum(per) - per, per)
+            offset = (np.arange(len(sample), dtype=np.int64) - first) * SEQ_LEN
+            rows = np.zeros(len(sample), unit_dtype(count))
+            rows["tokens"] = np.minimum(SEQ_LEN, t[sample - lo] - offset)
+            rows["vision"], rows["sample"], rows["offset"] = v[sample - lo], sample, offset
             return rows
 
-        totals = [0, 0]
-        for lo in range(0, count, CHUNK):
-            rows = units(lo, min(count, lo + CHUNK))
+        sample_chunks = [(lo, min(count, lo + CHUNK)) for lo in range(0, count, CHUNK)]
+        chunk_units, totals = [], [0, 0]
+        for lo, hi in sample_chunks:
+            rows = sample_units(lo, hi)
+            chunk_units.append(len(rows))
             totals[0] += int(rows["tokens"].sum())
             totals[1] += int(rows["vision"].sum())
+        chunk_first = np.cumsum([0] + chunk_units)
+        num_units = int(chunk_first[-1])
+
+        def units(ulo, uhi):  # unit rows [ulo, uhi), from the sample chunks that hold them
+            parts = [sample_units(*sample_chunks[c])[max(ulo - a, 0):uhi - a]
+                     for c, (a, b) in enumerate(zip(chunk_first[:-1], chunk_first[1:]))
+                     if a < uhi and ulo < b]
+            return np.concatenate(parts)
+
         # hold-out columns: mmpt ingest's sequential keys, SAMPLES_PER_SHARD to a shard
         scores = np.concatenate([holdout_scores(source, ((i // SAMPLES_PER_SHARD, f"{i:012d}")
-                                                         for i in range(lo, min(count, lo + CHUNK))))
-                                 for lo in range(0, count, CHUNK)])
-        unit_tokens = np.concatenate([units(lo, min(count, lo + CHUNK))["tokens"]
-                                      for lo in range(0, count, CHUNK)])
-        hcols, hmeta = holdout_columns(scores, np.arange(count), unit_tokens)  # a unit per sample
-        del scores, unit_tokens
-        pmeta = {"format": PLAN_FORMAT, "source": source, "plan_key": key, "units": count,
+                                                         for i in range(lo, hi)))
+                                 for lo, hi in sample_chunks])
+        unit_rows = [sample_units(lo, hi)[["sample", "tokens"]] for lo, hi in sample_chunks]
+        hcols, hmeta = holdout_columns(scores, np.concatenate([r["sample"] for r in unit_rows]),
+                                       np.concatenate([r["tokens"] for r in unit_rows]))
+        del scores, unit_rows
+        pmeta = {"format": PLAN_FORMAT, "source": source, "plan_key": key, "units": num_units,
                  "tokens": totals[0], "vision_tokens": totals[1], "seq_len": SEQ_LEN,
                  "window_sequences": WINDOW, "skipped": {}, **hmeta}
         plan_key_path = f"{gen}{source}/plan-{key}.cols"
-        pspecs = {"units": (unit_dtype(count), (count,)),
+        pspecs = {"units": (unit_dtype(count), (num_units,)),
                   **{name: (col.dtype, col.shape) for name, col in hcols.items()}}
         psize = _fill(root / plan_key_path, pspecs, pmeta,
                       lambda name, lo, hi: units(lo, hi) if name == "units" else hcols[name][lo:hi])
@@ -192,7 +210,8 @@ def write_dataset(root: Path, n: int) -> dict:
         catalogs.append({"source": source, "key": cat_key, "size": size, "sha256": None,
                          "plans": {key: {"key": plan_key_path, "size": psize, "sha256": None,
                                          "seq_len": SEQ_LEN, "window_sequences": WINDOW}}})
-        written[source] = {"samples": count, "catalog_bytes": size, "plan_bytes": psize}
+        written[source] = {"samples": count, "units": num_units, "catalog_bytes": size,
+                           "plan_bytes": psize}
     tokenizer = {"fingerprint": "synthetic", "vocab_size": 163840, "special_tokens": {}}
     manifest = build_manifest([{"name": "text", "kind": "text"}, {"name": "images", "kind": "image"}],
                               shards, tokenizer, [], 1, catalogs)

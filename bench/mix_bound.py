@@ -6,7 +6,7 @@ The requirement: every global batch carries data.vision_fraction f of its tokens
 tokens to within one sequence's tokens, |V_b - f * T_b| <= seq_len, whenever a window holds more
 than one batch. Planning only (metadata; nothing is read or decoded), on
   - the quickstart corpus (data.corpus, its BPE tokenizer, 1 MB shards) at the quickstart's
-    seq_len 128, for windows of 16 to 64 sequences holding 2 to 8 batches;
+    seq_len 128, for windows of 16 to 64 sequences holding 2 to 16 batches;
   - the synthetic K2.5-like catalog of bench/data_scale.py (200,000 samples, seq_len 4096,
     windows of 32 sequences) at batches of 4, 8 and 16 sequences.
 Vision tokens of a piece of a unit cut across sequences: the unit's vision tokens shared out by
@@ -26,11 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def batch_errors(stream, batches: int, fraction: float) -> np.ndarray:
-    """V_b - f * T_b of the first `batches` global batches of a PackedStream's plan."""
+def batch_errors(stream, batches: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(V_b - f * T_b, T_b) of the first `batches` global batches of a PackedStream's plan."""
     cursor = stream.new_cursor(0, stream._fresh_state())
     S, B = stream.S, stream.B
-    out = []
+    out, sizes = [], []
     for j in range(batches):
         vision = tokens = 0.0
         for g in range(j * B, (j + 1) * B):
@@ -41,12 +41,19 @@ def batch_errors(stream, batches: int, fraction: float) -> np.ndarray:
                 whole = p.start == 0 and p.end == d.tokens
                 vision += cursor.planner._piece_vision(d, p.start, p.end, [0] if whole else [0, 0])
         out.append(vision - fraction * tokens)
-    return np.array(out)
+        sizes.append(tokens)
+    return np.array(out), np.array(sizes)
 
 
-def summarize(errors: np.ndarray, seq_len: int) -> dict:
+def summarize(errors: np.ndarray, tokens: np.ndarray, seq_len: int, batch: int,
+              fraction: float) -> dict:
+    """The bound's figures, the vision share over all the batches and the packing efficiency
+    (tokens placed / batch capacity)."""
     dev = np.abs(errors)
-    return {"batches": len(dev), "max_abs_error": float(dev.max()),
+    return {"batches": len(dev),
+            "vision_share": float((errors.sum() + fraction * tokens.sum()) / tokens.sum()),
+            "packing_efficiency": float(tokens.sum() / (len(tokens) * batch * seq_len)),
+            "max_abs_error": float(dev.max()),
             "max_abs_error_in_seq_len": float(dev.max() / seq_len),
             "batches_over_seq_len": int((dev > seq_len).sum()),
             "max_surplus": float(errors.max()), "max_deficit": float(-errors.min())}
@@ -87,11 +94,11 @@ def main(argv=None) -> int:
                           ["--data.image_max_pixels=50176", "--data.video_max_pixels=12544",
                            "--data.video_max_frames=8"])
         media = MediaRules.from_config(cfg)
-        for S, B in [(32, 8), (32, 4), (32, 2), (16, 4), (64, 8)]:
+        for S, B in [(32, 8), (32, 4), (32, 2), (16, 8), (16, 4), (64, 8)]:
             stream = PackedStream(url, seq_len=128, window_sequences=S, global_batch=B, dp_rank=0,
                                   dp_size=1, seed=0, vision_fraction=0.1, weights={}, tokenizer="",
                                   media=media)
-            r = summarize(batch_errors(stream, args.batches * 8 // B, 0.1), 128)
+            r = summarize(*batch_errors(stream, args.batches * 8 // B, 0.1), 128, B, 0.1)
             results["quickstart"][f"S={S},B={B}"] = r
             print(f"quickstart seq_len 128, window {S}, batch {B}: {r}", flush=True)
         root = Path(tmp) / "k25"
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
             stream = PackedStream(str(root), seq_len=4096, window_sequences=32, global_batch=B,
                                   dp_rank=0, dp_size=1, seed=0, vision_fraction=0.1, weights={},
                                   tokenizer="", media=scale._media())
-            r = summarize(batch_errors(stream, args.batches * 8 // B // 2, 0.1), 4096)
+            r = summarize(*batch_errors(stream, args.batches * 8 // B // 2, 0.1), 4096, B, 0.1)
             results["k2.5_like"][f"S=32,B={B}"] = r
             print(f"k2.5-like seq_len 4096, window 32, batch {B}: {r}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -8,8 +8,8 @@ Two kinds of column files (data/columnar.py) per source, written at ingest next 
   rows in reading order (kind, text tokens or media metadata: height, width, frames, fps); and
   one row per shard (tar key, size). Rows of one shard are contiguous and in tar order, so these
   are the shard indexes in columns. It does not depend on any training setting.
-- the *plan table* `<source>/plan-<key>.cols` (format mmpt-plan/1) for one planning key (seq_len,
-  window_sequences and the vision settings that fix token counts): one row per unit with its
+- the *plan table* `<source>/plan-<key>.cols` (format mmpt-plan/2) for one planning key (seq_len,
+  window_sequences, the unit rule and the vision settings that fix token counts): one row per unit with its
   packed token count, vision token count, sample number and first token (one record per unit,
   so a draw touches one page); totals and the samples
   that can never be packed (by reason) in its header. `mmpt ingest --plan CONFIG` writes it.
@@ -30,11 +30,16 @@ Image and video samples put the media first, then the caption (captioning direct
 interleaved samples keep their reading order. A whole image or video (all its chunks, markers
 included) is one *atom*: it is never cut across sequences.
 
-Units: a document longer than a window (S * seq_len tokens) is cut into consecutive units of
-at most S pieces each (pieces as in data/pack.py: <= seq_len tokens, never inside an atom); the
-mixer orders units, so a long document's units are shuffled like separate documents (they could
-not attend to each other anyway). Samples that can never be packed (an atom longer than seq_len)
-are left out of the order and counted in `skipped` by reason.
+Units: a document longer than seq_len is cut into consecutive units of one piece each (pieces
+as in data/pack.py: <= seq_len tokens, never inside an atom; UNIT_RULE names the rule in the
+planning key); the mixer orders units, so a long document's units are shuffled like separate
+documents (they could not attend to each other anyway). Units of one sequence at most keep the
+mixer's every-prefix bound (within one unit's tokens) at sequence granularity, which is what
+lets every global batch of a window carry the vision share; units of a whole window (the rule
+of plan format mmpt-plan/1) let a window hold one long text unit and no vision. A unit's last
+token still predicts the next unit's first token: the loader labels in document coordinates.
+Samples that can never be packed (an atom longer than seq_len) are left out of the order and
+counted in `skipped` by reason.
 
 Hold-out (`holdout_fraction` f > 0): a sample is held out for validation when a keyed hash of its
 identity (source name, shard number within the source, member key) falls below f, plus, in a
@@ -69,7 +74,8 @@ from train.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 CATALOG_FORMAT = "mmpt-catalog/1"
-PLAN_FORMAT = "mmpt-plan/1"
+PLAN_FORMAT = "mmpt-plan/2"  # /2: units of one piece (UNIT_RULE); /1 had units of S pieces
+UNIT_RULE = "piece"  # a unit is one piece of <= seq_len tokens (enters the planning key)
 SEG_TEXT, SEG_IMAGE, SEG_VIDEO = 0, 1, 2
 SEG_KINDS = ("text", "image", "video")
 WARN_DERIVE_SAMPLES = 1_000_000
@@ -309,7 +315,8 @@ class SourceCatalog:
 def plan_key(media, seq_len: int, window_sequences: int) -> str:
     """Names what fixes the units' token counts: packing sizes and the vision token arithmetic."""
     p = media.pre
-    fields = {"seq_len": seq_len, "window_sequences": window_sequences, "patch_size": p.patch_size,
+    fields = {"seq_len": seq_len, "window_sequences": window_sequences, "units": UNIT_RULE,
+              "patch_size": p.patch_size,
               "merge_size": p.merge_size, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
               "video_max_pixels": p.video_max_pixels, "frames_per_chunk": p.frames_per_chunk,
               "sample_fps": p.sample_fps, "max_frames": p.max_frames}
@@ -365,13 +372,9 @@ class Layout:
         pieces = piece_cuts(length, atoms, self.seq_len, max_pieces=length)
         if pieces is None:
             raise ShardError(f"cannot pack: media longer than seq_len={self.seq_len}")
-        units = []
         placeholders = [(a, sum(s.chunks)) for (a, _), s in zip(atoms, [s for s in segs if s.kind != "text"])]
-        for u in range(0, len(pieces), self.window_sequences):
-            start, end = pieces[u][0], pieces[min(u + self.window_sequences, len(pieces)) - 1][1]
-            vision = sum(n for a, n in placeholders if start <= a < end)
-            units.append((sample, start, end - start, vision))
-        return units
+        return [(sample, start, end - start, sum(n for a, n in placeholders if start <= a < end))
+                for start, end in pieces]  # a unit per piece (UNIT_RULE)
 
 
 def atoms_of(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
@@ -432,9 +435,9 @@ def plan_columns(source: SourceCatalog, layout: Layout, key: str,
     """(columns, meta) of one source's plan table: every sample's units, in sample order, and
     (`holdout`) the hold-out columns, which hash every sample's identity once."""
     skipped: Counter = Counter()
-    if source.kind == "text":  # no atoms: units are consecutive windows of S * seq_len tokens
+    if source.kind == "text":  # no atoms: units are consecutive pieces of seq_len tokens
         length = source.cols["s_text_tokens"].astype(np.int64) + 1
-        per_unit = layout.seq_len * layout.window_sequences
+        per_unit = layout.seq_len
         count = -(-length // per_unit)
         sample = np.repeat(np.arange(source.n, dtype=np.int64), count)
         first = np.repeat(np.cumsum(count) - count, count)
@@ -559,9 +562,20 @@ class Catalog:
         if stored is not None:
             plan = open_columns(self.store, stored["key"], int(stored["size"]), stored["sha256"])
             if plan.meta.get("format") != PLAN_FORMAT or plan.meta.get("plan_key") != self.plan_key:
-                raise ShardError(f"{plan.name}: not the plan table for key {self.plan_key}")
+                raise ShardError(f"{plan.name}: format {plan.meta.get('format')!r}, key "
+                                 f"{plan.meta.get('plan_key')!r}: not the plan table for key "
+                                 f"{self.plan_key} ({PLAN_FORMAT}); re-ingest with mmpt ingest --plan")
             return plan
-        if src.n > WARN_DERIVE_SAMPLES:
+        sizes = (self.seq_len, self.window_sequences)
+        older = sorted(k for k, p in (listed or {}).get("plans", {}).items()
+                       if (p.get("seq_len"), p.get("window_sequences")) == sizes)
+        if older:  # a table for these sizes, but another key: an older unit rule or other vision settings
+            log.warning("source %s: the manifest's plan table(s) %s for seq_len=%d, window_sequences=%d "
+                        "do not match key %s (plan format %s, unit rule %r, or other vision "
+                        "settings); deriving the plan table from the sample catalog on every start "
+                        "(re-ingest with mmpt ingest --plan to store it)", src.name, older,
+                        self.seq_len, self.window_sequences, self.plan_key, PLAN_FORMAT, UNIT_RULE)
+        elif src.n > WARN_DERIVE_SAMPLES:
             log.warning("source %s: no plan table for key %s (seq_len=%d, window_sequences=%d) in the "
                         "manifest; deriving it from %d samples on every start (mmpt ingest --plan "
                         "writes it once)", src.name, self.plan_key, self.seq_len,

@@ -52,7 +52,7 @@ from data.shards import ShardError, open_dataset, read_member
 from data.store import redact
 from train.errors import InvalidInput, UserError
 
-STATE_FORMAT = "mmpt-loader/2"  # /2: sequences of a window are spread over its global batches
+STATE_FORMAT = "mmpt-loader/3"  # /2: sequences spread over global batches; /3: units of one piece
 log = logging.getLogger(__name__)
 
 

@@ -11,9 +11,14 @@ Everything here is index arithmetic on metadata; nothing is read or decoded.
   token counts, never random draws:
     1. modality: with E = (vision tokens so far) - f * (all tokens so far), it takes the next
        document from the vision group or the text group, whichever leaves |E| smaller (ties go
-       to text). So |E| stays within one document's tokens at every prefix of the stream, as long
-       as vision documents are themselves more than a fraction f vision tokens (image-caption
-       pairs are; a test checks the bound on the real corpus).
+       to text), and it takes the vision group's next unit whenever E < 0 and that unit carries
+       at most a fraction f vision tokens (a text-only piece of a long interleaved document:
+       without this rule such a unit at the head of the vision group would never leave |E|
+       smaller than a text unit, and would hold back all vision). So |E| stays within one
+       unit's tokens (<= seq_len) at every prefix of the stream, as long as vision units carry
+       more than a fraction f vision tokens (image-caption pairs do; a test checks the bound on
+       the real corpus); each low-vision unit drawn in a row while E < 0 can lower E by up to
+       f times its tokens more.
     2. source within the group: the source whose realised token share is furthest below its
        weight share (largest weight * group_tokens - weight_sum * source_tokens; ties: lowest index).
   Its state is a few integers per source (`state()` / `from_state`), so a resume never replays.
@@ -319,7 +324,9 @@ class TokenMixer:
             if not vstream.lo <= p < vstream.hi:
                 vstream.load(p)
             vcandidate = vstream.block[p - vstream.lo]
-            if abs(error + vcandidate[2] - f * vcandidate[1]) < abs(error + candidate[2] - f * candidate[1]):
+            gain = vcandidate[2] - f * vcandidate[1]
+            if (abs(error + gain) < abs(error + candidate[2] - f * candidate[1])
+                    or (error < 0 and gain <= 0)):
                 source, candidate, stream = vsource, vcandidate, vstream
         _, n, v, sample, offset = candidate
         positions[source] += 1

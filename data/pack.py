@@ -1,8 +1,8 @@
 """Packing documents into fixed-length sequences inside fixed global windows (metadata only).
 
 A *window* is S consecutive sequences of the global sequence stream (S = data.window_sequences):
-window k holds global sequences [k*S, (k+1)*S). It takes units (documents, or parts of documents
-longer than a window; see data/catalog.py) from the mixed stream (data/mix.py) in order, the
+window k holds global sequences [k*S, (k+1)*S). It takes units (documents, or pieces of documents
+longer than seq_len; see data/catalog.py) from the mixed stream (data/mix.py) in order, the
 units deferred by the previous window first. A unit is admitted if its pieces still fit (checked
 by placing them best-fit into the window's free space); otherwise it is deferred to the next
 window. Once `lookahead` units are held back, or the capacity S*seq_len is used up, the window

@@ -216,3 +216,33 @@ def test_rows_without_matches_deleting_the_rows():
             expect = np.delete(np.arange(n), removed)
             assert len(rows) == len(expect)
             assert np.array_equal(rows[np.arange(len(expect))], expect)
+
+
+def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derives(tmp_path):
+    """bench/data_scale.py writes plan tables itself (no ingest): they must hold the units the
+    catalog's unit rule gives (a unit per piece of seq_len tokens) and the same hold-out column,
+    or the benchmark would plan a stream no real dataset has."""
+    import sys
+    from pathlib import Path
+
+    import data.catalog as catalog_mod
+    from data.store import open_store
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench.data_scale as scale
+
+    scale.write_dataset(tmp_path, 30_000)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    store = open_store(str(tmp_path))
+    opts = dict(media=scale._media(), seq_len=scale.SEQ_LEN, window_sequences=scale.WINDOW,
+                holdout_fraction=0.01)
+    written = catalog_mod.Catalog(store, manifest, **opts)
+    for c in manifest["catalogs"]:
+        c["plans"] = {}
+    derived = catalog_mod.Catalog(store, manifest, **opts)
+    assert written.derived_plans == [] and derived.derived_plans == ["text", "images"]
+    for a, b in zip(written.plans, derived.plans):
+        assert a.meta["units"] == b.meta["units"] and a.meta["tokens"] == b.meta["tokens"]
+        assert np.array_equal(np.asarray(a["units"]), np.asarray(b["units"]))
+        assert np.array_equal(np.asarray(a["holdout"]), np.asarray(b["holdout"]))
+    assert written.plans[0].meta["units"] > 27_000  # text longer than seq_len: several units

@@ -18,6 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data.loader import DataLoaderWithState
@@ -32,8 +33,11 @@ PINNED_TENSORS = ("input_ids", "labels", "loss_mask", "position_ids", "doc_ids",
 BATCHES = 50
 # Pinned before the columnar catalog (it kept this stream): dd220d523b583906ca67a626d2cb2436...
 # The order then changed once on purpose: sequences of a window spread over its global batches
-# by vision content (data/pack.py).
-STREAM_SHA256 = "38f0d52baed1c32b3121b0bf2bcfd6b9c38cbf7fbc5ffb785463ef2e88b91093"
+# by vision content (data/pack.py): 38f0d52baed1c32b3121b0bf2bcfd6b9c38cbf7fbc5ffb785463ef2e88b91093.
+# And once more: documents longer than seq_len are cut into units of one piece, not of a window
+# (data/catalog.py's UNIT_RULE, plan format mmpt-plan/2), so every global batch carries the
+# target vision share.
+STREAM_SHA256 = "0a890779e45e0b57139d0ff08808752a4d419d7e7773ddf2f61260a85e75c8ab"
 
 
 def encode_mpeg4(frames, path: Path, fps: int) -> None:
@@ -122,3 +126,71 @@ def test_plan_tables_derived_on_load_and_the_json_indexes_give_the_pinned_stream
 def test_the_pin_sees_a_changed_order(quickstart_ds):
     # the same hash under another seed would mean the pin does not look at the order
     assert stream_sha256(quickstart_ds, batches=3, seed=1) != stream_sha256(quickstart_ds, batches=3)
+
+
+def test_a_plan_table_of_an_older_unit_rule_is_not_read(quickstart_ds, tmp_path, caplog):
+    """A manifest listing plan tables for the run's seq_len and window under another key (one
+    written with units of a whole window, mmpt-plan/1) derives the plan table on load, says so,
+    and gives the pinned stream."""
+    import logging
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(quickstart_ds.url, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for c in manifest["catalogs"]:
+        c["plans"] = {"0123456789abcdef": next(iter(c["plans"].values()))}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    older = Built(quickstart_ds.corpus, quickstart_ds.tokenizer, str(root))
+    with caplog.at_level(logging.WARNING, logger="data.catalog"):
+        assert _loader_catalog(older).derived_plans == ["text", "images", "videos", "interleaved"]
+    assert "0123456789abcdef" in caplog.text and "re-ingest with mmpt ingest --plan" in caplog.text
+    assert stream_sha256(older, batches=5) == stream_sha256(quickstart_ds, batches=5)
+
+
+def test_labels_follow_the_document_across_unit_boundaries(quickstart_ds):
+    """A document longer than seq_len is several units, shuffled apart; every piece's labels are
+    still its document's next tokens, so the last token of a unit predicts the first token of
+    the next unit (no loss target is lost at a unit boundary), and the end of a document has none."""
+    over = {"manifest": quickstart_ds.url, "tokenizer": str(quickstart_ds.tokenizer), **QUICKSTART_DATA}
+    cfg = load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()])
+    loader = DataLoaderWithState(cfg)
+    stream = loader.stream
+    tok = stream.tokenizer
+    no_loss = [tok.image_id, tok.video_id, tok.media_end_id]
+    boundaries = ends = 0
+    for _, batch in zip(range(10), loader):
+        at = {}
+        for r, source, shard, member, epoch, lo, hi in batch.sample_ids.tolist():
+            sample = stream.catalog.catalogs[source].sample_of(shard, member)
+            tokens = stream.doc(source, sample, epoch).tokens
+            expected = [t if t not in no_loss else -100 for t in tokens[lo + 1:hi + 1].tolist()]
+            expected += [-100] * (hi - lo - len(expected))  # the document's last token
+            start = at.get(r, 0)
+            assert batch.labels[r, start:start + hi - lo].tolist() == expected
+            at[r] = start + hi - lo
+            boundaries += hi < len(tokens)
+            ends += hi == len(tokens)
+    assert boundaries > 50 and ends > 0
+
+
+def test_a_plan_table_of_another_format_under_the_current_key_is_an_error(quickstart_ds, tmp_path):
+    import hashlib as _hashlib
+    import shutil
+
+    from data.columnar import encode_columns, map_file
+    from data.shards import ShardError
+
+    root = tmp_path / "ds"
+    shutil.copytree(quickstart_ds.url, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(iter(manifest["catalogs"][0]["plans"].values()))
+    table = map_file(root / entry["key"])
+    raw = encode_columns({k: np.asarray(v) for k, v in table.cols.items()},
+                         {**table.meta, "format": "mmpt-plan/1"})
+    (root / entry["key"]).write_bytes(raw)
+    entry.update(size=len(raw), sha256=_hashlib.sha256(raw).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    older = Built(quickstart_ds.corpus, quickstart_ds.tokenizer, str(root))
+    with pytest.raises(ShardError, match=r"'mmpt-plan/1'.*re-ingest with mmpt ingest --plan"):
+        _loader_catalog(older)
