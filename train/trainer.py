@@ -3,8 +3,9 @@
 `run(cfg)` is what `mmpt train` calls on every rank once the default process group exists
 (launch/train.py). Each step of `fit()`:
 
-  1. next batch of this data-parallel replica (data/loader.py; every pipeline rank of a replica
-     reads the same rows);
+  1. next batch of this data-parallel replica (data/loader.py), read by this rank's role
+     (train/reading.py: stage 0 the token ids, the last stage the targets, the media where they
+     are encoded; every stage the layout, from the catalog);
   2. the step, `train.step.training_step`, one function that reads top to bottom: the lr of the
      step (a pure function of the step, train/optim/schedule) -> DEP vision forward -> the
      interleaved 1F1B schedule with expert all-to-alls -> DEP recompute + backward -> gradients
@@ -66,6 +67,7 @@ from train.model.flops import training_flops_per_token
 from train.optim.muon import muonclip_factory
 from train.optim.qk_clip import QKClip
 from train.optim.schedule import schedule_multiplier
+from train.reading import read_role
 from train.rng import seed_torch
 from train.step import training_step
 
@@ -116,15 +118,21 @@ def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def runtime_batch(batch, device: torch.device) -> dict:
-    """A data.batch.Batch as the mapping the runtime takes (no vision: None), on the
-    device (collectives under NCCL need device tensors)."""
+    """A data.batch.Batch as the mapping the runtime takes (no vision: None; fields this
+    rank's role did not read: None), on the device (collectives under NCCL need device
+    tensors)."""
     has_vision = batch.grid_thw.shape[0] > 0
     b = batch.to(device, non_blocking=True) if device.type != "cpu" else batch
-    return dict(input_ids=b.input_ids, position_ids=b.position_ids,
-                doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
-                pixel_patches=b.pixel_patches if has_vision else None,
-                grid_thw=b.grid_thw.long() if has_vision else None,
-                token_category=getattr(b, "token_category", None))
+    out = dict(input_ids=b.input_ids, position_ids=b.position_ids,
+               doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
+               pixel_patches=b.pixel_patches if has_vision else None,
+               grid_thw=b.grid_thw.long() if has_vision else None,
+               vision_spans=getattr(b, "vision_spans", None) if has_vision else None,
+               token_category=getattr(b, "token_category", None))
+    if getattr(b, "global_items", None) is not None:  # DEP: the items this rank encodes
+        out.update(pixel_items=b.pixel_items, global_items=b.global_items,
+                   pixel_patches=b.pixel_patches)
+    return out
 
 
 def loader_categories(loader) -> CategoryNames | None:
@@ -256,7 +264,9 @@ class Trainer:
             from data.loader import DataLoaderWithState
 
             make_loader = DataLoaderWithState
-        self.loader = make_loader(cfg, dp_rank=self.mesh.dp_rank, dp_size=cfg.parallel.dp)
+        self.read = read_role(cfg, self.mesh)
+        self.loader = make_loader(cfg, dp_rank=self.mesh.dp_rank, dp_size=cfg.parallel.dp,
+                                  read=self.read)
         tokenizer = getattr(getattr(self.loader, "stream", None), "tokenizer", None)
         if tokenizer is not None:
             check_tokenizer(cfg, tokenizer)
@@ -264,7 +274,7 @@ class Trainer:
         self.val_loader = self.val_categories = None
         if cfg.train.eval_every > 0:
             self.val_loader = make_loader(cfg, dp_rank=self.mesh.dp_rank,
-                                          dp_size=cfg.parallel.dp, split="val")
+                                          dp_size=cfg.parallel.dp, split="val", read=self.read)
             self.val_categories = loader_categories(self.val_loader)
         self.ckpt = checkpoint_manager(cfg)
         self._quarantine_seen = 0  # quarantine events already logged
@@ -347,9 +357,8 @@ class Trainer:
         cfg = self.cfg
         t0 = time.monotonic()
         mult = schedule_multiplier(self.step, cfg.optim, cfg.train.steps)
-        counts = torch.tensor([
-            float(((batch.input_ids == cfg.model.image_token_id)
-                   | (batch.input_ids == cfg.model.video_token_id)).sum()),
+        counts = torch.tensor([  # vision placeholders and document tokens, from the layout
+            float(batch.vision_spans[:, 2].sum()),
             float(batch.non_padding_tokens())], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.mesh.dp_group)
 
