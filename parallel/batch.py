@@ -75,7 +75,8 @@ def check_batch(batch: Mapping[str, torch.Tensor | None]) -> None:
         if batch.get(name) is not None and tuple(batch[name].shape) != shape:
             raise ValueError(f"batch field {name!r} has shape {tuple(batch[name].shape)}, "
                              f"position_ids has {shape}")
-    if batch.get("pixel_patches") is not None and batch.get("grid_thw") is None:
+    if (batch.get("pixel_patches") is not None and batch.get("grid_thw") is None
+            and batch.get("global_items") is None):
         raise ValueError("batch field 'pixel_patches' is given without 'grid_thw'")
     if batch.get("vision_spans") is None and batch.get("grid_thw") is not None \
             and batch.get("input_ids") is None:

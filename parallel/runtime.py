@@ -135,6 +135,18 @@ class ParallelRuntime:
             raise ValueError("the global batch has no loss tokens (loss_mask is all zero)")
         return mbs, n_tokens
 
+    def _dep_forward(self, batch: Mapping[str, Tensor | None], mbs: list) -> list:
+        """DEP phase 1 from the batch's global item list and the pixels of this rank's items
+        (parallel/dep.py); [] without DEP."""
+        if self.dep is None:
+            return []
+        if batch.get("global_items") is None:
+            raise ValueError("with parallel.dep = true a batch carries the pixels of the items "
+                             "this rank encodes (global_items, pixel_items): read it with the "
+                             "stage-aware loader or build it with parallel.dep.rank_batch")
+        return self.dep.forward(mbs, self.dtype, batch.get("global_items"),
+                                batch.get("pixel_items"), batch.get("pixel_patches"))
+
     def _stage_kwargs(self, mbs: list, leaves: list) -> list[dict]:
         kwargs = []
         for k, mb in enumerate(mbs):
@@ -192,7 +204,7 @@ class ParallelRuntime:
         the stage's DP group (the MoEs' counters restart)."""
         mbs, n_tokens = self._microbatches(batch)
         num_categories = self._categories(batch, num_categories)
-        leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+        leaves = self._dep_forward(batch, mbs)
         kwargs = self._stage_kwargs(mbs, leaves)
         losses = self.runner.run(self._inputs(mbs), kwargs, [mb.target for mb in mbs],
                                  n_tokens, num_categories)
@@ -228,7 +240,7 @@ class ParallelRuntime:
         counters = [(moe.expert_load_total, moe.last_expert_load) for moe in moes]
         try:
             with torch.no_grad():
-                leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+                leaves = self._dep_forward(batch, mbs)
                 kwargs = self._stage_kwargs(mbs, leaves)
                 losses = self.runner.evaluate(self._inputs(mbs), kwargs,
                                               [mb.target for mb in mbs], num_categories)

@@ -16,7 +16,7 @@ import torch
 
 from tests.dist import run_distributed
 from tests.grad_check import assemble, assert_grads_match, capture_reduced_grads, merge_ranks
-from tests.parallel_fixtures import make_batch, tiny_config
+from tests.parallel_fixtures import make_batch, rank_view, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -153,7 +153,7 @@ def _runtime_body(rank, world, device_type: str):
     calls: list = []
     losses = []
     for s in range(2):
-        b = make_batch(4, 32, seed=20 + s)
+        b = rank_view(cfg, mesh, [make_batch(4, 32, seed=20 + s)])
         b = {k: (v.to(device) if v is not None else None) for k, v in b.items()}
         with patch_collectives(calls):
             losses.append(training_step(rt, b, qk_clip=clip).loss)
