@@ -130,3 +130,159 @@ def test_a_dep_selector_decodes_the_chosen_items_of_any_replica(ds):
         assert torch.equal(b.pixel_patches, want), j
         _equal(full[1][j], b, METADATA, f"batch {j}")
     assert any(len(b.pixel_items) for b in got)
+
+
+# ---------------------------------------------------------------------------------------------
+# PP2 x DP2 with DEP on 4 ranks: store GETs and media decodes per rank against the plan
+
+STEPS = 3
+PP2_DP2_DEP = ["--parallel.pp=2", "--parallel.virtual_stages=2", "--parallel.dp=2",
+               "--parallel.ep=2", "--parallel.microbatches=2", "--parallel.dep=true",
+               f"--train.steps={STEPS}", "--train.eval_every=0"]
+
+
+def _run_cfg(ds, run_dir, *extra):
+    return load_config(TINY, [
+        f"--data.manifest={ds.url}", f"--data.tokenizer={ds.tokenizer}", "--data.seq_len=64",
+        "--data.global_batch_size=4", "--data.image_max_pixels=12544",
+        "--data.video_max_pixels=3136", "--data.video_max_frames=8",
+        f"--train.run_dir={run_dir}", *extra])
+
+
+def _counted_training(rank, world, cfg):
+    """Train with counting wrappers around the store and the decoders (put in by this test);
+    returns per step the tar GETs (key, start, end) and the decodes (kind, name, frames)."""
+    import data.loader
+    import data.media
+    from train.trainer import Trainer
+
+    events: list = []
+    open_cached, decode_image, decode_video = (data.loader._open_cached, data.media.decode_image,
+                                               data.media.decode_video_frames)
+
+    class Store(Counting):
+        def get(self, key, *args, **kwargs):
+            if key.endswith(".tar"):
+                events.append(("get", key, *args))
+            return self._store.get(key, *args, **kwargs)
+
+    def counted_image(data_, name, *args, **kwargs):
+        events.append(("decode", "image", name, ()))
+        return decode_image(data_, name, *args, **kwargs)
+
+    def counted_video(data_, indices, name, *args, **kwargs):
+        events.append(("decode", "video", name, tuple(indices)))
+        return decode_video(data_, indices, name, *args, **kwargs)
+
+    data.loader._open_cached = lambda *a, **k: Store(open_cached(*a, **k), [])
+    data.media.decode_image, data.media.decode_video_frames = counted_image, counted_video
+    per_step: list = []
+
+    class Counted(Trainer):
+        def train_step(self, batch):  # the batch of this step has just been built
+            per_step.append(list(events))
+            events.clear()
+            return super().train_step(batch)
+
+    result = Counted(cfg).fit()
+    return per_step, result["step"]
+
+
+def _expected(ds, cfg):
+    """Per step and rank, from whole batches of a full reader per replica and the DEP plan
+    (parallel/dep_plan.py): the media decodes and tar GETs each rank must make."""
+    from data.shards import read_member  # noqa: F401  (the loader's one ranged GET per member)
+    from parallel.dep_plan import plan_encoder_work
+
+    full = [DataLoaderWithState(cfg, dp_rank=d, dp_size=2) for d in range(2)]
+    batches = [_take(loader, STEPS) for loader in full]
+    stream = full[0].stream
+    fpc = stream.media.pre.frames_per_chunk
+
+    def identify(batch):
+        """(source, sample, segment, chunk) of each vision item, and the (source, sample) of
+        each document piece, from the batch's spans and provenance."""
+        pieces, at = [], {}
+        for r, source, shard, member, _, lo, hi in batch.sample_ids.tolist():
+            sample = stream.catalog.catalogs[source].sample_of(shard, member)
+            pieces.append((r, at.get(r, 0), lo, hi, source, sample))
+            at[r] = at.get(r, 0) + hi - lo
+        items = []
+        for r, pos, n in batch.vision_spans.tolist():
+            _, start, lo, _, source, sample = next(p for p in pieces if p[0] == r
+                                                   and p[1] <= pos < p[1] + p[3] - p[2])
+            meta = stream.doc_meta(source, sample)
+            _, _, _, k, c = next(it for it in meta.items if it[0] == lo + pos - start)
+            items.append((source, sample, k, c))
+        return items, [(p[4], p[5]) for p in pieces]
+
+    def member_get(source, sample, member):
+        meta = stream.doc_meta(source, sample)
+        loc = meta.entry["members"][member]
+        return ("get", meta.shard_key, loc["offset"], loc["offset"] + loc["size"])
+
+    expected = [[{"decodes": [], "gets": []} for _ in range(4)] for _ in range(STEPS)]
+    texts_read = [set() for _ in range(2)]  # docs whose text a replica's ranks have read
+    for s in range(STEPS):
+        ident = [identify(batches[d][s]) for d in range(2)]
+        flat = [(d, i) for d in range(2) for i in range(len(ident[d][0]))]
+        plan = plan_encoder_work([int(batches[d][s].grid_thw[i].prod()) for d, i in flat], 4)
+        for rank in range(4):
+            pp, d = divmod(rank, 2)  # global rank = pp_rank * dp + dp_rank
+            groups: dict = {}
+            for k in plan.items_of(rank):
+                src, sample, seg, chunk = ident[flat[k][0]][0][flat[k][1]]
+                groups.setdefault((src, sample, seg), []).append(chunk)
+            want = expected[s][rank]
+            for (src, sample, seg), chunks in groups.items():
+                meta = stream.doc_meta(src, sample)
+                sg = meta.segs[seg]
+                frames = ()
+                if sg.kind == "video":
+                    idx = stream.media._frames(sg.meta)
+                    frames = tuple(i for c in chunks for i in idx[c * fpc:(c + 1) * fpc])
+                want["decodes"].append(("decode", sg.kind, f"{meta.name}.{sg.member}", frames))
+                want["gets"].append(member_get(src, sample, sg.member))
+            # PP2: stage 0 reads the token ids, stage 1 the labels: each the text of its
+            # replica's documents, once per worker while it is cached (a few dozen documents)
+            for doc in dict.fromkeys(ident[d][1]):
+                if doc in texts_read[d]:
+                    continue
+                members = dict.fromkeys(sg.member for sg in stream.doc_meta(*doc).segs
+                                        if sg.kind == "text")
+                want["gets"] += [member_get(*doc, m) for m in members]
+        for d in range(2):
+            texts_read[d] |= set(ident[d][1])
+        all_items = [it for d in range(2) for it in ident[d][0]]
+        assert len(all_items) == len(set(all_items))  # each item appears once in the step
+    return expected, batches
+
+
+def test_pp2_dp2_dep_each_rank_reads_and_decodes_what_the_plan_gives_it(ds, tmp_path):
+    from collections import Counter
+
+    from tests.dist import run_distributed
+
+    cfg = _run_cfg(ds, tmp_path / "run", *PP2_DP2_DEP)
+    expected, batches = _expected(ds, cfg)
+    assert sum(len(b.grid_thw) for per in batches for b in per) > 4  # real vision work
+    out = run_distributed(_counted_training, 4, cfg, timeout=300)
+    totals = Counter()
+    for s in range(STEPS):
+        decoded = []
+        for rank, (per_step, steps) in enumerate(out):
+            assert steps == STEPS
+            got = per_step[s]
+            decodes = [e for e in got if e[0] == "decode"]
+            gets = [e for e in got if e[0] == "get"]
+            assert Counter(decodes) == Counter(expected[s][rank]["decodes"]), (s, rank)
+            assert Counter(gets) == Counter(expected[s][rank]["gets"]), (s, rank)
+            decoded += [(name, f) for _, _, name, frames in decodes for f in (frames or (None,))]
+            totals[rank, "gets"] += len(gets)
+            totals[rank, "decodes"] += len(decodes)
+        assert len(decoded) == len(set(decoded)), f"step {s}: a media item decoded twice"
+    # Every rank decodes (DEP spreads the encoder), and only pipeline stage 0 and the last
+    # stage read text: here every rank does one or the other.
+    assert all(totals[r, "decodes"] > 0 for r in range(4)), totals
+    print("GETs / decodes per rank over", STEPS, "steps:",
+          {r: (totals[r, "gets"], totals[r, "decodes"]) for r in range(4)})
