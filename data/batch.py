@@ -12,7 +12,9 @@ Text side, all [B, S]:
     doc_ids       0, 1, ... per document piece within a row; the padding tail has its own id,
                   so attention causal within equal ids never mixes documents or padding
 Vision side, items ordered as their placeholder runs appear (row-major):
-    pixel_patches [N, 3*p*p] float32 patch rows (layout of data/vision.py / VisionTower)
+    pixel_patches [N, 3*p*p] uint8 patch rows (layout of data/vision.py / VisionTower), raw
+                  pixel values: data.vision.normalize_patches makes the encoder's float32 input
+                  where it is encoded (on the device; a quarter of the bytes to copy there)
     grid_thw      [M, 3] (frames, patch rows, patch cols) per item (an image or a video chunk)
     vision_spans  [M, 3] (row, first placeholder position, placeholder count) per item
 Packing / provenance:

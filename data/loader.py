@@ -349,7 +349,8 @@ class PackedStream(torch.utils.data.IterableDataset):
             loss_mask=torch.from_numpy(packed.loss_mask), position_ids=torch.from_numpy(packed.position_ids),
             doc_ids=torch.from_numpy(packed.doc_ids),
             cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(packed.seqlens)]), dtype=torch.int32),
-            pixel_patches=(torch.cat(patches) if patches else torch.zeros(0, self.media.patch_dim)),
+            pixel_patches=(torch.cat(patches) if patches
+                           else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8)),
             grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
             vision_spans=torch.tensor(spans, dtype=torch.int64).reshape(-1, 3),
             sample_ids=torch.tensor(sids, dtype=torch.int64).reshape(-1, 7),
@@ -427,7 +428,8 @@ class PackedStream(torch.utils.data.IterableDataset):
             except (DecodeError, ShardError) as e:
                 self._skip(skipped, source, sample, e)
                 grids = [it[2] for it in meta.items if it[3] == k]
-                patches = [torch.zeros(math.prod(grids[c]), self.media.patch_dim) for c in chunks]
+                patches = [torch.zeros(math.prod(grids[c]), self.media.patch_dim, dtype=torch.uint8)
+                           for c in chunks]
             for c, pt in zip(chunks, patches):
                 got[source, sample, epoch, k, c] = pt
         return [got[it[:5]] for it in items]
@@ -471,7 +473,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         if read.media == "replica":
             patches = self._decode_items(items, skipped)
             out["pixel_patches"] = (torch.cat(patches) if patches
-                                    else torch.zeros(0, self.media.patch_dim))
+                                    else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8))
         elif read.media is not None:  # a selector over the whole global batch (DEP)
             first = sequences[0] - self.rank * self.local
             every = [items if d == self.rank else self._replica_items(
@@ -480,7 +482,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             chosen = sorted(read.media([[math.prod(it[5]) for it in its] for its in every]))
             patches = self._decode_items([every[d][i] for d, i in chosen], skipped)
             out["pixel_patches"] = (torch.cat(patches) if patches
-                                    else torch.zeros(0, self.media.patch_dim))
+                                    else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8))
             out["pixel_items"] = torch.tensor(chosen, dtype=torch.int64).reshape(-1, 2)
             out["global_items"] = torch.tensor([(d, *it[5]) for d, its in enumerate(every)
                                                 for it in its], dtype=torch.int64).reshape(-1, 4)
@@ -539,6 +541,8 @@ class DataLoaderWithState:
             raise ValueError(f"split {split!r}; choose 'train' or 'val'")
         data_cfg = self.cfg = cfg.data
         media = MediaRules.from_config(cfg)
+        # page-locked host batches for asynchronous copies, where they go to a GPU
+        self.pin_memory = cfg.train.device == "cuda" and torch.cuda.is_available()
         # the run's [store] timeouts and retry time, unless the caller passes its own
         store_opts = {**cfg.store.store_opts(), **(store_opts or {})}
         url, holdout = data_cfg.manifest, data_cfg.holdout_fraction
@@ -575,7 +579,7 @@ class DataLoaderWithState:
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.cfg.num_workers,
             worker_init_fn=_worker_init, prefetch_factor=2 if self.cfg.num_workers else None,
-            persistent_workers=False)
+            persistent_workers=False, pin_memory=self.pin_memory)
         for batch in loader:
             self.consumed += 1
             yield batch

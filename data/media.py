@@ -57,7 +57,8 @@ class MediaRules:
 
     def load(self, kind: str, data: bytes, meta: dict, name: str, key,
              chunks: list[int] | None = None) -> list[tuple[torch.Tensor, tuple]]:
-        """Decode one image / video into [(patches [n, 3*p*p] float32, grid (t, h, w))] per item.
+        """Decode one image / video into [(patches [n, 3*p*p] uint8, grid (t, h, w))] per item
+        (data.vision.normalize_patches makes the encoder's float32 input, on the device).
 
         `key` (seed, fingerprint, source, sample, epoch) seeds image augmentation when it is
         on: the same sample in the same epoch is augmented alike in every worker and run.
@@ -70,7 +71,7 @@ class MediaRules:
             if self.augment:
                 seed, fingerprint, source, sample, epoch = key
                 rgb, _, _ = augment_sample(rgb, seed, [fingerprint, source, sample], epoch)
-            patches, grid = preprocess_image(rgb, self.pre)
+            patches, grid = preprocess_image(rgb, self.pre, normalize=False)
             return [(torch.from_numpy(patches), grid)]
         indices, c = self._frames(meta), self.pre.frames_per_chunk
         if chunks is None:
@@ -80,7 +81,7 @@ class MediaRules:
         out, at = [], 0
         for k in chunks:
             n = len(indices[k * c:(k + 1) * c])
-            patches, [grid] = preprocess_video(frames[at:at + n], self.pre)
+            patches, [grid] = preprocess_video(frames[at:at + n], self.pre, normalize=False)
             out.append((torch.from_numpy(patches), grid))
             at += n
         return out

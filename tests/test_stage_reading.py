@@ -286,3 +286,26 @@ def test_pp2_dp2_dep_each_rank_reads_and_decodes_what_the_plan_gives_it(ds, tmp_
     assert all(totals[r, "decodes"] > 0 for r in range(4)), totals
     print("GETs / decodes per rank over", STEPS, "steps:",
           {r: (totals[r, "gets"], totals[r, "decodes"]) for r in range(4)})
+
+
+def test_uint8_pixels_are_normalised_on_their_device_to_the_full_readers_float32(ds):
+    """The loader hands on uint8 patches; normalising them where they are encoded gives the
+    float32 values data.vision.patchify gives (the encoder input of before), computed on the
+    input's device."""
+    import numpy as np
+
+    from data.vision import VisionPreprocess, normalize_patches, patch_bytes, patchify
+    from tests.simulated_device import simulated_device
+
+    cfg = _cfg(ds)
+    pre = VisionPreprocess.from_config(cfg)
+    batch = next(b for b in _take(_loader(ds), BATCHES) if len(b.grid_thw))
+    assert batch.pixel_patches.dtype == torch.uint8
+    frames = np.random.default_rng(0).integers(0, 256, (2, 28, 56, 3), dtype=np.uint8)
+    assert np.array_equal(patchify(frames, pre),
+                          normalize_patches(torch.from_numpy(patch_bytes(frames, pre)), pre).numpy())
+    want = normalize_patches(batch.pixel_patches, pre)
+    with simulated_device() as dev:  # a CPU constant mixed into device math would raise here
+        got = normalize_patches(batch.pixel_patches.to(dev), pre)
+        assert got.device == dev and got.dtype == torch.float32
+        assert torch.equal(got.cpu(), want)

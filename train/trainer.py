@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.vision import VisionPreprocess, normalize_patches
 from parallel.mesh import build_mesh
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
 from parallel.runtime import ParallelRuntime
@@ -117,21 +118,26 @@ def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def runtime_batch(batch, device: torch.device) -> dict:
+def runtime_batch(batch, device: torch.device, pre=None) -> dict:
     """A data.batch.Batch as the mapping the runtime takes (no vision: None; fields this
     rank's role did not read: None), on the device (collectives under NCCL need device
-    tensors)."""
+    tensors). uint8 pixels travel as they are and are normalised there with `pre`
+    (data.vision.VisionPreprocess)."""
     has_vision = batch.grid_thw.shape[0] > 0
     b = batch.to(device, non_blocking=True) if device.type != "cpu" else batch
+    pixels = b.pixel_patches
+    if pixels is not None and pixels.dtype == torch.uint8:
+        if pre is None:
+            raise ValueError("uint8 pixel patches need the VisionPreprocess to normalise them")
+        pixels = normalize_patches(pixels, pre)
     out = dict(input_ids=b.input_ids, position_ids=b.position_ids,
                doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
-               pixel_patches=b.pixel_patches if has_vision else None,
+               pixel_patches=pixels if has_vision else None,
                grid_thw=b.grid_thw.long() if has_vision else None,
                vision_spans=getattr(b, "vision_spans", None) if has_vision else None,
                token_category=getattr(b, "token_category", None))
     if getattr(b, "global_items", None) is not None:  # DEP: the items this rank encodes
-        out.update(pixel_items=b.pixel_items, global_items=b.global_items,
-                   pixel_patches=b.pixel_patches)
+        out.update(pixel_items=b.pixel_items, global_items=b.global_items, pixel_patches=pixels)
     return out
 
 
@@ -265,6 +271,7 @@ class Trainer:
 
             make_loader = DataLoaderWithState
         self.read = read_role(cfg, self.mesh)
+        self.vision_pre = VisionPreprocess.from_config(cfg)  # normalises pixels on the device
         self.loader = make_loader(cfg, dp_rank=self.mesh.dp_rank, dp_size=cfg.parallel.dp,
                                   read=self.read)
         tokenizer = getattr(getattr(self.loader, "stream", None), "tokenizer", None)
@@ -363,7 +370,8 @@ class Trainer:
         dist.all_reduce(counts, group=self.mesh.dp_group)
 
         cats = self.categories
-        out = training_step(self.rt, runtime_batch(batch, self.device), lr_multiplier=mult,
+        out = training_step(self.rt, runtime_batch(batch, self.device, self.vision_pre),
+                            lr_multiplier=mult,
                             qk_clip=self.qk_clip, num_categories=cats.count if cats else 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -402,7 +410,8 @@ class Trainer:
                 devices=[self.device] if self.device.type == "cuda" else []):
             try:
                 for _ in range(cfg.train.eval_batches):
-                    ev = self.rt.evaluate(runtime_batch(next(batches), self.device),
+                    ev = self.rt.evaluate(runtime_batch(next(batches), self.device,
+                                                        self.vision_pre),
                                           cats.count if cats else 0)
                     loss_sum += ev.loss_sum
                     tokens += ev.loss_tokens
