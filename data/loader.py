@@ -390,28 +390,38 @@ class PackedStream(torch.utils.data.IterableDataset):
                           for start, n, grid, k, c in meta.items if lo <= start and start + n <= hi]
         return items
 
-    def _skip(self, skipped: list, source: int, sample: int, error: Exception) -> str:
-        # Object addresses in library messages would make the batch differ run to run.
-        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
+    def _skip(self, skipped: list, source: int, sample: int, reason: str, log_it: bool = True
+              ) -> None:
         shard, member = self.catalog.locate(source, sample)
-        log.warning("skipping %s sample %s: %s", self.catalog.names[source], (shard, member), reason)
+        if log_it:
+            log.warning("skipping %s sample %s: %s", self.catalog.names[source], (shard, member),
+                        reason)
         entry = (self.catalog.names[source], shard, member, reason)
         if entry not in skipped:
             skipped.append(entry)
-        return reason
+
+    @staticmethod
+    def _reason(error: Exception) -> str:
+        # Object addresses in library messages would make the batch differ run to run.
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
 
     def _tokens(self, source: int, sample: int, meta: DocMeta, skipped: list) -> np.ndarray | None:
-        """The document's tokens (read once per worker while it is in use), None if unreadable."""
+        """The document's tokens (read once per worker while it is in use), None if unreadable
+        (a counted skip in every batch that meets it)."""
         key = (source, sample)
         if key not in self._token_cache:
             try:
                 self._token_cache[key] = self._read_tokens(meta)
             except (ShardError, UnicodeDecodeError) as e:
-                self._skip(skipped, source, sample, e)
-                self._token_cache[key] = None
+                self._token_cache[key] = self._reason(e)
+                self._skip(skipped, source, sample, self._token_cache[key])
             while len(self._token_cache) > 64:
                 self._token_cache.popitem(last=False)
-        return self._token_cache[key]
+        got = self._token_cache[key]
+        if isinstance(got, str):
+            self._skip(skipped, source, sample, got, log_it=False)
+            return None
+        return got
 
     def _decode_items(self, items: list[tuple], skipped: list) -> list[torch.Tensor]:
         """Patches of each (source, sample, epoch, segment, chunk, grid) item: one read and one
@@ -426,7 +436,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             try:
                 patches = self._decode(meta, source, sample, epoch, k, chunks)
             except (DecodeError, ShardError) as e:
-                self._skip(skipped, source, sample, e)
+                self._skip(skipped, source, sample, self._reason(e))
                 grids = [it[2] for it in meta.items if it[3] == k]
                 patches = [torch.zeros(math.prod(grids[c]), self.media.patch_dim, dtype=torch.uint8)
                            for c in chunks]

@@ -309,3 +309,63 @@ def test_uint8_pixels_are_normalised_on_their_device_to_the_full_readers_float32
         got = normalize_patches(batch.pixel_patches.to(dev), pre)
         assert got.device == dev and got.dtype == torch.float32
         assert torch.equal(got.cpu(), want)
+
+
+def test_under_roles_an_unreadable_document_keeps_its_slot_on_every_stage(ds, tmp_path):
+    """A truncated text shard and a corrupt JPEG, met by role readers: every stage keeps the
+    intact layout (positions, documents, items are metadata), the text readers make the
+    unreadable document loss-free, the decoder gives zero pixels; each is a counted skip."""
+    import shutil
+    from dataclasses import replace
+
+    from tests.test_loader import _overwrite_member, _planned_units
+
+    root = tmp_path / "ds"
+    shutil.copytree(ds.url, root)
+    bad = replace(ds, url=str(root))
+    probe = _loader(bad)
+    units = _planned_units(probe, 4)
+    catalog = probe.stream.catalog
+    image = next(d for d in units if catalog.kinds[d.source] == "image"
+                 and "jpg" in catalog.entry(d.source, d.sample)[1]["members"])
+    _overwrite_member(root, probe, image, "jpg", lambda b: b"\0" * 64 + b[64:])
+    text = next(d for d in units if catalog.kinds[d.source] == "text")
+    shard_key, entry = catalog.entry(text.source, text.sample)
+    tar = root / shard_key
+    tar.write_bytes(tar.read_bytes()[:entry["members"]["txt"]["offset"] + 10])
+    broken = {(catalog.names[d.source], *catalog.locate(d.source, d.sample)): kind
+              for d, kind in ((image, "image"), (text, "text"))}
+
+    intact = _take(_loader(ds), BATCHES)
+    stage0 = _take(_loader(bad, ReadRole(True, False, "replica")), BATCHES)
+    last = _take(_loader(bad, ReadRole(False, True, None)), BATCHES)
+    middle = _take(_loader(bad, ReadRole(False, False, None)), BATCHES)
+    met = set()
+    for j, good in enumerate(intact):
+        for got in (stage0[j], last[j], middle[j]):
+            _equal(good, got, METADATA, f"batch {j}")  # the layout does not shift
+        assert middle[j].skipped == []  # it read nothing, so met nothing
+        at, zeroed = {}, []
+        for r, source, shard, member, _, lo, hi in good.sample_ids.tolist():
+            start = at.get(r, 0)
+            at[r] = start + hi - lo
+            kind = broken.get((catalog.names[source], shard, member))
+            if kind is None:
+                continue
+            met.add(kind)
+            assert (catalog.names[source], shard, member) in {s[:3] for s in stage0[j].skipped}
+            if kind == "text":  # both text readers met it: no loss on that piece
+                assert (catalog.names[source], shard, member) in {s[:3] for s in last[j].skipped}
+                assert not last[j].loss_mask[r, start:start + hi - lo].any()
+                assert (last[j].labels[r, start:start + hi - lo] == -100).all()
+            else:  # the items of the corrupt image's piece
+                zeroed += [i for i, (row, pos, _) in enumerate(good.vision_spans.tolist())
+                           if row == r and start <= pos < start + hi - lo]
+        # stage 0's pixels: zeros for the corrupt image's items, the intact pixels elsewhere
+        per = good.grid_thw.prod(1).tolist()
+        for i, n in enumerate(per):
+            a = sum(per[:i])
+            want = good.pixel_patches[a:a + n]
+            assert torch.equal(stage0[j].pixel_patches[a:a + n],
+                               torch.zeros_like(want) if i in zeroed else want), (j, i)
+    assert met == {"image", "text"}, met  # the broken documents were in these batches
