@@ -20,7 +20,17 @@ plan state at the start of the window holding the next sequence (a few integers 
 the few deferred units), so a resume never replays the stream.
 
 Workers plan windows (metadata only, cheap) and materialize only their own rows: ranged GETs
-through the tiered cache, online tokenization, image/video decoding and patchification.
+through the tiered cache, online tokenization, image/video decoding and patchification (pixels
+stay uint8; they are normalised where they are encoded).
+
+Stage-aware reading (`read=ReadRole(...)`): a rank reads only the fields its role names - token
+ids (pipeline stage 0), targets (the last stage), the media it encodes (this replica's, or under
+DEP a selector's choice from the whole global batch) - and builds the layout every stage needs
+(positions, documents, cu_seqlens, vision items and their grids, provenance) from the catalog.
+Under a role, a document that cannot be read keeps its slot (so every stage sees one layout):
+its text becomes padding ids without loss for the ranks that read text, an undecodable medium
+zero pixels for the rank that decodes it, each a counted skip. FULL_READ (the default) reads
+everything and drops an unreadable document from its row, as described below.
 A document whose media cannot be decoded or whose bytes are missing (truncated shard) is a
 counted skip: its tokens become padding with no loss, recorded in Batch.skipped; the stream
 does not shift. Store outages (after the store's retries) raise.
@@ -385,7 +395,12 @@ class PackedStream(torch.utils.data.IterableDataset):
         placeholder order (the order of the replica's grid_thw); metadata only."""
         items = []
         for g in sequences:
-            for d, meta, lo, hi in self._pieces(cursor, g):
+            window = cursor.get(g // self.S)
+            for p in window.sequences[g % self.S]:
+                d = window.docs[p.doc]
+                if d.vision == 0:  # most documents: no catalog lookup at all
+                    continue
+                meta, lo, hi = self.doc_meta(d.source, d.sample), d.offset + p.start, d.offset + p.end
                 items += [(d.source, d.sample, d.epoch, k, c, grid)
                           for start, n, grid, k, c in meta.items if lo <= start and start + n <= hi]
         return items
