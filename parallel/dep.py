@@ -22,11 +22,11 @@ Per step, exactly the three phases of the recipe (Kimi K2.5):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from collections.abc import Mapping, Sequence
 
 from parallel.batch import MicroBatch, item_patches, item_tokens
 from parallel.dep_plan import EncoderItems, EncoderPlan, plan_encoder_work

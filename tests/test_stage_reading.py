@@ -191,7 +191,6 @@ def _counted_training(rank, world, cfg):
 def _expected(ds, cfg):
     """Per step and rank, from whole batches of a full reader per replica and the DEP plan
     (parallel/dep_plan.py): the media decodes and tar GETs each rank must make."""
-    from data.shards import read_member  # noqa: F401  (the loader's one ranged GET per member)
     from parallel.dep_plan import plan_encoder_work
 
     full = [DataLoaderWithState(cfg, dp_rank=d, dp_size=2) for d in range(2)]
