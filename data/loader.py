@@ -462,6 +462,11 @@ class PackedStream(torch.utils.data.IterableDataset):
     def _role_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
         read, tok = self.read, self.tokenizer
         rows, spans, grids, items, sids, skipped, roles, unread = [], [], [], [], [], [], [], []
+        selector = read.media not in (None, "replica")  # DEP: items of the whole global batch
+        first = sequences[0] - self.rank * self.local
+        # Windows are planned forward only (and a few kept): the replicas' rows in order.
+        every = [self._replica_items(cursor, range(first + d * self.local, first + (d + 1) * self.local))
+                 for d in range(self.rank)] if selector else []
         for r, g in enumerate(sequences):
             pieces, at = [], 0
             for d, meta, lo, hi in self._pieces(cursor, g):
@@ -499,11 +504,10 @@ class PackedStream(torch.utils.data.IterableDataset):
             patches = self._decode_items(items, skipped)
             out["pixel_patches"] = (torch.cat(patches) if patches
                                     else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8))
-        elif read.media is not None:  # a selector over the whole global batch (DEP)
-            first = sequences[0] - self.rank * self.local
-            every = [items if d == self.rank else self._replica_items(
+        elif selector:
+            every += [items] + [self._replica_items(
                 cursor, range(first + d * self.local, first + (d + 1) * self.local))
-                for d in range(self.dp)]
+                for d in range(self.rank + 1, self.dp)]
             chosen = sorted(read.media([[math.prod(it[5]) for it in its] for its in every]))
             patches = self._decode_items([every[d][i] for d, i in chosen], skipped)
             out["pixel_patches"] = (torch.cat(patches) if patches

@@ -368,3 +368,18 @@ def test_under_roles_an_unreadable_document_keeps_its_slot_on_every_stage(ds, tm
             assert torch.equal(stage0[j].pixel_patches[a:a + n],
                                torch.zeros_like(want) if i in zeroed else want), (j, i)
     assert met == {"image", "text"}, met  # the broken documents were in these batches
+
+
+def test_a_dep_selector_walks_a_global_batch_of_many_windows_forward(ds):
+    """16 windows per global batch (more than the cursor keeps): the selector's item list of
+    every replica equals the full readers' grids, on the last replica too."""
+    data = dict(window_sequences=2, global_batch_size=32)
+    full = [_take(_loader(ds, dp_rank=d, dp_size=2, **data), 2) for d in range(2)]
+    for rank in range(2):
+        got = _take(_loader(ds, ReadRole(False, False, lambda patches: []), dp_rank=rank,
+                            dp_size=2, **data), 2)
+        for j, b in enumerate(got):
+            want = torch.tensor([(d, *g) for d in range(2) for g in full[d][j].grid_thw.tolist()],
+                                dtype=torch.int64).reshape(-1, 4)
+            assert torch.equal(b.global_items, want), (rank, j)
+            assert len(b.pixel_items) == 0 and len(b.pixel_patches) == 0
