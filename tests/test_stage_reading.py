@@ -190,7 +190,8 @@ def _counted_training(rank, world, cfg):
 
 def _expected(ds, cfg):
     """Per step and rank, from whole batches of a full reader per replica and the DEP plan
-    (parallel/dep_plan.py): the media decodes and tar GETs each rank must make."""
+    (parallel/dep_plan.py; without DEP: stage 0 decodes its replica's items): the media
+    decodes and tar GETs each rank must make."""
     from parallel.dep_plan import plan_encoder_work
 
     full = [DataLoaderWithState(cfg, dp_rank=d, dp_size=2) for d in range(2)]
@@ -229,7 +230,9 @@ def _expected(ds, cfg):
         for rank in range(4):
             pp, d = divmod(rank, 2)  # global rank = pp_rank * dp + dp_rank
             groups: dict = {}
-            for k in plan.items_of(rank):
+            mine = (plan.items_of(rank) if cfg.parallel.dep else
+                    [k for k, (rep, _) in enumerate(flat) if rep == d and pp == 0])
+            for k in mine:
                 src, sample, seg, chunk = ident[flat[k][0]][0][flat[k][1]]
                 groups.setdefault((src, sample, seg), []).append(chunk)
             want = expected[s][rank]
@@ -257,12 +260,13 @@ def _expected(ds, cfg):
     return expected, batches
 
 
-def test_pp2_dp2_dep_each_rank_reads_and_decodes_what_the_plan_gives_it(ds, tmp_path):
+@pytest.mark.parametrize("dep", [True, False], ids=["dep", "no_dep"])
+def test_pp2_dp2_each_rank_reads_and_decodes_what_the_plan_gives_it(ds, tmp_path, dep):
     from collections import Counter
 
     from tests.dist import run_distributed
 
-    cfg = _run_cfg(ds, tmp_path / "run", *PP2_DP2_DEP)
+    cfg = _run_cfg(ds, tmp_path / "run", *PP2_DP2_DEP, f"--parallel.dep={str(dep).lower()}")
     expected, batches = _expected(ds, cfg)
     assert sum(len(b.grid_thw) for per in batches for b in per) > 4  # real vision work
     out = run_distributed(_counted_training, 4, cfg, timeout=300)
@@ -280,10 +284,13 @@ def test_pp2_dp2_dep_each_rank_reads_and_decodes_what_the_plan_gives_it(ds, tmp_
             totals[rank, "gets"] += len(gets)
             totals[rank, "decodes"] += len(decodes)
         assert len(decoded) == len(set(decoded)), f"step {s}: a media item decoded twice"
-    # Every rank decodes (DEP spreads the encoder), and only pipeline stage 0 and the last
-    # stage read text: here every rank does one or the other.
-    assert all(totals[r, "decodes"] > 0 for r in range(4)), totals
-    print("GETs / decodes per rank over", STEPS, "steps:",
+    # With DEP every rank decodes (the encoder is spread); without it stage 0 (ranks 0, 1) only.
+    if dep:
+        assert all(totals[r, "decodes"] > 0 for r in range(4)), totals
+    else:
+        assert totals[0, "decodes"] + totals[1, "decodes"] > 0, totals
+        assert totals[2, "decodes"] == totals[3, "decodes"] == 0, totals
+    print("DEP" if dep else "no DEP", "GETs / decodes per rank over", STEPS, "steps:",
           {r: (totals[r, "gets"], totals[r, "decodes"]) for r in range(4)})
 
 
