@@ -525,6 +525,25 @@ class PackedStream(torch.utils.data.IterableDataset):
             sequence_ids=torch.tensor(list(sequences), dtype=torch.int64),
             skipped=skipped, **out)
 
+    def mark_unread(self, batch: Batch, docs) -> None:
+        """Make the pieces of these documents, (source, shard, member), in a role batch what an
+        unread document becomes in `_role_batch`: padding ids around its media markers and
+        placeholders, no loss (in place; a field the role did not read is left alone)."""
+        docs, at = set(docs), {}
+        for r, source, shard, member, _, lo, hi in batch.sample_ids.tolist():
+            start = at.get(r, 0)
+            at[r] = start + hi - lo
+            if (source, shard, member) not in docs:
+                continue
+            if batch.input_ids is not None:
+                meta = self.doc_meta(source, self.catalog.catalogs[source].sample_of(shard, member))
+                batch.input_ids[r, start:start + hi - lo] = torch.from_numpy(
+                    self._layout_tokens(meta, self.tokenizer.pad_id)[lo:hi])
+            if batch.labels is not None:
+                batch.labels[r, start:start + hi - lo] = IGNORE
+                batch.loss_mask[r, start:start + hi - lo] = False
+                batch.token_category[r, start:start + hi - lo] = -1
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -188,6 +188,24 @@ def _counted_training(rank, world, cfg):
     return per_step, result["step"]
 
 
+def _identify(stream, batch):
+    """(source, sample, segment, chunk) of each vision item, and (row, first position, lo, hi,
+    source, sample) of each document piece, from the batch's spans and provenance."""
+    pieces, at = [], {}
+    for r, source, shard, member, _, lo, hi in batch.sample_ids.tolist():
+        sample = stream.catalog.catalogs[source].sample_of(shard, member)
+        pieces.append((r, at.get(r, 0), lo, hi, source, sample))
+        at[r] = at.get(r, 0) + hi - lo
+    items = []
+    for r, pos, n in batch.vision_spans.tolist():
+        _, start, lo, _, source, sample = next(p for p in pieces if p[0] == r
+                                               and p[1] <= pos < p[1] + p[3] - p[2])
+        meta = stream.doc_meta(source, sample)
+        _, _, _, k, c = next(it for it in meta.items if it[0] == lo + pos - start)
+        items.append((source, sample, k, c))
+    return items, pieces
+
+
 def _expected(ds, cfg):
     """Per step and rank, from whole batches of a full reader per replica and the DEP plan
     (parallel/dep_plan.py; without DEP: stage 0 decodes its replica's items): the media
@@ -200,20 +218,7 @@ def _expected(ds, cfg):
     fpc = stream.media.pre.frames_per_chunk
 
     def identify(batch):
-        """(source, sample, segment, chunk) of each vision item, and the (source, sample) of
-        each document piece, from the batch's spans and provenance."""
-        pieces, at = [], {}
-        for r, source, shard, member, _, lo, hi in batch.sample_ids.tolist():
-            sample = stream.catalog.catalogs[source].sample_of(shard, member)
-            pieces.append((r, at.get(r, 0), lo, hi, source, sample))
-            at[r] = at.get(r, 0) + hi - lo
-        items = []
-        for r, pos, n in batch.vision_spans.tolist():
-            _, start, lo, _, source, sample = next(p for p in pieces if p[0] == r
-                                                   and p[1] <= pos < p[1] + p[3] - p[2])
-            meta = stream.doc_meta(source, sample)
-            _, _, _, k, c = next(it for it in meta.items if it[0] == lo + pos - start)
-            items.append((source, sample, k, c))
+        items, pieces = _identify(stream, batch)
         return items, [(p[4], p[5]) for p in pieces]
 
     def member_get(source, sample, member):
@@ -390,3 +395,111 @@ def test_a_dep_selector_walks_a_global_batch_of_many_windows_forward(ds):
                                 dtype=torch.int64).reshape(-1, 4)
             assert torch.equal(b.global_items, want), (rank, j)
             assert len(b.pixel_items) == 0 and len(b.pixel_patches) == 0
+
+
+def _inspected_step(rank, world, cfg, hand_zeroed):
+    """One training step. Returns this rank's own skips (before they are shared), what reached
+    training_step (input ids, loss mask, token categories) and the step's metrics.
+    hand_zeroed: {rank: [(row, first position, count)]} given no loss by hand first."""
+    import train.trainer
+    from train.trainer import Trainer
+
+    seen: dict = {}
+    step = train.trainer.training_step
+
+    def inspected(rt, batch, **kwargs):  # the runtime batch, after the skips were shared
+        seen.update({k: None if batch[k] is None else batch[k].clone()
+                     for k in ("input_ids", "loss_mask", "token_category")})
+        return step(rt, batch, **kwargs)
+
+    train.trainer.training_step = inspected
+
+    class Inspected(Trainer):
+        def train_step(self, batch):
+            seen["own_skips"] = [s[:3] for s in batch.skipped]
+            for r, at, n in hand_zeroed.get(rank, []):
+                batch.labels[r, at:at + n] = -100
+                batch.loss_mask[r, at:at + n] = False
+                batch.token_category[r, at:at + n] = -1
+            seen["metrics"] = super().train_step(batch)
+            return seen["metrics"]
+
+    Inspected(cfg).fit()
+    return seen
+
+
+def test_pp2_dp2_dep_an_image_that_fails_on_another_rank_gives_its_document_no_loss(ds, tmp_path):
+    """A corrupt JPEG decoded (under DEP) by a rank that is not the last stage of its document's
+    replica: every rank learns of it before the forward, the document gets no loss on the last
+    stage and padding ids on stage 0, the skip is counted once in the step's metrics, and the
+    losses equal those of the intact data with that document's loss mask zeroed by hand."""
+    import shutil
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from parallel.dep_plan import plan_encoder_work
+    from tests.dist import run_distributed
+    from tests.test_loader import _overwrite_member
+
+    cfg = _run_cfg(ds, tmp_path / "ref", *PP2_DP2_DEP, "--train.steps=1")
+    full = [DataLoaderWithState(cfg, dp_rank=d, dp_size=2) for d in range(2)]
+    batches = [_take(loader, 1)[0] for loader in full]
+    stream, tok = full[0].stream, full[0].stream.tokenizer
+    ident = [_identify(stream, b) for b in batches]
+    flat = [(d, i) for d in range(2) for i in range(len(ident[d][0]))]
+    plan = plan_encoder_work([int(batches[d].grid_thw[i].prod()) for d, i in flat], 4)
+    decoder = {k: rank for rank in range(4) for k in plan.items_of(rank)}
+
+    def pieces_of(doc):  # (replica, row, first position, count) of the document's pieces
+        return [(d, r, at, hi - lo) for d in range(2) for r, at, lo, hi, *src in ident[d][1]
+                if tuple(src) == doc]
+
+    def fits(k):  # a JPEG decoded off its replica's last stage, whose document takes loss
+        d, i = flat[k]
+        source, sample, seg, _ = ident[d][0][i]
+        member = stream.doc_meta(source, sample).segs[seg].member
+        return (member.endswith("jpg") and decoder[k] != 2 + d
+                and any(batches[e].loss_mask[r, at:at + n].any()
+                        for e, r, at, n in pieces_of((source, sample))))
+
+    # preferably off rank 0 too, so that only the shared count reaches the step's metrics
+    k = min((k for k in range(len(flat)) if fits(k)), key=lambda k: (decoder[k] == 0, k))
+    d, i = flat[k]
+    source, sample, seg, _ = ident[d][0][i]
+    pieces = pieces_of((source, sample))
+    root = tmp_path / "ds"
+    shutil.copytree(ds.url, root)
+    _overwrite_member(root, full[0], SimpleNamespace(source=source, sample=sample),
+                      stream.doc_meta(source, sample).segs[seg].member,
+                      lambda b: b"\0" * 64 + b[64:])
+    catalog_name = stream.catalog.names[source]
+    key = (catalog_name, *stream.catalog.locate(source, sample))
+
+    bad = _run_cfg(replace(ds, url=str(root)), tmp_path / "bad", *PP2_DP2_DEP, "--train.steps=1")
+    got = run_distributed(_inspected_step, 4, bad, {}, timeout=300)
+    hand = {}
+    for e, r, at, n in pieces:
+        hand.setdefault(2 + e, []).append((r, at, n))
+    ref = run_distributed(_inspected_step, 4, cfg, hand, timeout=300)
+
+    # only the decoding rank met the failure, which is not the last stage of the replica
+    assert [rank for rank in range(4) if key in got[rank]["own_skips"]] == [decoder[k]], (
+        catalog_name, decoder[k], d)
+    print(f"{catalog_name} item of replica {d} decoded by rank {decoder[k]}; pieces {pieces}")
+    special = torch.tensor([tok.image_id, tok.video_id, tok.media_begin_id, tok.media_end_id,
+                            tok.special["eos"]])
+    for e, r, at, n in pieces:
+        assert not got[2 + e]["loss_mask"][r, at:at + n].any()  # no loss on the last stage
+        assert (got[2 + e]["token_category"][r, at:at + n] == -1).all()
+        intact = batches[e].input_ids[r, at:at + n]  # stage 0: padding around the media
+        want = torch.where(torch.isin(intact, special), intact, torch.full_like(intact, tok.pad_id))
+        assert torch.equal(got[e]["input_ids"][r, at:at + n], want)
+    assert got[0]["metrics"]["skipped_docs"] == 1  # counted once, on the logging rank
+    assert "skipped_docs" not in ref[0]["metrics"]
+    mine, theirs = got[0]["metrics"], ref[0]["metrics"]
+    assert mine["loss_tokens"] == theirs["loss_tokens"]
+    losses = sorted(name for name in theirs if name.startswith("loss") and name != "loss_tokens")
+    assert sorted(name for name in mine if name.startswith("loss") and name != "loss_tokens") \
+        == losses
+    for name in losses:
+        assert mine[name] == pytest.approx(theirs[name], rel=1e-5, abs=1e-6), name

@@ -68,7 +68,7 @@ from train.model.flops import training_flops_per_token
 from train.optim.muon import muonclip_factory
 from train.optim.qk_clip import QKClip
 from train.optim.schedule import schedule_multiplier
-from train.reading import read_role
+from train.reading import read_role, share_skips
 from train.rng import seed_torch
 from train.step import training_step
 
@@ -368,6 +368,7 @@ class Trainer:
             float(batch.vision_spans[:, 2].sum()),
             float(batch.non_padding_tokens())], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.mesh.dp_group)
+        skipped = self._share_skips(batch, self.loader)
 
         cats = self.categories
         out = training_step(self.rt, runtime_batch(batch, self.device, self.vision_pre),
@@ -390,11 +391,19 @@ class Trainer:
                    "loss_tokens": out.loss_tokens, "skipped_steps": self.skipped_steps}
         if self.peak is not None:
             metrics["mfu"] = flops_s / (self.peak * self.world)
-        if batch.skipped:
-            metrics["skipped_docs"] = len(batch.skipped)
+        if skipped:
+            metrics["skipped_docs"] = skipped
         if out.category_loss is not None:
             metrics |= category_metrics(out.category_loss, cats)
         return metrics | {"good": out.good}
+
+    def _share_skips(self, batch, loader) -> int:
+        """The step's unreadable documents, counted once over the world and given no loss on
+        every rank (train/reading.py); a loader without a catalog (a test double): this rank's."""
+        stream = getattr(loader, "stream", None)
+        if getattr(stream, "catalog", None) is None:
+            return len(batch.skipped)
+        return share_skips(batch, stream, self.device)
 
     def evaluate(self) -> dict:
         """Validation: the first train.eval_batches batches of the validation stream (the same
@@ -410,8 +419,9 @@ class Trainer:
                 devices=[self.device] if self.device.type == "cuda" else []):
             try:
                 for _ in range(cfg.train.eval_batches):
-                    ev = self.rt.evaluate(runtime_batch(next(batches), self.device,
-                                                        self.vision_pre),
+                    batch = next(batches)
+                    self._share_skips(batch, self.val_loader)
+                    ev = self.rt.evaluate(runtime_batch(batch, self.device, self.vision_pre),
                                           cats.count if cats else 0)
                     loss_sum += ev.loss_sum
                     tokens += ev.loss_tokens
