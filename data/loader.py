@@ -29,7 +29,8 @@ DEP a selector's choice from the whole global batch) - and builds the layout eve
 (positions, documents, cu_seqlens, vision items and their grids, provenance) from the catalog.
 Under a role, a document that cannot be read keeps its slot (so every stage sees one layout):
 its text becomes padding ids without loss for the ranks that read text, an undecodable medium
-zero pixels for the rank that decodes it, each a counted skip. FULL_READ (the default) reads
+zero pixels for the rank that decodes it, each a counted skip; `mark_unread` applies the skips
+other ranks met (the training loop shares them: train/reading.py). FULL_READ (the default) reads
 everything and drops an unreadable document from its row, as described below.
 A document whose media cannot be decoded or whose bytes are missing (truncated shard) is a
 counted skip: its tokens become padding with no loss, recorded in Batch.skipped; the stream
