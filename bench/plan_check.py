@@ -230,7 +230,10 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, watch):
     pieces = materialize_pieces(build_rank_pieces(cfg, RankCoords.of_mesh(mesh)), "cpu",
                                 seed=0, init_std=cfg.model.init_std)
     rt = ParallelRuntime(cfg, pieces, mesh, muonclip_factory(cfg.optim))
-    batch = per_replica[mesh.dp_rank]
+    from parallel.dep import rank_batch
+
+    # DEP: each rank holds the pixels of the items it encodes (what the loader reads for it)
+    batch = rank_batch(per_replica, mesh) if cfg.parallel.dep else per_replica[mesh.dp_rank]
     for _ in range(warmup):
         training_step(rt, batch)
     dist.barrier()

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from parallel.dep import rank_batch  # noqa: E402
 from parallel.mesh import build_mesh  # noqa: E402
 from parallel.runtime import ParallelRuntime  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -72,6 +73,8 @@ def time_mode(config: str, mode: str, steps: int, warmup: int, microbatches: int
                          device="cuda")
     del model
     batch = synthetic_batch(cfg, cfg.data.global_batch_size, vision=mode != "text", device="cuda")
+    if cfg.parallel.dep:  # the pixels of the items this rank encodes: all of them on one GPU
+        batch = rank_batch([batch], mesh)
     times, losses = [], []
     for i in range(warmup + steps):
         torch.cuda.synchronize()

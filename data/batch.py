@@ -12,7 +12,9 @@ Text side, all [B, S]:
     doc_ids       0, 1, ... per document piece within a row; the padding tail has its own id,
                   so attention causal within equal ids never mixes documents or padding
 Vision side, items ordered as their placeholder runs appear (row-major):
-    pixel_patches [N, 3*p*p] float32 patch rows (layout of data/vision.py / VisionTower)
+    pixel_patches [N, 3*p*p] uint8 patch rows (layout of data/vision.py / VisionTower), raw
+                  pixel values: data.vision.normalize_patches makes the encoder's float32 input
+                  where it is encoded (on the device; a quarter of the bytes to copy there)
     grid_thw      [M, 3] (frames, patch rows, patch cols) per item (an image or a video chunk)
     vision_spans  [M, 3] (row, first placeholder position, placeholder count) per item
 Packing / provenance:
@@ -26,6 +28,12 @@ Packing / provenance:
                   the per-modality / per-source losses are summed by
     skipped       [(source name, shard, member, reason)] documents dropped while building this
                   batch (unreadable media): their tokens became padding, counted, deterministic
+Stage-aware reading (data/loader.py ReadRole): a rank that does not read a field gets None for
+it (input_ids off pipeline stage 0; labels, loss_mask, token_category off the last stage;
+pixel_patches where no media is decoded). Under DEP the batch carries the pixels this rank
+encodes, of any replica:
+    pixel_items   [K, 2] (replica, item index in that replica's grid_thw) of pixel_patches' items
+    global_items  [M, 4] (replica, t, h, w) of every item of the global batch, replica-major
 """
 
 from __future__ import annotations
@@ -44,30 +52,40 @@ ROLE_TEXT, ROLE_CAPTION, ROLE_MARKER = range(len(ROLES))
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    position_ids: torch.Tensor
-    doc_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    pixel_patches: torch.Tensor
-    grid_thw: torch.Tensor
-    vision_spans: torch.Tensor
-    sample_ids: torch.Tensor
-    sequence_ids: torch.Tensor
-    token_category: torch.Tensor
+    input_ids: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    pixel_patches: torch.Tensor | None = None
+    grid_thw: torch.Tensor | None = None
+    vision_spans: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+    token_category: torch.Tensor | None = None
     skipped: list = field(default_factory=list)
+    pixel_items: torch.Tensor | None = None
+    global_items: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.position_ids.shape[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skipped"}
+        """Every tensor this batch holds (fields a role did not read are left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "skipped" and getattr(self, f.name) is not None}
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
         return Batch(**moved, skipped=list(self.skipped))
+
+    def pin_memory(self) -> "Batch":
+        """Host tensors in page-locked memory, for asynchronous copies to the GPU (torch's
+        DataLoader calls this with pin_memory=True)."""
+        return Batch(**{k: v.pin_memory() for k, v in self.tensors().items()},
+                     skipped=list(self.skipped))
 
     def digest(self) -> str:
         """sha256 over every tensor's dtype, shape and bytes: equal digests = byte-identical batches."""
@@ -85,23 +103,29 @@ class Batch:
 
     def select_rows(self, lo: int, hi: int) -> "Batch":
         """Rows [lo, hi) with their own vision items and patches (e.g. for micro-batches)."""
+        if self.global_items is not None:
+            raise ValueError("a DEP batch holds the pixels this rank encodes, not its rows': "
+                             "it cannot be cut into rows")
         keep = (self.vision_spans[:, 0] >= lo) & (self.vision_spans[:, 0] < hi)
         per_item = self.grid_thw.prod(dim=1)
         starts = torch.cumsum(per_item, 0) - per_item
         patch_rows = [torch.arange(int(s), int(s + n)) for s, n, k in zip(starts, per_item, keep) if k]
-        patches = (self.pixel_patches[torch.cat(patch_rows)] if patch_rows
+        patches = (None if self.pixel_patches is None
+                   else self.pixel_patches[torch.cat(patch_rows)] if patch_rows
                    else self.pixel_patches[:0])
         spans = self.vision_spans[keep].clone()
         spans[:, 0] -= lo
         sids = self.sample_ids[(self.sample_ids[:, 0] >= lo) & (self.sample_ids[:, 0] < hi)].clone()
         sids[:, 0] -= lo
-        seq = self.input_ids.shape[1]
+        seq = self.position_ids.shape[1]
         bounds = self.cu_seqlens.long()
         inside = bounds[(bounds >= lo * seq) & (bounds <= hi * seq)] - lo * seq
-        return Batch(self.input_ids[lo:hi], self.labels[lo:hi], self.loss_mask[lo:hi],
+        def rows(t):
+            return None if t is None else t[lo:hi]
+        return Batch(rows(self.input_ids), rows(self.labels), rows(self.loss_mask),
                      self.position_ids[lo:hi], self.doc_ids[lo:hi], inside.to(torch.int32),
                      patches, self.grid_thw[keep], spans, sids, self.sequence_ids[lo:hi],
-                     self.token_category[lo:hi], [s for s in self.skipped])
+                     rows(self.token_category), [s for s in self.skipped])
 
     def split(self, n: int) -> list["Batch"]:
         """n equal micro-batches of rows (n must divide the row count)."""

@@ -49,10 +49,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def image_of_item(patches: np.ndarray, grid, patch: int = 14) -> np.ndarray:
-    """uint8 [H, W, 3] of an item's first frame from normalised patches (mean = std = 0.5)."""
+    """uint8 [H, W, 3] of an item's first frame from its patches: the loader's uint8 pixels, or
+    normalised float patches (mean = std = 0.5)."""
     t, gh, gw = grid
     x = patches[: gh * gw].reshape(gh, gw, 3, patch, patch).transpose(0, 3, 1, 4, 2)
-    return np.clip((x.reshape(gh * patch, gw * patch, 3) * 0.5 + 0.5) * 255, 0, 255).astype(np.uint8)
+    x = x.reshape(gh * patch, gw * patch, 3)
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    return np.clip((x * 0.5 + 0.5) * 255, 0, 255).astype(np.uint8)
 
 
 def render_row(batch, row: int, names: list[str], path: str, tokenizer=None) -> None:

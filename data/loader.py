@@ -20,7 +20,18 @@ plan state at the start of the window holding the next sequence (a few integers 
 the few deferred units), so a resume never replays the stream.
 
 Workers plan windows (metadata only, cheap) and materialize only their own rows: ranged GETs
-through the tiered cache, online tokenization, image/video decoding and patchification.
+through the tiered cache, online tokenization, image/video decoding and patchification (pixels
+stay uint8; they are normalised where they are encoded).
+
+Stage-aware reading (`read=ReadRole(...)`): a rank reads only the fields its role names - token
+ids (pipeline stage 0), targets (the last stage), the media it encodes (this replica's, or under
+DEP a selector's choice from the whole global batch) - and builds the layout every stage needs
+(positions, documents, cu_seqlens, vision items and their grids, provenance) from the catalog.
+Under a role, a document that cannot be read keeps its slot (so every stage sees one layout):
+its text becomes padding ids without loss for the ranks that read text, an undecodable medium
+zero pixels for the rank that decodes it, each a counted skip; `mark_unread` applies the skips
+other ranks met (the training loop shares them: train/reading.py). FULL_READ (the default) reads
+everything and drops an unreadable document from its row, as described below.
 A document whose media cannot be decoded or whose bytes are missing (truncated shard) is a
 counted skip: its tokens become padding with no loss, recorded in Batch.skipped; the stream
 does not shift. Store outages (after the store's retries) raise.
@@ -35,6 +46,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.batch import ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES, Batch
+from data.batch import IGNORE, ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES, Batch
 from data.catalog import Catalog, parse_weights
 from data.decode import DecodeError
 from data.media import MediaRules
@@ -67,6 +79,49 @@ class Doc:
     tokens: np.ndarray
     items: list[tuple[int, int, torch.Tensor, tuple[int, int, int]]]  # (start, count, patches, grid)
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ReadRole:
+    """What one rank reads of the batches (picklable: DataLoader workers build the batches).
+
+    inputs   token ids and vision placeholders (`input_ids`): pipeline stage 0.
+    targets  `labels`, `loss_mask` and `token_category`: the last pipeline stage.
+    media    "replica": every image / video chunk in this replica's rows; None: none; or a
+             selector for the whole global batch (DEP): `media(patches)`, given the patch
+             counts of every replica's items (replica d's list in its grid_thw order), returns
+             the (replica, item) pairs this rank decodes, e.g. parallel.dep_plan.EncoderItems.
+    What every stage needs (position_ids, doc_ids, cu_seqlens, grid_thw, vision_spans,
+    sample_ids, sequence_ids) comes from the catalog's metadata, whatever the role: a role that
+    reads nothing makes no store request. `FULL_READ` (the default) reads everything, with the
+    stream's original semantics; a document that fails to read under any other role keeps its
+    slot (module docstring).
+    """
+
+    inputs: bool = True
+    targets: bool = True
+    media: object = "replica"
+
+    @property
+    def reads_text(self) -> bool:
+        return self.inputs or self.targets
+
+
+FULL_READ = ReadRole()
+
+
+@dataclass
+class DocMeta:
+    """A document's layout from the catalog alone: what every rank knows without reading."""
+
+    shard_key: str
+    entry: dict
+    segs: list
+    name: str
+    length: int  # tokens with the final <|eos|>
+    # (start of the placeholder run, placeholders, grid (t, h, w), segment index, chunk index)
+    items: list[tuple[int, int, tuple[int, int, int], int, int]]
+    media_end: int  # end of the first item's placeholder run (length without media)
 
 
 class WindowCursor:
@@ -96,7 +151,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                  dp_rank: int, dp_size: int, seed: int, vision_fraction: float, weights: dict,
                  tokenizer: str, media: MediaRules, store_opts: dict | None = None,
                  cache_opts: dict | None = None, holdout_fraction: float = 0.0,
-                 split: str = "train"):
+                 split: str = "train", read: ReadRole = FULL_READ):
         if global_batch % dp_size:
             raise ValueError(f"global batch {global_batch} is not divisible by dp_size={dp_size}")
         if not 0 <= dp_rank < dp_size:
@@ -116,6 +171,9 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.start, self.start_window, self.start_state = 0, 0, self._fresh_state()
         self._tokenizer = None
         self._docs: OrderedDict = OrderedDict()
+        self.read = read
+        self._metas: OrderedDict = OrderedDict()
+        self._token_cache: OrderedDict = OrderedDict()
 
     # -- planning (metadata only)
     def _fresh_state(self) -> PlanState:
@@ -159,43 +217,91 @@ class PackedStream(torch.utils.data.IterableDataset):
             cache[member] = read_member(self.store, shard_key, entry, member).decode("utf-8")
         return cache[member]
 
-    def _build_doc(self, source: int, sample: int, epoch: int) -> Doc:
-        tok = self.tokenizer
-        shard_key, entry, segs = self.catalog.document(source, sample)
-        name = f"{self.catalog.names[source]}/{entry['key']}"
-        # The index gives the document's length; fill one buffer (no per-segment arrays to join).
-        tokens = np.empty(sum(seg.tokens for seg in segs) + 1, dtype=np.int64)
-        items, at, raw = [], 0, {}
-        for seg in segs:
-            if seg.kind == "text":
-                if seg.member == "json":
-                    if "json texts" not in raw:
-                        raw["json texts"] = [s["text"] for s in json.loads(
-                            self._text(shard_key, entry, "json", raw))["segments"] if "text" in s]
-                    ids = tok.encode_array(raw["json texts"][seg.text_index])
+    def doc_meta(self, source: int, sample: int) -> DocMeta:
+        """The document's layout and item grids from the catalog (no store request)."""
+        key = (source, sample)
+        meta = self._metas.get(key)
+        if meta is None:
+            shard_key, entry, segs = self.catalog.document(source, sample)
+            items, at = [], 0
+            for k, seg in enumerate(segs):
+                if seg.kind != "text":
+                    grids = self.media.chunk_grids(seg.kind, seg.meta)
+                    for c, (grid, n) in enumerate(zip(grids, seg.chunks, strict=True)):
+                        items.append((at + 1, n, grid, k, c))
+                        at += n + 2
                 else:
-                    ids = tok.encode_array(self._text(shard_key, entry, seg.member, raw))
-                if len(ids) != seg.tokens:
-                    raise ValueError(f"{name}: {len(ids)} tokens, the index says {seg.tokens}: the "
-                                     "tokenizer differs from the one used at ingest")
-                tokens[at:at + seg.tokens] = ids
+                    at += seg.tokens
+            meta = DocMeta(shard_key, entry, segs, f"{self.catalog.names[source]}/{entry['key']}",
+                           at + 1, items, items[0][0] + items[0][1] if items else at + 1)
+            self._metas[key] = meta
+            while len(self._metas) > 256:
+                self._metas.popitem(last=False)
+        return meta
+
+    def _layout_tokens(self, meta: DocMeta, text_id: int) -> np.ndarray:
+        """The document's token ids with every text token set to `text_id`: media markers and
+        placeholders where they are, <|eos|> last."""
+        tok = self.tokenizer
+        tokens = np.full(meta.length, text_id, dtype=np.int64)
+        for start, n, _, k, _ in meta.items:
+            tokens[start - 1] = tok.media_begin_id
+            tokens[start:start + n] = tok.image_id if meta.segs[k].kind == "image" else tok.video_id
+            tokens[start + n] = tok.media_end_id
+        tokens[-1] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
+        return tokens
+
+    def _read_tokens(self, meta: DocMeta) -> np.ndarray:
+        """The document's token ids: its text read and tokenized, media from the layout."""
+        tok = self.tokenizer
+        # The index gives the document's length; fill one buffer (no per-segment arrays to join).
+        tokens = self._layout_tokens(meta, 0)
+        at, raw = 0, {}
+        for seg in meta.segs:
+            if seg.kind != "text":
                 at += seg.tokens
                 continue
-            data = read_member(self.store, shard_key, entry, seg.member)
-            chunks = self.media.load(seg.kind, data, seg.meta, f"{name}.{seg.member}",
-                                     (self.seed, self.fingerprint, source, sample, epoch))
-            placeholder = tok.image_id if seg.kind == "image" else tok.video_id
-            for (patches, grid), n in zip(chunks, seg.chunks, strict=True):
-                if self.media.tokens_of(grid) != n:
-                    raise ValueError(f"{name}: media gives {self.media.tokens_of(grid)} tokens, "
-                                     f"the index metadata {n}")
-                tokens[at] = tok.media_begin_id
-                tokens[at + 1:at + 1 + n] = placeholder
-                tokens[at + 1 + n] = tok.media_end_id
-                items.append((at + 1, n, patches, grid))
-                at += n + 2
-        tokens[at] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
-        return Doc(tokens, items)
+            if seg.member == "json":
+                if "json texts" not in raw:
+                    raw["json texts"] = [s["text"] for s in json.loads(
+                        self._text(meta.shard_key, meta.entry, "json", raw))["segments"] if "text" in s]
+                ids = tok.encode_array(raw["json texts"][seg.text_index])
+            else:
+                ids = tok.encode_array(self._text(meta.shard_key, meta.entry, seg.member, raw))
+            if len(ids) != seg.tokens:
+                raise ValueError(f"{meta.name}: {len(ids)} tokens, the index says {seg.tokens}: the "
+                                 "tokenizer differs from the one used at ingest")
+            tokens[at:at + seg.tokens] = ids
+            at += seg.tokens
+        return tokens
+
+    def _decode(self, meta: DocMeta, source: int, sample: int, epoch: int, k: int,
+                chunks: list[int] | None = None) -> list[torch.Tensor]:
+        """Patches of the chunks (None: all) of the document's media segment k, checked
+        against the grids its metadata gives."""
+        seg = meta.segs[k]
+        data = read_member(self.store, meta.shard_key, meta.entry, seg.member)
+        got = self.media.load(seg.kind, data, seg.meta, f"{meta.name}.{seg.member}",
+                              (self.seed, self.fingerprint, source, sample, epoch), chunks)
+        want = [it[2] for it in meta.items if it[3] == k]
+        if chunks is not None:
+            want = [want[c] for c in chunks]
+        for (_, grid), expect in zip(got, want, strict=True):
+            if tuple(grid) != tuple(expect):
+                raise ValueError(f"{meta.name}.{seg.member}: media gives grid {tuple(grid)} "
+                                 f"({self.media.tokens_of(grid)} tokens), the index metadata "
+                                 f"{tuple(expect)}")
+        return [patches for patches, _ in got]
+
+    def _build_doc(self, source: int, sample: int, epoch: int) -> Doc:
+        meta = self.doc_meta(source, sample)
+        tokens = self._read_tokens(meta)
+        patches = {}
+        for k in sorted({it[3] for it in meta.items}):
+            for c, pt in enumerate(self._decode(meta, source, sample, epoch, k)):
+                patches[k, c] = pt
+        return Doc(tokens, [(start, n, patches[k, c], grid)
+                            for start, n, grid, k, c in meta.items])
 
     def doc(self, source: int, sample: int, epoch: int) -> Doc:
         key = (source, sample, epoch)
@@ -213,6 +319,12 @@ class PackedStream(torch.utils.data.IterableDataset):
         return self._docs[key]
 
     def build_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
+        """The local batch of these global sequences, read as `self.read` says."""
+        if self.read == FULL_READ:
+            return self._full_batch(cursor, sequences)
+        return self._role_batch(cursor, sequences)
+
+    def _full_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
         tok = self.tokenizer
         no_loss = np.array([tok.image_id, tok.video_id, tok.media_end_id])
         rows, spans, patches, grids, sids, skipped = [], [], [], [], [], []
@@ -242,7 +354,23 @@ class PackedStream(torch.utils.data.IterableDataset):
                 at += hi - lo
             rows.append(pieces)
         packed = pack_rows(rows, self.seq_len, tok.pad_id, no_loss)
-        category = np.full(packed.input_ids.shape, -1, dtype=np.int64)
+        category = self._categories(packed, roles)
+        return Batch(
+            input_ids=torch.from_numpy(packed.input_ids), labels=torch.from_numpy(packed.labels),
+            loss_mask=torch.from_numpy(packed.loss_mask), position_ids=torch.from_numpy(packed.position_ids),
+            doc_ids=torch.from_numpy(packed.doc_ids),
+            cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(packed.seqlens)]), dtype=torch.int32),
+            pixel_patches=(torch.cat(patches) if patches
+                           else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8)),
+            grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
+            vision_spans=torch.tensor(spans, dtype=torch.int64).reshape(-1, 3),
+            sample_ids=torch.tensor(sids, dtype=torch.int64).reshape(-1, 7),
+            sequence_ids=torch.tensor(list(sequences), dtype=torch.int64),
+            token_category=torch.from_numpy(category), skipped=skipped)
+
+    def _categories(self, packed, roles: list) -> np.ndarray:
+        tok = self.tokenizer
+        category = np.full(packed.labels.shape, -1, dtype=np.int64)
         for r, at, lo, hi, source, media_end in roles:
             # Position j predicts document token lo + j + 1: text after the first media item
             # is caption text, a media_begin target a marker, the rest plain text.
@@ -251,17 +379,171 @@ class PackedStream(torch.utils.data.IterableDataset):
             role[packed.labels[r, at:at + hi - lo] == tok.media_begin_id] = ROLE_MARKER
             category[r, at:at + hi - lo] = source * len(ROLES) + role
         category[~packed.loss_mask] = -1
+        return category
+
+    # -- role-based reading (ReadRole): metadata from the catalog, reads only what is needed
+    def _pieces(self, cursor: WindowCursor, g: int) -> list:
+        """(planned doc, its DocMeta, lo, hi) of each piece of global sequence g."""
+        window = cursor.get(g // self.S)
+        out = []
+        for p in window.sequences[g % self.S]:
+            d = window.docs[p.doc]
+            out.append((d, self.doc_meta(d.source, d.sample), d.offset + p.start, d.offset + p.end))
+        return out
+
+    def _replica_items(self, cursor: WindowCursor, sequences) -> list[tuple]:
+        """(source, sample, epoch, segment, chunk, grid) of every item in these rows, in row-major
+        placeholder order (the order of the replica's grid_thw); metadata only."""
+        items = []
+        for g in sequences:
+            window = cursor.get(g // self.S)
+            for p in window.sequences[g % self.S]:
+                d = window.docs[p.doc]
+                if d.vision == 0:  # most documents: no catalog lookup at all
+                    continue
+                meta, lo, hi = self.doc_meta(d.source, d.sample), d.offset + p.start, d.offset + p.end
+                items += [(d.source, d.sample, d.epoch, k, c, grid)
+                          for start, n, grid, k, c in meta.items if lo <= start and start + n <= hi]
+        return items
+
+    def _skip(self, skipped: list, source: int, sample: int, reason: str, log_it: bool = True
+              ) -> None:
+        shard, member = self.catalog.locate(source, sample)
+        if log_it:
+            log.warning("skipping %s sample %s: %s", self.catalog.names[source], (shard, member),
+                        reason)
+        entry = (self.catalog.names[source], shard, member, reason)
+        if entry not in skipped:
+            skipped.append(entry)
+
+    @staticmethod
+    def _reason(error: Exception) -> str:
+        # Object addresses in library messages would make the batch differ run to run.
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
+
+    def _tokens(self, source: int, sample: int, meta: DocMeta, skipped: list) -> np.ndarray | None:
+        """The document's tokens (read once per worker while it is in use), None if unreadable
+        (a counted skip in every batch that meets it)."""
+        key = (source, sample)
+        if key not in self._token_cache:
+            try:
+                self._token_cache[key] = self._read_tokens(meta)
+            except (ShardError, UnicodeDecodeError) as e:
+                self._token_cache[key] = self._reason(e)
+                self._skip(skipped, source, sample, self._token_cache[key])
+            while len(self._token_cache) > 64:
+                self._token_cache.popitem(last=False)
+        got = self._token_cache[key]
+        if isinstance(got, str):
+            self._skip(skipped, source, sample, got, log_it=False)
+            return None
+        return got
+
+    def _decode_items(self, items: list[tuple], skipped: list) -> list[torch.Tensor]:
+        """Patches of each (source, sample, epoch, segment, chunk, grid) item: one read and one
+        decode per media segment, of the chunks asked for. An undecodable segment gives zero
+        patches of its grids' sizes and a counted skip (the layout is fixed by then)."""
+        groups: dict[tuple, list[int]] = {}
+        for source, sample, epoch, k, c, _ in items:
+            groups.setdefault((source, sample, epoch, k), []).append(c)
+        got = {}
+        for (source, sample, epoch, k), chunks in groups.items():
+            meta = self.doc_meta(source, sample)
+            try:
+                patches = self._decode(meta, source, sample, epoch, k, chunks)
+            except (DecodeError, ShardError) as e:
+                self._skip(skipped, source, sample, self._reason(e))
+                grids = [it[2] for it in meta.items if it[3] == k]
+                patches = [torch.zeros(math.prod(grids[c]), self.media.patch_dim, dtype=torch.uint8)
+                           for c in chunks]
+            for c, pt in zip(chunks, patches):
+                got[source, sample, epoch, k, c] = pt
+        return [got[it[:5]] for it in items]
+
+    def _role_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
+        read, tok = self.read, self.tokenizer
+        rows, spans, grids, items, sids, skipped, roles, unread = [], [], [], [], [], [], [], []
+        selector = read.media not in (None, "replica")  # DEP: items of the whole global batch
+        first = sequences[0] - self.rank * self.local
+        # Windows are planned forward only (and a few kept): the replicas' rows in order.
+        every = [self._replica_items(cursor, range(first + d * self.local, first + (d + 1) * self.local))
+                 for d in range(self.rank)] if selector else []
+        for r, g in enumerate(sequences):
+            pieces, at = [], 0
+            for d, meta, lo, hi in self._pieces(cursor, g):
+                if read.reads_text:
+                    tokens = self._tokens(d.source, d.sample, meta, skipped)
+                    if tokens is None:  # keeps its slot (every stage has the same layout), no loss
+                        tokens = self._layout_tokens(meta, tok.pad_id)
+                        unread.append((r, at, hi - lo))
+                else:
+                    tokens = np.zeros(meta.length, np.int64)
+                for start, n, grid, k, c in meta.items:
+                    if lo <= start and start + n <= hi:
+                        spans.append((r, at + start - lo, n))
+                        grids.append(grid)
+                        items.append((d.source, d.sample, d.epoch, k, c, grid))
+                pieces.append((tokens, lo, hi))
+                shard, member = self.catalog.locate(d.source, d.sample)
+                sids.append((r, d.source, shard, member, d.epoch, lo, hi))
+                roles.append((r, at, lo, hi, d.source, meta.media_end))
+                at += hi - lo
+            rows.append(pieces)
+        no_loss = np.array([tok.image_id, tok.video_id, tok.media_end_id])
+        packed = pack_rows(rows, self.seq_len, tok.pad_id, no_loss)
+        for r, at, n in unread:
+            packed.labels[r, at:at + n] = IGNORE
+            packed.loss_mask[r, at:at + n] = False
+        out = {}
+        if read.inputs:
+            out["input_ids"] = torch.from_numpy(packed.input_ids)
+        if read.targets:
+            out.update(labels=torch.from_numpy(packed.labels),
+                       loss_mask=torch.from_numpy(packed.loss_mask),
+                       token_category=torch.from_numpy(self._categories(packed, roles)))
+        if read.media == "replica":
+            patches = self._decode_items(items, skipped)
+            out["pixel_patches"] = (torch.cat(patches) if patches
+                                    else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8))
+        elif selector:
+            every += [items] + [self._replica_items(
+                cursor, range(first + d * self.local, first + (d + 1) * self.local))
+                for d in range(self.rank + 1, self.dp)]
+            chosen = sorted(read.media([[math.prod(it[5]) for it in its] for its in every]))
+            patches = self._decode_items([every[d][i] for d, i in chosen], skipped)
+            out["pixel_patches"] = (torch.cat(patches) if patches
+                                    else torch.zeros(0, self.media.patch_dim, dtype=torch.uint8))
+            out["pixel_items"] = torch.tensor(chosen, dtype=torch.int64).reshape(-1, 2)
+            out["global_items"] = torch.tensor([(d, *it[5]) for d, its in enumerate(every)
+                                                for it in its], dtype=torch.int64).reshape(-1, 4)
         return Batch(
-            input_ids=torch.from_numpy(packed.input_ids), labels=torch.from_numpy(packed.labels),
-            loss_mask=torch.from_numpy(packed.loss_mask), position_ids=torch.from_numpy(packed.position_ids),
+            position_ids=torch.from_numpy(packed.position_ids),
             doc_ids=torch.from_numpy(packed.doc_ids),
             cu_seqlens=torch.tensor(np.concatenate([[0], np.cumsum(packed.seqlens)]), dtype=torch.int32),
-            pixel_patches=(torch.cat(patches) if patches else torch.zeros(0, self.media.patch_dim)),
             grid_thw=torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
             vision_spans=torch.tensor(spans, dtype=torch.int64).reshape(-1, 3),
             sample_ids=torch.tensor(sids, dtype=torch.int64).reshape(-1, 7),
             sequence_ids=torch.tensor(list(sequences), dtype=torch.int64),
-            token_category=torch.from_numpy(category), skipped=skipped)
+            skipped=skipped, **out)
+
+    def mark_unread(self, batch: Batch, docs) -> None:
+        """Make the pieces of these documents, (source, shard, member), in a role batch what an
+        unread document becomes in `_role_batch`: padding ids around its media markers and
+        placeholders, no loss (in place; a field the role did not read is left alone)."""
+        docs, at = set(docs), {}
+        for r, source, shard, member, _, lo, hi in batch.sample_ids.tolist():
+            start = at.get(r, 0)
+            at[r] = start + hi - lo
+            if (source, shard, member) not in docs:
+                continue
+            if batch.input_ids is not None:
+                meta = self.doc_meta(source, self.catalog.catalogs[source].sample_of(shard, member))
+                batch.input_ids[r, start:start + hi - lo] = torch.from_numpy(
+                    self._layout_tokens(meta, self.tokenizer.pad_id)[lo:hi])
+            if batch.labels is not None:
+                batch.labels[r, start:start + hi - lo] = IGNORE
+                batch.loss_mask[r, start:start + hi - lo] = False
+                batch.token_category[r, start:start + hi - lo] = -1
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -303,11 +585,13 @@ class DataLoaderWithState:
 
     def __init__(self, cfg, *, dp_rank: int = 0, dp_size: int = 1,
                  store_opts: dict | None = None, cache_opts: dict | None = None,
-                 split: str = "train"):
+                 split: str = "train", read: ReadRole = FULL_READ):
         if split not in ("train", "val"):
             raise ValueError(f"split {split!r}; choose 'train' or 'val'")
         data_cfg = self.cfg = cfg.data
         media = MediaRules.from_config(cfg)
+        # page-locked host batches for asynchronous copies, where they go to a GPU
+        self.pin_memory = cfg.train.device == "cuda" and torch.cuda.is_available()
         # the run's [store] timeouts and retry time, unless the caller passes its own
         store_opts = {**cfg.store.store_opts(), **(store_opts or {})}
         url, holdout = data_cfg.manifest, data_cfg.holdout_fraction
@@ -323,7 +607,7 @@ class DataLoaderWithState:
             seed=data_cfg.seed, vision_fraction=data_cfg.vision_fraction, weights=self.weights,
             tokenizer=data_cfg.tokenizer, media=media, store_opts=store_opts, cache_opts=cache_opts,
             holdout_fraction=holdout,
-            split="val" if split == "val" and url == data_cfg.manifest else "train")
+            split="val" if split == "val" and url == data_cfg.manifest else "train", read=read)
         if split == "val" and not any(s.group == "vision" for s in self.stream.catalog.sources):
             self.stream.fraction = 0.0  # a text-only validation set mixes text only
         self.consumed = 0  # batches handed out since the stream's start sequence
@@ -344,7 +628,7 @@ class DataLoaderWithState:
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.cfg.num_workers,
             worker_init_fn=_worker_init, prefetch_factor=2 if self.cfg.num_workers else None,
-            persistent_workers=False)
+            persistent_workers=False, pin_memory=self.pin_memory)
         for batch in loader:
             self.consumed += 1
             yield batch

@@ -157,8 +157,10 @@ def _norm_consts(mean: tuple, std: tuple, ps: int) -> tuple[torch.Tensor, torch.
             torch.from_numpy(np.repeat(shift[:, None], ps * ps, 1)))
 
 
-def patchify(frames: np.ndarray, p: VisionPreprocess) -> np.ndarray:
-    """uint8 [T, H, W, 3] (H, W multiples of patch_size) -> normalised float32 [T*gh*gw, 3*p*p]."""
+def patch_bytes(frames: np.ndarray, p: VisionPreprocess) -> np.ndarray:
+    """uint8 [T, H, W, 3] (H, W multiples of patch_size) -> uint8 [T*gh*gw, 3*p*p] in patch
+    order: what the loader hands on (a quarter of float32's bytes); `normalize_patches` turns it
+    into the encoder's input where it is encoded (on the device)."""
     T, H, W, C = frames.shape
     ps = p.patch_size
     n = T * (H // ps) * (W // ps)
@@ -168,31 +170,44 @@ def patchify(frames: np.ndarray, p: VisionPreprocess) -> np.ndarray:
     planar = np.ascontiguousarray(frames.transpose(0, 3, 1, 2))
     rows = planar.reshape(T, C, H, W).view(np.dtype((np.void, ps)))
     x = np.ascontiguousarray(rows.reshape(T, C, H // ps, ps, W // ps).transpose(0, 2, 4, 1, 3))
-    x = x.view(np.uint8).reshape(n, C, ps * ps)
-    # Then normalise as float32(x) * scale + shift, two rounded float32 ops as before (bit-identical
-    # output); torch's broadcasting kernels do this ~2x faster than numpy's.
+    return x.view(np.uint8).reshape(n, C * ps * ps)
+
+
+def normalize_patches(x: torch.Tensor, p: VisionPreprocess) -> torch.Tensor:
+    """uint8 patches [n, 3*p*p] -> float32 (x / 255 - mean) / std, on x's device, computed as
+    float32(x) * scale + shift: two rounded float32 ops, the same bits on every device."""
+    ps = p.patch_size
     scale, shift = _norm_consts(tuple(p.mean), tuple(p.std), ps)
-    out = torch.from_numpy(x).to(torch.float32)
-    out.mul_(scale).add_(shift)
-    return out.view(n, C * ps * ps).numpy()
+    out = x.to(torch.float32, copy=True).view(-1, 3, ps * ps)
+    out.mul_(scale.to(x.device)).add_(shift.to(x.device))
+    return out.view(x.shape[0], 3 * ps * ps)
 
 
-def preprocess_image(rgb: np.ndarray, p: VisionPreprocess = VisionPreprocess()) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 [H, W, 3] -> (patches [N, 3*p*p] float32, grid (1, gh, gw))."""
+def patchify(frames: np.ndarray, p: VisionPreprocess) -> np.ndarray:
+    """uint8 [T, H, W, 3] (H, W multiples of patch_size) -> normalised float32 [T*gh*gw, 3*p*p]."""
+    # torch's broadcasting kernels normalise ~2x faster than numpy's
+    return normalize_patches(torch.from_numpy(patch_bytes(frames, p)), p).numpy()
+
+
+def preprocess_image(rgb: np.ndarray, p: VisionPreprocess = VisionPreprocess(),
+                     normalize: bool = True) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 [H, W, 3] -> (patches [N, 3*p*p] float32 (normalize=False: uint8), grid (1, gh, gw))."""
     H, W = resized_size(rgb.shape[0], rgb.shape[1], p.max_pixels, p.min_pixels, p.factor)
     x = resize_frames(rgb[None], H, W)
-    return patchify(x, p), (1, H // p.patch_size, W // p.patch_size)
+    return (patchify if normalize else patch_bytes)(x, p), (1, H // p.patch_size, W // p.patch_size)
 
 
-def preprocess_video(frames: np.ndarray, p: VisionPreprocess = VisionPreprocess()) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """Sampled frames uint8 [T, H, W, 3] -> (patches [N, 3*p*p], grids [(t, gh, gw)] per chunk of up
-    to frames_per_chunk frames; patches of a chunk are frame-major)."""
+def preprocess_video(frames: np.ndarray, p: VisionPreprocess = VisionPreprocess(),
+                     normalize: bool = True) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Sampled frames uint8 [T, H, W, 3] -> (patches [N, 3*p*p] (float32, or uint8 without
+    normalize), grids [(t, gh, gw)] per chunk of up to frames_per_chunk frames; patches of a
+    chunk are frame-major)."""
     T, h, w, _ = frames.shape
     H, W = resized_size(h, w, p.video_max_pixels, p.min_pixels, p.factor)
     x = resize_frames(frames, H, W)
     gh, gw = H // p.patch_size, W // p.patch_size
     grids = [(min(p.frames_per_chunk, T - s), gh, gw) for s in range(0, T, p.frames_per_chunk)]
-    return patchify(x, p), grids
+    return (patchify if normalize else patch_bytes)(x, p), grids
 
 
 def grid_tokens(grid: tuple[int, int, int], merge_size: int) -> int:

@@ -2,13 +2,15 @@
 
 Per step, exactly the three phases of the recipe (Kimi K2.5):
 
-1. `forward(microbatches)`: every rank learns every replica's vision items (an all-gather of
-   grid_thw over its DP group), and all compute the same plan (`plan_encoder_work`, by patch
-   count over the whole world). Pixels move to the encoding rank: rank (pp a, replica d') gets
-   the items it encodes of replica d from rank (a, d), the member of d at its own pipeline
-   position, so this all-to-all stays in the DP group. Each rank encodes its items without
-   autograd, and a world all-to-all sends the embeddings to pipeline stage 0 of the owning
-   replica, which returns them per micro-batch as leaf tensors with requires_grad.
+1. `forward(microbatches, items)`: every rank knows every vision item of the global batch from
+   the data's metadata (`global_items`: the loader plans the whole global batch on every rank),
+   and all compute the same plan (`plan_encoder_work`, by patch count over the whole world)
+   without talking to each other. Each rank was given the pixels of exactly the items it
+   encodes, of any replica (the stage-aware loader reads and decodes them with `EncoderItems`,
+   parallel/dep_plan.py; `rank_batch` cuts them from whole replica batches): no pixel moves
+   between ranks. Each rank encodes its items without autograd, and a world all-to-all sends
+   the embeddings to pipeline stage 0 of the owning replica, which returns them per
+   micro-batch as leaf tensors with requires_grad.
 2. The normal PP/EP schedule runs; stage 0 feeds each micro-batch's leaf as `vision_embeds`, and
    a hook on the leaf keeps its gradient (torch.distributed.pipelining resets `.grad` of stage
    inputs after each backward, so `.grad` alone would be lost).
@@ -20,29 +22,42 @@ Per step, exactly the three phases of the recipe (Kimi K2.5):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.batch import MicroBatch, item_patches, item_tokens
-from parallel.dep_plan import EncoderPlan, plan_encoder_work
+from parallel.dep_plan import EncoderItems, EncoderPlan, plan_encoder_work
 from parallel.mesh import ParallelMesh
 
 
-def all_gather_rows(rows: torch.Tensor, group, device=None) -> list[torch.Tensor]:
-    """All-gather [n_r, k] long tensors of different n_r over group (padded to the max); the
-    collectives run on `device` (NCCL takes device tensors only), the results come back on
-    the CPU."""
-    size = dist.get_world_size(group)
-    n = torch.tensor([rows.shape[0]], dtype=torch.long, device=device)
-    ns = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(size)]
-    dist.all_gather(ns, n, group=group)
-    counts = torch.cat(ns).tolist()
-    padded = torch.zeros(max(counts), rows.shape[1], dtype=torch.long, device=device)
-    padded[:rows.shape[0]] = rows.to(device)
-    out = [torch.zeros_like(padded) for _ in range(size)]
-    dist.all_gather(out, padded, group=group)
-    return [o[:k].cpu() for o, k in zip(out, counts)]
+def global_items(per_replica_grids: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """[M, 4] (replica, t, h, w) of every vision item of the global batch, replica-major."""
+    rows = [torch.cat([torch.full((len(g), 1), d, dtype=torch.long), g.long().cpu()], 1)
+            for d, g in enumerate(per_replica_grids) if g is not None and len(g)]
+    return torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.long)
+
+
+def rank_batch(per_replica: Sequence[Mapping], mesh: ParallelMesh) -> dict:
+    """This rank's DEP batch from every replica's whole batch: its replica's batch, with
+    pixel_patches replaced by the patches of the items this rank encodes (of any replica) and
+    their pixel_items and the step's global_items. The stage-aware loader builds the same from
+    metadata, reading only those pixels (data/loader.py ReadRole with EncoderItems)."""
+    grids = [b.get("grid_thw") for b in per_replica]
+    mine = EncoderItems(mesh.rank, mesh.world_size)([item_patches(g) for g in grids])
+    parts = []
+    for d, i in mine:
+        per = item_patches(grids[d])
+        start = sum(per[:i])
+        parts.append(per_replica[d]["pixel_patches"][start:start + per[i]])
+    width = next((b["pixel_patches"].shape[1] for b in per_replica
+                  if b.get("pixel_patches") is not None), 0)
+    pixels = torch.cat(parts) if parts else torch.zeros(0, width)
+    return {**per_replica[mesh.dp_rank], "pixel_patches": pixels,
+            "pixel_items": torch.tensor(mine, dtype=torch.long).reshape(-1, 2),
+            "global_items": global_items(grids)}
 
 
 def _exchange(chunks: list[torch.Tensor], recv_rows: list[int], width: int, group,
@@ -78,15 +93,25 @@ class DecoupledEncoder:
 
     # -- phase 1 ----------------------------------------------------------------------------
 
-    def forward(self, mbs: list[MicroBatch], dtype: torch.dtype) -> list[torch.Tensor | None]:
-        """Plan, move pixels, encode without autograd, deliver embeddings. Returns one leaf per
-        micro-batch on pipeline stage 0 (None for micro-batches without vision), [] elsewhere."""
+    def forward(self, mbs: list[MicroBatch], dtype: torch.dtype, items: torch.Tensor | None,
+                pixel_items: torch.Tensor | None, pixels: torch.Tensor | None
+                ) -> list[torch.Tensor | None]:
+        """Plan, encode this rank's items without autograd, deliver embeddings. `items`: the
+        batch's global_items [M, 4] (replica, t, h, w), the same on every rank; `pixels` the
+        patches of this rank's items, listed in `pixel_items` [K, 2] (replica, item). Returns
+        one leaf per micro-batch on pipeline stage 0 (None for micro-batches without vision),
+        [] elsewhere."""
         self._reset()
         m = self.mesh
         device = next(self.encoder.parameters()).device
+        items = (items.long().cpu() if items is not None
+                 else torch.zeros(0, 4, dtype=torch.long))
+        per_replica = [items[items[:, 0] == d, 1:] for d in range(m.dp)]
         grids = [mb.grid_thw for mb in mbs if mb.grid_thw is not None]
         local = torch.cat(grids).long().cpu() if grids else torch.zeros(0, 3, dtype=torch.long)
-        per_replica = all_gather_rows(local, m.dp_group, device)  # replica d's grid_thw
+        if not torch.equal(local, per_replica[m.dp_rank]):
+            raise ValueError("the batch's global_items do not list this replica's grid_thw "
+                             f"(replica {m.dp_rank}): the ranks would plan different steps")
         patches = [item_patches(g) for g in per_replica]
         tokens = [item_tokens(g, self.merge) for g in per_replica]
         flat = [(d, i) for d in range(m.dp) for i in range(len(patches[d]))]
@@ -96,24 +121,18 @@ class DecoupledEncoder:
         if not flat:
             return [None] * len(mbs) if m.pp_rank == 0 else []
 
-        # Pixels: within the DP group at this pipeline position.
-        pixels = [mb.pixel_patches for mb in mbs if mb.pixel_patches is not None]
-        width = (pixels[0].shape[1] if pixels else self.encoder.patch_embed.in_features)
-        my_pixels = (torch.cat(pixels) if pixels else torch.zeros(0, width)).to(device)
-        starts = [0]
-        for p in patches[m.dp_rank]:
-            starts.append(starts[-1] + p)
-        send, recv_rows = [], []
-        for peer in range(m.dp):
-            dest = m.global_rank(m.pp_rank, peer)
-            mine = [i for i in range(len(patches[m.dp_rank])) if owner[m.dp_rank, i] == dest]
-            send.append(torch.cat([my_pixels[starts[i]:starts[i + 1]] for i in mine])
-                        if mine else my_pixels.new_zeros(0, width))
-            recv_rows.append(sum(patches[peer][i] for i in range(len(patches[peer]))
-                                 if owner[peer, i] == m.rank))
-        got = _exchange(send, recv_rows, width, m.dp_group, my_pixels.dtype, device)
         self._items = [(d, i) for d, i in flat if owner[d, i] == m.rank]
-        self._pixels = torch.cat(got) if got else my_pixels.new_zeros(0, width)
+        given = ([] if pixel_items is None else [tuple(x) for x in pixel_items.tolist()])
+        if given != self._items:
+            raise ValueError(f"rank {m.rank} was given the pixels of items {given[:8]}, the DEP "
+                             f"plan has it encode {self._items[:8]} (parallel.dep.rank_batch)")
+        width = self.encoder.patch_embed.in_features
+        want = sum(patches[d][i] for d, i in self._items)
+        if pixels is None or pixels.shape[0] != want:
+            raise ValueError(f"rank {m.rank} encodes {want} patches, the batch holds "
+                             f"{None if pixels is None else pixels.shape[0]}")
+        self._pixels = pixels.to(device) if pixels.shape[0] else torch.zeros(0, width,
+                                                                            device=device)
         self._grid = (torch.stack([per_replica[d][i] for d, i in self._items]).to(device)
                       if self._items else None)
 

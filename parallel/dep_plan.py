@@ -89,6 +89,23 @@ def _refine(patches: Sequence[int], owner: list[int], load: list[int], rounds: i
             load[hi] += patches[b]
 
 
+@dataclass(frozen=True)
+class EncoderItems:
+    """The items one rank encodes under DEP, as a picklable callable for the data loader
+    (data/loader.py ReadRole.media): given the patch counts of every replica's items (replica
+    d's list in its grid_thw order), the (replica, item) pairs `rank` of `world` encodes, in
+    replica-major order. The same plan parallel/dep.py computes on every rank, so a rank reads
+    and decodes exactly the images and video chunks it encodes."""
+
+    rank: int
+    world: int
+
+    def __call__(self, patches: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        flat = [(d, i) for d, per in enumerate(patches) for i in range(len(per))]
+        plan = plan_encoder_work([patches[d][i] for d, i in flat], self.world)
+        return [flat[k] for k in plan.items_of(self.rank)]
+
+
 def stage0_only_load(patches: Sequence[int], replica_of: Sequence[int], pp: int, dp: int
                      ) -> list[int]:
     """Per-rank encoder load of the layout DEP replaces: each replica's stage 0 encodes its own

@@ -120,12 +120,32 @@ class ParallelRuntime:
                                  image_token_id=cfg.model.image_token_id,
                                  video_token_id=cfg.model.video_token_id,
                                  merge_size=cfg.vision.merge_size)
-        n_tokens = batch["loss_mask"].sum().reshape(1).long()
-        dist.all_reduce(n_tokens, group=m.dp_group)
+        # The last pipeline stage holds the loss mask (the others may not have read it): one
+        # all-reduce over the world adds each replica's last-stage count once.
+        last = m.pp_rank == cfg.parallel.pp - 1
+        if last and batch.get("loss_mask") is None:
+            raise ValueError("the last pipeline stage needs the batch's labels and loss_mask")
+        if m.pp_rank == 0 and batch.get("input_ids") is None:
+            raise ValueError("pipeline stage 0 needs the batch's input_ids")
+        n_tokens = (batch["loss_mask"].sum().reshape(1).long() if last
+                    else torch.zeros(1, dtype=torch.long, device=self.runner.device))
+        dist.all_reduce(n_tokens, group=m.world_group)
         n_tokens = int(n_tokens)
         if n_tokens == 0:
             raise ValueError("the global batch has no loss tokens (loss_mask is all zero)")
         return mbs, n_tokens
+
+    def _dep_forward(self, batch: Mapping[str, Tensor | None], mbs: list) -> list:
+        """DEP phase 1 from the batch's global item list and the pixels of this rank's items
+        (parallel/dep.py); [] without DEP."""
+        if self.dep is None:
+            return []
+        if batch.get("global_items") is None:
+            raise ValueError("with parallel.dep = true a batch carries the pixels of the items "
+                             "this rank encodes (global_items, pixel_items): read it with the "
+                             "stage-aware loader or build it with parallel.dep.rank_batch")
+        return self.dep.forward(mbs, self.dtype, batch.get("global_items"),
+                                batch.get("pixel_items"), batch.get("pixel_patches"))
 
     def _stage_kwargs(self, mbs: list, leaves: list) -> list[dict]:
         kwargs = []
@@ -136,8 +156,17 @@ class ParallelRuntime:
                     kw["vision_embeds"] = leaves[k]
             elif mb.pixel_patches is not None:
                 kw.update(pixel_patches=mb.pixel_patches, grid_thw=mb.grid_thw)
+            elif mb.grid_thw is not None and self.mesh.pp_rank == 0:
+                raise ValueError("pipeline stage 0 encodes its replica's images (parallel.dep = "
+                                 "false) but the batch has no pixel_patches")
             kwargs.append(kw)
         return kwargs
+
+    @staticmethod
+    def _inputs(mbs: list) -> list[Tensor]:
+        """Stage 0's input ids; other ranks' schedules never read their inputs (hidden states
+        come from the previous stage), so any tensor of the micro-batch's shape will do."""
+        return [mb.input_ids if mb.input_ids is not None else mb.position_ids for mb in mbs]
 
     def _reduce_losses(self, losses: list[Tensor], num_categories: int
                        ) -> tuple[float, Tensor | None]:
@@ -155,9 +184,12 @@ class ParallelRuntime:
         cats = total[1:].reshape(num_categories, 2) if num_categories else None
         return float(total[0]), cats
 
-    @staticmethod
-    def _categories(batch: Mapping[str, Tensor | None], num_categories: int) -> int:
-        return num_categories if batch.get("token_category") is not None else 0
+    def _categories(self, batch: Mapping[str, Tensor | None], num_categories: int) -> int:
+        """num_categories, or 0 for a batch without token categories (a rank that did not
+        read the targets has none and follows the caller's count: the loss all-reduce must
+        have one size on every rank)."""
+        last = self.mesh.pp_rank == self.cfg.parallel.pp - 1
+        return num_categories if batch.get("token_category") is not None or not last else 0
 
     @property
     def device(self) -> torch.device:
@@ -172,9 +204,9 @@ class ParallelRuntime:
         the stage's DP group (the MoEs' counters restart)."""
         mbs, n_tokens = self._microbatches(batch)
         num_categories = self._categories(batch, num_categories)
-        leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+        leaves = self._dep_forward(batch, mbs)
         kwargs = self._stage_kwargs(mbs, leaves)
-        losses = self.runner.run([mb.input_ids for mb in mbs], kwargs, [mb.target for mb in mbs],
+        losses = self.runner.run(self._inputs(mbs), kwargs, [mb.target for mb in mbs],
                                  n_tokens, num_categories)
         if self.dep is not None:
             self.dep.backward()
@@ -208,9 +240,9 @@ class ParallelRuntime:
         counters = [(moe.expert_load_total, moe.last_expert_load) for moe in moes]
         try:
             with torch.no_grad():
-                leaves = self.dep.forward(mbs, self.dtype) if self.dep is not None else []
+                leaves = self._dep_forward(batch, mbs)
                 kwargs = self._stage_kwargs(mbs, leaves)
-                losses = self.runner.evaluate([mb.input_ids for mb in mbs], kwargs,
+                losses = self.runner.evaluate(self._inputs(mbs), kwargs,
                                               [mb.target for mb in mbs], num_categories)
         finally:
             for moe, (total, last) in zip(moes, counters):

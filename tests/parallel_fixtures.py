@@ -118,3 +118,42 @@ def zero_update(zero):
         zero.broadcast()
     zero.zero_grad()
     return norm
+
+
+def rank_view(cfg, mesh, per_replica: list[dict]) -> dict:
+    """This rank's batch of a step from every replica's whole batch, as the stage-aware loader
+    gives it (data/loader.py ReadRole): under DEP the pixels of exactly the items it encodes
+    (parallel.dep.rank_batch), without DEP pixels on pipeline stage 0 only; input_ids on stage
+    0 only, labels, loss_mask and token_category on the last stage only."""
+    from parallel.dep import rank_batch
+
+    batch = rank_batch(per_replica, mesh) if cfg.parallel.dep else dict(per_replica[mesh.dp_rank])
+    first, last = mesh.pp_rank == 0, mesh.pp_rank == cfg.parallel.pp - 1
+    drop = (() if first else ("input_ids",)) + (() if last else ("labels", "loss_mask",
+                                                                  "token_category"))
+    if not cfg.parallel.dep and not first:
+        drop += ("pixel_patches",)
+    if batch.get("grid_thw") is not None and batch.get("vision_spans") is None:
+        batch["vision_spans"] = vision_spans(batch["input_ids"], cfg.model.image_token_id,
+                                             cfg.model.video_token_id,
+                                             cfg.vision.merge_size, batch["grid_thw"])
+    return {k: (None if k in drop else v) for k, v in batch.items()}
+
+
+def vision_spans(ids, image_id: int, video_id: int, merge: int, grid_thw) -> "torch.Tensor":
+    """[M, 3] (row, first placeholder, count) of each item, from its placeholder runs (each
+    item's run is contiguous; adjacent items in a row are cut by their token counts)."""
+    import torch
+
+    counts = [(h // merge) * (w // merge) for _, h, w in grid_thw.tolist()]
+    spans, k = [], 0
+    for r, row in enumerate(((ids == image_id) | (ids == video_id)).tolist()):
+        j = 0
+        while j < len(row):
+            if row[j]:
+                spans.append((r, j, counts[k]))
+                j += counts[k]
+                k += 1
+            else:
+                j += 1
+    return torch.tensor(spans, dtype=torch.long).reshape(-1, 3)

@@ -17,7 +17,7 @@ from parallel.mesh import build_mesh
 from parallel.pipeline import split_model
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
-from tests.parallel_fixtures import make_batch, tiny_config
+from tests.parallel_fixtures import make_batch, rank_view, tiny_config
 from tests.simulated_device import (DeviceMixError, patch_collectives, simulated_device,
                                     to_device, unwrap)
 from train.checkpoint import training_state
@@ -118,8 +118,8 @@ def test_muon_and_adamw_on_device_equal_cpu():
 
 
 # Per training step (train/step.py) on every rank of PP1 x DP2 (EP2, DEP, 2 micro-batches): the
-# loss-token count; DEP's two grid all-gathers and three all-to-alls (pixels, embeddings, their
-# gradients); per MoE layer and micro-batch a count, a token and a combine all-to-all forward
+# loss-token count; DEP's two all-to-alls (embeddings, their gradients: each rank was given the
+# pixels it encodes, so neither grids nor pixels move); per MoE layer and micro-batch a count, a token and a combine all-to-all forward
 # and two backward; the loss total; the expert-load reduction; one bucketed reduce and broadcast
 # per owner in each shard group; the grad-norm reduction; QK-Clip's max logits; the expert-load
 # stats table; the max logit and the clipped heads over PP. A new per-step collective must be
@@ -130,8 +130,8 @@ MOE_LAYERS, MICROBATCHES = 3, 2
 def _expected_collectives(owners: tuple[int, int]) -> dict[str, int]:
     """owners: (owners in all shard groups, owners in groups of more than one rank: a group of
     one rank hands its fp32 main grads to the optimizer without a reduce)."""
-    return {"all_reduce": 1 + 1 + 1 + 1 + 1 + 1 + 2, "all_gather": 2,
-            "all_to_all_single": 3 + MOE_LAYERS * MICROBATCHES * (3 + 2),
+    return {"all_reduce": 1 + 1 + 1 + 1 + 1 + 1 + 2,
+            "all_to_all_single": 2 + MOE_LAYERS * MICROBATCHES * (3 + 2),
             "reduce": owners[1], "broadcast": owners[0]}
 
 
@@ -140,7 +140,8 @@ def _runtime_body(rank, world, on_device: bool):
     mesh = build_mesh(cfg)
     model = build_model(cfg)
     init_weights(model, 0)
-    batches = [make_batch(4, 32, seed=10 * s + mesh.dp_rank) for s in range(2)]
+    batches = [rank_view(cfg, mesh, [make_batch(4, 32, seed=10 * s + d)
+                                     for d in range(cfg.parallel.dp)]) for s in range(2)]
     per_step: list[list[tuple[str, set[str]]]] = []
     with simulated_device() as dev:
         if on_device:

@@ -3,7 +3,8 @@
 What CPU-only tests cannot see: bf16 numerics of the model on CUDA against the float32 CPU model,
 flex-attention gradients against sdpa, QK-Clip clipping weights that live on the GPU, MuonClip
 with ZeRO-1, EP and DEP on one GPU with a pure NCCL process group (no gloo: a CPU tensor in any
-collective of the step fails), and a one-GPU trainer run that is SIGKILLed and resumed.
+collective of the step fails), uint8 pixels pinned and normalised on the GPU, and a one-GPU
+trainer run that is SIGKILLed and resumed.
 
 Without CUDA every test here is skipped with the reason below: reported as not run, never as
 passed.
@@ -16,7 +17,7 @@ import torch
 
 from tests.dist import run_distributed
 from tests.grad_check import assemble, assert_grads_match, capture_reduced_grads, merge_ranks
-from tests.parallel_fixtures import make_batch, tiny_config
+from tests.parallel_fixtures import make_batch, rank_view, tiny_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -153,13 +154,29 @@ def _runtime_body(rank, world, device_type: str):
     calls: list = []
     losses = []
     for s in range(2):
-        b = make_batch(4, 32, seed=20 + s)
+        b = rank_view(cfg, mesh, [make_batch(4, 32, seed=20 + s)])
         b = {k: (v.to(device) if v is not None else None) for k, v in b.items()}
         with patch_collectives(calls):
             losses.append(training_step(rt, b, qk_clip=clip).loss)
     params = {n: p.detach().cpu() for n, p in rt.named_parameters()}
     return losses, [{k: None if g is None else g.cpu() for k, g in step.items()}
                     for step in grads], params, calls
+
+
+def test_uint8_pixels_pinned_and_normalised_on_cuda_equal_the_cpu_floats():
+    """Stage-aware reading hands on uint8 pixels; pinned, copied asynchronously and normalised
+    on the GPU they are the CPU's float32 bits."""
+    from data.batch import Batch
+    from data.vision import VisionPreprocess, normalize_patches
+
+    pre = VisionPreprocess(patch_size=2)
+    pixels = torch.randint(0, 256, (64, 12), dtype=torch.uint8)
+    batch = Batch(position_ids=torch.zeros(2, 4, dtype=torch.long), pixel_patches=pixels)
+    pinned = batch.pin_memory()
+    assert pinned.pixel_patches.is_pinned() and pinned.input_ids is None
+    got = normalize_patches(pinned.to(CUDA, non_blocking=True).pixel_patches, pre)
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    assert torch.equal(got.cpu(), normalize_patches(pixels, pre))
 
 
 def test_muonclip_zero1_dep_on_one_gpu_with_nccl_matches_cpu():

@@ -26,6 +26,9 @@ LAYERS = {
     "train/model": (("train.errors", "train.config", "train.model"), {}),
     "parallel": (("parallel", "train.errors", "train.config", "train.model",
                   "train.optim.grad_norm"), {"train.optim.muon": {"uses_muon"}}),
+    # the data plane knows nothing of the parallel layout: the train layer hands the loader
+    # what this rank reads (train/reading.py)
+    "data": (("data", "train.errors", "train.config"), {}),
 }
 
 

@@ -199,6 +199,7 @@ def test_batches_are_consistent_and_cover_every_planned_unit_once(ds, tmp_path):
 
 
 def test_a_batch_feeds_the_vision_tower_and_the_language_model(ds):
+    from data.vision import VisionPreprocess, normalize_patches
     from train.model.lm import DecoderLM
     from train.model.vision import VisionTower
 
@@ -207,7 +208,9 @@ def test_a_batch_feeds_the_vision_tower_and_the_language_model(ds):
     tower = VisionTower(cfg.vision, cfg.model.hidden_size)
     lm = DecoderLM(cfg.model)
     with torch.no_grad():
-        emb = tower(batch.pixel_patches, batch.grid_thw)
+        assert batch.pixel_patches.dtype == torch.uint8  # normalised where it is encoded
+        emb = tower(normalize_patches(batch.pixel_patches, VisionPreprocess.from_config(cfg)),
+                    batch.grid_thw)
         h = lm.embed_tokens(batch.input_ids, emb)  # checks placeholder count == embeddings
     assert h.shape == (*batch.input_ids.shape, cfg.model.hidden_size)
 

@@ -20,7 +20,7 @@ from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
 from parallel.rank_memory import rank_memory
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
-from tests.parallel_fixtures import IMAGE, VIDEO, make_batch, tiny_config
+from tests.parallel_fixtures import IMAGE, VIDEO, make_batch, rank_view, tiny_config
 from train.config import replace
 from train.model import build_model, init_weights
 from train.model.lm import lm_loss_sum
@@ -67,7 +67,7 @@ def _runtime_grads(rank, world, cfg, batch):
     # fp32 masters of the exact (fp32) initial values, before the cast to bf16
     for piece in rt.zero.owned:
         assert piece.master.dtype == torch.float32
-    training_step(rt, batch)
+    training_step(rt, rank_view(cfg, mesh, [batch]))
     assert all(q.grad is None and q.main_grad is None for _, q in rt.named_parameters())
     return captured[0].grads
 
@@ -125,7 +125,8 @@ def _ownership(rank, world, cfg):
     model = build_model(cfg)
     init_weights(model, 0)
     rt = ParallelRuntime(cfg, model, mesh, muonclip_factory(cfg.optim))
-    training_step(rt, make_batch(4, 32, seed=mesh.dp_rank))
+    training_step(rt, rank_view(cfg, mesh, [make_batch(4, 32, seed=d)
+                                            for d in range(cfg.parallel.dp)]))
     out = []
     for g in rt.zero.groups:
         me = torch.distributed.get_rank(g.group)

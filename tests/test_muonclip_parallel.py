@@ -26,7 +26,7 @@ from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
 from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks, model_grads
-from tests.parallel_fixtures import concat_batches, make_batch, tiny_config, zero1_replica
+from tests.parallel_fixtures import concat_batches, make_batch, rank_view, tiny_config, zero1_replica
 from train.checkpoint import CheckpointManager, fill_masters, model_tensors, optimizer_tensors
 from train.config import ModelConfig, replace
 from train.model import build_model, init_weights
@@ -242,7 +242,7 @@ def _pp_body(rank, world, steps):
         return stats
     clip.step = clip_and_count
     for step, per_replica in enumerate(steps):
-        out = training_step(rt, per_replica[mesh.dp_rank], qk_clip=clip,
+        out = training_step(rt, rank_view(cfg, mesh, per_replica), qk_clip=clip,
                             lr_multiplier=schedule_multiplier(step, cfg.optim, len(steps)))
         losses.append(out.loss)
     state = model_tensors(rt.stage_modules + [("vision.", rt.dep.encoder)])

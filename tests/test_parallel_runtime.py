@@ -20,7 +20,7 @@ from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
 from tests.grad_check import assert_grads_match, capture_reduced_grads, merge_ranks, model_grads
-from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
+from tests.parallel_fixtures import concat_batches, make_batch, rank_view, tiny_config
 from train.config import OptimConfig
 from train.model import build_model, init_weights
 from train.model.lm import lm_loss_sum
@@ -71,7 +71,7 @@ def _train(rank, world, cfg, steps, make_opt):
     init_weights(model, 0)
     rt = ParallelRuntime(cfg, model, mesh, make_opt)
     grads = capture_reduced_grads(rt.zero, rank_pieces(rt))
-    results = [training_step(rt, per_replica[mesh.dp_rank]) for per_replica in steps]
+    results = [training_step(rt, rank_view(cfg, mesh, per_replica)) for per_replica in steps]
     state = {}
     for module in rt.stage_modules:
         for name, t in module.state_dict().items():

@@ -23,7 +23,7 @@ from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces, t
 from parallel.rank_memory import rank_memory
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
-from tests.parallel_fixtures import make_batch, tiny_config
+from tests.parallel_fixtures import make_batch, rank_view, tiny_config
 from train.config import ConfigError, load_config, replace
 from train.model import build_model, init_weights
 from train.step import training_step
@@ -133,7 +133,8 @@ def _train_both(rank, world, cfg, steps):
             model = build_model(cfg)
             init_weights(model, SEED)
         rt = ParallelRuntime(cfg, model, mesh, opt)
-        losses = [training_step(rt, per_replica[mesh.dp_rank]).loss for per_replica in steps]
+        losses = [training_step(rt, rank_view(cfg, mesh, per_replica)).loss
+                  for per_replica in steps]
         results.append((losses, _state(rt)))
     return results
 

@@ -12,7 +12,7 @@ import torch
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
-from tests.parallel_fixtures import make_batch, tiny_config
+from tests.parallel_fixtures import make_batch, rank_view, tiny_config
 from train.checkpoint import training_state
 from train.model import build_model, init_weights
 from train.optim.muon import optimizer_for
@@ -29,7 +29,7 @@ def _body(rank, world):
     rt = ParallelRuntime(cfg, model, mesh,
                          lambda named: optimizer_for(named, cfg.optim, ns_dtype=torch.float32))
     clip = QKClip(rt.stage_modules, tau=0.01, group=mesh.dp_group)  # tiny tau: clips every step
-    batch = make_batch(4, 32, seed=mesh.dp_rank)
+    batch = rank_view(cfg, mesh, [make_batch(4, 32, seed=d) for d in range(cfg.parallel.dp)])
 
     def state():
         return state_fingerprint(training_state(rank_pieces(rt), rt.zero, rank))

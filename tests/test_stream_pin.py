@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from data.loader import DataLoaderWithState
+from data.vision import VisionPreprocess, normalize_patches
 from tests.corpus_fixtures import Built, make_tokenizer
 from train.config import load_config
 
@@ -86,9 +87,12 @@ def stream_sha256(ds, batches: int = BATCHES, **data) -> str:
     over = {"manifest": ds.url, "tokenizer": str(ds.tokenizer), **QUICKSTART_DATA, **data}
     cfg = load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()])
     h = hashlib.sha256()
+    pre = VisionPreprocess.from_config(cfg)
     for _, batch in zip(range(batches), DataLoaderWithState(cfg)):
         for name in PINNED_TENSORS:
             t = getattr(batch, name).contiguous()
+            if name == "pixel_patches":  # the loader hands on uint8 pixels; the pin is over the
+                t = normalize_patches(t, pre)  # float32 encoder input they give, as it always was
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.numpy().tobytes())
         h.update(repr(batch.skipped).encode())

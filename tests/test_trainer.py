@@ -110,8 +110,9 @@ def test_one_process_logs_every_metric(ds, tmp_path):
     assert any(r["vision_share"] > 0 for r in records)
     # The loop's own collectives per step, besides the runtime's (counted with their devices in
     # tests/test_device_placement.py): token counts over DP, QK-Clip's max logits, the max logit
-    # and the clipped heads over PP. A new one must be added here, on purpose.
-    assert all(s["trainer_collectives"] == {"all_reduce": 4} for s in steps), steps
+    # and the clipped heads over PP, the count of skipped documents over the world (a second
+    # all-gather only in a step with skips). A new one must be added here, on purpose.
+    assert all(s["trainer_collectives"] == {"all_reduce": 4, "all_gather": 1} for s in steps), steps
     assert (tmp_path / "run" / "tensorboard").is_dir()
     final = json.loads((tmp_path / "run" / "final-state.json").read_text())
     assert final["step"] == 3 and len(final["fingerprints"]) == 1

@@ -25,7 +25,7 @@ from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
 from tests.corpus_fixtures import make_dataset
 from tests.dist import run_distributed
-from tests.parallel_fixtures import concat_batches, make_batch, tiny_config
+from tests.parallel_fixtures import concat_batches, make_batch, rank_view, tiny_config
 from train.config import ConfigError, load_config
 from train.metrics import read_metrics
 from train.model import build_model, init_weights
@@ -94,13 +94,14 @@ def _state(rt):
 
 def _eval_and_train(rank, world, cfg, steps, evaluate_between):
     mesh, rt = _runtime(cfg)
-    first = rt.evaluate(steps[0][mesh.dp_rank], CATEGORIES)
-    again = rt.evaluate(steps[0][mesh.dp_rank], CATEGORIES)
+    first = rt.evaluate(rank_view(cfg, mesh, steps[0]), CATEGORIES)
+    again = rt.evaluate(rank_view(cfg, mesh, steps[0]), CATEGORIES)
     results, evals = [], []
     for per_replica in steps:
-        results.append(training_step(rt, per_replica[mesh.dp_rank], num_categories=CATEGORIES))
+        results.append(training_step(rt, rank_view(cfg, mesh, per_replica),
+                                     num_categories=CATEGORIES))
         if evaluate_between:
-            evals.append(rt.evaluate(steps[0][mesh.dp_rank], CATEGORIES))
+            evals.append(rt.evaluate(rank_view(cfg, mesh, steps[0]), CATEGORIES))
     grads = [n for n, p in rt.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     return first, again, results, evals, _state(rt), grads
 

@@ -3,8 +3,9 @@
 `run(cfg)` is what `mmpt train` calls on every rank once the default process group exists
 (launch/train.py). Each step of `fit()`:
 
-  1. next batch of this data-parallel replica (data/loader.py; every pipeline rank of a replica
-     reads the same rows);
+  1. next batch of this data-parallel replica (data/loader.py), read by this rank's role
+     (train/reading.py: stage 0 the token ids, the last stage the targets, the media where they
+     are encoded; every stage the layout, from the catalog);
   2. the step, `train.step.training_step`, one function that reads top to bottom: the lr of the
      step (a pure function of the step, train/optim/schedule) -> DEP vision forward -> the
      interleaved 1F1B schedule with expert all-to-alls -> DEP recompute + backward -> gradients
@@ -53,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.vision import VisionPreprocess, normalize_patches
 from parallel.mesh import build_mesh
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
 from parallel.runtime import ParallelRuntime
@@ -66,6 +68,7 @@ from train.model.flops import training_flops_per_token
 from train.optim.muon import muonclip_factory
 from train.optim.qk_clip import QKClip
 from train.optim.schedule import schedule_multiplier
+from train.reading import read_role, share_skips
 from train.rng import seed_torch
 from train.step import training_step
 
@@ -115,16 +118,27 @@ def state_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def runtime_batch(batch, device: torch.device) -> dict:
-    """A data.batch.Batch as the mapping the runtime takes (no vision: None), on the
-    device (collectives under NCCL need device tensors)."""
+def runtime_batch(batch, device: torch.device, pre=None) -> dict:
+    """A data.batch.Batch as the mapping the runtime takes (no vision: None; fields this
+    rank's role did not read: None), on the device (collectives under NCCL need device
+    tensors). uint8 pixels travel as they are and are normalised there with `pre`
+    (data.vision.VisionPreprocess)."""
     has_vision = batch.grid_thw.shape[0] > 0
     b = batch.to(device, non_blocking=True) if device.type != "cpu" else batch
-    return dict(input_ids=b.input_ids, position_ids=b.position_ids,
-                doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
-                pixel_patches=b.pixel_patches if has_vision else None,
-                grid_thw=b.grid_thw.long() if has_vision else None,
-                token_category=getattr(b, "token_category", None))
+    pixels = b.pixel_patches
+    if pixels is not None and pixels.dtype == torch.uint8:
+        if pre is None:
+            raise ValueError("uint8 pixel patches need the VisionPreprocess to normalise them")
+        pixels = normalize_patches(pixels, pre)
+    out = dict(input_ids=b.input_ids, position_ids=b.position_ids,
+               doc_ids=b.doc_ids, labels=b.labels, loss_mask=b.loss_mask,
+               pixel_patches=pixels if has_vision else None,
+               grid_thw=b.grid_thw.long() if has_vision else None,
+               vision_spans=getattr(b, "vision_spans", None) if has_vision else None,
+               token_category=getattr(b, "token_category", None))
+    if getattr(b, "global_items", None) is not None:  # DEP: the items this rank encodes
+        out.update(pixel_items=b.pixel_items, global_items=b.global_items, pixel_patches=pixels)
+    return out
 
 
 def loader_categories(loader) -> CategoryNames | None:
@@ -256,7 +270,10 @@ class Trainer:
             from data.loader import DataLoaderWithState
 
             make_loader = DataLoaderWithState
-        self.loader = make_loader(cfg, dp_rank=self.mesh.dp_rank, dp_size=cfg.parallel.dp)
+        self.read = read_role(cfg, self.mesh)
+        self.vision_pre = VisionPreprocess.from_config(cfg)  # normalises pixels on the device
+        self.loader = make_loader(cfg, dp_rank=self.mesh.dp_rank, dp_size=cfg.parallel.dp,
+                                  read=self.read)
         tokenizer = getattr(getattr(self.loader, "stream", None), "tokenizer", None)
         if tokenizer is not None:
             check_tokenizer(cfg, tokenizer)
@@ -264,7 +281,7 @@ class Trainer:
         self.val_loader = self.val_categories = None
         if cfg.train.eval_every > 0:
             self.val_loader = make_loader(cfg, dp_rank=self.mesh.dp_rank,
-                                          dp_size=cfg.parallel.dp, split="val")
+                                          dp_size=cfg.parallel.dp, split="val", read=self.read)
             self.val_categories = loader_categories(self.val_loader)
         self.ckpt = checkpoint_manager(cfg)
         self._quarantine_seen = 0  # quarantine events already logged
@@ -347,14 +364,15 @@ class Trainer:
         cfg = self.cfg
         t0 = time.monotonic()
         mult = schedule_multiplier(self.step, cfg.optim, cfg.train.steps)
-        counts = torch.tensor([
-            float(((batch.input_ids == cfg.model.image_token_id)
-                   | (batch.input_ids == cfg.model.video_token_id)).sum()),
+        counts = torch.tensor([  # vision placeholders and document tokens, from the layout
+            float(batch.vision_spans[:, 2].sum()),
             float(batch.non_padding_tokens())], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.mesh.dp_group)
+        skipped = self._share_skips(batch, self.loader)
 
         cats = self.categories
-        out = training_step(self.rt, runtime_batch(batch, self.device), lr_multiplier=mult,
+        out = training_step(self.rt, runtime_batch(batch, self.device, self.vision_pre),
+                            lr_multiplier=mult,
                             qk_clip=self.qk_clip, num_categories=cats.count if cats else 0)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -373,11 +391,19 @@ class Trainer:
                    "loss_tokens": out.loss_tokens, "skipped_steps": self.skipped_steps}
         if self.peak is not None:
             metrics["mfu"] = flops_s / (self.peak * self.world)
-        if batch.skipped:
-            metrics["skipped_docs"] = len(batch.skipped)
+        if skipped:
+            metrics["skipped_docs"] = skipped
         if out.category_loss is not None:
             metrics |= category_metrics(out.category_loss, cats)
         return metrics | {"good": out.good}
+
+    def _share_skips(self, batch, loader) -> int:
+        """The step's unreadable documents, counted once over the world and given no loss on
+        every rank (train/reading.py); a loader without a catalog (a test double): this rank's."""
+        stream = getattr(loader, "stream", None)
+        if getattr(stream, "catalog", None) is None:
+            return len(batch.skipped)
+        return share_skips(batch, stream, self.device)
 
     def evaluate(self) -> dict:
         """Validation: the first train.eval_batches batches of the validation stream (the same
@@ -393,7 +419,9 @@ class Trainer:
                 devices=[self.device] if self.device.type == "cuda" else []):
             try:
                 for _ in range(cfg.train.eval_batches):
-                    ev = self.rt.evaluate(runtime_batch(next(batches), self.device),
+                    batch = next(batches)
+                    self._share_skips(batch, self.val_loader)
+                    ev = self.rt.evaluate(runtime_batch(batch, self.device, self.vision_pre),
                                           cats.count if cats else 0)
                     loss_sum += ev.loss_sum
                     tokens += ev.loss_tokens
