@@ -190,20 +190,28 @@ class Read:
 
 
 def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
-                reads: list[Read], *, concurrency: int) -> int:
-    """Check the size of every object `reads` touch against metadata, read them (nearby items
-    of one object in one ranged GET, `concurrency` at a time), check each item's CRC32 and copy
-    the asked-for boxes; returns the number of store requests. CorruptCheckpoint / NotFound name
-    the damaged object."""
-    by_object: dict[str, dict[MetadataIndex, list[Read]]] = {}
-    for r in reads:
-        info = metadata.storage_data[r.storage]
-        by_object.setdefault(info["object"], {}).setdefault(r.storage, []).append(r)
-    spans = []
-    for obj, by_item in by_object.items():
-        infos = sorted(((metadata.storage_data[idx], rs) for idx, rs in by_item.items()),
-                       key=lambda x: x[0]["start"])
-        spans += [(obj, start, end, group) for start, end, group in _coalesce(infos)]
+                reads: list[Read], *, concurrency: int, after: list[Read] = ()) -> int:
+    """Check the size of every object `reads` and `after` touch against metadata, read them
+    (nearby items of one object in one ranged GET, `concurrency` at a time), check each item's
+    CRC32 and copy the asked-for boxes, those of `after` once all of `reads` are done (rows laid
+    over a weight rebuilt from its master); returns the number of store requests.
+    CorruptCheckpoint / NotFound name the damaged object."""
+    objects: set[str] = set()
+
+    def spans_of(rds: list[Read]) -> list[tuple]:
+        by_object: dict[str, dict[MetadataIndex, list[Read]]] = {}
+        for r in rds:
+            info = metadata.storage_data[r.storage]
+            by_object.setdefault(info["object"], {}).setdefault(r.storage, []).append(r)
+        objects.update(by_object)
+        spans = []
+        for obj, by_item in by_object.items():
+            infos = sorted(((metadata.storage_data[idx], rs) for idx, rs in by_item.items()),
+                           key=lambda x: x[0]["start"])
+            spans += [(obj, start, end, group) for start, end, group in _coalesce(infos)]
+        return spans
+
+    phases = [spans_of(reads), spans_of(list(after))]
 
     def check_size(obj: str) -> None:
         want = doc["objects"].get(obj)
@@ -239,9 +247,10 @@ def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckpt-read") as pool, \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        list(pool.map(check_size, sorted(by_object)))
-        list(pool.map(read_span, spans))
-    return len(by_object) + len(spans)
+        list(pool.map(check_size, sorted(objects)))
+        for spans in phases:
+            list(pool.map(read_span, spans))
+    return len(objects) + sum(len(spans) for spans in phases)
 
 
 def _coalesce(infos):
