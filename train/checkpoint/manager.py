@@ -4,14 +4,19 @@ A checkpoint of step N lives under `<root>/step-0000000N/` (root: a local direct
 s3://bucket/prefix, through data.store). Object stores cannot rename, so completeness is a
 marker, the same for both backends:
 
-  1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan
-     (one gather and one scatter, no store request): an attempt id, which rank writes each
-     chunk (replicas are written once, spread by bytes) and which weights need no bytes of
-     their own (below); each rank copies the chunks it writes to host memory (pinned on CUDA).
-     This copy is all that training waits for.
-  2. (background thread, every rank) the chunks are written (storage.write_chunks: parallel
-     parts, every object durable), then a done marker `done/<attempt>/rank-RRRRR.json` with the
-     rank's item records (or the error that stopped it);
+  1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan:
+     an attempt id, which rank writes each chunk (replicas are written once, spread by bytes)
+     and which weights need no bytes of their own (below). The plan depends only on the ranks'
+     chunk lists (keys, offsets, sizes, dtypes), so the last one is kept: one all_reduce of a
+     flag says whether every rank's list is unchanged (and carries rank 0's new attempt id);
+     only if one changed do the ranks plan afresh (one gather, one scatter). No store request.
+     Each rank then copies the chunks it writes to host memory (pinned on CUDA), and the
+     owner of each master the weight rows it covers. This copy is all that training waits for.
+  2. (background thread, every rank) the owner compares those weight rows with its masters
+     rounded; the chunks, and the weight rows that do not round, are written
+     (storage.write_chunks: parallel parts, every object durable), then a done marker
+     `done/<attempt>/rank-RRRRR.json` with the rank's item records and weight rows (or the
+     error that stopped it);
   3. (rank 0's background thread) once every rank's done marker of this attempt is there, it
      deletes whatever an earlier, interrupted attempt left under the step, writes
      `metadata.json`, then `meta.json` (small JSON state: step, data-loader state, ...) and
@@ -24,11 +29,13 @@ The background thread never runs a collective (it would race the training's on t
 group): ranks agree through the done markers in the store. `async_save=False` runs steps 2-4 in
 the caller and ends with a barrier, so `save` returns once the checkpoint is committed.
 
-No redundant bytes: a weight whose every row has an fp32 master that rounds to it exactly (the
-ZeRO-1 owner checks this at save: QK-Clip scaling weights and masters separately can break it
-in bf16) is not stored; metadata.json lists it under `from_master` and a load reads the master's
-bytes into the weight (a cast, as ZeRO-1 does after each step). Expert stacks are one logical
-tensor each (layout.py).
+No redundant bytes: a weight whose every row has an fp32 master on a rank that holds the row too
+(ZeRO-1's owner) is listed under `from_master` in metadata.json and a load reads the master's
+bytes into it (a cast, as ZeRO-1 does after each step). That decision is layout only; the values
+are checked in the background: rows where the weight is not bit for bit its master rounded
+(QK-Clip scales weights and masters separately, which can break it in bf16) are stored as chunks
+of the weight, and a load lays them over the rebuilt weight. A weight with every row stored is an
+ordinary tensor. Expert stacks are one logical tensor each (layout.py).
 
 Loading takes the newest checkpoint that validates. Rank 0 reads the marker and the small
 metadata (marker parses, hashes match) and broadcasts them; every rank then checks only the

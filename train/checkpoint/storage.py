@@ -16,7 +16,9 @@ Layout under the checkpoint prefix:
     metadata.json        written by the coordinator once every rank's bytes are durable: logical
                          tensors with their chunks (DCP's ChunkStorageMetadata: offsets, sizes),
                          where each chunk's bytes are (object, start, length, crc32), the size of
-                         every object, and the weights stored only as their fp32 masters
+                         every object, and the weights rebuilt from their fp32 masters
+                         (`from_master`; rows such a weight stores of its own are its chunks,
+                         laid over the rebuilt rows on load)
 
 Only tensors can be saved (the checkpoint module turns small plain state into JSON beside it).
 """
@@ -39,8 +41,11 @@ from data.store import NotFound, ObjectStore
 from train.errors import UserError
 
 METADATA = "metadata.json"
-FORMAT = "mmpt-dcp-v2"  # v2: expert stacks as chunked logical tensors, weights from masters
-FORMATS = ("mmpt-dcp-v1", FORMAT)  # v1 (one key per routed expert) still loads
+# v2: expert stacks as chunked logical tensors, weights from masters; v3: a weight rebuilt from
+# its masters may store some rows of its own (its chunks, laid over), which a v2 reader would
+# take for the whole weight. v1 (one key per routed expert) and v2 still load.
+FORMAT = "mmpt-dcp-v3"
+FORMATS = ("mmpt-dcp-v1", "mmpt-dcp-v2", FORMAT)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
