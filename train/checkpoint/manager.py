@@ -366,8 +366,8 @@ class CheckpointManager:
             t = w.tensor.narrow(0, lo, m.sizes[0]) if m.sizes else w.tensor
             rows.append(_RowCheck(w.key, m.offsets, staged[i].tensor, self._host(
                 ("rows", w.key, m.offsets, m.sizes, t.dtype), t)))
-        if any(ents[i].tensor.device.type == "cuda" for i in mine):
-            torch.cuda.synchronize()
+        if any(ents[i].tensor.device.type == "cuda" for i in mine + [j for _, j, _ in checks]):
+            torch.cuda.synchronize()  # the copies were non-blocking
         return list(staged.values()), rows
 
     def _write(self, job: _Pending, staged: list[Staged], rows: list[_RowCheck],
@@ -707,6 +707,8 @@ def _differing_rows(master: torch.Tensor, weight: torch.Tensor) -> list[tuple[in
         same = torch.equal(master.to(weight.dtype).view(_BITS[weight.dtype]),
                            weight.view(_BITS[weight.dtype]))
         return [] if same else [(0, 1)]
+    if weight.numel() == 0:
+        return []
     n, width = weight.shape[0], max(1, weight[0].numel())
     step = max(1, _BLOCK // width)
     bits = _BITS[weight.dtype]
