@@ -276,7 +276,8 @@ class CheckpointManager:
             self.wait()
             _barrier()
             return name
-        job.thread = threading.Thread(target=self._write, args=(job, staged, rows, table, meta_bytes),
+        job.thread = threading.Thread(target=self._write,
+                                      args=(job, staged, rows, table, meta_bytes),
                                       name=f"ckpt-save-{step}", daemon=True)
         self._pending = job
         job.thread.start()
