@@ -7,8 +7,9 @@ Per rank (default --dense-mib-params=96 --expert-mib-params=64, about 0.55 GB pe
     rank i % 4, its experts to itself).
 Measured, per backend:
     sync_save_s          a synchronous save (training waits for all of it)
-    async_stall_s        how long an asynchronous save stops training (the host copy); the
-                         second save of a run (staging buffers reused), the first one too
+    async_stall_s        how long an asynchronous save stops training: the second save of a run
+                         (plan reused, staging buffers reused), the first one too; split into
+                         async_plan_s (the agreement on the plan) and async_host_copy_s
     async_write_s        from save() to the commit on rank 0 (background)
     write_MBps           data bytes / async_write_s, all ranks together
     bytes_per_param      data bytes / parameters, weights rebuilt from masters; and when the
@@ -121,7 +122,7 @@ def _body(rank, port, url, args, out_q):
         amgr.save(step, state)
         stalls.append(time.monotonic() - t0)
         done = amgr.wait()
-        parts.append((done["plan_s"], done["stage_s"]))
+        parts.append((done["plan_s"], done["stage_s"], done["plan_reused"]))
         writes.append(done.get("commit_s", done.get("write_s")) + done["stall_s"])
         dist.barrier()
     amgr.close()
@@ -156,6 +157,7 @@ def _free_port():
 
 
 def run_backend(url, args):
+    load_before = os.getloadavg()
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     port = _free_port()
@@ -179,10 +181,11 @@ def run_backend(url, args):
         "async_stall_s_first": round(stall[0], 3),
         "async_stall_s": round(stall[1], 3),
         "async_stall_over_sync": round(stall[1] / sync_s, 4),
-        # of the second stall, slowest rank: planning (collectives + the weight-vs-master
-        # check) and the host copy
+        # of the second stall, slowest rank: planning (the one all_reduce when the plan is
+        # reused) and the host copy
         "async_plan_s": round(max(r["stall_parts"][1][0] for r in ranks), 3),
         "async_host_copy_s": round(max(r["stall_parts"][1][1] for r in ranks), 3),
+        "async_plan_reused": all(r["stall_parts"][1][2] for r in ranks),
         "async_write_s": round(write_s, 3),
         "write_MBps": round(data / write_s / 1e6, 1),
         "bytes_per_param": round(data / params, 3),
@@ -190,6 +193,7 @@ def run_backend(url, args):
         "resume_s": round(max(r["resume_s"] for r in ranks), 3),
         "resume_requests_per_rank": [r["resume_requests"] for r in ranks],
         "resume_exact": all(r["resume_exact"] for r in ranks),
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     }
 
 

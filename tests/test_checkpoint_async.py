@@ -200,6 +200,107 @@ def test_weights_are_rebuilt_from_masters_instead_of_stored(tmp_path, perturb):
     assert sum(w for w, _ in out) == masters_bytes + (3 * 2 if perturb else 0)
 
 
+def _some_rows_off(rank, world, root):
+    """As _weights_and_masters, with rows 2-3 of w0 (owned by rank 0) and expert 3 (owned by
+    rank 1) off their masters, and w1's first element -0.0 where its master is 0.0 (equal as
+    numbers, other bits)."""
+    gen = torch.Generator().manual_seed(0)
+    masters = {"w0": torch.randn(6, 4, generator=gen), "w1": torch.randn(3, generator=gen),
+               "experts": torch.randn(4, 2, 3, generator=gen)}
+    masters["w1"][0] = 0.0
+    weights = {k: v.to(torch.bfloat16) for k, v in masters.items()}
+    weights["w0"][2:4] += 1
+    weights["experts"][3] *= 3
+    weights["w1"][0] = -0.0
+    state = {"model/w0": weights["w0"], "model/w1": weights["w1"]}
+    state.update({f"model/experts/expert-{e}": weights["experts"][e] for e in range(4)})
+    state[f"master/w{rank}"] = masters[f"w{rank}"]
+    state.update({f"master/experts/expert-{e}": masters["experts"][e]
+                  for e in range(2 * rank, 2 * rank + 2)})
+    mgr = CheckpointManager(root, async_save=True)
+    mgr.save(1, state)
+    mgr.close()
+    target = {k: torch.zeros_like(v) for k, v in state.items()}
+    CheckpointManager(root).load_latest(target)
+    same = {k: torch.equal(target[k].view(torch.uint8), v.view(torch.uint8))
+            for k, v in state.items()}
+    return mgr.last_save["bytes"], same, _numpy({k: v.view(torch.int16) for k, v in state.items()
+                                                 if k.startswith("model/")})
+
+
+def _load_weights(rank, world, root):
+    shapes = {"model/w0": (6, 4), "model/w1": (3,)}
+    shapes.update({f"model/experts/expert-{e}": (2, 3) for e in range(4)})
+    target = {k: torch.zeros(s, dtype=torch.bfloat16) for k, s in shapes.items()}
+    CheckpointManager(root).load_latest(target)
+    return _numpy({k: v.view(torch.int16) for k, v in target.items()})
+
+
+def test_weight_rows_off_their_masters_are_stored_and_laid_over_the_rebuilt_weight(tmp_path):
+    out = run_distributed(_some_rows_off, 2, str(tmp_path))
+    assert all(all(same.values()) for _, same, _ in out), out  # bit for bit, -0.0 included
+    doc = _metadata(tmp_path, 1)
+    assert doc["from_master"] == ["model/experts", "model/w0", "model/w1"]
+    assert doc["tensors"]["model/w0"]["chunks"] == [{"offsets": [2, 0], "sizes": [2, 4]}]
+    assert doc["tensors"]["model/w1"]["chunks"] == [{"offsets": [0], "sizes": [1]}]
+    assert doc["tensors"]["model/experts"]["chunks"] == [{"offsets": [3, 0, 0],
+                                                         "sizes": [1, 2, 3]}]
+    masters_bytes = (24 + 3 + 24) * 4
+    assert sum(w for w, _, _ in out) == masters_bytes + (2 * 4 + 1 + 2 * 3) * 2
+    # One rank, which holds every expert: masters read from both ranks' chunks, rows laid over
+    (one,) = run_distributed(_load_weights, 1, str(tmp_path))
+    saved = out[0][2]
+    for k, v in one.items():
+        assert (v == saved[k]).all(), k
+
+
+def _planned_saves(rank, world, root):
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(0)
+    masters = {"w0": torch.randn(6, 4, generator=gen), "w1": torch.randn(3, generator=gen)}
+    state = {f"model/{k}": v.to(torch.bfloat16) for k, v in masters.items()}
+    state[f"master/w{rank}"] = masters[f"w{rank}"]
+    state[f"optim/w{rank}/momentum_buffer"] = torch.full_like(masters[f"w{rank}"], 0.5)
+    mgr = CheckpointManager(root, async_save=True, keep_last=5)
+    reused, loads = [], []
+
+    def save(step):
+        mgr.save(step, state)
+        reused.append(mgr.wait()["plan_reused"])
+        dist.barrier()
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        CheckpointManager(root).load_latest(target)
+        loads.append(all(torch.equal(target[k], v) for k, v in state.items()))
+
+    save(1)
+    save(2)  # the same layout and values: the plan is reused
+    with torch.no_grad():  # values only: still the same plan; w0's row 5 now has bytes of its own
+        state["model/w0"][5] += 1
+        state["optim/w0/momentum_buffer"].mul_(2) if rank == 0 else None
+    save(3)
+    if rank == 1:  # one rank's chunk list changes: every rank plans afresh
+        state["model/extra"] = torch.arange(5.0)
+    save(4)
+    save(5)
+    mgr.close()
+    return reused, loads
+
+
+def test_the_plan_is_reused_while_the_layout_stays_and_made_afresh_when_it_changes(tmp_path):
+    out = run_distributed(_planned_saves, 2, str(tmp_path))
+    for reused, loads in out:
+        assert reused == [False, True, True, False, True]
+        assert all(loads)
+    one, two = tmp_path / step_dir(1), tmp_path / step_dir(2)
+    for f in sorted(p.name for p in one.iterdir() if p.is_file() and p.name != "meta.json"):
+        if f != "COMMITTED":
+            assert (one / f).read_bytes() == (two / f).read_bytes(), f  # reuse: the same bytes
+    three = _metadata(tmp_path, 3)
+    assert three["tensors"]["model/w0"]["chunks"] == [{"offsets": [5, 0], "sizes": [1, 4]}]
+    assert "model/extra" in _metadata(tmp_path, 4)["tensors"]
+
+
 def test_zero1_checkpoint_stores_no_weight_next_to_its_master(tmp_path):
     from tests.test_muonclip_parallel import WORLD, _body
 

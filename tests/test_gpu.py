@@ -197,6 +197,7 @@ def test_one_gpu_trainer_killed_and_resumed_continues_the_run(tmp_path):
 
 def _kill_and_resume(tmp_path, device: str):
     from launch.resume_check import finish, kill_group, logged_steps, start_run, wait_until
+    from tests.fault_hooks import env as faults
     from tests.corpus_fixtures import make_dataset
     from train.metrics import read_metrics
 
@@ -212,7 +213,7 @@ def _kill_and_resume(tmp_path, device: str):
     # Killed while writing checkpoint 4 (rank 0 pauses before its commit marker): a GPU runs
     # these steps too fast to kill between them reliably.
     killed = start_run("killed", tmp_path, "configs/tiny.toml", [*args, *ckpt], 1,
-                       env={"MMPT_PAUSE_BEFORE_COMMIT": "4"})
+                       env=faults(pause_before_commit=4))
     flag = tmp_path / "killed" / "paused-before-commit-4"
     wait_until(killed, flag.exists, 600, "the pause before committing step 4")
     kill_group(killed)

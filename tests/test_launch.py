@@ -26,6 +26,7 @@ import torch.distributed as dist
 from launch.resume_check import compare, final_fingerprints, finish, start_run
 from tests.corpus_fixtures import make_dataset
 from tests.dist import free_port
+from tests.fault_hooks import env as faults
 from train import cli
 from train.metrics import read_metrics
 
@@ -265,8 +266,9 @@ def test_slurm_sbatch_trains_checkpoints_and_restarts(slurm_cluster, dataset, re
     job_dir, out = tmp_path / "job", tmp_path / "slurm.out"
     args = ["--config", TINY, *_overrides(dataset, job_dir / "ckpt"),
             f"--train.run_dir={job_dir / 'run'}"]
+    # the crash is injected from outside the trainer (tests/fault_hooks.py)
     job = _sbatch(slurm_cluster, out, {"MMPT_MAX_RESTARTS": "1",
-                                       "MMPT_CRASH_AT_STEP": str(CRASH_AT)}, args)
+                                       **faults(crash_at_step=CRASH_AT)}, args)
     state = _wait_job(slurm_cluster, job, out)
     log = out.read_text()
     assert state == "COMPLETED", f"SLURM job {job} ended {state}:\n{log}"

@@ -3,7 +3,8 @@ CPU, the tiny model on the real small corpus (ingested into a local directory).
 
 One uninterrupted reference run of 8 steps, and one run that is SIGKILLed three times and resumed:
   0. killed while the background writers of checkpoint 4 are stuck in their first data part
-     (MMPT_PAUSE_DURING_WRITE) and training has gone on past step 4, with step 2 committed;
+     (MMPT_PAUSE_DURING_WRITE; the faults are injected by tests/fault_hooks.py) and training
+     has gone on past step 4, with step 2 committed;
   1. resumed from step 2 (the previous checkpoint stayed valid); killed DURING the checkpoint
      write of step 4 (MMPT_PAUSE_BEFORE_COMMIT stops rank 0 after the shards and metadata are
      written, before the COMMITTED marker), with step 2 committed;
@@ -30,6 +31,7 @@ import pytest
 from launch.resume_check import (compare, final_fingerprints, finish, kill_group, kill_step,
                                  logged_steps, start_run, wait_until)
 from tests.corpus_fixtures import make_dataset
+from tests.fault_hooks import env as faults
 
 STEPS, EVERY, KILL_AFTER, SEED = 8, 2, 4, 7
 TIMEOUT = 240.0
@@ -64,7 +66,7 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
 
     args = overrides(ds, tmp_path / "ckpt")
     # 0. Killed during the background write of checkpoint 4, while training runs on.
-    early = start_run("attempt0", tmp_path, cfg, args, 4, env={"MMPT_PAUSE_DURING_WRITE": "4"})
+    early = start_run("attempt0", tmp_path, cfg, args, 4, env=faults(pause_during_write=4))
     flag = tmp_path / "attempt0" / "paused-during-write-4"
     wait_until(early, lambda: flag.exists() and 5 in logged_steps(tmp_path / "attempt0"),
                TIMEOUT, "a background write of step 4 stuck while step 5 trains")
@@ -73,7 +75,7 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     assert (tmp_path / "ckpt" / "step-00000002" / "COMMITTED").exists()
 
     # 1. Killed during the write of checkpoint 4: its shards exist, its COMMITTED marker not.
-    first = start_run("attempt1", tmp_path, cfg, args, 4, env={"MMPT_PAUSE_BEFORE_COMMIT": "4"})
+    first = start_run("attempt1", tmp_path, cfg, args, 4, env=faults(pause_before_commit=4))
     flag = tmp_path / "attempt1" / "paused-before-commit-4"
     wait_until(first, flag.exists, TIMEOUT, "the pause before committing step 4")
     kill_group(first)
@@ -98,7 +100,7 @@ def test_sigkill_mid_checkpoint_and_mid_run_then_resume_is_bit_identical(ds, tmp
     # 3. Resumes from the newest complete checkpoint; one rank crashes before the last step,
     #    torchrun restarts the group (--max-restarts=1), which resumes again and finishes.
     third = start_run("attempt3", tmp_path, cfg, args, 4, max_restarts=1,
-                      env={"MMPT_CRASH_AT_STEP": str(STEPS)})
+                      env=faults(crash_at_step=STEPS))
     finish(third, "attempt3", tmp_path, TIMEOUT)
     assert f"injected crash before step {STEPS}" in (tmp_path / "attempt3.log").read_text()
     resumed_at = [e for e in _events(tmp_path / "attempt3") if "resumed from" in e]

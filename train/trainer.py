@@ -32,21 +32,12 @@ Steps are numbered 1..train.steps; a checkpoint of step N holds the state after 
 Checkpoints are asynchronous by default (checkpoint.async_save): a save stalls training only to
 copy this rank's state to host memory, the write runs in the background, the next save and the
 end of the run wait for it.
-
-Test hooks: MMPT_PAUSE_BEFORE_COMMIT=N makes rank 0 stop just before it commits checkpoint N
-(it writes RUN_DIR/paused-before-commit-N and sleeps), so a test can SIGKILL the run mid-write;
-MMPT_PAUSE_DURING_WRITE=N stops every rank's background writer at its first data part of
-checkpoint N (writing RUN_DIR/paused-during-write-N) while training goes on;
-MMPT_CRASH_AT_STEP=N makes the last rank exit with status 3 before step N (once a checkpoint in
-flight is committed, so where the restart resumes from is fixed), in the first attempt only
-(TORCHELASTIC_RESTART_COUNT unset or 0), so `torchrun --max-restarts` restarts the group.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,8 +49,7 @@ from data.vision import VisionPreprocess, normalize_patches
 from parallel.mesh import build_mesh
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
 from parallel.runtime import ParallelRuntime
-from train.checkpoint import (CheckpointManager, fill_masters, restore_rng, step_dir,
-                              training_state)
+from train.checkpoint import CheckpointManager, fill_masters, restore_rng, training_state
 from train.config import Config, ConfigError
 from train.errors import InvalidInput, UserError
 from train.hf_export import WEIGHTS_ONLY
@@ -75,9 +65,6 @@ from train.step import training_step
 # Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' data sheets; MFU is reported
 # only where the device is known. H200 has the H100's compute (more, faster memory).
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
-PAUSE_ENV = "MMPT_PAUSE_BEFORE_COMMIT"
-PAUSE_WRITE_ENV = "MMPT_PAUSE_DURING_WRITE"
-CRASH_ENV = "MMPT_CRASH_AT_STEP"
 
 
 class BadStepsError(UserError, RuntimeError):
@@ -161,51 +148,6 @@ def check_tokenizer(cfg: Config, tokenizer) -> None:
                           f"{tokenizer.vocab_size} ids ({cfg.data.tokenizer})")
 
 
-class _PauseBeforeCommit:
-    """Store wrapper for the kill-during-checkpoint-write tests (module docstring)."""
-
-    def __init__(self, store, step: int, flag: Path):
-        self._store, self._key, self._flag = store, f"{step_dir(step)}/COMMITTED", flag
-
-    def put(self, key, data, *args, **kwargs):
-        if key == self._key:
-            self._flag.write_text(f"{os.getpid()}\n")
-            while True:  # until SIGKILL
-                time.sleep(1)
-        return self._store.put(key, data, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
-
-
-class _PauseDuringWrite:
-    """Store wrapper that stops a background checkpoint writer at its first data part of one
-    step (module docstring)."""
-
-    def __init__(self, store, step: int, flag: Path):
-        self._store, self._prefix, self._flag = store, f"{step_dir(step)}/data-", flag
-
-    def open_upload(self, key, size, part_size):
-        upload = self._store.open_upload(key, size, part_size)
-        if not key.startswith(self._prefix):
-            return upload
-        flag = self._flag
-
-        class Paused:
-            def write(self, offset, data):
-                flag.write_text(f"{os.getpid()}\n")
-                while True:  # until SIGKILL
-                    time.sleep(1)
-
-            def __getattr__(self, name):
-                return getattr(upload, name)
-
-        return Paused()
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
-
-
 def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
     if not cfg.checkpoint.dir:
         return None
@@ -216,14 +158,6 @@ def checkpoint_manager(cfg: Config) -> CheckpointManager | None:
         store = open_store(c.dir, **cfg.store.checkpoint_store_opts(c.concurrency))
     except StoreError as e:  # the store names the path; the field is known here
         raise ConfigError(f"checkpoint.dir={c.dir!r}: {e}") from None
-    pause = os.environ.get(PAUSE_ENV)
-    if pause:
-        store = _PauseBeforeCommit(store, int(pause), Path(cfg.train.run_dir) /
-                                   f"paused-before-commit-{int(pause)}")
-    pause = os.environ.get(PAUSE_WRITE_ENV)
-    if pause:
-        store = _PauseDuringWrite(store, int(pause), Path(cfg.train.run_dir) /
-                                  f"paused-during-write-{int(pause)}")
     return CheckpointManager(store, keep_last=c.keep_last, async_save=c.async_save,
                              concurrency=c.concurrency, part_bytes=c.part_mib << 20,
                              object_bytes=c.object_mib << 20)
@@ -444,7 +378,6 @@ class Trainer:
             self.logger.event(f"nothing to do: step {self.step} >= train.steps={cfg.train.steps}")
         batches = iter(self.loader)
         while self.step < cfg.train.steps:
-            self._maybe_crash(self.step + 1)
             t0 = time.monotonic()
             batch = next(batches)
             data_s = time.monotonic() - t0  # waiting for the loader (tok_s excludes it)
@@ -479,19 +412,6 @@ class Trainer:
             self.wait_for_checkpoint()
             self.ckpt.close()  # the last checkpoint is committed before any rank exits
         return self.finish()
-
-    def _maybe_crash(self, step: int) -> None:
-        """The restart-test hook (module docstring)."""
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        if os.environ.get(CRASH_ENV) != str(step) or not first_attempt:
-            return
-        if self.ckpt is not None:  # the crash lands after the checkpoint in flight committed
-            self.wait_for_checkpoint()
-            self.ckpt.close()
-        if self.rank == self.world - 1:
-            print(f"rank {self.rank}: injected crash before step {step} ({CRASH_ENV})",
-                  flush=True)
-            os._exit(3)
 
     def finish(self) -> dict:
         """Gather every rank's state fingerprint into RUN_DIR/final-state.json (rank 0)."""

@@ -4,14 +4,19 @@ A checkpoint of step N lives under `<root>/step-0000000N/` (root: a local direct
 s3://bucket/prefix, through data.store). Object stores cannot rename, so completeness is a
 marker, the same for both backends:
 
-  1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan
-     (one gather and one scatter, no store request): an attempt id, which rank writes each
-     chunk (replicas are written once, spread by bytes) and which weights need no bytes of
-     their own (below); each rank copies the chunks it writes to host memory (pinned on CUDA).
-     This copy is all that training waits for.
-  2. (background thread, every rank) the chunks are written (storage.write_chunks: parallel
-     parts, every object durable), then a done marker `done/<attempt>/rank-RRRRR.json` with the
-     rank's item records (or the error that stopped it);
+  1. (main thread, every rank) a save still in flight is waited for; the ranks agree on a plan:
+     an attempt id, which rank writes each chunk (replicas are written once, spread by bytes)
+     and which weights need no bytes of their own (below). The plan depends only on the ranks'
+     chunk lists (keys, offsets, sizes, dtypes), so the last one is kept: one all_reduce of a
+     flag says whether every rank's list is unchanged (and carries rank 0's new attempt id);
+     only if one changed do the ranks plan afresh (one gather, one scatter). No store request.
+     Each rank then copies the chunks it writes to host memory (pinned on CUDA), and the
+     owner of each master the weight rows it covers. This copy is all that training waits for.
+  2. (background thread, every rank) the owner compares those weight rows with its masters
+     rounded; the chunks, and the weight rows that do not round, are written
+     (storage.write_chunks: parallel parts, every object durable), then a done marker
+     `done/<attempt>/rank-RRRRR.json` with the rank's item records and weight rows (or the
+     error that stopped it);
   3. (rank 0's background thread) once every rank's done marker of this attempt is there, it
      deletes whatever an earlier, interrupted attempt left under the step, writes
      `metadata.json`, then `meta.json` (small JSON state: step, data-loader state, ...) and
@@ -24,11 +29,13 @@ The background thread never runs a collective (it would race the training's on t
 group): ranks agree through the done markers in the store. `async_save=False` runs steps 2-4 in
 the caller and ends with a barrier, so `save` returns once the checkpoint is committed.
 
-No redundant bytes: a weight whose every row has an fp32 master that rounds to it exactly (the
-ZeRO-1 owner checks this at save: QK-Clip scaling weights and masters separately can break it
-in bf16) is not stored; metadata.json lists it under `from_master` and a load reads the master's
-bytes into the weight (a cast, as ZeRO-1 does after each step). Expert stacks are one logical
-tensor each (layout.py).
+No redundant bytes: a weight whose every row has an fp32 master on a rank that holds the row too
+(ZeRO-1's owner) is listed under `from_master` in metadata.json and a load reads the master's
+bytes into it (a cast, as ZeRO-1 does after each step). That decision is layout only; the values
+are checked in the background: rows where the weight is not bit for bit its master rounded
+(QK-Clip scales weights and masters separately, which can break it in bf16) are stored as chunks
+of the weight, and a load lays them over the rebuilt weight. A weight with every row stored is an
+ordinary tensor. Expert stacks are one logical tensor each (layout.py).
 
 Loading takes the newest checkpoint that validates. Rank 0 reads the marker and the small
 metadata (marker parses, hashes match) and broadcasts them; every rank then checks only the
@@ -61,6 +68,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -169,6 +177,7 @@ class CheckpointManager:
         self.part_bytes, self.object_bytes = part_bytes, object_bytes
         self._pending: _Pending | None = None
         self._staging: dict[tuple, torch.Tensor] = {}  # host buffers, reused save after save
+        self._last_plan: tuple | None = None  # (chunk lists' signature, mine, checks, table)
         self.last_save: dict[str, Any] = {}  # figures of the newest finished save
         self.last_load: dict[str, Any] = {}  # figures of the newest load
         self.skipped: list[tuple[str, str]] = []  # (checkpoint name, reason), in report order
@@ -251,21 +260,24 @@ class CheckpointManager:
         waited = time.monotonic() - t0
         name = step_dir(step)
         meta_bytes = json.dumps({"step": step, **(meta or {})}, sort_keys=True).encode()
-        mine, table, attempt = self._plan(entries(tensors))
+        ents = entries(tensors)
+        mine, checks, table, attempt, reused = self._plan(ents)
         planned = time.monotonic()
-        staged = self._stage(mine)
+        staged, rows = self._stage(ents, mine, checks)
         job = _Pending(step=step, name=name, started=t0, attempt=attempt)
         job.stats = {"stall_s": time.monotonic() - t0, "wait_s": waited,
                      "plan_s": planned - t0 - waited, "stage_s": time.monotonic() - planned,
-                     "bytes": sum(c.nbytes for c in staged),
-                     "chunks": len(staged)}
+                     "plan_reused": reused,
+                     "staged_bytes": sum(c.nbytes for c in staged)
+                     + sum(r.weight.numel() * r.weight.element_size() for r in rows)}
         if not self.async_save:
-            self._write(job, staged, table, meta_bytes)
+            self._write(job, staged, rows, table, meta_bytes)
             self._pending = job
             self.wait()
             _barrier()
             return name
-        job.thread = threading.Thread(target=self._write, args=(job, staged, table, meta_bytes),
+        job.thread = threading.Thread(target=self._write,
+                                      args=(job, staged, rows, table, meta_bytes),
                                       name=f"ckpt-save-{step}", daemon=True)
         self._pending = job
         job.thread.start()
@@ -290,72 +302,100 @@ class CheckpointManager:
         self.wait()
         _barrier()
 
-    def _plan(self, ents: list[Entry]) -> tuple[list[Entry], dict | None, str]:
-        """(the entries this rank writes, rank 0: the table of logical tensors for metadata,
-        the attempt id)."""
+    def _plan(self, ents: list[Entry]):
+        """(indices of the entries this rank writes, its row checks (master index, weight index,
+        first row), rank 0: the table of logical tensors for metadata, the attempt id, whether
+        the previous save's plan was reused).
+
+        The plan depends only on the ranks' chunk lists (keys, offsets, sizes, dtypes), never
+        on values, so the last one is kept: one all_reduce tells whether every rank's list is
+        the one it was made from; otherwise the ranks plan afresh (one gather, one scatter)."""
         local = [(e.key, e.offsets, e.sizes, dtype_name(e.tensor.dtype), e.nbytes, e.stacked)
                  for e in ents]
-        verified = _verified_masters(ents)
+        signature = hashlib.blake2b(repr(local).encode(), digest_size=16).digest()
+        cached = self._last_plan
+        stale, salt = _any_rank(cached is None or cached[0] != signature)
+        if not stale:
+            _, mine, checks, table = cached
+            return mine, checks, table, f"{salt:016x}", True
         if _dist():
             plans = [None] * _world() if _rank() == 0 else None
-            dist.gather_object((local, verified), plans, dst=0)
+            dist.gather_object(local, plans, dst=0)
         else:
-            plans = [(local, verified)]
+            plans = [local]
         picks, table = (_global_plan(plans) if _rank() == 0 else (None, None))
         if picks is not None:
             attempt = uuid.uuid4().hex[:16]
-            picks = [(p, attempt) for p in picks]
+            picks = [(*p, attempt) for p in picks]
         if _dist():
             box = [None]
             dist.scatter_object_list(box, picks, src=0)
-            mine, attempt = box[0]
+            mine, checks, attempt = box[0]
         else:
-            mine, attempt = picks[0]
-        return [ents[i] for i in mine], table, attempt
+            mine, checks, attempt = picks[0]
+        self._last_plan = (signature, mine, checks, table)
+        return mine, checks, table, attempt, False
 
-    def _stage(self, mine: list[Entry]) -> list[Staged]:
-        """Host copies of the chunks this rank writes (what training waits for). Asynchronous
-        saves keep the buffers for the next save (pinned on CUDA); a synchronous save writes
-        contiguous CPU tensors as they are."""
-        out, cuda = [], False
-        for e in mine:
-            t = e.tensor.detach()
-            if not self.async_save and t.device.type == "cpu" and t.is_contiguous():
-                out.append(Staged(e.key, e.offsets, t))
-                continue
-            spec = (e.key, e.offsets, e.sizes, t.dtype)
-            buf = self._staging.get(spec)
-            if buf is None:
-                buf = torch.empty(e.sizes, dtype=t.dtype, device="cpu",
-                                  pin_memory=t.device.type == "cuda")
-                if self.async_save:
-                    self._staging[spec] = buf
-            cuda |= t.device.type == "cuda"
-            buf.copy_(t, non_blocking=t.device.type == "cuda")
-            out.append(Staged(e.key, e.offsets, buf))
-        if cuda:
-            torch.cuda.synchronize()
-        return out
+    def _host(self, spec: tuple, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of t (what training waits for). Asynchronous saves keep the buffers for
+        the next save (pinned on CUDA); a synchronous save uses contiguous CPU tensors as they
+        are."""
+        t = t.detach()
+        if not self.async_save and t.device.type == "cpu" and t.is_contiguous():
+            return t
+        buf = self._staging.get(spec)
+        if buf is None:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu",
+                              pin_memory=t.device.type == "cuda")
+            if self.async_save:
+                self._staging[spec] = buf
+        buf.copy_(t, non_blocking=t.device.type == "cuda")
+        return buf
 
-    def _write(self, job: _Pending, staged: list[Staged], table: dict | None,
-               meta_bytes: bytes) -> None:
+    def _stage(self, ents: list[Entry], mine: list[int], checks: list[tuple[int, int, int]]
+               ) -> tuple[list[Staged], list[_RowCheck]]:
+        """Host copies of the chunks this rank writes, and of the weight rows its masters are
+        compared with in the background."""
+        staged = {}
+        for i in mine:
+            e = ents[i]
+            staged[i] = Staged(e.key, e.offsets, self._host(
+                ("chunk", e.key, e.offsets, e.sizes, e.tensor.dtype), e.tensor))
+        rows = []
+        for i, j, lo in checks:
+            m, w = ents[i], ents[j]
+            t = w.tensor.narrow(0, lo, m.sizes[0]) if m.sizes else w.tensor
+            rows.append(_RowCheck(w.key, m.offsets, staged[i].tensor, self._host(
+                ("rows", w.key, m.offsets, m.sizes, t.dtype), t)))
+        if any(ents[i].tensor.device.type == "cuda" for i in mine + [j for _, j, _ in checks]):
+            torch.cuda.synchronize()  # the copies were non-blocking
+        return list(staged.values()), rows
+
+    def _write(self, job: _Pending, staged: list[Staged], rows: list[_RowCheck],
+               table: dict | None, meta_bytes: bytes) -> None:
         """Steps 2-4 of the protocol (module docstring); failures land in job.error."""
         rank, name = _rank(), job.name
         t0 = time.monotonic()
+        done = f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json"
         try:
             if rank == 0:  # a re-save of a committed step: never a marker over new bytes
                 self.store.delete(f"{name}/{COMMITTED}")
             try:
-                records = write_chunks(self.store, name, rank, staged,
+                overrides = _overrides(rows)
+                chunks = staged + overrides
+                records = write_chunks(self.store, name, rank, chunks,
                                        object_bytes=self.object_bytes, part_bytes=self.part_bytes,
                                        concurrency=self.concurrency)
             except BaseException as e:
-                self.store.put(f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json",
-                               json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+                self.store.put(done, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
                 raise
-            self.store.put(f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json",
-                           json.dumps({"items": records}).encode())
-            job.stats["write_s"] = time.monotonic() - t0
+            report = {"items": records, "overrides": [
+                {"key": c.key, "offsets": list(c.offsets), "sizes": list(c.tensor.shape)}
+                for c in overrides]}
+            self.store.put(done, json.dumps(report).encode())
+            job.stats.update(write_s=time.monotonic() - t0, chunks=len(chunks),
+                             bytes=sum(c.nbytes for c in chunks),
+                             override_bytes=sum(c.nbytes for c in overrides))
             if rank == 0:
                 self._commit(job.step, name, table, meta_bytes, job.attempt)
                 job.stats["commit_s"] = time.monotonic() - t0
@@ -377,16 +417,18 @@ class CheckpointManager:
                 waited = time.monotonic()
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
-        items, failed = [], []
+        items, overrides, failed = [], [], []
         for key in done:
             report = json.loads(self.store.get(key))
             if "error" in report:
                 failed.append(f"{key.rpartition('/')[2]}: {report['error']}")
             else:
                 items += report["items"]
+                overrides += report["overrides"]
         if failed:
             raise CheckpointWriteError("; ".join(failed))
-        meta_doc = build_metadata(table["tensors"], items, table["from_master"])
+        stored, from_master = _with_overrides(table, overrides)
+        meta_doc = build_metadata(stored, items, from_master)
         _, doc = parse_metadata(meta_doc, f"{name}/{METADATA}")
         ours = {f"{name}/{obj}" for obj in doc["objects"]} | set(done)
         for key in self.store.list(f"{name}/"):  # leftovers of an interrupted attempt
@@ -534,8 +576,9 @@ class CheckpointManager:
                 metadata.state_dict_metadata, set(doc["from_master"]), optional)
             if problem is not None:
                 return None, problem, None, None
-            reads = [r for _, _, rs in plan for r in rs]
-            requests = read_chunks(self.store, name, metadata, doc, reads,
+            reads = [r for _, _, rs, _ in plan for r in rs]
+            overlays = [r for _, _, _, rs in plan for r in rs]
+            requests = read_chunks(self.store, name, metadata, doc, reads, after=overlays,
                                    concurrency=self.concurrency)
         except (CorruptCheckpoint, StoreError) as e:
             reason = _damage(e)
@@ -545,63 +588,52 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 - every rank must reach the agreement collective
             return None, None, None, e
         with torch.no_grad():
-            for entry, fresh, _ in plan:
+            for entry, fresh, _, _ in plan:
                 entry.tensor.copy_(fresh)
         self.last_load = {"step": step, "requests": requests, "seconds": time.monotonic() - t0,
-                          "bytes": sum(f.numel() * f.element_size() for _, f, _ in plan)}
+                          "bytes": sum(f.numel() * f.element_size() for _, f, _, _ in plan)}
         return Loaded(step=step, meta=json.loads(meta_bytes), name=name, missing=missing), \
             None, None, None
 
 
-def _verified_masters(ents: list[Entry]) -> list[tuple[str, tuple[int, ...]]]:
-    """(key, offsets) of this rank's master/ chunks whose weight rows on this rank are exactly
-    the master rounded to the weight's dtype: those weights need no bytes of their own."""
-    weights: dict[str, list[Entry]] = {}
-    for e in ents:
-        if e.key.startswith("model/"):
-            weights.setdefault(e.key, []).append(e)
-    out = []
-    with torch.no_grad():
-        for e in ents:
-            if not e.key.startswith("master/"):
-                continue
-            for w in weights.get("model/" + e.key.removeprefix("master/"), []):
-                if w.tensor.dim() != e.tensor.dim() or w.sizes[1:] != e.sizes[1:]:
-                    continue
-                lo = e.offsets[0] - w.offsets[0] if e.tensor.dim() else 0
-                if e.tensor.dim() and not (0 <= lo and lo + e.sizes[0] <= w.sizes[0]):
-                    continue
-                rows = w.tensor.narrow(0, lo, e.sizes[0]) if e.tensor.dim() else w.tensor
-                if rows.is_floating_point() and _rounds_to(e.tensor, rows):
-                    out.append((e.key, e.offsets))
-                break
-    return out
-
-
+_FLOATS = ("float64", "float32", "float16", "bfloat16")
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}
 _BLOCK = 4 << 20  # elements cast at a time: a small reused buffer instead of a full-size copy
 
 
-def _rounds_to(master: torch.Tensor, weight: torch.Tensor) -> bool:
-    """weight == master.to(weight.dtype), blockwise (faster: no large fresh allocation)."""
-    if master.shape != weight.shape:
-        return False
-    m, w = master.reshape(-1), weight.reshape(-1)
-    scratch = torch.empty(min(_BLOCK, w.numel()), dtype=w.dtype, device=w.device)
-    for i in range(0, w.numel(), _BLOCK):
-        n = min(_BLOCK, w.numel() - i)
-        part = scratch[:n]
-        part.copy_(m[i:i + n])
-        if not torch.equal(part, w[i:i + n]):
-            return False
-    return True
+def _pairs(local: list[tuple]) -> dict[int, tuple[int, int]]:
+    """For one rank's chunk list: master chunk index -> (index of the weight chunk on the same
+    rank that holds its rows, the first of those rows in that chunk). Layout only: which
+    weights can be rebuilt from masters never depends on the values."""
+    weights: dict[str, list[int]] = {}
+    for j, (key, _, _, dtype, _, _) in enumerate(local):
+        if key.startswith("model/") and dtype in _FLOATS:
+            weights.setdefault(key, []).append(j)
+    out = {}
+    for i, (key, offsets, sizes, dtype, _, _) in enumerate(local):
+        if not key.startswith("master/") or dtype not in _FLOATS:
+            continue
+        for j in weights.get("model/" + key.removeprefix("master/"), []):
+            w_offsets, w_sizes = local[j][1], local[j][2]
+            if len(w_sizes) != len(sizes) or w_sizes[1:] != sizes[1:] \
+                    or w_offsets[1:] != offsets[1:]:
+                continue
+            lo = offsets[0] - w_offsets[0] if sizes else 0
+            if sizes and not (0 <= lo and lo + sizes[0] <= w_sizes[0]):
+                continue
+            out[i] = (j, lo)
+            break
+    return out
 
 
-def _global_plan(plans: list) -> tuple[list[list[int]], dict]:
-    """Rank 0: from every rank's (chunks, verified masters), which chunk indices each rank
-    writes, and the table of logical tensors (dtype, size, chunks) and `from_master` weights."""
+def _global_plan(plans: list[list[tuple]]) -> tuple[list[tuple[list[int], list[tuple]]], dict]:
+    """Rank 0: from every rank's chunk list, per rank (the chunk indices it writes, its row
+    checks (master index, weight index, first row)), and the table of logical tensors (dtype,
+    size, chunks), the `from_master` weights and their dtype and size (`weights`)."""
     tensors: dict[str, dict] = {}
     holders: dict[tuple, list[tuple[int, int, int]]] = {}
-    for rank, (local, _) in enumerate(plans):
+    for rank, local in enumerate(plans):
         for i, (key, offsets, sizes, dtype, nbytes, stacked) in enumerate(local):
             t = tensors.setdefault(key, {"dtype": dtype, "stacked": stacked, "boxes": {}})
             if t["dtype"] != dtype or t["stacked"] != stacked:
@@ -622,66 +654,159 @@ def _global_plan(plans: list) -> tuple[list[list[int]], dict]:
             if o[0] != end or list(z[1:]) != t["size"][1:]:
                 raise ValueError(f"the ranks' chunks of {key!r} do not tile it: {boxes}")
             end = o[0] + z[0]
-    verified: dict[str, list[tuple]] = {}
-    for _, ver in plans:
-        for key, offsets in ver:
-            verified.setdefault(key, []).append(tuple(offsets))
-    from_master = []
-    for key in tensors:
-        mkey = "master/" + key.removeprefix("model/")
-        if not key.startswith("model/") or mkey not in tensors:
+    pairs = [_pairs(local) for local in plans]
+    from_master, checked = [], set()  # checked: master keys whose writers check weight rows
+    for key, t in tensors.items():
+        mkey = master_key(key)
+        if not key.startswith("model/") or mkey not in tensors or t["dtype"] not in _FLOATS:
             continue
         m = tensors[mkey]
-        if m["size"] != tensors[key]["size"]:
+        if m["size"] != t["size"] or m["dtype"] not in _FLOATS:
             continue
-        ok = {off for off in verified.get(mkey, [])}
-        if all(o in ok for o, _ in m["boxes"]):  # every master chunk matches its weight rows
+        # every master chunk has a holder that holds the weight's rows too (ZeRO-1's owner)
+        if all(any(i in pairs[r] for r, i, _ in holders[(mkey, box)]) for box in m["boxes"]):
             from_master.append(key)
+            checked.add(mkey)
     picks: list[list[int]] = [[] for _ in plans]
+    checks: list[list[tuple[int, int, int]]] = [[] for _ in plans]
     load = [0] * len(plans)
     order = sorted(holders.items(), key=lambda kv: (-kv[1][0][2], kv[0][0], kv[0][1]))
     for (key, _), hs in order:
         if key in from_master:
             continue
+        if key in checked:  # written by a holder that can check the weight's rows
+            hs = [h for h in hs if h[1] in pairs[h[0]]]
         rank, i, nbytes = min(hs, key=lambda h: (load[h[0]], h[0]))  # replicas: least loaded
         picks[rank].append(i)
         load[rank] += nbytes
+        if key in checked:
+            checks[rank].append((i, *pairs[rank][i]))
     table = {k: {"dtype": t["dtype"], "size": t["size"],
                  "chunks": [{"offsets": list(o), "sizes": list(z)} for o, z in sorted(t["boxes"])]}
              for k, t in tensors.items() if k not in from_master}
-    return [sorted(p) for p in picks], {"tensors": table, "from_master": from_master}
+    weights = {k: {"dtype": tensors[k]["dtype"], "size": tensors[k]["size"]} for k in from_master}
+    return ([(sorted(p), sorted(c)) for p, c in zip(picks, checks)],
+            {"tensors": table, "from_master": from_master, "weights": weights})
+
+
+@dataclass
+class _RowCheck:
+    """Host copies of one master chunk and of the weight rows it covers, compared in the
+    background: rows that are not exactly the master rounded are written as chunks of the
+    weight (`key`, at the master chunk's `offsets`)."""
+
+    key: str
+    offsets: tuple[int, ...]
+    master: torch.Tensor
+    weight: torch.Tensor
+
+
+def _differing_rows(master: torch.Tensor, weight: torch.Tensor) -> list[tuple[int, int]]:
+    """[a, b) runs of rows (dim 0) where weight is not bit for bit master.to(weight.dtype)
+    (bits, not ==: -0.0 and NaN payloads must come back as they were)."""
+    if weight.dim() == 0:
+        same = torch.equal(master.to(weight.dtype).view(_BITS[weight.dtype]),
+                           weight.view(_BITS[weight.dtype]))
+        return [] if same else [(0, 1)]
+    if weight.numel() == 0:
+        return []
+    n, width = weight.shape[0], max(1, weight[0].numel())
+    step = max(1, _BLOCK // width)
+    bits = _BITS[weight.dtype]
+    scratch = torch.empty((min(step, n), *weight.shape[1:]), dtype=weight.dtype)
+    differs = torch.zeros(n + 2, dtype=torch.int8)  # padded by one row each side
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        cast = scratch[:b - a]
+        cast.copy_(master[a:b])
+        differs[a + 1:b + 1] = (cast.view(bits) != weight[a:b].view(bits)).reshape(b - a, -1) \
+            .any(1)
+    edges = torch.diff(differs)
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return list(zip(starts, ends))
+
+
+def _overrides(checks: list[_RowCheck]) -> list[Staged]:
+    """The weight rows that do not round from their masters, as chunks of the weight."""
+    out = []
+    with torch.no_grad():
+        for c in checks:
+            for a, b in _differing_rows(c.master, c.weight):
+                if c.weight.dim() == 0:
+                    out.append(Staged(c.key, c.offsets, c.weight))
+                else:
+                    out.append(Staged(c.key, (c.offsets[0] + a, *c.offsets[1:]), c.weight[a:b]))
+    return out
+
+
+def _with_overrides(table: dict, overrides: list[dict]) -> tuple[dict, list[str]]:
+    """The stored tensors and `from_master` weights once the ranks' override chunks are known:
+    a weight with some rows stored is rebuilt from its master, then those rows are laid over
+    it; a weight with all rows stored is an ordinary tensor."""
+    tensors, from_master = dict(table["tensors"]), list(table["from_master"])
+    chunks: dict[str, list[dict]] = {}
+    for o in overrides:
+        chunks.setdefault(o["key"], []).append({"offsets": o["offsets"], "sizes": o["sizes"]})
+    for key, cs in chunks.items():
+        w = table["weights"][key]
+        tensors[key] = {"dtype": w["dtype"], "size": w["size"],
+                        "chunks": sorted(cs, key=lambda c: c["offsets"])}
+        if sum(math.prod(c["sizes"]) for c in cs) == math.prod(w["size"]):
+            from_master.remove(key)
+    return tensors, from_master
+
+
+def _any_rank(flag: bool) -> tuple[bool, int]:
+    """(flag is set on some rank, a random 62-bit number drawn by rank 0) in one all_reduce."""
+    salt = uuid.uuid4().int >> 66 if _rank() == 0 else 0
+    if not _dist():
+        return flag, salt
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    box = torch.tensor([int(flag), salt], dtype=torch.int64, device=device)
+    dist.all_reduce(box)
+    return bool(box[0].item()), int(box[1].item())
 
 
 def _read_plan(url: str, name: str, ents: list[Entry], stored: dict, from_master: set[str],
                optional: tuple[str, ...]):
-    """([(entry, fresh buffer, reads)], missing in-memory keys, config problem or None)."""
+    """([(entry, fresh buffer, reads, overlay reads)], missing in-memory keys, config problem
+    or None). A weight rebuilt from its master reads the master, then the rows stored of its
+    own (overlay reads, applied after the first ones)."""
     plan, missing = [], []
     for e in ents:
-        src = e.key if e.key in stored else master_key(e.key) if e.key in from_master else None
-        if src is None:
+        if e.key in from_master:
+            sources = [master_key(e.key)] + ([e.key] if e.key in stored else [])
+        elif e.key in stored:
+            sources = [e.key]
+        else:
             missing += e.members
             continue
-        md = stored[src]
-        size, t = tuple(md.size), e.tensor
-        fits = (len(size) == t.dim() and (e.stacked or e.sizes == size)
-                and all(o + z <= n for o, z, n in zip(e.offsets, e.sizes, size)))
-        same_kind = (md.properties.dtype == t.dtype if src == e.key
-                     else t.is_floating_point())
-        if not (fits and same_kind):
-            rows = f" rows {e.offsets[0]}..{e.offsets[0] + e.sizes[0]}" if e.stacked else ""
-            shown = e.key + rows
-            return [], [], (f"checkpoint {url}/{name}: {shown} is {md.properties.dtype} {size} "
-                            f"there and {t.dtype} {tuple(t.shape)} here (model config differs?)")
         fresh = fresh_like(e)
         chunk = ChunkStorageMetadata(offsets=torch.Size(e.offsets), sizes=torch.Size(e.sizes))
-        reads = []
-        for ri in create_read_items_for_chunk_list(src, md, [chunk]):
-            target = fresh
-            for dim, (o, n) in enumerate(zip(ri.dest_offsets, ri.lengths)):
-                target = target.narrow(dim, o, n)
-            reads.append(Read(storage=ri.storage_index, src_offsets=tuple(ri.storage_offsets),
-                              target=target))
-        plan.append((e, fresh, reads))
+        reads: list[list[Read]] = []
+        for src in sources:
+            md = stored[src]
+            size, t = tuple(md.size), e.tensor
+            fits = (len(size) == t.dim() and (e.stacked or e.sizes == size)
+                    and all(o + z <= n for o, z, n in zip(e.offsets, e.sizes, size)))
+            same_kind = (md.properties.dtype == t.dtype if src == e.key
+                         else t.is_floating_point())
+            if not (fits and same_kind):
+                rows = f" rows {e.offsets[0]}..{e.offsets[0] + e.sizes[0]}" if e.stacked else ""
+                shown = src + rows
+                return [], [], (f"checkpoint {url}/{name}: {shown} is {md.properties.dtype} "
+                                f"{size} there and {t.dtype} {tuple(t.shape)} here (model config "
+                                "differs?)")
+            reads.append([])
+            for ri in create_read_items_for_chunk_list(src, md, [chunk]):
+                target = fresh
+                for dim, (o, n) in enumerate(zip(ri.dest_offsets, ri.lengths)):
+                    target = target.narrow(dim, o, n)
+                reads[-1].append(Read(storage=ri.storage_index,
+                                      src_offsets=tuple(ri.storage_offsets), target=target))
+        plan.append((e, fresh, reads[0], reads[1] if len(reads) > 1 else []))
     required = [k for k in missing if not k.startswith(optional)]
     if required:
         return [], missing, (f"checkpoint {url}/{name} lacks {len(required)} entries, e.g. "

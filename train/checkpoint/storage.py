@@ -16,7 +16,9 @@ Layout under the checkpoint prefix:
     metadata.json        written by the coordinator once every rank's bytes are durable: logical
                          tensors with their chunks (DCP's ChunkStorageMetadata: offsets, sizes),
                          where each chunk's bytes are (object, start, length, crc32), the size of
-                         every object, and the weights stored only as their fp32 masters
+                         every object, and the weights rebuilt from their fp32 masters
+                         (`from_master`; rows such a weight stores of its own are its chunks,
+                         laid over the rebuilt rows on load)
 
 Only tensors can be saved (the checkpoint module turns small plain state into JSON beside it).
 """
@@ -39,8 +41,11 @@ from data.store import NotFound, ObjectStore
 from train.errors import UserError
 
 METADATA = "metadata.json"
-FORMAT = "mmpt-dcp-v2"  # v2: expert stacks as chunked logical tensors, weights from masters
-FORMATS = ("mmpt-dcp-v1", FORMAT)  # v1 (one key per routed expert) still loads
+# v2: expert stacks as chunked logical tensors, weights from masters; v3: a weight rebuilt from
+# its masters may store some rows of its own (its chunks, laid over), which a v2 reader would
+# take for the whole weight. v1 (one key per routed expert) and v2 still load.
+FORMAT = "mmpt-dcp-v3"
+FORMATS = ("mmpt-dcp-v1", "mmpt-dcp-v2", FORMAT)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
@@ -190,20 +195,28 @@ class Read:
 
 
 def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
-                reads: list[Read], *, concurrency: int) -> int:
-    """Check the size of every object `reads` touch against metadata, read them (nearby items
-    of one object in one ranged GET, `concurrency` at a time), check each item's CRC32 and copy
-    the asked-for boxes; returns the number of store requests. CorruptCheckpoint / NotFound name
-    the damaged object."""
-    by_object: dict[str, dict[MetadataIndex, list[Read]]] = {}
-    for r in reads:
-        info = metadata.storage_data[r.storage]
-        by_object.setdefault(info["object"], {}).setdefault(r.storage, []).append(r)
-    spans = []
-    for obj, by_item in by_object.items():
-        infos = sorted(((metadata.storage_data[idx], rs) for idx, rs in by_item.items()),
-                       key=lambda x: x[0]["start"])
-        spans += [(obj, start, end, group) for start, end, group in _coalesce(infos)]
+                reads: list[Read], *, concurrency: int, after: list[Read] = ()) -> int:
+    """Check the size of every object `reads` and `after` touch against metadata, read them
+    (nearby items of one object in one ranged GET, `concurrency` at a time), check each item's
+    CRC32 and copy the asked-for boxes, those of `after` once all of `reads` are done (rows laid
+    over a weight rebuilt from its master); returns the number of store requests.
+    CorruptCheckpoint / NotFound name the damaged object."""
+    objects: set[str] = set()
+
+    def spans_of(rds: list[Read]) -> list[tuple]:
+        by_object: dict[str, dict[MetadataIndex, list[Read]]] = {}
+        for r in rds:
+            info = metadata.storage_data[r.storage]
+            by_object.setdefault(info["object"], {}).setdefault(r.storage, []).append(r)
+        objects.update(by_object)
+        spans = []
+        for obj, by_item in by_object.items():
+            infos = sorted(((metadata.storage_data[idx], rs) for idx, rs in by_item.items()),
+                           key=lambda x: x[0]["start"])
+            spans += [(obj, start, end, group) for start, end, group in _coalesce(infos)]
+        return spans
+
+    phases = [spans_of(reads), spans_of(list(after))]
 
     def check_size(obj: str) -> None:
         want = doc["objects"].get(obj)
@@ -239,9 +252,10 @@ def read_chunks(store: ObjectStore, prefix: str, metadata: Metadata, doc: dict,
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ckpt-read") as pool, \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        list(pool.map(check_size, sorted(by_object)))
-        list(pool.map(read_span, spans))
-    return len(by_object) + len(spans)
+        list(pool.map(check_size, sorted(objects)))
+        for spans in phases:
+            list(pool.map(read_span, spans))
+    return len(objects) + sum(len(spans) for spans in phases)
 
 
 def _coalesce(infos):
