@@ -268,8 +268,9 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
                  dep_s: float | None = None) -> Hardware:
     """This machine as the planner sees it: the `cores_free` cores the other users left the
     ranks, shared by them, the calibrated CPU seconds per FLOP, per layer action, per owned
-    parameter of the optimizer step and DEP's fixed cost (cal's, unless given), and the pinged
-    CPU cost and latency of a collective and of a send or receive."""
+    parameter of the optimizer step and DEP's fixed cost (cal's, unless given), the pinged
+    CPU cost and latency of a collective and of a send or receive, and the runtime's fitted
+    CPU per event (EVENT_FIELDS; 0 before they are fitted)."""
     pick = lambda x, key: cal.get(key, 0.0) if x is None else x  # noqa: E731
     gpu = GPU("cpu", 1e12, 1 / max(pick(sec_per_flop, "sec_per_flop"), 1e-30), 2e9, 1e12)
     return Hardware(gpu, gpus_per_node=world, roce_bytes_per_s_per_node=2e9 * world,
@@ -280,7 +281,8 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
                     dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores_free,
                     collective_cpu_s=cal["collective_cpu_s"],
                     ep_all_to_all_cpu_s=cal["ep_all_to_all_cpu_s"],
-                    p2p_cpu_s=cal["p2p_cpu_s"])
+                    p2p_cpu_s=cal["p2p_cpu_s"],
+                    **{k: cal.get(k, 0.0) for k in EVENT_FIELDS})
 
 
 def _latency(rank, world, reps):
@@ -405,13 +407,32 @@ def _predict(cfg, hw):
     return plan(cfg, hw, vision_items=vision_items_of(cfg, batches(cfg))).step_time_s
 
 
+def nonneg_lstsq(rows: list[list[float]], target: list[float]) -> list[float]:
+    """Non-negative least squares by enumeration of the column subsets (a handful of terms):
+    the best fit among those whose unconstrained solution has no negative term."""
+    import numpy as np
+
+    a, b = np.array(rows, dtype=float), np.array(target, dtype=float)
+    n = a.shape[1]
+    best = (float((b ** 2).sum()), np.zeros(n))  # all terms 0
+    for mask in range(1, 2 ** n):
+        cols = [i for i in range(n) if mask >> i & 1]
+        sol, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        if (sol < 0).any():
+            continue
+        full = np.zeros(n)
+        full[cols] = sol
+        err = float(((a @ full - b) ** 2).sum())
+        if err < best[0]:
+            best = (err, full)
+    return [float(x) for x in best[1]]
+
+
 def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
     """World-1 runs (three micro-batch counts and token counts, each twice) give seconds per
     FLOP, per layer action and per owned parameter of the optimizer step by non-negative least
     squares: the planner is linear in them at world 1, beside the pinged communication costs
     (its intercept)."""
-    import numpy as np
-
     rows_a, t, runs = [], [], []
     for c in CALIBRATION * CALIBRATION_PASSES:
         global ROWS_PER_REPLICA
@@ -431,19 +452,7 @@ def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
                            - base_t for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
         finally:
             ROWS_PER_REPLICA = saved
-    a, b = np.array(rows_a), np.array(t)
-    best = None  # non-negative least squares over the subsets of the three terms
-    for mask in range(1, 8):
-        cols = [i for i in range(3) if mask >> i & 1]
-        sol, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
-        if (sol < 0).any():
-            continue
-        full = np.zeros(3)
-        full[cols] = sol
-        err = float(((a @ full - b) ** 2).sum())
-        if best is None or err < best[0]:
-            best = (err, full)
-    sec_per_flop, layer_s, opt_s = (float(x) for x in best[1])
+    sec_per_flop, layer_s, opt_s = nonneg_lstsq(rows_a, t)
     sec_per_flop = max(sec_per_flop, 1e-30)
     # DEP's fixed cost: the first calibration layout with DEP off, against its DEP-on time
     cal = dict(comm, sec_per_flop=sec_per_flop, layer_overhead_s=layer_s,
@@ -460,12 +469,79 @@ def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
     return dict(cal, no_dep_measured_s=round(got["step_s"], 4), runs=runs)
 
 
+# The runtime's CPU per event (parallel/plan.py Hardware, counted by cpu_event_counts), fitted
+# on world-2 layouts that are not among LAYOUTS; each run's events and what calibrates what:
+EVENT_FIELDS = ("zero_bucket_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s")
+EVENT_CALIBRATION = [
+    # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1 buckets only (dense and expert owners)
+    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=8),
+    # PP2 x V1, 8 micro-batches of one row: pipeline actions only
+    dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
+    # DP2 x EP2, no DEP, 2 micro-batches of 2 rows: EP layer passes (and ZeRO-1 buckets)
+    dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
+    # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and the encoder's ZeRO-1 buckets)
+    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=8),
+]
+EVENT_STEP_S = 1e-4  # finite-difference step of the fit's columns
+
+
+def _layout_key(par: dict) -> tuple:
+    return (par["pp"], par["virtual_stages"], par["dp"], par["ep"], par["microbatches"],
+            par.get("schedule", "interleaved_1f1b"), par["dep"])
+
+
+def _with_rows(rows: int, fn, *args):
+    global ROWS_PER_REPLICA
+    saved, ROWS_PER_REPLICA = ROWS_PER_REPLICA, rows
+    try:
+        return fn(*args)
+    finally:
+        ROWS_PER_REPLICA = saved
+
+
+def calibrate_events(base, cal: dict, warmup: int, steps: int) -> dict:
+    """The runtime's CPU per event (EVENT_FIELDS) by non-negative least squares over the
+    EVENT_CALIBRATION runs at world 2 (each CALIBRATION_PASSES times), the other constants
+    held at cal's. The planner is close to linear in these costs (the processor-sharing replay
+    is piecewise linear), so the columns are its finite differences at the current estimate,
+    and the fit is repeated twice from its own solution (Gauss-Newton)."""
+    runs = []
+    for c in EVENT_CALIBRATION * CALIBRATION_PASSES:
+        par = {k: v for k, v in c.items() if k != "rows"}
+        assert _layout_key(par) not in {_layout_key(lay) for _, lay in LAYOUTS}, par
+        cfg = _with_rows(c["rows"], layout_config, base, par)
+        got = _with_rows(c["rows"], measure_step, cfg, 2, warmup, steps)
+        runs.append((c, cfg, got))
+
+    def predict(c, cfg, bg, costs):
+        return _with_rows(c["rows"], _predict, cfg, cpu_hardware(dict(cal, **costs), 2, bg))
+
+    est = {k: 0.0 for k in EVENT_FIELDS}
+    for _ in range(3):
+        rows_a, target = [], []
+        for c, cfg, got in runs:
+            bg = got["cores_free"]
+            p0 = predict(c, cfg, bg, est)
+            col = [(predict(c, cfg, bg, dict(est, **{k: est[k] + EVENT_STEP_S})) - p0)
+                   / EVENT_STEP_S for k in EVENT_FIELDS]
+            rows_a.append(col)
+            target.append(got["step_s"] - p0 + sum(x * est[k] for x, k in zip(col, EVENT_FIELDS)))
+        est = dict(zip(EVENT_FIELDS, nonneg_lstsq(rows_a, target)))
+    fitted = []
+    for c, cfg, got in runs:
+        pred = predict(c, cfg, got["cores_free"], est)
+        fitted.append(dict(c, measured_s=round(got["step_s"], 4), fitted_s=round(pred, 4),
+                           cores_free=round(got["cores_free"], 2)))
+    return dict(est, event_runs=fitted)
+
+
 def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
     comm = measure_comm()
     print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
     for name, base in configs().items():
-        cal = calibrations[name] = calibrate(base, warmup, steps, comm)
+        cal = calibrate(base, warmup, steps, comm)
+        cal = calibrations[name] = dict(cal, **calibrate_events(base, cal, warmup, steps))
         print(json.dumps({name: cal}), flush=True)
         for world, par in LAYOUTS[1:]:
             cfg = layout_config(base, par)
@@ -489,11 +565,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-k25", action="store_true", help="skip the K2.5-width probes")
     ap.add_argument("--skip-bubble", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the step-time part (--skip-k25 --skip-bubble)")
     ap.add_argument("--bubble-cost-ms", type=float, default=200.0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "bench/results/plan_check.json"))
     args = ap.parse_args(argv)
+    if args.steps_only:
+        args.skip_k25 = args.skip_bubble = True
     # parts skipped in this run keep their results from an earlier one
     prev = Path(args.out)
     out = json.loads(prev.read_text()) if prev.is_file() else {}
