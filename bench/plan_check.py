@@ -471,18 +471,18 @@ def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
 
 # The runtime's CPU per event (parallel/plan.py Hardware, counted by cpu_event_counts), fitted
 # on world-2 layouts that are not among LAYOUTS; each run's events and what calibrates what:
-EVENT_FIELDS = ("zero_bucket_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s")
+EVENT_FIELDS = ("zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s")
 EVENT_CALIBRATION = [
-    # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1 buckets only (dense and expert owners)
+    # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1's parameters only (dense and experts)
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=8),
     # PP2 x V1, 8 micro-batches of one row: pipeline actions only
     dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
-    # DP2 x EP2, no DEP, 2 micro-batches of 2 rows: EP layer passes (and ZeRO-1 buckets)
+    # DP2 x EP2, no DEP, 2 micro-batches of 2 rows: EP layer passes (and ZeRO-1's dense)
     dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
-    # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and the encoder's ZeRO-1 buckets)
+    # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and ZeRO-1 of the encoder too)
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=8),
 ]
-EVENT_STEP_S = 1e-4  # finite-difference step of the fit's columns
+EVENT_STEP = {"zero_param_cpu_s": 1e-8}  # finite-difference steps of the fit's columns
 
 
 def _layout_key(par: dict) -> tuple:
@@ -522,8 +522,8 @@ def calibrate_events(base, cal: dict, warmup: int, steps: int) -> dict:
         for c, cfg, got in runs:
             bg = got["cores_free"]
             p0 = predict(c, cfg, bg, est)
-            col = [(predict(c, cfg, bg, dict(est, **{k: est[k] + EVENT_STEP_S})) - p0)
-                   / EVENT_STEP_S for k in EVENT_FIELDS]
+            col = [(predict(c, cfg, bg, dict(est, **{k: est[k] + EVENT_STEP.get(k, 1e-4)}))
+                    - p0) / EVENT_STEP.get(k, 1e-4) for k in EVENT_FIELDS]
             rows_a.append(col)
             target.append(got["step_s"] - p0 + sum(x * est[k] for x, k in zip(col, EVENT_FIELDS)))
         est = dict(zip(EVENT_FIELDS, nonneg_lstsq(rows_a, target)))

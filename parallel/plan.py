@@ -96,11 +96,12 @@ class Hardware:
     ep_all_to_all_cpu_s: float | None = None
     # CPU ranks: the runtime's Python work around its communication, per event beyond the
     # operations' own CPU above (fitted on CPU runs, bench/plan_check.py; counted by
-    # cpu_event_counts): per ZeRO-1 reduce or broadcast of an owner's bucket, per MoE layer
-    # and micro-batch pass under EP (forward; backward: dispatch + combine with their
-    # bookkeeping and token permutation), per pipeline action that sends or receives, per DEP
-    # exchange (metadata, embeddings out, gradients back).
-    zero_bucket_cpu_s: float = 0.0
+    # cpu_event_counts): per parameter through a ZeRO-1 reduce or broadcast (the buckets'
+    # concatenation, the reduction's sums, the copies back), per MoE layer and micro-batch pass
+    # under EP (forward; backward: dispatch + combine with their bookkeeping and token
+    # permutation), per pipeline action that sends or receives, per DEP exchange (metadata,
+    # embeddings out, gradients back).
+    zero_param_cpu_s: float = 0.0
     ep_layer_cpu_s: float = 0.0
     pp_action_cpu_s: float = 0.0
     dep_exchange_cpu_s: float = 0.0
@@ -592,28 +593,31 @@ def action_events(cfg: Config, chunks, stage: int, kind: str) -> dict[str, int]:
                                 if p.ep > 1 and kind != "W" else 0)}
 
 
-def step_events(cfg: Config, dep_on: bool) -> dict[str, int]:
-    """CPU events of a rank once per step: ZeRO-1's reduce and broadcast per owner of each
-    shard group (DP for dense pieces, DP / EP for experts, the world for the DEP encoder's
-    state) and DEP's exchanges."""
+def step_events(cfg: Config, dep_on: bool, mem: RankMemory) -> dict[str, int]:
+    """CPU events of a rank (whose pieces `mem` counts) once per step: the parameters ZeRO-1
+    moves, each once reduced and once broadcast, in the shard groups of more than one rank
+    (DP for dense pieces, DP / EP for experts, the world for the DEP encoder's state), and
+    DEP's exchanges."""
     p = cfg.parallel
     world, edp = p.pp * p.dp, p.dp // p.ep
-    zero = 2 * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0))
-    if dep_on and world > 1:
-        zero += 2 * world
-    return {"zero_collectives": zero, "dep_exchanges": 6 if dep_on and world > 1 else 0}
+    dense = mem.parameters - mem.expert_parameters - mem.encoder_parameters
+    moved = ((dense if p.dp > 1 else 0) + (mem.expert_parameters if edp > 1 else 0)
+             + (mem.encoder_parameters if dep_on and world > 1 else 0))
+    return {"zero_parameters": 2 * moved, "dep_exchanges": 6 if dep_on and world > 1 else 0}
 
 
 def cpu_event_counts(cfg: Config) -> list[dict[str, int]]:
     """Per pipeline rank, the CPU events of one step (Hardware's per-event costs): actions
-    that send or receive, MoE layer passes under EP, ZeRO-1 collectives, DEP exchanges."""
+    that send or receive, MoE layer passes under EP, parameters through ZeRO-1's collectives,
+    DEP exchanges."""
     p = cfg.parallel
     chunks = _chunk_layers(cfg)
     order = schedule_actions(p.schedule, p.pp, p.virtual_stages, p.microbatches)
     dep_on = p.dep and cfg.vision.enabled and cfg.data.vision_fraction > 0
     out = []
     for r in range(p.pp):
-        counts = dict(step_events(cfg, dep_on), pp_actions=0, ep_layer_passes=0)
+        counts = dict(step_events(cfg, dep_on, _rank_memory(cfg, r * p.dp)), pp_actions=0,
+                      ep_layer_passes=0)
         for stage, kind, _mb in order[r]:
             for k, v in action_events(cfg, chunks, stage, kind).items():
                 counts[k] += v
@@ -729,8 +733,8 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     dp_s += n_dp * hw.collective_cpu_s / share
     dep_on = vision_on and p.dep
     if hw.cores is not None:  # the runtime's work per event (CPU ranks)
-        ev = step_events(cfg, dep_on)
-        dp_s += (ev["zero_collectives"] * hw.zero_bucket_cpu_s
+        ev = step_events(cfg, dep_on, mem)
+        dp_s += (ev["zero_parameters"] * hw.zero_param_cpu_s
                  + ev["dep_exchanges"] * hw.dep_exchange_cpu_s) / share
     enc_s = 0.0
     if vision_on and p.dep:  # forward without autograd, recompute forward, backward: 4 forwards
