@@ -482,6 +482,7 @@ EVENT_CALIBRATION = [
     # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and ZeRO-1 of the encoder too)
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=8),
 ]
+EVENT_PASSES = 4  # each world-2 layout four times, spread over the pass: the fit sees 16
 EVENT_STEP = {"zero_param_cpu_s": 1e-8}  # finite-difference steps of the fit's columns
 
 
@@ -501,12 +502,12 @@ def _with_rows(rows: int, fn, *args):
 
 def calibrate_events(base, cal: dict, warmup: int, steps: int) -> dict:
     """The runtime's CPU per event (EVENT_FIELDS) by non-negative least squares over the
-    EVENT_CALIBRATION runs at world 2 (each CALIBRATION_PASSES times), the other constants
+    EVENT_CALIBRATION runs at world 2 (each EVENT_PASSES times), the other constants
     held at cal's. The planner is close to linear in these costs (the processor-sharing replay
     is piecewise linear), so the columns are its finite differences at the current estimate,
     and the fit is repeated twice from its own solution (Gauss-Newton)."""
     runs = []
-    for c in EVENT_CALIBRATION * CALIBRATION_PASSES:
+    for c in EVENT_CALIBRATION * EVENT_PASSES:
         par = {k: v for k, v in c.items() if k != "rows"}
         assert _layout_key(par) not in {_layout_key(lay) for _, lay in LAYOUTS}, par
         cfg = _with_rows(c["rows"], layout_config, base, par)
