@@ -260,6 +260,7 @@ def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
                               timeout=900)
     per_step = [max(t[i] for t in out) for i in range(steps)]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
+            "per_step": per_step,
             "cores_free": max(0.1, cores() - watch.cores_used())}
 
 
@@ -428,45 +429,43 @@ def nonneg_lstsq(rows: list[list[float]], target: list[float]) -> list[float]:
     return [float(x) for x in best[1]]
 
 
-def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
-    """World-1 runs (three micro-batch counts and token counts, each twice) give seconds per
-    FLOP, per layer action and per owned parameter of the optimizer step by non-negative least
-    squares: the planner is linear in them at world 1, beside the pinged communication costs
-    (its intercept)."""
-    rows_a, t, runs = [], [], []
-    for c in CALIBRATION * CALIBRATION_PASSES:
-        global ROWS_PER_REPLICA
-        saved, ROWS_PER_REPLICA = ROWS_PER_REPLICA, c["rows"]
-        try:
-            cfg = layout_config(base, dict(LAYOUTS[0][1], microbatches=c["microbatches"]))
-            got = measure_step(cfg, 1, warmup, steps)
-            bg = got["cores_free"]
-            zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
-            base_t = _predict(cfg, cpu_hardware(comm, 1, bg, **zero))
-            t.append(got["step_s"] - base_t)
-            if not runs:
-                first_s = got["step_s"]
-            runs.append(dict(c, measured_s=round(got["step_s"], 4),
-                             cores_free=round(bg, 2)))
-            rows_a.append([_predict(cfg, cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0})))
-                           - base_t for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
-        finally:
-            ROWS_PER_REPLICA = saved
+def world1_config(base, c: dict):
+    return _with_rows(c["rows"], layout_config, base, dict(LAYOUTS[0][1], **{
+        k: v for k, v in c.items() if k != "rows"}))
+
+
+def calibrate(base, comm: dict, runs: list[tuple[dict, dict]],
+              no_dep: list[tuple[dict, dict]]) -> dict:
+    """World-1 runs (three micro-batch counts and token counts, each CALIBRATION_PASSES
+    times; `runs` as (CALIBRATION entry, measure_step's result)) give seconds per FLOP, per
+    layer action and per owned parameter of the optimizer step by non-negative least squares:
+    the planner is linear in them at world 1, beside the pinged communication costs (its
+    intercept). DEP's fixed cost: `no_dep` pairs the first entry's DEP-on run of a pass with
+    its DEP-off run of the same pass."""
+    rows_a, t, out = [], [], []
+    zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
+    for c, got in runs:
+        cfg, bg = world1_config(base, c), got["cores_free"]
+        predict = lambda hw: _with_rows(c["rows"], _predict, cfg, hw)  # noqa: E731
+        base_t = predict(cpu_hardware(comm, 1, bg, **zero))
+        t.append(got["step_s"] - base_t)
+        out.append(dict(c, measured_s=round(got["step_s"], 4), cores_free=round(bg, 2)))
+        rows_a.append([predict(cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0}))) - base_t
+                       for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
     sec_per_flop, layer_s, opt_s = nonneg_lstsq(rows_a, t)
     sec_per_flop = max(sec_per_flop, 1e-30)
-    # DEP's fixed cost: the first calibration layout with DEP off, against its DEP-on time
     cal = dict(comm, sec_per_flop=sec_per_flop, layer_overhead_s=layer_s,
                optimizer_s_per_param=opt_s, dep_overhead_s=0.0)
-    cfg = layout_config(base, dict(LAYOUTS[0][1], dep=False))
-    got = measure_step(cfg, 1, warmup, steps)
-    bg = got["cores_free"]
-    with_dep = layout_config(base, LAYOUTS[0][1])
-    modelled = (_predict(with_dep, cpu_hardware(cal, 1, bg))
-                - _predict(cfg, cpu_hardware(cal, 1, bg)))
-    share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
-    measured_dep = first_s - got["step_s"]
-    cal["dep_overhead_s"] = max(0.0, measured_dep - modelled) * share
-    return dict(cal, no_dep_measured_s=round(got["step_s"], 4), runs=runs)
+    extra = []
+    for with_got, got in no_dep:
+        bg = got["cores_free"]
+        on, off = world1_config(base, CALIBRATION[0]), world1_config(base, dict(
+            CALIBRATION[0], dep=False))
+        modelled = (_predict(on, cpu_hardware(cal, 1, bg)) - _predict(off, cpu_hardware(cal, 1, bg)))
+        share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
+        extra.append((with_got["step_s"] - got["step_s"] - modelled) * share)
+    cal["dep_overhead_s"] = max(0.0, sum(extra) / len(extra))
+    return dict(cal, no_dep_measured_s=[round(g["step_s"], 4) for _, g in no_dep], runs=out)
 
 
 # The runtime's CPU per event (parallel/plan.py Hardware, counted by cpu_event_counts), fitted
@@ -500,19 +499,20 @@ def _with_rows(rows: int, fn, *args):
         ROWS_PER_REPLICA = saved
 
 
-def calibrate_events(base, cal: dict, warmup: int, steps: int) -> dict:
+def event_config(base, c: dict):
+    par = {k: v for k, v in c.items() if k != "rows"}
+    assert _layout_key(par) not in {_layout_key(lay) for _, lay in LAYOUTS}, par
+    return _with_rows(c["rows"], layout_config, base, par)
+
+
+def calibrate_events(base, cal: dict, measured: list[tuple[dict, dict]]) -> dict:
     """The runtime's CPU per event (EVENT_FIELDS) by non-negative least squares over the
-    EVENT_CALIBRATION runs at world 2 (each EVENT_PASSES times), the other constants
-    held at cal's. The planner is close to linear in these costs (the processor-sharing replay
-    is piecewise linear), so the columns are its finite differences at the current estimate,
-    and the fit is repeated twice from its own solution (Gauss-Newton)."""
-    runs = []
-    for c in EVENT_CALIBRATION * EVENT_PASSES:
-        par = {k: v for k, v in c.items() if k != "rows"}
-        assert _layout_key(par) not in {_layout_key(lay) for _, lay in LAYOUTS}, par
-        cfg = _with_rows(c["rows"], layout_config, base, par)
-        got = _with_rows(c["rows"], measure_step, cfg, 2, warmup, steps)
-        runs.append((c, cfg, got))
+    EVENT_CALIBRATION runs at world 2 (`measured`: (entry, measure_step's result), each entry
+    EVENT_PASSES times), the other constants held at cal's. The planner is close to linear in
+    these costs (the processor-sharing replay is piecewise linear), so the columns are its
+    finite differences at the current estimate, and the fit is repeated from its own solution
+    (Gauss-Newton)."""
+    runs = [(c, event_config(base, c), got) for c, got in measured]
 
     def predict(c, cfg, bg, costs):
         return _with_rows(c["rows"], _predict, cfg, cpu_hardware(dict(cal, **costs), 2, bg))
@@ -536,27 +536,67 @@ def calibrate_events(base, cal: dict, warmup: int, steps: int) -> dict:
     return dict(est, event_runs=fitted)
 
 
+STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_time)
+
+
 def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
+    """Per config, STEP_ROUNDS rounds of: half of the world-2 event calibration, the world-1
+    calibration (and its DEP-off run), the twelve checked layouts' halves, the other half of
+    the event calibration. The machine's other users come and go over minutes; interleaving
+    the calibration with the checked runs lets both see the same spells. Only the calibration
+    runs are fitted; a checked layout's step is the median of its steps over the rounds, on
+    the mean of its rounds' cores left."""
+    import statistics
+
     comm = measure_comm()
     print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
     for name, base in configs().items():
-        cal = calibrate(base, warmup, steps, comm)
-        cal = calibrations[name] = dict(cal, **calibrate_events(base, cal, warmup, steps))
+        w1, no_dep, ev = [], [], []
+        checked = {i: [] for i in range(1, len(LAYOUTS))}
+        loads = {i: [] for i in checked}
+        half = EVENT_PASSES // (2 * STEP_ROUNDS)
+
+        def events():
+            for c in EVENT_CALIBRATION * half:
+                ev.append((c, _with_rows(c["rows"], measure_step, event_config(base, c), 2,
+                                         warmup, steps)))
+
+        for _ in range(STEP_ROUNDS):
+            events()
+            first = None
+            for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
+                got = _with_rows(c["rows"], measure_step, world1_config(base, c), 1, warmup,
+                                 steps)
+                w1.append((c, got))
+                first = first or got
+            no_dep.append((first, _with_rows(CALIBRATION[0]["rows"], measure_step, world1_config(
+                base, dict(CALIBRATION[0], dep=False)), 1, warmup, steps)))
+            for i in checked:
+                world, par = LAYOUTS[i]
+                loads[i].append(loadavg())
+                checked[i].append(measure_step(layout_config(base, par), world, warmup, steps))
+                loads[i].append(loadavg())
+            events()
+        cal = calibrate(base, comm, w1, no_dep)
+        cal = calibrations[name] = dict(cal, **calibrate_events(base, cal, ev))
         print(json.dumps({name: cal}), flush=True)
-        for world, par in LAYOUTS[1:]:
+        for i, got in checked.items():
+            world, par = LAYOUTS[i]
             cfg = layout_config(base, par)
-            load_before = loadavg()
-            got = measure_step(cfg, world, warmup, steps)
-            measured = got["step_s"]
-            pred = _predict(cfg, cpu_hardware(cal, world, got["cores_free"]))
+            per_step = [t for g in got for t in g["per_step"]]
+            measured = statistics.median(per_step)
+            cores_free = sum(g["cores_free"] for g in got) / len(got)
+            pred = _predict(cfg, cpu_hardware(cal, world, cores_free))
             rows.append(dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
-                             fastest_step_s=round(got["fastest_s"], 4),
+                             fastest_step_s=round(min(per_step), 4),
+                             round_medians_s=[round(g["step_s"], 4) for g in got],
                              predicted_step_s=round(pred, 4),
                              rel_error=round(abs(pred - measured) / measured, 4),
                              within_20pct=abs(pred - measured) <= 0.2 * measured,
-                             cores=cores(), cores_free=round(got["cores_free"], 2),
-                             loadavg_before=load_before, loadavg_after=loadavg()))
+                             cores=cores(), cores_free=round(cores_free, 2),
+                             round_cores_free=[round(g["cores_free"], 2) for g in got],
+                             loadavg_before=loads[i][0], loadavg_after=loads[i][-1]))
             print(json.dumps(rows[-1]), flush=True)
     return rows, calibrations
 
