@@ -15,15 +15,20 @@ step time of real gloo runs on this CPU machine after a calibration pass.
 3. Step time: real training steps (train.step.training_step; fp32, MuonClip, synthetic packed
    batches with images and video chunks) on forked gloo ranks at world 2, 4 and 8, PP / EP /
    DP / DEP on and off, for the tests' tiny config and a wider one; the median of --steps
-   steps after --warmup. Calibration, never on the checked layouts: a gloo ping at world 2 gives
-   the CPU time and the latency of a collective and of a send or receive; world-1 runs of each
-   config (micro-batch count and tokens varied, each twice) give seconds per FLOP, per layer
-   action and per owned parameter of the optimizer step, and DEP's fixed cost. The planner
-   then predicts every layout on the cores the machine's other users left free while its steps
-   ran (their threads' CPU time, read from /proc), the ranks sharing those cores (processor
-   sharing in the schedule replay; a rank waiting on a receive or a collective uses none).
-   Goal: within 20%. The machine is shared; the cores left and the load average are recorded
-   with each run.
+   steps after --warmup, over two rounds. Calibration, never on the checked layouts: a gloo
+   ping at world 2 gives the CPU time and the latency of a collective and of a send or
+   receive; world-1 runs of each config (micro-batch count and tokens varied, each twice) give
+   seconds per FLOP, per layer action and per owned parameter of the optimizer step, and DEP's
+   fixed cost; world-2 runs of four layouts outside the checked twelve (EVENT_CALIBRATION, each
+   four times) give the runtime's CPU per event (per ZeRO-1 parameter moved, per MoE layer
+   pass under EP, per communicating pipeline action, per DEP exchange), which the planner
+   counts for each checked layout from its own schedule (parallel/plan.py cpu_event_counts).
+   The calibration runs are interleaved with the checked ones, so both see the same spells of
+   the machine's other users. The planner then predicts every layout on the cores those users
+   left free while its steps ran (their threads' CPU time, read from /proc), the ranks sharing
+   those cores (processor sharing in the schedule replay; a rank waiting on a receive or a
+   collective uses none). Goal: within 20%. The machine is shared; the cores left and the
+   load average are recorded with each run. --steps-only runs this part alone (~3.5 min).
 """
 
 from __future__ import annotations
