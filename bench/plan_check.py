@@ -1,8 +1,9 @@
 """`mmpt plan` against measurement: activation bytes at K2.5 width, the pipeline bubble, and the
 step time of real gloo runs on this CPU machine after a calibration pass.
 
-    .venv/bin/python bench/plan_check.py                 # all parts, bench/results/plan_check.json
-    .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes (~3 min)
+    .venv/bin/python bench/plan_check.py                 # all parts (~5.5 min)
+    .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes
+    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~4.5 min)
 
 1. Activations: the planner's per-token bytes of one K2.5-width MoE layer (probed at 128 and
    256 tokens with top-8 local experts, parallel/plan.py) against bench/activation_memory.py's
@@ -28,7 +29,7 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    left free while its steps ran (their threads' CPU time, read from /proc), the ranks sharing
    those cores (processor sharing in the schedule replay; a rank waiting on a receive or a
    collective uses none). Goal: within 20%. The machine is shared; the cores left and the
-   load average are recorded with each run. --steps-only runs this part alone (~3.5 min).
+   load average are recorded with each run.
 """
 
 from __future__ import annotations
@@ -466,7 +467,8 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, dict]],
         bg = got["cores_free"]
         on, off = world1_config(base, CALIBRATION[0]), world1_config(base, dict(
             CALIBRATION[0], dep=False))
-        modelled = (_predict(on, cpu_hardware(cal, 1, bg)) - _predict(off, cpu_hardware(cal, 1, bg)))
+        modelled = (_predict(on, cpu_hardware(cal, 1, bg))
+                    - _predict(off, cpu_hardware(cal, 1, bg)))
         share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
         extra.append((with_got["step_s"] - got["step_s"] - modelled) * share)
     cal["dep_overhead_s"] = max(0.0, sum(extra) / len(extra))
