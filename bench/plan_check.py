@@ -1,8 +1,9 @@
 """`mmpt plan` against measurement: activation bytes at K2.5 width, the pipeline bubble, and the
 step time of real gloo runs on this CPU machine after a calibration pass.
 
-    .venv/bin/python bench/plan_check.py                 # all parts, bench/results/plan_check.json
-    .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes (~3 min)
+    .venv/bin/python bench/plan_check.py                 # all parts (~5.5 min)
+    .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes
+    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~4.5 min)
 
 1. Activations: the planner's per-token bytes of one K2.5-width MoE layer (probed at 128 and
    256 tokens with top-8 local experts, parallel/plan.py) against bench/activation_memory.py's
@@ -15,15 +16,20 @@ step time of real gloo runs on this CPU machine after a calibration pass.
 3. Step time: real training steps (train.step.training_step; fp32, MuonClip, synthetic packed
    batches with images and video chunks) on forked gloo ranks at world 2, 4 and 8, PP / EP /
    DP / DEP on and off, for the tests' tiny config and a wider one; the median of --steps
-   steps after --warmup. Calibration, never on the checked layouts: a gloo ping at world 2 gives
-   the CPU time and the latency of a collective and of a send or receive; world-1 runs of each
-   config (micro-batch count and tokens varied, each twice) give seconds per FLOP, per layer
-   action and per owned parameter of the optimizer step, and DEP's fixed cost. The planner
-   then predicts every layout on the cores the machine's other users left free while its steps
-   ran (their threads' CPU time, read from /proc), the ranks sharing those cores (processor
-   sharing in the schedule replay; a rank waiting on a receive or a collective uses none).
-   Goal: within 20%. The machine is shared; the cores left and the load average are recorded
-   with each run.
+   steps after --warmup, over two rounds. Calibration, never on the checked layouts: a gloo
+   ping at world 2 gives the CPU time and the latency of a collective and of a send or
+   receive; world-1 runs of each config (micro-batch count and tokens varied, each twice) give
+   seconds per FLOP, per layer action and per owned parameter of the optimizer step, and DEP's
+   fixed cost; world-2 runs of four layouts outside the checked twelve (EVENT_CALIBRATION, each
+   four times) give the runtime's CPU per event (per ZeRO-1 parameter moved, per MoE layer
+   pass under EP, per communicating pipeline action, per DEP exchange), which the planner
+   counts for each checked layout from its own schedule (parallel/plan.py cpu_event_counts).
+   The calibration runs are interleaved with the checked ones, so both see the same spells of
+   the machine's other users. The planner then predicts every layout on the cores those users
+   left free while its steps ran (their threads' CPU time, read from /proc), the ranks sharing
+   those cores (processor sharing in the schedule replay; a rank waiting on a receive or a
+   collective uses none). Goal: within 20%. The machine is shared; the cores left and the
+   load average are recorded with each run.
 """
 
 from __future__ import annotations
@@ -263,6 +269,7 @@ def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
                               timeout=900)
     per_step = [max(t[i] for t in out) for i in range(steps)]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
+            "per_step": per_step,
             "cores_free": max(0.1, cores() - watch.cores_used())}
 
 
@@ -271,8 +278,9 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
                  dep_s: float | None = None) -> Hardware:
     """This machine as the planner sees it: the `cores_free` cores the other users left the
     ranks, shared by them, the calibrated CPU seconds per FLOP, per layer action, per owned
-    parameter of the optimizer step and DEP's fixed cost (cal's, unless given), and the pinged
-    CPU cost and latency of a collective and of a send or receive."""
+    parameter of the optimizer step and DEP's fixed cost (cal's, unless given), the pinged
+    CPU cost and latency of a collective and of a send or receive, and the runtime's fitted
+    CPU per event (EVENT_FIELDS; 0 before they are fitted)."""
     pick = lambda x, key: cal.get(key, 0.0) if x is None else x  # noqa: E731
     gpu = GPU("cpu", 1e12, 1 / max(pick(sec_per_flop, "sec_per_flop"), 1e-30), 2e9, 1e12)
     return Hardware(gpu, gpus_per_node=world, roce_bytes_per_s_per_node=2e9 * world,
@@ -283,7 +291,8 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
                     dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores_free,
                     collective_cpu_s=cal["collective_cpu_s"],
                     ep_all_to_all_cpu_s=cal["ep_all_to_all_cpu_s"],
-                    p2p_cpu_s=cal["p2p_cpu_s"])
+                    p2p_cpu_s=cal["p2p_cpu_s"],
+                    **{k: cal.get(k, 0.0) for k in EVENT_FIELDS})
 
 
 def _latency(rank, world, reps):
@@ -408,81 +417,196 @@ def _predict(cfg, hw):
     return plan(cfg, hw, vision_items=vision_items_of(cfg, batches(cfg))).step_time_s
 
 
-def calibrate(base, warmup: int, steps: int, comm: dict) -> dict:
-    """World-1 runs (three micro-batch counts and token counts, each twice) give seconds per
-    FLOP, per layer action and per owned parameter of the optimizer step by non-negative least
-    squares: the planner is linear in them at world 1, beside the pinged communication costs
-    (its intercept)."""
+def nonneg_lstsq(rows: list[list[float]], target: list[float]) -> list[float]:
+    """Non-negative least squares by enumeration of the column subsets (a handful of terms):
+    the best fit among those whose unconstrained solution has no negative term."""
     import numpy as np
 
-    rows_a, t, runs = [], [], []
-    for c in CALIBRATION * CALIBRATION_PASSES:
-        global ROWS_PER_REPLICA
-        saved, ROWS_PER_REPLICA = ROWS_PER_REPLICA, c["rows"]
-        try:
-            cfg = layout_config(base, dict(LAYOUTS[0][1], microbatches=c["microbatches"]))
-            got = measure_step(cfg, 1, warmup, steps)
-            bg = got["cores_free"]
-            zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
-            base_t = _predict(cfg, cpu_hardware(comm, 1, bg, **zero))
-            t.append(got["step_s"] - base_t)
-            if not runs:
-                first_s = got["step_s"]
-            runs.append(dict(c, measured_s=round(got["step_s"], 4),
-                             cores_free=round(bg, 2)))
-            rows_a.append([_predict(cfg, cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0})))
-                           - base_t for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
-        finally:
-            ROWS_PER_REPLICA = saved
-    a, b = np.array(rows_a), np.array(t)
-    best = None  # non-negative least squares over the subsets of the three terms
-    for mask in range(1, 8):
-        cols = [i for i in range(3) if mask >> i & 1]
+    a, b = np.array(rows, dtype=float), np.array(target, dtype=float)
+    n = a.shape[1]
+    best = (float((b ** 2).sum()), np.zeros(n))  # all terms 0
+    for mask in range(1, 2 ** n):
+        cols = [i for i in range(n) if mask >> i & 1]
         sol, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
         if (sol < 0).any():
             continue
-        full = np.zeros(3)
+        full = np.zeros(n)
         full[cols] = sol
         err = float(((a @ full - b) ** 2).sum())
-        if best is None or err < best[0]:
+        if err < best[0]:
             best = (err, full)
-    sec_per_flop, layer_s, opt_s = (float(x) for x in best[1])
+    return [float(x) for x in best[1]]
+
+
+def world1_config(base, c: dict):
+    return _with_rows(c["rows"], layout_config, base, dict(LAYOUTS[0][1], **{
+        k: v for k, v in c.items() if k != "rows"}))
+
+
+def calibrate(base, comm: dict, runs: list[tuple[dict, dict]],
+              no_dep: list[tuple[dict, dict]]) -> dict:
+    """World-1 runs (three micro-batch counts and token counts, each CALIBRATION_PASSES
+    times; `runs` as (CALIBRATION entry, measure_step's result)) give seconds per FLOP, per
+    layer action and per owned parameter of the optimizer step by non-negative least squares:
+    the planner is linear in them at world 1, beside the pinged communication costs (its
+    intercept). DEP's fixed cost: `no_dep` pairs the first entry's DEP-on run of a pass with
+    its DEP-off run of the same pass."""
+    rows_a, t, out = [], [], []
+    zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
+    for c, got in runs:
+        cfg, bg = world1_config(base, c), got["cores_free"]
+        predict = lambda hw: _with_rows(c["rows"], _predict, cfg, hw)  # noqa: E731
+        base_t = predict(cpu_hardware(comm, 1, bg, **zero))
+        t.append(got["step_s"] - base_t)
+        out.append(dict(c, measured_s=round(got["step_s"], 4), cores_free=round(bg, 2)))
+        rows_a.append([predict(cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0}))) - base_t
+                       for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
+    sec_per_flop, layer_s, opt_s = nonneg_lstsq(rows_a, t)
     sec_per_flop = max(sec_per_flop, 1e-30)
-    # DEP's fixed cost: the first calibration layout with DEP off, against its DEP-on time
     cal = dict(comm, sec_per_flop=sec_per_flop, layer_overhead_s=layer_s,
                optimizer_s_per_param=opt_s, dep_overhead_s=0.0)
-    cfg = layout_config(base, dict(LAYOUTS[0][1], dep=False))
-    got = measure_step(cfg, 1, warmup, steps)
-    bg = got["cores_free"]
-    with_dep = layout_config(base, LAYOUTS[0][1])
-    modelled = (_predict(with_dep, cpu_hardware(cal, 1, bg))
-                - _predict(cfg, cpu_hardware(cal, 1, bg)))
-    share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
-    measured_dep = first_s - got["step_s"]
-    cal["dep_overhead_s"] = max(0.0, measured_dep - modelled) * share
-    return dict(cal, no_dep_measured_s=round(got["step_s"], 4), runs=runs)
+    extra = []
+    for with_got, got in no_dep:
+        bg = got["cores_free"]
+        on, off = world1_config(base, CALIBRATION[0]), world1_config(base, dict(
+            CALIBRATION[0], dep=False))
+        modelled = (_predict(on, cpu_hardware(cal, 1, bg))
+                    - _predict(off, cpu_hardware(cal, 1, bg)))
+        share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
+        extra.append((with_got["step_s"] - got["step_s"] - modelled) * share)
+    cal["dep_overhead_s"] = max(0.0, sum(extra) / len(extra))
+    return dict(cal, no_dep_measured_s=[round(g["step_s"], 4) for _, g in no_dep], runs=out)
+
+
+# The runtime's CPU per event (parallel/plan.py Hardware, counted by cpu_event_counts), fitted
+# on world-2 layouts that are not among LAYOUTS; each run's events and what calibrates what:
+EVENT_FIELDS = ("zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s")
+EVENT_CALIBRATION = [
+    # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1's parameters only (dense and experts)
+    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=8),
+    # PP2 x V1, 8 micro-batches of one row: pipeline actions only
+    dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
+    # DP2 x EP2, no DEP, 2 micro-batches of 2 rows: EP layer passes (and ZeRO-1's dense)
+    dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
+    # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and ZeRO-1 of the encoder too)
+    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=8),
+]
+EVENT_PASSES = 4  # each world-2 layout four times, spread over the pass: the fit sees 16
+EVENT_STEP = {"zero_param_cpu_s": 1e-8}  # finite-difference steps of the fit's columns
+
+
+def _layout_key(par: dict) -> tuple:
+    return (par["pp"], par["virtual_stages"], par["dp"], par["ep"], par["microbatches"],
+            par.get("schedule", "interleaved_1f1b"), par["dep"])
+
+
+def _with_rows(rows: int, fn, *args):
+    global ROWS_PER_REPLICA
+    saved, ROWS_PER_REPLICA = ROWS_PER_REPLICA, rows
+    try:
+        return fn(*args)
+    finally:
+        ROWS_PER_REPLICA = saved
+
+
+def event_config(base, c: dict):
+    par = {k: v for k, v in c.items() if k != "rows"}
+    assert _layout_key(par) not in {_layout_key(lay) for _, lay in LAYOUTS}, par
+    return _with_rows(c["rows"], layout_config, base, par)
+
+
+def calibrate_events(base, cal: dict, measured: list[tuple[dict, dict]]) -> dict:
+    """The runtime's CPU per event (EVENT_FIELDS) by non-negative least squares over the
+    EVENT_CALIBRATION runs at world 2 (`measured`: (entry, measure_step's result), each entry
+    EVENT_PASSES times), the other constants held at cal's. The planner is close to linear in
+    these costs (the processor-sharing replay is piecewise linear), so the columns are its
+    finite differences at the current estimate, and the fit is repeated from its own solution
+    (Gauss-Newton)."""
+    runs = [(c, event_config(base, c), got) for c, got in measured]
+
+    def predict(c, cfg, bg, costs):
+        return _with_rows(c["rows"], _predict, cfg, cpu_hardware(dict(cal, **costs), 2, bg))
+
+    est = {k: 0.0 for k in EVENT_FIELDS}
+    for _ in range(3):
+        rows_a, target = [], []
+        for c, cfg, got in runs:
+            bg = got["cores_free"]
+            p0 = predict(c, cfg, bg, est)
+            col = [(predict(c, cfg, bg, dict(est, **{k: est[k] + EVENT_STEP.get(k, 1e-4)}))
+                    - p0) / EVENT_STEP.get(k, 1e-4) for k in EVENT_FIELDS]
+            rows_a.append(col)
+            target.append(got["step_s"] - p0 + sum(x * est[k] for x, k in zip(col, EVENT_FIELDS)))
+        est = dict(zip(EVENT_FIELDS, nonneg_lstsq(rows_a, target)))
+    fitted = []
+    for c, cfg, got in runs:
+        pred = predict(c, cfg, got["cores_free"], est)
+        fitted.append(dict(c, measured_s=round(got["step_s"], 4), fitted_s=round(pred, 4),
+                           cores_free=round(got["cores_free"], 2)))
+    return dict(est, event_runs=fitted)
+
+
+STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_time)
 
 
 def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
+    """Per config, STEP_ROUNDS rounds of: half of the world-2 event calibration, the world-1
+    calibration (and its DEP-off run), the twelve checked layouts' halves, the other half of
+    the event calibration. The machine's other users come and go over minutes; interleaving
+    the calibration with the checked runs lets both see the same spells. Only the calibration
+    runs are fitted; a checked layout's step is the median of its steps over the rounds, on
+    the mean of its rounds' cores left."""
+    import statistics
+
     comm = measure_comm()
     print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
     for name, base in configs().items():
-        cal = calibrations[name] = calibrate(base, warmup, steps, comm)
+        w1, no_dep, ev = [], [], []
+        checked = {i: [] for i in range(1, len(LAYOUTS))}
+        loads = {i: [] for i in checked}
+        half = EVENT_PASSES // (2 * STEP_ROUNDS)
+
+        def events():
+            for c in EVENT_CALIBRATION * half:
+                ev.append((c, _with_rows(c["rows"], measure_step, event_config(base, c), 2,
+                                         warmup, steps)))
+
+        for _ in range(STEP_ROUNDS):
+            events()
+            first = None
+            for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
+                got = _with_rows(c["rows"], measure_step, world1_config(base, c), 1, warmup,
+                                 steps)
+                w1.append((c, got))
+                first = first or got
+            no_dep.append((first, _with_rows(CALIBRATION[0]["rows"], measure_step, world1_config(
+                base, dict(CALIBRATION[0], dep=False)), 1, warmup, steps)))
+            for i in checked:
+                world, par = LAYOUTS[i]
+                loads[i].append(loadavg())
+                checked[i].append(measure_step(layout_config(base, par), world, warmup, steps))
+                loads[i].append(loadavg())
+            events()
+        cal = calibrate(base, comm, w1, no_dep)
+        cal = calibrations[name] = dict(cal, **calibrate_events(base, cal, ev))
         print(json.dumps({name: cal}), flush=True)
-        for world, par in LAYOUTS[1:]:
+        for i, got in checked.items():
+            world, par = LAYOUTS[i]
             cfg = layout_config(base, par)
-            load_before = loadavg()
-            got = measure_step(cfg, world, warmup, steps)
-            measured = got["step_s"]
-            pred = _predict(cfg, cpu_hardware(cal, world, got["cores_free"]))
+            per_step = [t for g in got for t in g["per_step"]]
+            measured = statistics.median(per_step)
+            cores_free = sum(g["cores_free"] for g in got) / len(got)
+            pred = _predict(cfg, cpu_hardware(cal, world, cores_free))
             rows.append(dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
-                             fastest_step_s=round(got["fastest_s"], 4),
+                             fastest_step_s=round(min(per_step), 4),
+                             round_medians_s=[round(g["step_s"], 4) for g in got],
                              predicted_step_s=round(pred, 4),
                              rel_error=round(abs(pred - measured) / measured, 4),
                              within_20pct=abs(pred - measured) <= 0.2 * measured,
-                             cores=cores(), cores_free=round(got["cores_free"], 2),
-                             loadavg_before=load_before, loadavg_after=loadavg()))
+                             cores=cores(), cores_free=round(cores_free, 2),
+                             round_cores_free=[round(g["cores_free"], 2) for g in got],
+                             loadavg_before=loads[i][0], loadavg_after=loads[i][-1]))
             print(json.dumps(rows[-1]), flush=True)
     return rows, calibrations
 
@@ -492,11 +616,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-k25", action="store_true", help="skip the K2.5-width probes")
     ap.add_argument("--skip-bubble", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only the step-time part (--skip-k25 --skip-bubble)")
     ap.add_argument("--bubble-cost-ms", type=float, default=200.0)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "bench/results/plan_check.json"))
     args = ap.parse_args(argv)
+    if args.steps_only:
+        args.skip_k25 = args.skip_bubble = True
     # parts skipped in this run keep their results from an earlier one
     prev = Path(args.out)
     out = json.loads(prev.read_text()) if prev.is_file() else {}

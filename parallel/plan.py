@@ -94,6 +94,17 @@ class Hardware:
     # CPU per EP all-to-all with the dispatcher's own work around it (splits, permutation);
     # None: collective_cpu_s
     ep_all_to_all_cpu_s: float | None = None
+    # CPU ranks: the runtime's Python work around its communication, per event beyond the
+    # operations' own CPU above (fitted on CPU runs, bench/plan_check.py; counted by
+    # cpu_event_counts): per parameter through a ZeRO-1 reduce or broadcast (the buckets'
+    # concatenation, the reduction's sums, the copies back), per MoE layer and micro-batch pass
+    # under EP (forward; backward: dispatch + combine with their bookkeeping and token
+    # permutation), per pipeline action that sends or receives, per DEP exchange (metadata,
+    # embeddings out, gradients back).
+    zero_param_cpu_s: float = 0.0
+    ep_layer_cpu_s: float = 0.0
+    pp_action_cpu_s: float = 0.0
+    dep_exchange_cpu_s: float = 0.0
 
     @property
     def roce_per_gpu(self) -> float:
@@ -561,6 +572,59 @@ def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
     return out
 
 
+def _p2p_ops(p, n_stages: int, stage: int, kind: str) -> int:
+    """Sends and receives of one pipeline action: a forward receives its input (not on the
+    first chunk) and sends its output (not on the last); a backward the reverse; W none."""
+    if p.pp == 1 or kind == "W":
+        return 0
+    return (stage > 0) + (stage < n_stages - 1)
+
+
+def _moe_layers(m: ModelConfig, layers: list[int]) -> int:
+    return sum(1 for i in layers if i >= m.first_k_dense)
+
+
+def action_events(cfg: Config, chunks, stage: int, kind: str) -> dict[str, int]:
+    """CPU events of one pipeline action (see Hardware): whether it sends or receives, and
+    its MoE layer passes under EP (a zero-bubble backward's exchanges are in its I half)."""
+    p = cfg.parallel
+    return {"pp_actions": int(_p2p_ops(p, len(chunks), stage, kind) > 0),
+            "ep_layer_passes": (_moe_layers(cfg.model, chunks[stage])
+                                if p.ep > 1 and kind != "W" else 0)}
+
+
+def step_events(cfg: Config, dep_on: bool, mem: RankMemory) -> dict[str, int]:
+    """CPU events of a rank (whose pieces `mem` counts) once per step: the parameters ZeRO-1
+    moves, each once reduced and once broadcast, in the shard groups of more than one rank
+    (DP for dense pieces, DP / EP for experts, the world for the DEP encoder's state), and
+    DEP's exchanges."""
+    p = cfg.parallel
+    world, edp = p.pp * p.dp, p.dp // p.ep
+    dense = mem.parameters - mem.expert_parameters - mem.encoder_parameters
+    moved = ((dense if p.dp > 1 else 0) + (mem.expert_parameters if edp > 1 else 0)
+             + (mem.encoder_parameters if dep_on and world > 1 else 0))
+    return {"zero_parameters": 2 * moved, "dep_exchanges": 6 if dep_on and world > 1 else 0}
+
+
+def cpu_event_counts(cfg: Config) -> list[dict[str, int]]:
+    """Per pipeline rank, the CPU events of one step (Hardware's per-event costs): actions
+    that send or receive, MoE layer passes under EP, parameters through ZeRO-1's collectives,
+    DEP exchanges."""
+    p = cfg.parallel
+    chunks = _chunk_layers(cfg)
+    order = schedule_actions(p.schedule, p.pp, p.virtual_stages, p.microbatches)
+    dep_on = p.dep and cfg.vision.enabled and cfg.data.vision_fraction > 0
+    out = []
+    for r in range(p.pp):
+        counts = dict(step_events(cfg, dep_on, _rank_memory(cfg, r * p.dp)), pp_actions=0,
+                      ep_layer_passes=0)
+        for stage, kind, _mb in order[r]:
+            for k, v in action_events(cfg, chunks, stage, kind).items():
+                counts[k] += v
+        out.append(counts)
+    return out
+
+
 def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_patches: int,
               replica_max_patches: int, vision_on: bool) -> dict:
     """Seconds per optimizer step: the pipeline replayed along torch's actions with per-action
@@ -613,11 +677,11 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         fwd_wait[s], bwd_wait[s] = f_comm, b_comm
 
     def p2p_ops(stage: int, kind: str) -> int:
-        if p.pp == 1 or kind == "W":
-            return 0
-        if kind == "F":
-            return (stage > 0) + (stage < n_stages - 1)
-        return (stage < n_stages - 1) + (stage > 0)
+        return _p2p_ops(p, n_stages, stage, kind)
+
+    def event_cpu(stage: int, kind: str) -> float:
+        ev = action_events(cfg, chunks, stage, kind)
+        return ev["pp_actions"] * hw.pp_action_cpu_s + ev["ep_layer_passes"] * hw.ep_layer_cpu_s
 
     def cost(stage, kind, mb):
         extra = p2p_ops(stage, kind) * hw.p2p_cpu_s
@@ -628,7 +692,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         return bwd[stage] / 2 + extra  # I and W split the backward
 
     def cpu_cost(stage, kind, mb) -> tuple[float, float]:
-        extra = p2p_ops(stage, kind) * hw.p2p_cpu_s
+        extra = p2p_ops(stage, kind) * hw.p2p_cpu_s + event_cpu(stage, kind)
         if kind == "F":
             return fwd_cpu[stage] + extra, fwd_wait[stage]
         if kind == "B":
@@ -667,6 +731,11 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     dp_s += 5 * hw.collective_latency_s
     n_dp = 2 * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0)) + 5
     dp_s += n_dp * hw.collective_cpu_s / share
+    dep_on = vision_on and p.dep
+    if hw.cores is not None:  # the runtime's work per event (CPU ranks)
+        ev = step_events(cfg, dep_on, mem)
+        dp_s += (ev["zero_parameters"] * hw.zero_param_cpu_s
+                 + ev["dep_exchanges"] * hw.dep_exchange_cpu_s) / share
     enc_s = 0.0
     if vision_on and p.dep:  # forward without autograd, recompute forward, backward: 4 forwards
         enc_cpu = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops

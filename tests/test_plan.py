@@ -218,3 +218,67 @@ def test_gpu_plans_do_not_share_and_enough_cores_give_the_gpu_replay(monkeypatch
     four = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False,
                                          layer_overhead_s=1e-3), vision_items=([], [])).step
     assert two["pipeline_s"] > 1.5 * four["pipeline_s"]
+
+
+def test_cpu_event_counts_hand_counted():
+    """Per pipeline rank, the events the per-event CPU costs are charged for (tiny: 4 layers,
+    the first dense; PP2 x V2 puts one layer on each chunk, rank 0 holds chunks 0 and 2)."""
+    from parallel.plan import cpu_event_counts
+
+    def zero(cfg, rank, dense, expert, encoder):
+        mem = rank_memory(cfg, rank)
+        parts = {"dense": mem.parameters - mem.expert_parameters - mem.encoder_parameters,
+                 "expert": mem.expert_parameters, "encoder": mem.encoder_parameters}
+        assert all(parts.values())
+        return 2 * (parts["dense"] * dense + parts["expert"] * expert
+                    + parts["encoder"] * encoder)
+
+    # interleaved 1F1B, 2 micro-batches: every action of a PP2 rank sends or receives; rank 0's
+    # MoE layer is chunk 2's (F and B, 2 micro-batches), rank 1's chunks 1 and 3; ZeRO-1
+    # reduces and broadcasts the dense pieces over DP2, the experts not (DP / EP = 1), the
+    # encoder over the world; DEP's 6 exchanges
+    cfg = _tiny(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=2, dep=True)
+    assert cpu_event_counts(cfg) == [
+        dict(pp_actions=8, ep_layer_passes=4, zero_parameters=zero(cfg, 0, 1, 0, 1),
+             dep_exchanges=6),
+        dict(pp_actions=8, ep_layer_passes=8, zero_parameters=zero(cfg, 2, 1, 0, 1),
+             dep_exchanges=6)]
+    # zero bubble: W sends nothing and exchanges no tokens (12 actions per rank, 4 of them W)
+    cfg = _tiny(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=2, dep=False,
+                schedule="interleaved_zero_bubble")
+    counts = cpu_event_counts(cfg)
+    assert [(c["pp_actions"], c["ep_layer_passes"], c["dep_exchanges"]) for c in counts] == [
+        (8, 4, 0), (8, 8, 0)]
+    # DP4 x EP2 without PP: 3 MoE layers x (F, B) x 2 micro-batches; ZeRO-1 over DP4 for the
+    # dense pieces and over DP / EP = 2 for the experts
+    cfg = _tiny(pp=1, virtual_stages=1, dp=4, ep=2, microbatches=2, dep=True, schedule="1f1b")
+    assert cpu_event_counts(cfg) == [
+        dict(pp_actions=0, ep_layer_passes=12, zero_parameters=zero(cfg, 0, 1, 1, 1),
+             dep_exchanges=6)]
+    # one rank: nothing moves
+    cfg = _tiny(pp=1, virtual_stages=1, dp=1, ep=1, microbatches=2, dep=True, schedule="1f1b")
+    assert cpu_event_counts(cfg) == [
+        dict(pp_actions=0, ep_layer_passes=0, zero_parameters=0, dep_exchanges=0)]
+
+
+def test_cpu_event_costs_add_count_times_cost():
+    """On CPU ranks with a core each and no pipeline, each per-event cost adds exactly its
+    count times the cost to the step; a GPU plan ignores them."""
+    from parallel.plan import cpu_event_counts
+
+    cfg = _tiny(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, dep=True, schedule="1f1b")
+    items = ([64, 48, 16], [0, 1, 1])
+    cpu = dataclasses.replace(HW, cores=64.0)
+    base = plan(cfg, cpu, vision_items=items).step_time_s
+    (counts,) = cpu_event_counts(cfg)
+    for field_, count in (("zero_param_cpu_s", "zero_parameters"),
+                          ("ep_layer_cpu_s", "ep_layer_passes"),
+                          ("dep_exchange_cpu_s", "dep_exchanges")):
+        got = plan(cfg, dataclasses.replace(cpu, **{field_: 1e-7}),
+                   vision_items=items).step_time_s
+        assert counts[count] > 0
+        assert got - base == pytest.approx(counts[count] * 1e-7, rel=1e-9), field_
+    gpu = plan(cfg, HW, vision_items=items).step_time_s
+    assert plan(cfg, dataclasses.replace(HW, zero_param_cpu_s=1.0, ep_layer_cpu_s=1.0,
+                                         pp_action_cpu_s=1.0, dep_exchange_cpu_s=1.0),
+                vision_items=items).step_time_s == gpu
