@@ -253,3 +253,38 @@ def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derive
         assert units == 27_000
     else:  # units of 4 * 4096 tokens: the text samples longer than that are several
         assert units > 27_000
+
+
+def test_unit_pieces_rule():
+    from data.catalog import unit_pieces
+
+    # a window of at most one global batch: units of a whole window (S pieces)
+    assert [unit_pieces(32, b) for b in (32, 64, 4096)] == [32, 32, 32]
+    # several batches per window: a batch's worth of pieces, at least one
+    assert [unit_pieces(32, b) for b in (16, 8, 4, 1, 20)] == [2, 4, 8, 32, 1]
+    with pytest.raises(ValueError, match="global_batch=0"):
+        unit_pieces(32, 0)
+
+
+@pytest.mark.parametrize("window,global_batch", [(4, 8), (4, 2), (8, 2), (4, 3)])
+def test_text_units_of_the_vectorized_path_are_the_per_document_units(window, global_batch):
+    """plan_columns cuts text sources without a per-document pass: it must give the units that
+    Layout.units gives each document (U pieces of seq_len tokens, the last one shorter)."""
+    from data.catalog import Layout, SourceCatalog, catalog_columns, plan_columns
+    from data.media import MediaRules
+    from data.vision import VisionPreprocess
+
+    media, seq_len = MediaRules(VisionPreprocess()), 16
+    layout = Layout(media, seq_len, window, global_batch)
+    lengths = [1, 14, 15, 16, 31, 63, 64, 65, 200, 1000]
+    entries = [{"key": f"{i:012d}", "text_tokens": n, "members": {"txt": {"offset": 0, "size": 1}}}
+               for i, n in enumerate(lengths)]
+    cols, meta = catalog_columns("t", "text", [{"key": "s.tar", "size": 1, "num_samples": len(entries)}],
+                                 [{"samples": entries}])
+    src = SourceCatalog(Columns(encode_columns(cols, meta), "t"), "t", "text")
+    units = plan_columns(src, layout, "key", holdout=False)[0]["units"]
+    expect = [u for i in range(src.n) for u in layout.units(layout.segments("text", src.entry(i)), i)]
+    got = list(zip(units["sample"].tolist(), units["offset"].tolist(), units["tokens"].tolist(),
+                   units["vision"].tolist()))
+    assert got == expect
+    assert max(t for _, _, t, _ in got) == seq_len * layout.unit_pieces  # grouped, not one piece
