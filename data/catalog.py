@@ -502,8 +502,8 @@ def _in_memory(cols: dict, meta: dict, name: str) -> Columns:
 
 class Catalog:
     def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
-                 global_batch: int, weights: dict[str, float] | None = None, holdout_fraction: float = 0.0,
-                 split: str = "train"):
+                 global_batch: int, weights: dict[str, float] | None = None,
+                 holdout_fraction: float = 0.0, split: str = "train"):
         if split not in SPLITS:
             raise ValueError(f"split {split!r}; choose one of {list(SPLITS)}")
         if not 0.0 <= holdout_fraction < 1.0:
