@@ -8,7 +8,8 @@ hold-out) instead of measuring.
 
 Writes synthetic datasets (no tar bytes: planning never reads them) in the layout mmpt ingest
 writes: a manifest with one shard entry per 10,000 samples, and per source the sample catalog
-and the plan table for the K2.5 packing (seq_len 4096, window_sequences 32) as column files
+and the plan table for the K2.5 packing (seq_len 4096, window_sequences 32, global batch 4096
+sequences: units of up to a window, data/catalog.py's UNIT_RULE) as column files
 (data/columnar.py), the plan table with its hold-out columns (every sample's identity hashed as
 ingest does, units sorted by score). Sources: "text" (90% of the samples, log-normal lengths
 around 1,000 tokens) and "images" (10%, one image of one of eight sizes plus a caption), mixed at
@@ -40,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SEQ_LEN, WINDOW, GLOBAL_BATCH = 4096, 32, 16384
+PLAN_GLOBAL_BATCH = 4096  # configs/k2.5.toml's data.global_batch_size: the plan table's units
 SAMPLES_PER_SHARD = 10_000
 IMAGE_SHARE = 0.1
 IMAGE_SIZES = [(512, 384), (384, 512), (640, 480), (256, 256), (1024, 768), (300, 200), (800, 800),
@@ -80,8 +82,9 @@ def _fill(path: Path, specs: dict, meta: dict, fill) -> int:
     return path.stat().st_size
 
 
-def write_dataset(root: Path, n: int) -> dict:
-    """A synthetic dataset of n samples under root; returns what was written."""
+def write_dataset(root: Path, n: int, global_batch: int = PLAN_GLOBAL_BATCH) -> dict:
+    """A synthetic dataset of n samples under root, its plan tables for `global_batch`; returns
+    what was written."""
     import numpy as np
 
     from data.catalog import (CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, SEGMENT_DTYPE, Layout,
@@ -89,8 +92,9 @@ def write_dataset(root: Path, n: int) -> dict:
     from data.shards import build_manifest, canonical_json, generation_prefix
 
     media = _media()
-    key = plan_key(media, SEQ_LEN, WINDOW)
-    layout = Layout(media, SEQ_LEN, WINDOW)
+    key = plan_key(media, SEQ_LEN, WINDOW, global_batch)
+    layout = Layout(media, SEQ_LEN, WINDOW, global_batch)
+    per_unit = SEQ_LEN * layout.unit_pieces  # text has no atoms: its pieces are seq_len tokens
     img_tokens = np.array([layout.segments("image", {"text_tokens": 0, "images": [
         {"member": "jpg", "height": h, "width": w}]})[0].tokens for h, w in IMAGE_SIZES], np.int64)
     img_vision = img_tokens - 2
@@ -156,8 +160,8 @@ def write_dataset(root: Path, n: int) -> dict:
         cat_key = f"{gen}{source}/catalog.cols"
         size = _fill(root / cat_key, specs, meta, lambda name, lo, hi: fills[name](lo, hi))
 
-        # plan table: a unit per piece of seq_len tokens (data/catalog.py's UNIT_RULE): a text
-        # sample longer than seq_len is several units; an image sample fits one sequence
+        # plan table: a unit per U pieces of seq_len tokens (data/catalog.py's UNIT_RULE): a text
+        # sample longer than U * seq_len is several units; an image sample fits one sequence
         def sample_units(lo, hi):
             t = text_tokens(source, lo, hi).astype(np.int64) + 1
             v = np.zeros(hi - lo, np.int64)
@@ -165,12 +169,12 @@ def write_dataset(root: Path, n: int) -> dict:
                 s = image_size(lo, hi)
                 t, v = t + img_tokens[s], img_vision[s]
                 assert t.max() <= SEQ_LEN, "an image sample longer than seq_len: cut at its atoms"
-            per = -(-t // SEQ_LEN)
+            per = -(-t // per_unit)
             sample = np.repeat(np.arange(lo, hi, dtype=np.int64), per)
             first = np.repeat(np.cumsum(per) - per, per)
-            offset = (np.arange(len(sample), dtype=np.int64) - first) * SEQ_LEN
+            offset = (np.arange(len(sample), dtype=np.int64) - first) * per_unit
             rows = np.zeros(len(sample), unit_dtype(count))
-            rows["tokens"] = np.minimum(SEQ_LEN, t[sample - lo] - offset)
+            rows["tokens"] = np.minimum(per_unit, t[sample - lo] - offset)
             rows["vision"], rows["sample"], rows["offset"] = v[sample - lo], sample, offset
             return rows
 
@@ -200,7 +204,8 @@ def write_dataset(root: Path, n: int) -> dict:
         del scores, unit_rows
         pmeta = {"format": PLAN_FORMAT, "source": source, "plan_key": key, "units": num_units,
                  "tokens": totals[0], "vision_tokens": totals[1], "seq_len": SEQ_LEN,
-                 "window_sequences": WINDOW, "skipped": {}, **hmeta}
+                 "window_sequences": WINDOW, "unit_pieces": layout.unit_pieces, "skipped": {},
+                 **hmeta}
         plan_key_path = f"{gen}{source}/plan-{key}.cols"
         pspecs = {"units": (unit_dtype(count), (num_units,)),
                   **{name: (col.dtype, col.shape) for name, col in hcols.items()}}
@@ -240,6 +245,7 @@ def measure(url: str, holdout: float = 0.0, profile: bool = False) -> dict:
     imports = {"wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu,
                "rss_mb": _rss_mb(), "rss_anon_mb": _rss_mb("RssAnon")}
     t_wall, t_cpu = time.perf_counter(), time.process_time()
+    # GLOBAL_BATCH and PLAN_GLOBAL_BATCH both hold a window at least: the same units, the same key
     stream = PackedStream(url, seq_len=SEQ_LEN, window_sequences=WINDOW, global_batch=GLOBAL_BATCH,
                           dp_rank=0, dp_size=1, seed=0, vision_fraction=0.1, weights={},
                           tokenizer="", media=_media(), holdout_fraction=holdout)

@@ -9,6 +9,7 @@ than one batch. Planning only (metadata; nothing is read or decoded), on
     seq_len 128, for windows of 16 to 64 sequences holding 2 to 16 batches;
   - the synthetic K2.5-like catalog of bench/data_scale.py (200,000 samples, seq_len 4096,
     windows of 32 sequences) at batches of 4, 8 and 16 sequences.
+Units of up to U = unit_pieces(S, B) pieces (data/catalog.py's UNIT_RULE; U = S // B here).
 Vision tokens of a piece of a unit cut across sequences: the unit's vision tokens shared out by
 the atom tokens inside the piece (data/pack.py's _piece_vision), exact for one-piece units.
 """
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mix_bound.json"))
     ap.add_argument("--batches", type=int, default=2000, help="global batches of 8 sequences (scaled)")
     args = ap.parse_args(argv)
+    from data.catalog import unit_pieces
     from data.loader import PackedStream
     from data.media import MediaRules
     from train.config import load_config
@@ -99,15 +101,18 @@ def main(argv=None) -> int:
                                   dp_size=1, seed=0, vision_fraction=0.1, weights={}, tokenizer="",
                                   media=media)
             r = summarize(*batch_errors(stream, args.batches * 8 // B, 0.1), 128, B, 0.1)
+            r["unit_pieces"] = unit_pieces(S, B)
             results["quickstart"][f"S={S},B={B}"] = r
             print(f"quickstart seq_len 128, window {S}, batch {B}: {r}", flush=True)
-        root = Path(tmp) / "k25"
-        scale.write_dataset(root, 200_000)
         for B in [16, 8, 4]:
+            root = Path(tmp) / f"k25-b{B}"  # its plan tables: units of unit_pieces(32, B) pieces
+            scale.write_dataset(root, 200_000, global_batch=B)
             stream = PackedStream(str(root), seq_len=4096, window_sequences=32, global_batch=B,
                                   dp_rank=0, dp_size=1, seed=0, vision_fraction=0.1, weights={},
                                   tokenizer="", media=scale._media())
+            assert stream.catalog.derived_plans == []
             r = summarize(*batch_errors(stream, args.batches * 8 // B // 2, 0.1), 4096, B, 0.1)
+            r["unit_pieces"] = unit_pieces(32, B)
             results["k2.5_like"][f"S=32,B={B}"] = r
             print(f"k2.5-like seq_len 4096, window 32, batch {B}: {r}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

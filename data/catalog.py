@@ -9,7 +9,8 @@ Two kinds of column files (data/columnar.py) per source, written at ingest next 
   one row per shard (tar key, size). Rows of one shard are contiguous and in tar order, so these
   are the shard indexes in columns. It does not depend on any training setting.
 - the *plan table* `<source>/plan-<key>.cols` (format mmpt-plan/2) for one planning key (seq_len,
-  window_sequences, the unit rule and the vision settings that fix token counts): one row per unit with its
+  window_sequences, the unit rule and its pieces per unit, and the vision settings that fix token
+  counts): one row per unit with its
   packed token count, vision token count, sample number and first token (one record per unit,
   so a draw touches one page); totals and the samples
   that can never be packed (by reason) in its header. `mmpt ingest --plan CONFIG` writes it.
@@ -30,14 +31,19 @@ Image and video samples put the media first, then the caption (captioning direct
 interleaved samples keep their reading order. A whole image or video (all its chunks, markers
 included) is one *atom*: it is never cut across sequences.
 
-Units: a document longer than seq_len is cut into consecutive units of one piece each (pieces
-as in data/pack.py: <= seq_len tokens, never inside an atom; UNIT_RULE names the rule in the
-planning key); the mixer orders units, so a long document's units are shuffled like separate
-documents (they could not attend to each other anyway). Units of one sequence at most keep the
-mixer's every-prefix bound (within one unit's tokens) at sequence granularity, which is what
-lets every global batch of a window carry the vision share; units of a whole window (the rule
-of plan format mmpt-plan/1) let a window hold one long text unit and no vision. A unit's last
-token still predicts the next unit's first token: the loader labels in document coordinates.
+Units: a document is cut into consecutive pieces (data/pack.py: <= seq_len tokens, never inside
+an atom), and consecutive pieces into units of at most U pieces (unit_pieces; UNIT_RULE names
+the rule, and U enters the planning key): U = S (window_sequences) when a window holds at most
+one global batch of B sequences (S <= B), U = max(1, S // B) when it holds several. The mixer
+orders units, so a long document's units are shuffled like separate documents (they could not
+attend to each other anyway), and the loader tokenizes a document once per unit it builds (its
+document cache does not span shuffled units). Why U: the mixer's every-prefix bound holds within
+one unit's tokens, so units of at most a batch's worth of pieces (S // B) keep it at the scale
+that lets every global batch of a window carry the vision share (units of a whole window let a
+window hold one long text unit and no vision); where a window holds at most one batch that
+bound is not asked for, and units of a whole window tokenize a long document once per window
+instead of once per sequence. A unit's last token still predicts the next unit's first token:
+the loader labels in document coordinates.
 Samples that can never be packed (an atom longer than seq_len) are left out of the order and
 counted in `skipped` by reason.
 
@@ -74,8 +80,10 @@ from train.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 CATALOG_FORMAT = "mmpt-catalog/1"
-PLAN_FORMAT = "mmpt-plan/2"  # /2: units of one piece (UNIT_RULE); /1 had units of S pieces
-UNIT_RULE = "piece"  # a unit is one piece of <= seq_len tokens (enters the planning key)
+PLAN_FORMAT = "mmpt-plan/2"  # /2: units cut by UNIT_RULE (in the key); /1 had units of S pieces
+# A unit is at most unit_pieces(S, B) pieces (enters the planning key with U). "piece" (a unit per
+# piece, whatever S and B) was the rule of some mmpt-plan/2 tables: their key never matches this one.
+UNIT_RULE = "pieces-per-batch"
 SEG_TEXT, SEG_IMAGE, SEG_VIDEO = 0, 1, 2
 SEG_KINDS = ("text", "image", "video")
 WARN_DERIVE_SAMPLES = 1_000_000
@@ -312,10 +320,23 @@ class SourceCatalog:
 # Plan tables: units per planning key
 
 
-def plan_key(media, seq_len: int, window_sequences: int) -> str:
-    """Names what fixes the units' token counts: packing sizes and the vision token arithmetic."""
+def unit_pieces(window_sequences: int, global_batch: int) -> int:
+    """U, the most pieces a unit holds (UNIT_RULE, see the module docstring): S when a window
+    holds at most one global batch (S <= B), else max(1, S // B)."""
+    if window_sequences < 1 or global_batch < 1:
+        raise ValueError(f"window_sequences={window_sequences} and global_batch={global_batch} "
+                         "must be positive")
+    if window_sequences <= global_batch:
+        return window_sequences
+    return max(1, window_sequences // global_batch)
+
+
+def plan_key(media, seq_len: int, window_sequences: int, global_batch: int) -> str:
+    """Names what fixes the units' token counts: packing sizes, the unit rule with its pieces per
+    unit (the global batch enters only through U) and the vision token arithmetic."""
     p = media.pre
     fields = {"seq_len": seq_len, "window_sequences": window_sequences, "units": UNIT_RULE,
+              "unit_pieces": unit_pieces(window_sequences, global_batch),
               "patch_size": p.patch_size,
               "merge_size": p.merge_size, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
               "video_max_pixels": p.video_max_pixels, "frames_per_chunk": p.frames_per_chunk,
@@ -326,8 +347,9 @@ def plan_key(media, seq_len: int, window_sequences: int) -> str:
 class Layout:
     """Document layout arithmetic of one media setting and packing size (see the module docstring)."""
 
-    def __init__(self, media, seq_len: int, window_sequences: int):
+    def __init__(self, media, seq_len: int, window_sequences: int, global_batch: int):
         self.media, self.seq_len, self.window_sequences = media, seq_len, window_sequences
+        self.unit_pieces = unit_pieces(window_sequences, global_batch)
         self._atom_tokens: dict[tuple, int] = {}
 
     def atom_tokens(self, kind_code: int, height: int, width: int, frames: int, fps: float) -> int:
@@ -373,8 +395,12 @@ class Layout:
         if pieces is None:
             raise ShardError(f"cannot pack: media longer than seq_len={self.seq_len}")
         placeholders = [(a, sum(s.chunks)) for (a, _), s in zip(atoms, [s for s in segs if s.kind != "text"])]
-        return [(sample, start, end - start, sum(n for a, n in placeholders if start <= a < end))
-                for start, end in pieces]  # a unit per piece (UNIT_RULE)
+        units, u = [], self.unit_pieces  # up to U consecutive pieces per unit (UNIT_RULE)
+        for first in range(0, len(pieces), u):
+            start, end = pieces[first][0], pieces[min(first + u, len(pieces)) - 1][1]
+            units.append((sample, start, end - start,
+                          sum(n for a, n in placeholders if start <= a < end)))
+        return units
 
 
 def atoms_of(segs: list[Segment]) -> tuple[tuple[int, int], ...]:
@@ -435,9 +461,9 @@ def plan_columns(source: SourceCatalog, layout: Layout, key: str,
     """(columns, meta) of one source's plan table: every sample's units, in sample order, and
     (`holdout`) the hold-out columns, which hash every sample's identity once."""
     skipped: Counter = Counter()
-    if source.kind == "text":  # no atoms: units are consecutive pieces of seq_len tokens
+    if source.kind == "text":  # no atoms: units are consecutive runs of U pieces of seq_len tokens
         length = source.cols["s_text_tokens"].astype(np.int64) + 1
-        per_unit = layout.seq_len
+        per_unit = layout.seq_len * layout.unit_pieces
         count = -(-length // per_unit)
         sample = np.repeat(np.arange(source.n, dtype=np.int64), count)
         first = np.repeat(np.cumsum(count) - count, count)
@@ -458,7 +484,7 @@ def plan_columns(source: SourceCatalog, layout: Layout, key: str,
     meta = {"format": PLAN_FORMAT, "source": source.name, "plan_key": key, "units": int(len(tokens)),
             "tokens": int(tokens.sum()), "vision_tokens": int(vision.sum()),
             "seq_len": layout.seq_len, "window_sequences": layout.window_sequences,
-            "skipped": dict(sorted(skipped.items()))}
+            "unit_pieces": layout.unit_pieces, "skipped": dict(sorted(skipped.items()))}
     if holdout:
         hcols, hmeta = holdout_columns(holdout_scores(source.name, source.identities()), sample,
                                        tokens)
@@ -476,8 +502,8 @@ def _in_memory(cols: dict, meta: dict, name: str) -> Columns:
 
 class Catalog:
     def __init__(self, store, manifest: dict, *, media, seq_len: int, window_sequences: int,
-                 weights: dict[str, float] | None = None, holdout_fraction: float = 0.0,
-                 split: str = "train"):
+                 global_batch: int, weights: dict[str, float] | None = None,
+                 holdout_fraction: float = 0.0, split: str = "train"):
         if split not in SPLITS:
             raise ValueError(f"split {split!r}; choose one of {list(SPLITS)}")
         if not 0.0 <= holdout_fraction < 1.0:
@@ -487,8 +513,8 @@ class Catalog:
         self.holdout_fraction, self.split = holdout_fraction, split
         self.store, self.manifest, self.media = store, manifest, media
         self.seq_len, self.window_sequences = seq_len, window_sequences
-        self.layout_rules = Layout(media, seq_len, window_sequences)
-        self.plan_key = plan_key(media, seq_len, window_sequences)
+        self.layout_rules = Layout(media, seq_len, window_sequences, global_batch)
+        self.plan_key = plan_key(media, seq_len, window_sequences, global_batch)
         self.fingerprint: str = manifest["fingerprint"]
         self.names = [s["name"] for s in manifest["sources"]]
         self.kinds = [s["kind"] for s in manifest["sources"]]
@@ -571,10 +597,11 @@ class Catalog:
                        if (p.get("seq_len"), p.get("window_sequences")) == sizes)
         if older:  # a table for these sizes, but another key: an older unit rule or other vision settings
             log.warning("source %s: the manifest's plan table(s) %s for seq_len=%d, window_sequences=%d "
-                        "do not match key %s (plan format %s, unit rule %r, or other vision "
-                        "settings); deriving the plan table from the sample catalog on every start "
-                        "(re-ingest with mmpt ingest --plan to store it)", src.name, older,
-                        self.seq_len, self.window_sequences, self.plan_key, PLAN_FORMAT, UNIT_RULE)
+                        "do not match key %s (plan format %s, unit rule %r with %d piece(s) per unit, "
+                        "or other vision settings); deriving the plan table from the sample catalog "
+                        "on every start (re-ingest with mmpt ingest --plan, for this global batch "
+                        "size, to store it)", src.name, older, self.seq_len, self.window_sequences,
+                        self.plan_key, PLAN_FORMAT, UNIT_RULE, self.layout_rules.unit_pieces)
         elif src.n > WARN_DERIVE_SAMPLES:
             log.warning("source %s: no plan table for key %s (seq_len=%d, window_sequences=%d) in the "
                         "manifest; deriving it from %d samples on every start (mmpt ingest --plan "

@@ -115,7 +115,7 @@ def prune(store, manifest: dict, previous: dict | None) -> list[str]:
 def write_catalog(store, gen: str, name: str, kind: str, shards: list[dict], indexes: list[dict],
                   plans: list[tuple] = ()) -> dict:
     """Put one source's sample catalog and plan tables (data/catalog.py) under the generation;
-    returns its manifest entry. plans: [(MediaRules, seq_len, window_sequences)]."""
+    returns its manifest entry. plans: [(MediaRules, seq_len, window_sequences, global_batch)]."""
     from data.catalog import Columns, Layout, SourceCatalog, catalog_columns, plan_columns, plan_key
     from data.columnar import encode_columns
 
@@ -127,9 +127,9 @@ def write_catalog(store, gen: str, name: str, kind: str, shards: list[dict], ind
     raw = encode_columns(cols, meta)
     entry = {"source": name, **put(f"{gen}{name}/catalog.cols", raw), "plans": {}}
     src = SourceCatalog(Columns(raw, name), name, kind)
-    for media, seq_len, window in plans:
-        key = plan_key(media, seq_len, window)
-        pcols, pmeta = plan_columns(src, Layout(media, seq_len, window), key)
+    for media, seq_len, window, global_batch in plans:
+        key = plan_key(media, seq_len, window, global_batch)
+        pcols, pmeta = plan_columns(src, Layout(media, seq_len, window, global_batch), key)
         entry["plans"][key] = {**put(f"{gen}{name}/plan-{key}.cols", encode_columns(pcols, pmeta)),
                                "seq_len": seq_len, "window_sequences": window}
     return entry
@@ -161,7 +161,8 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
            progress: bool = True, log=print, prune_old: bool = False, plans: list[tuple] = (),
            part: tuple[int, int] | None = None, run_id: str = "") -> dict:
     """Write shards, indexes, column catalogs and the manifest of `sources` to `store`; return
-    the manifest. ``plans``: [(MediaRules, seq_len, window_sequences)] to write plan tables for.
+    the manifest. ``plans``: [(MediaRules, seq_len, window_sequences, global_batch)] (data.ingest.plan_setting
+    of a training config) to write plan tables for.
 
     Atomic for readers: everything goes under a new generation prefix and manifest.json is put
     last, so a reader sees the old dataset or the new one, never a mix. The previous generation
@@ -359,7 +360,8 @@ def _source_arg(kind: str, layout: str = ""):
 
 
 def plan_setting(spec: str) -> tuple:
-    """'configs/k2.5.toml --data.seq_len=8192' -> (MediaRules, seq_len, window_sequences)."""
+    """'configs/k2.5.toml --data.seq_len=8192' -> (MediaRules, seq_len, window_sequences,
+    global_batch_size): what fixes a plan table (the global batch through the units' size)."""
     import shlex
 
     from data.media import MediaRules
@@ -367,7 +369,8 @@ def plan_setting(spec: str) -> tuple:
 
     path, *overrides = shlex.split(spec)
     cfg = load_config(path, overrides)
-    return MediaRules.from_config(cfg), cfg.data.seq_len, cfg.data.window_sequences
+    return (MediaRules.from_config(cfg), cfg.data.seq_len, cfg.data.window_sequences,
+            cfg.data.global_batch_size)
 
 
 def _log(msg: str) -> None:

@@ -64,7 +64,9 @@ from data.shards import ShardError, open_dataset, read_member
 from data.store import redact
 from train.errors import InvalidInput, UserError
 
-STATE_FORMAT = "mmpt-loader/3"  # /2: sequences spread over global batches; /3: units of one piece
+# /2: sequences spread over global batches; /3: units of one piece; /4: units of up to
+# data/catalog.py's unit_pieces(S, B) pieces (a saved position counts units)
+STATE_FORMAT = "mmpt-loader/4"
 log = logging.getLogger(__name__)
 
 
@@ -164,7 +166,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.store = _open_cached(url, self.store_opts, cache_opts)
         self.manifest = _read_manifest(url, self.store)
         self.catalog = Catalog(self.store, self.manifest, media=media, seq_len=seq_len,
-                               window_sequences=window_sequences, weights=weights,
+                               window_sequences=window_sequences, global_batch=global_batch,
+                               weights=weights,
                                holdout_fraction=holdout_fraction, split=split)
         self.holdout_fraction = holdout_fraction
         self.fingerprint = self.catalog.fingerprint

@@ -110,7 +110,7 @@ def test_a_local_dataset_is_mapped_in_place(tmp_path):
 # The hold-out split from the plan table's columns against the per-sample computation
 
 
-def _holdout_dataset(tmp_path, seq_len=64, window=2):
+def _holdout_dataset(tmp_path, seq_len=64, window=2, global_batch=8):
     """Two small sources in column files (a few shards, random keys, documents longer than a
     window); returns (store, manifest, media)."""
     from data.ingest import write_catalog
@@ -133,7 +133,7 @@ def _holdout_dataset(tmp_path, seq_len=64, window=2):
                            "num_samples": len(samples), "size": 1 << 20, "index_sha256": f"{k:064x}"})
             indexes.append({"samples": samples})
         catalogs.append(write_catalog(store, gen, name, "text", shards, indexes,
-                                      [(media, seq_len, window)]))
+                                      [(media, seq_len, window, global_batch)]))
         shards_all += shards
     manifest = build_manifest([{"name": "web", "kind": "text"}, {"name": "code", "kind": "text"}],
                               shards_all, {"fingerprint": "t", "vocab_size": 100,
@@ -157,7 +157,7 @@ def test_holdout_columns_give_the_split_of_the_per_sample_computation(tmp_path, 
     from data.mix import TokenMixer
 
     store, manifest, media = _holdout_dataset(tmp_path)
-    opts = dict(media=media, seq_len=64, window_sequences=2)
+    opts = dict(media=media, seq_len=64, window_sequences=2, global_batch=8)
     for split in ("train", "val"):
         cat = Catalog(store, manifest, holdout_fraction=fraction, split=split, **opts)
         assert cat.derived_plans == [] and cat.derived_holdout == []  # read from the columns
@@ -199,7 +199,7 @@ def test_a_plan_table_without_holdout_columns_falls_back_to_hashing(tmp_path, mo
     store, manifest, media = _holdout_dataset(tmp_path)
     monkeypatch.undo()
     cat = catalog_mod.Catalog(store, manifest, media=media, seq_len=64, window_sequences=2,
-                              holdout_fraction=0.3, split="val")
+                              global_batch=8, holdout_fraction=0.3, split="val")
     assert "holdout" not in cat.plans[0].cols and cat.derived_holdout == ["web", "code"]
     for s, spec in enumerate(cat.sources):
         assert np.array_equal(np.asarray(spec.samples), _old_split(cat, s, 0.3, "val")["sample"])
@@ -218,10 +218,13 @@ def test_rows_without_matches_deleting_the_rows():
             assert np.array_equal(rows[np.arange(len(expect))], expect)
 
 
-def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derives(tmp_path):
+@pytest.mark.parametrize("global_batch", [4096, 8])
+def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derives(tmp_path,
+                                                                                 global_batch):
     """bench/data_scale.py writes plan tables itself (no ingest): they must hold the units the
-    catalog's unit rule gives (a unit per piece of seq_len tokens) and the same hold-out column,
-    or the benchmark would plan a stream no real dataset has."""
+    catalog's unit rule gives (up to U pieces of seq_len tokens: U = 32 at K2.5's global batch
+    of 4096, U = 4 at 8) and the same hold-out column, or the benchmark would plan a stream no
+    real dataset has."""
     import sys
     from pathlib import Path
 
@@ -231,11 +234,11 @@ def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derive
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import bench.data_scale as scale
 
-    scale.write_dataset(tmp_path, 30_000)
+    scale.write_dataset(tmp_path, 30_000, global_batch=global_batch)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     store = open_store(str(tmp_path))
     opts = dict(media=scale._media(), seq_len=scale.SEQ_LEN, window_sequences=scale.WINDOW,
-                holdout_fraction=0.01)
+                global_batch=global_batch, holdout_fraction=0.01)
     written = catalog_mod.Catalog(store, manifest, **opts)
     for c in manifest["catalogs"]:
         c["plans"] = {}
@@ -245,4 +248,43 @@ def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derive
         assert a.meta["units"] == b.meta["units"] and a.meta["tokens"] == b.meta["tokens"]
         assert np.array_equal(np.asarray(a["units"]), np.asarray(b["units"]))
         assert np.array_equal(np.asarray(a["holdout"]), np.asarray(b["holdout"]))
-    assert written.plans[0].meta["units"] > 27_000  # text longer than seq_len: several units
+    units = written.plans[0].meta["units"]
+    if global_batch == 4096:  # no text sample is longer than a window (100,000 < 32 * 4096)
+        assert units == 27_000
+    else:  # units of 4 * 4096 tokens: the text samples longer than that are several
+        assert units > 27_000
+
+
+def test_unit_pieces_rule():
+    from data.catalog import unit_pieces
+
+    # a window of at most one global batch: units of a whole window (S pieces)
+    assert [unit_pieces(32, b) for b in (32, 64, 4096)] == [32, 32, 32]
+    # several batches per window: a batch's worth of pieces, at least one
+    assert [unit_pieces(32, b) for b in (16, 8, 4, 1, 20)] == [2, 4, 8, 32, 1]
+    with pytest.raises(ValueError, match="global_batch=0"):
+        unit_pieces(32, 0)
+
+
+@pytest.mark.parametrize("window,global_batch", [(4, 8), (4, 2), (8, 2), (4, 3)])
+def test_text_units_of_the_vectorized_path_are_the_per_document_units(window, global_batch):
+    """plan_columns cuts text sources without a per-document pass: it must give the units that
+    Layout.units gives each document (U pieces of seq_len tokens, the last one shorter)."""
+    from data.catalog import Layout, SourceCatalog, catalog_columns, plan_columns
+    from data.media import MediaRules
+    from data.vision import VisionPreprocess
+
+    media, seq_len = MediaRules(VisionPreprocess()), 16
+    layout = Layout(media, seq_len, window, global_batch)
+    lengths = [1, 14, 15, 16, 31, 63, 64, 65, 200, 1000]
+    entries = [{"key": f"{i:012d}", "text_tokens": n, "members": {"txt": {"offset": 0, "size": 1}}}
+               for i, n in enumerate(lengths)]
+    cols, meta = catalog_columns("t", "text", [{"key": "s.tar", "size": 1, "num_samples": len(entries)}],
+                                 [{"samples": entries}])
+    src = SourceCatalog(Columns(encode_columns(cols, meta), "t"), "t", "text")
+    units = plan_columns(src, layout, "key", holdout=False)[0]["units"]
+    expect = [u for i in range(src.n) for u in layout.units(layout.segments("text", src.entry(i)), i)]
+    got = list(zip(units["sample"].tolist(), units["offset"].tolist(), units["tokens"].tolist(),
+                   units["vision"].tolist()))
+    assert got == expect
+    assert max(t for _, _, t, _ in got) == seq_len * layout.unit_pieces  # grouped, not one piece

@@ -429,8 +429,8 @@ def _inspected_step(rank, world, cfg, hand_zeroed):
 
 
 def test_pp2_dp2_dep_an_image_that_fails_on_another_rank_gives_its_document_no_loss(ds, tmp_path):
-    """A corrupt JPEG decoded (under DEP) by a rank that is not the last stage of its document's
-    replica: every rank learns of it before the forward, the document gets no loss on the last
+    """A corrupt still image (JPEG or PNG, whichever the first global batch holds) decoded (under
+    DEP) by a rank that is not the last stage of its document's replica: every rank learns of it before the forward, the document gets no loss on the last
     stage and padding ids on stage 0, the skip is counted once in the step's metrics, and the
     losses equal those of the intact data with that document's loss mask zeroed by hand."""
     import shutil
@@ -454,11 +454,11 @@ def test_pp2_dp2_dep_an_image_that_fails_on_another_rank_gives_its_document_no_l
         return [(d, r, at, hi - lo) for d in range(2) for r, at, lo, hi, *src in ident[d][1]
                 if tuple(src) == doc]
 
-    def fits(k):  # a JPEG decoded off its replica's last stage, whose document takes loss
+    def fits(k):  # a still image decoded off its replica's last stage, whose document takes loss
         d, i = flat[k]
         source, sample, seg, _ = ident[d][0][i]
         member = stream.doc_meta(source, sample).segs[seg].member
-        return (member.endswith("jpg") and decoder[k] != 2 + d
+        return (member.endswith(("jpg", "png")) and decoder[k] != 2 + d
                 and any(batches[e].loss_mask[r, at:at + n].any()
                         for e, r, at, n in pieces_of((source, sample))))
 

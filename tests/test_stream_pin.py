@@ -37,8 +37,12 @@ BATCHES = 50
 # by vision content (data/pack.py): 38f0d52baed1c32b3121b0bf2bcfd6b9c38cbf7fbc5ffb785463ef2e88b91093.
 # And once more: documents longer than seq_len are cut into units of one piece, not of a window
 # (data/catalog.py's UNIT_RULE, plan format mmpt-plan/2), so every global batch carries the
-# target vision share.
-STREAM_SHA256 = "0a890779e45e0b57139d0ff08808752a4d419d7e7773ddf2f61260a85e75c8ab"
+# target vision share: 0a890779e45e0b57139d0ff08808752a4d419d7e7773ddf2f61260a85e75c8ab.
+# And once more: units of up to U pieces, U = S // B when a window holds several global batches
+# (the quickstart: S=32, B=8, so U=4), U = S when it holds one at most (UNIT_RULE
+# "pieces-per-batch"), so a long document is tokenized once per U sequences, not once per
+# sequence, and the batch share still holds (tests/test_mix.py).
+STREAM_SHA256 = "bbe6818c9ccbe4e6af0dedafc33d833634a89d96173d4621b943a262212a5b0e"
 
 
 def encode_mpeg4(frames, path: Path, fps: int) -> None:
@@ -134,8 +138,8 @@ def test_the_pin_sees_a_changed_order(quickstart_ds):
 
 def test_a_plan_table_of_an_older_unit_rule_is_not_read(quickstart_ds, tmp_path, caplog):
     """A manifest listing plan tables for the run's seq_len and window under another key (one
-    written with units of a whole window, mmpt-plan/1) derives the plan table on load, says so,
-    and gives the pinned stream."""
+    written with units of a whole window, mmpt-plan/1, or of one piece, unit rule "piece")
+    derives the plan table on load, says so, and gives the pinned stream."""
     import logging
     import shutil
 
