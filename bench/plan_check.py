@@ -35,7 +35,6 @@ step time of real gloo runs on this CPU machine after a calibration pass.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -47,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel.plan import GPU, Hardware, layer_saved_per_token, plan  # noqa: E402
+from parallel.plan import GPU, Hardware, plan  # noqa: E402
+from parallel.plan_costs import layer_saved_per_token  # noqa: E402
 from parallel.schedule_replay import replay, schedule_actions  # noqa: E402
-from train.config import ActivationConfig, load_config, replace  # noqa: E402
+from train.config import load_config, replace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces  # noqa: E402
-from parallel.plan import layer_training_flops_per_token  # noqa: E402
+from parallel.plan_costs import layer_training_flops_per_token  # noqa: E402
 from parallel.schedule_replay import schedule_actions  # noqa: E402
 from parallel.rank_memory import rank_memory  # noqa: E402
 from train.config import ActivationConfig, load_config, replace  # noqa: E402

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from parallel.pieces import RankCoords, build_rank_pieces
-from parallel.plan import GPUS, Hardware, layer_saved_per_token, layout_of, main, plan, search
+from parallel.plan import GPUS, Hardware, layout_of, main, plan, search
+from parallel.plan_costs import layer_saved_per_token
 from parallel.schedule_replay import peak_in_flight, replay, schedule_actions
 from parallel.rank_memory import rank_memory
 from train.config import ActivationConfig, load_config, replace
@@ -110,7 +111,7 @@ def test_1f1b_schedule():
 
 
 def test_layer_flops_add_up_to_the_model_flops():
-    from parallel.plan import layer_training_flops_per_token
+    from parallel.plan_costs import layer_training_flops_per_token
 
     m = load_config("configs/k2.5.toml").model
     total = sum(layer_training_flops_per_token(m, 4096, i < m.first_k_dense)
