@@ -60,7 +60,7 @@ from data.decode import DecodeError
 from data.media import MediaRules
 from data.mix import MixState, TokenMixer
 from data.pack import PlanState, Window, WindowPlanner, pack_rows
-from data.shards import ShardError, open_dataset, read_member
+from data.shards import ShardError, read_member
 from data.store import redact
 from train.errors import InvalidInput, UserError
 
@@ -312,8 +312,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             try:
                 self._docs[key] = self._build_doc(source, sample, epoch)
             except (DecodeError, ShardError, UnicodeDecodeError) as e:
-                # Object addresses in library messages would make the batch differ run to run.
-                reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")
+                reason = self._reason(e)
                 log.warning("skipping %s sample %s: %s", self.catalog.names[source],
                             self.catalog.locate(source, sample), reason)
                 self._docs[key] = Doc(np.zeros(0, np.int64), [], reason)
@@ -338,12 +337,10 @@ class PackedStream(torch.utils.data.IterableDataset):
             for p in window.sequences[g % self.S]:
                 d = window.docs[p.doc]
                 doc = self.doc(d.source, d.sample, d.epoch)
-                shard, member = self.catalog.locate(d.source, d.sample)
                 if doc.error:
-                    entry = (self.catalog.names[d.source], shard, member, doc.error)
-                    if entry not in skipped:
-                        skipped.append(entry)
+                    self._skip(skipped, d.source, d.sample, doc.error, log_it=False)
                     continue
+                shard, member = self.catalog.locate(d.source, d.sample)
                 lo, hi = d.offset + p.start, d.offset + p.end  # document coordinates
                 for start, n, pt, grid in doc.items:
                     if lo <= start and start + n <= hi:
