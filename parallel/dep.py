@@ -189,7 +189,7 @@ class DecoupledEncoder:
         m = self.mesh
         if not self._flat:
             return
-        flat, owner, rows_of = self._flat, self._owner, self._rows_of
+        owner, rows_of = self._owner, self._rows_of
         device = next(self.encoder.parameters()).device
         hidden = self.hidden
         send_blocks = [[] for _ in range(m.world_size)]

@@ -1,7 +1,6 @@
 """Object stores: LocalStore and S3Store (against a real embedded SeaweedFS) share one semantics."""
 
 import multiprocessing as mp
-import os
 import pickle
 import signal
 import socket
