@@ -245,21 +245,23 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, watch):
     dist.barrier()
     if rank == 0:  # the bench watches the other sessions' demand while the steps run
         watch.started.set()
-    times = []
+    times, cpus = [], []
     for _ in range(steps):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         training_step(rt, batch)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)  # the rank's threads, gloo's included
     dist.barrier()
     if rank == 0:
         watch.finished.set()
-    return times
+    return times, cpus
 
 
 def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
-    """The median step (a step ends when its slowest rank ends) and the other runnable
-    users' leave the ranks while the steps run (OthersCpuWatch)."""
+    """The median step (a step ends when its slowest rank ends), each rank's median CPU
+    seconds per step, and the cores the other users leave the ranks while the steps run
+    (OthersCpuWatch)."""
     import statistics
 
     from tests.dist import run_distributed
@@ -267,9 +269,9 @@ def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
     with OthersCpuWatch() as watch:
         out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, watch,
                               timeout=900)
-    per_step = [max(t[i] for t in out) for i in range(steps)]
+    per_step = [max(t[i] for t, _ in out) for i in range(steps)]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
-            "per_step": per_step,
+            "per_step": per_step, "cpu_s": [statistics.median(c) for _, c in out],
             "cores_free": max(0.1, cores() - watch.cores_used())}
 
 
@@ -409,7 +411,7 @@ def vision_items_of(cfg, per_replica) -> tuple[list[int], list[int]]:
 
 
 CALIBRATION = [dict(microbatches=4, rows=8), dict(microbatches=1, rows=8),
-               dict(microbatches=2, rows=4)]
+               dict(microbatches=2, rows=4), dict(microbatches=4, rows=8, dep=False)]
 CALIBRATION_PASSES = 2  # each world-1 run twice: the fit sees six, so one disturbed run moves it less
 
 
@@ -443,44 +445,8 @@ def world1_config(base, c: dict):
         k: v for k, v in c.items() if k != "rows"}))
 
 
-def calibrate(base, comm: dict, runs: list[tuple[dict, dict]],
-              no_dep: list[tuple[dict, dict]]) -> dict:
-    """World-1 runs (three micro-batch counts and token counts, each CALIBRATION_PASSES
-    times; `runs` as (CALIBRATION entry, measure_step's result)) give seconds per FLOP, per
-    layer action and per owned parameter of the optimizer step by non-negative least squares:
-    the planner is linear in them at world 1, beside the pinged communication costs (its
-    intercept). DEP's fixed cost: `no_dep` pairs the first entry's DEP-on run of a pass with
-    its DEP-off run of the same pass."""
-    rows_a, t, out = [], [], []
-    zero = dict(sec_per_flop=1e-30, layer_s=0.0, opt_s_per_param=0.0, dep_s=0.0)
-    for c, got in runs:
-        cfg, bg = world1_config(base, c), got["cores_free"]
-        predict = lambda hw: _with_rows(c["rows"], _predict, cfg, hw)  # noqa: E731
-        base_t = predict(cpu_hardware(comm, 1, bg, **zero))
-        t.append(got["step_s"] - base_t)
-        out.append(dict(c, measured_s=round(got["step_s"], 4), cores_free=round(bg, 2)))
-        rows_a.append([predict(cpu_hardware(comm, 1, bg, **dict(zero, **{k: 1.0}))) - base_t
-                       for k in ("sec_per_flop", "layer_s", "opt_s_per_param")])
-    sec_per_flop, layer_s, opt_s = nonneg_lstsq(rows_a, t)
-    sec_per_flop = max(sec_per_flop, 1e-30)
-    cal = dict(comm, sec_per_flop=sec_per_flop, layer_overhead_s=layer_s,
-               optimizer_s_per_param=opt_s, dep_overhead_s=0.0)
-    extra = []
-    for with_got, got in no_dep:
-        bg = got["cores_free"]
-        on, off = world1_config(base, CALIBRATION[0]), world1_config(base, dict(
-            CALIBRATION[0], dep=False))
-        modelled = (_predict(on, cpu_hardware(cal, 1, bg))
-                    - _predict(off, cpu_hardware(cal, 1, bg)))
-        share = min(1.0, bg)  # the planner charges DEP's fixed cost at that share
-        extra.append((with_got["step_s"] - got["step_s"] - modelled) * share)
-    cal["dep_overhead_s"] = max(0.0, sum(extra) / len(extra))
-    return dict(cal, no_dep_measured_s=[round(g["step_s"], 4) for _, g in no_dep], runs=out)
-
-
-# The runtime's CPU per event (parallel/plan.py Hardware, counted by cpu_event_counts), fitted
-# on world-2 layouts that are not among LAYOUTS; each run's events and what calibrates what:
-EVENT_FIELDS = ("zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s")
+# World-2 layouts that are not among LAYOUTS, calibrating the runtime's CPU per event
+# (parallel/plan.py Hardware, counted by cpu_event_counts); what each run has:
 EVENT_CALIBRATION = [
     # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1's parameters only (dense and experts)
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=8),
@@ -490,9 +456,18 @@ EVENT_CALIBRATION = [
     dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
     # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and ZeRO-1 of the encoder too)
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=8),
+    # world 4, twice the ranks of the cores: crowded communication (and the events above)
+    dict(pp=1, virtual_stages=1, dp=4, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
+    dict(pp=4, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
+    dict(pp=2, virtual_stages=1, dp=2, ep=1, microbatches=4, schedule="1f1b", dep=True, rows=8),
 ]
-EVENT_PASSES = 4  # each world-2 layout four times, spread over the pass: the fit sees 16
-EVENT_STEP = {"zero_param_cpu_s": 1e-8}  # finite-difference steps of the fit's columns
+EVENT_PASSES = 4  # each of these layouts four times, spread over the rounds
+# The CPU constants fitted on the calibration runs' CPU time (Hardware's fields; the pinged
+# CPU per collective, send or receive and EP all-to-all are kept as measured)
+CPU_FIELDS = ("sec_per_flop", "layer_overhead_s", "optimizer_s_per_param", "dep_overhead_s",
+              "zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s",
+              "crowded_op_cpu_s")
+EVENT_FIELDS = CPU_FIELDS[4:] + ("crowded_op_wait_s",)
 
 
 def _layout_key(par: dict) -> tuple:
@@ -515,35 +490,80 @@ def event_config(base, c: dict):
     return _with_rows(c["rows"], layout_config, base, par)
 
 
-def calibrate_events(base, cal: dict, measured: list[tuple[dict, dict]]) -> dict:
-    """The runtime's CPU per event (EVENT_FIELDS) by non-negative least squares over the
-    EVENT_CALIBRATION runs at world 2 (`measured`: (entry, measure_step's result), each entry
-    EVENT_PASSES times), the other constants held at cal's. The planner is close to linear in
-    these costs (the processor-sharing replay is piecewise linear), so the columns are its
-    finite differences at the current estimate, and the fit is repeated from its own solution
-    (Gauss-Newton)."""
-    runs = [(c, event_config(base, c), got) for c, got in measured]
+def _plan_cpu(cfg, hw) -> list[float]:
+    """The planner's CPU seconds per step of each pipeline rank (on a core of its own)."""
+    return plan(cfg, hw, vision_items=vision_items_of(cfg, batches(cfg))).step["cpu_s_per_rank"]
 
-    def predict(c, cfg, bg, costs):
-        return _with_rows(c["rows"], _predict, cfg, cpu_hardware(dict(cal, **costs), 2, bg))
 
-    est = {k: 0.0 for k in EVENT_FIELDS}
-    for _ in range(3):
+def _measured_cpu(cfg, got: dict) -> list[float]:
+    """Each pipeline rank's CPU seconds per step: the mean over its DP replicas (rank =
+    pp_rank * dp + dp_rank, parallel/mesh.py)."""
+    dp = cfg.parallel.dp
+    return [sum(got["cpu_s"][r * dp:(r + 1) * dp]) / dp for r in range(cfg.parallel.pp)]
+
+
+def fit_crowded_wait(runs: list[tuple[dict, object, dict]], cal: dict, step: float = 1e-4
+                     ) -> float:
+    """The one wall-time constant beside the pinged latencies, `crowded_op_wait_s`, by
+    non-negative least squares on the calibration runs' relative step-time errors (Gauss-
+    Newton on the planner's replay, four iterations), the CPU constants held at cal's."""
+    def predict(c, cfg, got, wait):
+        world = cfg.parallel.pp * cfg.parallel.dp
+        return _with_rows(c["rows"], _predict, cfg, cpu_hardware(
+            dict(cal, crowded_op_wait_s=wait), world, got["cores_free"]))
+
+    wait = 0.0
+    for _ in range(4):
         rows_a, target = [], []
         for c, cfg, got in runs:
-            bg = got["cores_free"]
-            p0 = predict(c, cfg, bg, est)
-            col = [(predict(c, cfg, bg, dict(est, **{k: est[k] + EVENT_STEP.get(k, 1e-4)}))
-                    - p0) / EVENT_STEP.get(k, 1e-4) for k in EVENT_FIELDS]
-            rows_a.append(col)
-            target.append(got["step_s"] - p0 + sum(x * est[k] for x, k in zip(col, EVENT_FIELDS)))
-        est = dict(zip(EVENT_FIELDS, nonneg_lstsq(rows_a, target)))
-    fitted = []
+            p0 = predict(c, cfg, got, wait)
+            slope = (predict(c, cfg, got, wait + step) - p0) / step
+            rows_a.append([slope / got["step_s"]])
+            target.append((got["step_s"] - p0 + slope * wait) / got["step_s"])
+        wait = nonneg_lstsq(rows_a, target)[0]
+    return wait
+
+
+def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
+    """CPU_FIELDS by non-negative least squares on the calibration runs' CPU time: each
+    pipeline rank's measured CPU seconds per step (process time, the gloo threads included)
+    against the planner's (`cpu_s_per_rank`), which is linear in these constants, so its
+    columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
+    result), the world-1 runs and the world-2 EVENT_CALIBRATION runs. CPU time does not
+    depend on how the ranks share the cores, so the fit needs neither the cores left nor the
+    schedule's waits; the pinged latencies stay as measured."""
+    zero = {k: 0.0 for k in CPU_FIELDS}
+    rows_a, target, index = [], [], []
     for c, cfg, got in runs:
-        pred = predict(c, cfg, got["cores_free"], est)
-        fitted.append(dict(c, measured_s=round(got["step_s"], 4), fitted_s=round(pred, 4),
+        world = cfg.parallel.pp * cfg.parallel.dp
+        predict = lambda f: _with_rows(c["rows"], _plan_cpu, cfg, cpu_hardware(  # noqa: E731
+            dict(comm, **f), world, got["cores_free"]))
+        base_cpu = predict(zero)
+        unit = [predict(dict(zero, **{k: 1.0})) for k in CPU_FIELDS]
+        for r, measured in enumerate(_measured_cpu(cfg, got)):
+            rows_a.append([u[r] - base_cpu[r] for u in unit])
+            target.append(measured - base_cpu[r])
+            index.append((c, cfg, got, r, base_cpu[r]))
+    # columns scaled to unit norm: the constants differ by orders of magnitude
+    import numpy as np
+
+    a = np.array(rows_a)
+    norm = np.linalg.norm(a, axis=0)
+    norm[norm == 0] = 1.0
+    sol = [float(x / n) for x, n in zip(nonneg_lstsq((a / norm).tolist(), target), norm)]
+    cal = dict(comm, **dict(zip(CPU_FIELDS, sol)))
+    cal["sec_per_flop"] = max(cal["sec_per_flop"], 1e-30)
+    cal["crowded_op_wait_s"] = fit_crowded_wait(runs, cal)
+    fitted = []
+    for (c, cfg, got, r, b0), row, t in zip(index, rows_a, target):
+        world = cfg.parallel.pp * cfg.parallel.dp
+        fitted.append(dict(c, world=world, pp_rank=r, measured_cpu_s=round(t + b0, 4),
+                           fitted_cpu_s=round(b0 + sum(x * y for x, y in zip(row, sol)), 4),
+                           measured_step_s=round(got["step_s"], 4),
+                           fitted_step_s=round(_with_rows(c["rows"], _predict, cfg, cpu_hardware(
+                               cal, world, got["cores_free"])), 4),
                            cores_free=round(got["cores_free"], 2)))
-    return dict(est, event_runs=fitted)
+    return dict(cal, runs=fitted)
 
 
 STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_time)
@@ -562,34 +582,29 @@ def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
     print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
     for name, base in configs().items():
-        w1, no_dep, ev = [], [], []
+        runs = []  # (entry, config, measured)
         checked = {i: [] for i in range(1, len(LAYOUTS))}
         loads = {i: [] for i in checked}
         half = EVENT_PASSES // (2 * STEP_ROUNDS)
 
         def events():
             for c in EVENT_CALIBRATION * half:
-                ev.append((c, _with_rows(c["rows"], measure_step, event_config(base, c), 2,
-                                         warmup, steps)))
+                cfg = event_config(base, c)
+                runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, c["pp"] * c["dp"],
+                                                warmup, steps)))
 
         for _ in range(STEP_ROUNDS):
             events()
-            first = None
             for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
-                got = _with_rows(c["rows"], measure_step, world1_config(base, c), 1, warmup,
-                                 steps)
-                w1.append((c, got))
-                first = first or got
-            no_dep.append((first, _with_rows(CALIBRATION[0]["rows"], measure_step, world1_config(
-                base, dict(CALIBRATION[0], dep=False)), 1, warmup, steps)))
+                cfg = world1_config(base, c)
+                runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, 1, warmup, steps)))
             for i in checked:
                 world, par = LAYOUTS[i]
                 loads[i].append(loadavg())
                 checked[i].append(measure_step(layout_config(base, par), world, warmup, steps))
                 loads[i].append(loadavg())
             events()
-        cal = calibrate(base, comm, w1, no_dep)
-        cal = calibrations[name] = dict(cal, **calibrate_events(base, cal, ev))
+        cal = calibrations[name] = calibrate(base, comm, runs)
         print(json.dumps({name: cal}), flush=True)
         for i, got in checked.items():
             world, par = LAYOUTS[i]
@@ -598,10 +613,14 @@ def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
             measured = statistics.median(per_step)
             cores_free = sum(g["cores_free"] for g in got) / len(got)
             pred = _predict(cfg, cpu_hardware(cal, world, cores_free))
+            cpu_measured = [sum(x) / len(x) for x in zip(*(_measured_cpu(cfg, g) for g in got))]
+            cpu_pred = _plan_cpu(cfg, cpu_hardware(cal, world, cores_free))
             rows.append(dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
                              fastest_step_s=round(min(per_step), 4),
                              round_medians_s=[round(g["step_s"], 4) for g in got],
                              predicted_step_s=round(pred, 4),
+                             measured_cpu_s=[round(x, 4) for x in cpu_measured],
+                             predicted_cpu_s=[round(x, 4) for x in cpu_pred],
                              rel_error=round(abs(pred - measured) / measured, 4),
                              within_20pct=abs(pred - measured) <= 0.2 * measured,
                              cores=cores(), cores_free=round(cores_free, 2),

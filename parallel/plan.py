@@ -104,6 +104,12 @@ class Hardware:
     ep_layer_cpu_s: float = 0.0
     pp_action_cpu_s: float = 0.0
     dep_exchange_cpu_s: float = 0.0
+    # CPU ranks that outnumber their cores: a rank blocking in a communication operation
+    # (send, receive, collective, all-to-all) sleeps and is woken when its peer gets a core:
+    # per operation, CPU for the switches and a wait for a core, each times the crowding
+    # max(0, 1 - cores / ranks) (0 with a core per rank)
+    crowded_op_cpu_s: float = 0.0
+    crowded_op_wait_s: float = 0.0
 
     @property
     def roce_per_gpu(self) -> float:
@@ -433,6 +439,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
 
     fwd, bwd = {}, {}
     fwd_cpu, bwd_cpu, fwd_wait, bwd_wait = {}, {}, {}, {}
+    moe_of = {s: _moe_layers(m, layers) for s, layers in enumerate(chunks)}
     for s, layers in enumerate(chunks):
         f = sum(layer_training_flops_per_token(m, seq, i < m.first_k_dense) for i in layers) / 3
         rc = sum(recompute_flops_per_token(m, act, i < m.first_k_dense, seq) for i in layers)
@@ -470,22 +477,30 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
             return bwd[stage] + extra
         return bwd[stage] / 2 + extra  # I and W split the backward
 
+    crowding = max(0.0, 1.0 - hw.cores / world) if hw.cores is not None else 0.0
+
+    def blocking_ops(stage: int, kind: str) -> int:
+        """Communication operations of one action: its sends and receives, and under EP
+        three all-to-alls per MoE layer forward and two backward (in a split backward's I)."""
+        a2a = 0 if p.ep == 1 else {"F": 3, "B": 2, "I": 2, "W": 0}[kind] * moe_of[stage]
+        return p2p_ops(stage, kind) + a2a
+
     def cpu_cost(stage, kind, mb) -> tuple[float, float]:
-        extra = p2p_ops(stage, kind) * hw.p2p_cpu_s + event_cpu(stage, kind)
+        crowd = crowding * blocking_ops(stage, kind)
+        extra = (p2p_ops(stage, kind) * hw.p2p_cpu_s + event_cpu(stage, kind)
+                 + crowd * hw.crowded_op_cpu_s)
+        wait = crowd * hw.crowded_op_wait_s
         if kind == "F":
-            return fwd_cpu[stage] + extra, fwd_wait[stage]
+            return fwd_cpu[stage] + extra, fwd_wait[stage] + wait
         if kind == "B":
-            return bwd_cpu[stage] + extra, bwd_wait[stage]
-        return bwd_cpu[stage] / 2 + extra, bwd_wait[stage] / 2
+            return bwd_cpu[stage] + extra, bwd_wait[stage] + wait
+        return bwd_cpu[stage] / 2 + extra, bwd_wait[stage] / 2 + wait
 
     hop = (tokens_mb * h * wsize / hw.roce_per_gpu + hw.p2p_latency_s) if p.pp > 1 else 0.0
     if hw.cores is None:
         r = replay(order, cost, hop, n_stages, p.pp)
-        share = 1.0
     else:
         r = replay_shared(order, cpu_cost, hop, n_stages, hw.cores, copies=p.dp)
-        # after the pipeline every rank computes at once: its share of the cores
-        share = min(1.0, hw.cores / world)
     pipeline_s = r["makespan_s"]
 
     # ZeRO-1 (parallel/runtime.py): fp32 gradients reduced to their owners, bf16 parameters
@@ -504,33 +519,60 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     # parallel/zero.py reduces each owner's fp32 gradient bucket to it and broadcasts its fp32
     # masters back: two collectives per owner of each shard group, fp32 both ways.
     edp = p.dp // p.ep
-    dp_s = (ring_s(dense * 8, p.dp, 1) + ring_s(expert * 8, edp, p.ep))
-    dp_s += 2 * hw.collective_latency_s * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0))
+    dp_wait = (ring_s(dense * 8, p.dp, 1) + ring_s(expert * 8, edp, p.ep))
+    dp_wait += 2 * hw.collective_latency_s * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0))
     # the step's small all-reduces: loss-token count, loss, grad norm, expert loads, stats
-    dp_s += 5 * hw.collective_latency_s
+    dp_wait += 5 * hw.collective_latency_s
     n_dp = 2 * ((p.dp if p.dp > 1 else 0) + (edp if edp > 1 else 0)) + 5
-    dp_s += n_dp * hw.collective_cpu_s / share
     dep_on = vision_on and p.dep
-    if hw.cores is not None:  # the runtime's work per event (CPU ranks)
-        ev = step_events(cfg, dep_on, mem)
-        dp_s += (ev["zero_parameters"] * hw.zero_param_cpu_s
-                 + ev["dep_exchanges"] * hw.dep_exchange_cpu_s) / share
-    enc_s = 0.0
-    if vision_on and p.dep:  # forward without autograd, recompute forward, backward: 4 forwards
-        enc_cpu = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops
-        enc_cpu += 4 * cfg.vision.num_layers * hw.layer_overhead_s
-        enc_s = enc_cpu / share + ring_s(mem.encoder_parameters * 8, p.pp * p.dp, 1)
-        # metadata gather, embeddings out, gradients back; the encoder's ZeRO-1 group is the world
+    enc_ring, enc_latency, n_enc = 0.0, 0.0, 0
+    if dep_on:  # metadata gather, embeddings out, gradients back; the encoder's ZeRO-1 group is the world
         n_enc = 6 + (2 * world if world > 1 else 0)
-        enc_s += n_enc * hw.collective_latency_s + n_enc * hw.collective_cpu_s / share
-        enc_s += hw.dep_overhead_s / share
-    optimizer_s = mem.master_bytes / 4 * hw.optimizer_s_per_param / share
+        enc_ring = ring_s(mem.encoder_parameters * 8, p.pp * p.dp, 1)
+        enc_latency = n_enc * hw.collective_latency_s
+
+    def after_pipeline_cpu(rank_mem: RankMemory) -> dict[str, float]:
+        """A rank's CPU seconds (on a core of its own) after the pipeline: ZeRO-1 and the
+        step's collectives, DEP's encoder (forward without autograd, recompute forward,
+        backward: 4 forwards), the optimizer step."""
+        dp_cpu = n_dp * hw.collective_cpu_s
+        if hw.cores is not None:  # the runtime's work per event (CPU ranks)
+            ev = step_events(cfg, dep_on, rank_mem)
+            dp_cpu += (ev["zero_parameters"] * hw.zero_param_cpu_s
+                       + ev["dep_exchanges"] * hw.dep_exchange_cpu_s
+                       + crowding * (n_dp + n_enc) * hw.crowded_op_cpu_s)
+        enc_cpu = 0.0
+        if dep_on:
+            enc_cpu = 4 * dep_max_patches * vision_flops_per_patch(cfg.vision) / hw.flops
+            enc_cpu += 4 * cfg.vision.num_layers * hw.layer_overhead_s
+            enc_cpu += n_enc * hw.collective_cpu_s + hw.dep_overhead_s
+        return {"dp": dp_cpu, "enc": enc_cpu,
+                "opt": rank_mem.master_bytes / 4 * hw.optimizer_s_per_param}
+
+    extra = {}
+    if hw.cores is None:
+        post = after_pipeline_cpu(mem)
+        dp_s, optimizer_s = dp_wait + post["dp"], post["opt"]
+        enc_s = post["enc"] + enc_ring + enc_latency
+    else:
+        # every rank computes at once after the pipeline (processor sharing of independent
+        # work: the longest rank's CPU, or all of it over the cores), then the waits
+        posts = [after_pipeline_cpu(_rank_memory(cfg, pr * p.dp)) for pr in range(p.pp)]
+        sums = [sum(x.values()) for x in posts]
+        longest = max(range(p.pp), key=lambda pr: sums[pr])
+        wall = max(sums[longest], p.dp * sum(sums) / hw.cores)
+        stretch = wall / sums[longest] if sums[longest] > 0 else 0.0
+        post = posts[longest]
+        dp_s = post["dp"] * stretch + dp_wait + crowding * (n_dp + n_enc) * hw.crowded_op_wait_s
+        enc_s = post["enc"] * stretch + enc_ring + enc_latency
+        optimizer_s = post["opt"] * stretch
+        extra["cpu_s_per_rank"] = [r["cpu_s"][pr] + sums[pr] for pr in range(p.pp)]
     total = pipeline_s + dp_s + enc_s + optimizer_s
     return {"step_s": total, "pipeline_s": pipeline_s, "dp_reduce_gather_s": dp_s,
             "dep_encoder_s": enc_s, "optimizer_s": optimizer_s,
             "bubble_fraction": r["bubble_fraction"],
             "ep_all_to_all_s_per_layer": a2a_s, "pp_hop_s": hop,
-            "forward_s_per_chunk": {str(k): v for k, v in fwd.items()}}
+            "forward_s_per_chunk": {str(k): v for k, v in fwd.items()}, **extra}
 
 
 # --------------------------------------------------------------------------------------------

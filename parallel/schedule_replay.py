@@ -124,10 +124,12 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
     order stands for `copies` identical ranks (its data-parallel replicas run the same actions
     at the same times); while n pipeline ranks compute, each progresses at
     min(1, cores / (n * copies)). A rank waiting for its input (plus hop_s) or in a wait uses no
-    CPU. With a core for every rank this is replay() with the action costs cpu_s + wait_s."""
+    CPU. With a core for every rank this is replay() with the action costs cpu_s + wait_s.
+    Returns replay()'s figures and `cpu_s`, each pipeline rank's CPU seconds."""
     done: dict[tuple[int, str, int], float] = {}
     pos = {r: 0 for r in order}
     busy = {r: 0.0 for r in order}
+    cpu_of = {r: 0.0 for r in order}  # CPU seconds of the rank's actions
     # a rank's state: ("cpu", CPU s left, wait after) | ("wait", until) | ("hop", input
     # arrives, CPU s, wait after) | ("blocked", None, 0.0): its next action's input is not made
     state: dict[int, tuple] = {r: ("blocked", None, 0.0) for r in order}
@@ -147,6 +149,7 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
                 continue
             ready = 0.0 if dep is None else done[dep] + (hop_s if dep[0] != key[0] else 0.0)
             cpu, wait = cost(*key)
+            cpu_of[r] += cpu
             current[r] = key
             if ready > now + tol():  # the input is in flight: wait for it, then compute
                 state[r] = ("hop", ready, cpu, wait)
@@ -208,5 +211,5 @@ def replay_shared(order: dict[int, list[tuple[int, str, int]]], cost, hop_s: flo
     makespan = now
     total_busy = sum(busy.values())
     idle = sum(makespan - b for b in busy.values())
-    return {"makespan_s": makespan, "busy_s": busy,
+    return {"makespan_s": makespan, "busy_s": busy, "cpu_s": cpu_of,
             "bubble_fraction": idle / total_busy if total_busy else 0.0}

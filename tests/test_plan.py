@@ -283,3 +283,47 @@ def test_cpu_event_costs_add_count_times_cost():
     assert plan(cfg, dataclasses.replace(HW, zero_param_cpu_s=1.0, ep_layer_cpu_s=1.0,
                                          pp_action_cpu_s=1.0, dep_exchange_cpu_s=1.0),
                 vision_items=items).step_time_s == gpu
+
+
+def test_crowded_operation_costs_hand_counted():
+    """Ranks outnumbering their cores: each communication operation costs crowded_op_cpu_s of
+    CPU and crowded_op_wait_s of wait, times the crowding 1 - cores / ranks. Tiny DP2 x EP2, no
+    PP, 2 micro-batches, DEP: per rank 3 MoE layers x (3 all-to-alls forward + 2 backward) x 2
+    micro-batches = 30, the step's 2 x DP2 ZeRO-1 collectives (experts: DP / EP = 1, none) + 5
+    small all-reduces = 9, DEP's 6 + 2 x world = 10: 49 operations. With a core per rank, or on
+    a GPU, they cost nothing."""
+    cfg = _tiny(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, dep=True, schedule="1f1b")
+    items = ([64, 48, 16], [0, 1, 1])
+
+    def step(cores, **costs):
+        return plan(cfg, dataclasses.replace(HW, cores=cores, overlap_ep=False, **costs),
+                    vision_items=items).step
+
+    one = step(1.0)
+    with_cpu = step(1.0, crowded_op_cpu_s=1e-4)
+    assert with_cpu["cpu_s_per_rank"][0] - one["cpu_s_per_rank"][0] == pytest.approx(
+        0.5 * 49 * 1e-4, rel=1e-9)
+    # both replicas wait at once: the wait adds to the step as it is
+    assert step(1.0, crowded_op_wait_s=1e-4)["step_s"] - one["step_s"] == pytest.approx(
+        0.5 * 49 * 1e-4, rel=1e-9)
+    assert step(2.0, crowded_op_cpu_s=1.0, crowded_op_wait_s=1.0) == step(2.0)
+    gpu = plan(cfg, HW, vision_items=items).step_time_s
+    assert plan(cfg, dataclasses.replace(HW, crowded_op_cpu_s=1.0, crowded_op_wait_s=1.0),
+                vision_items=items).step_time_s == gpu
+
+
+def test_cpu_plan_counts_each_pipeline_rank_cpu():
+    """cpu_s_per_rank is each pipeline rank's CPU, whatever the cores: the sum of its actions'
+    CPU and its work after the pipeline; on one core per rank and without waits, a one-rank
+    layout's step is its CPU."""
+    cfg = _tiny(pp=2, virtual_stages=2, dp=1, ep=1, microbatches=4, dep=False)
+    hw = dataclasses.replace(HW, overlap_ep=False, layer_overhead_s=1e-3,
+                             optimizer_s_per_param=1e-8, pp_action_cpu_s=2e-3)
+    few = plan(cfg, dataclasses.replace(hw, cores=1.0), vision_items=([], [])).step
+    many = plan(cfg, dataclasses.replace(hw, cores=8.0), vision_items=([], [])).step
+    assert few["cpu_s_per_rank"] == pytest.approx(many["cpu_s_per_rank"], rel=1e-12)
+    assert few["step_s"] > many["step_s"]
+    single = _tiny(pp=1, virtual_stages=1, dp=1, ep=1, microbatches=2, dep=False, schedule="1f1b")
+    quiet = dataclasses.replace(hw, cores=1.0, p2p_latency_s=0.0, collective_latency_s=0.0)
+    got = plan(single, quiet, vision_items=([], [])).step
+    assert got["step_s"] == pytest.approx(got["cpu_s_per_rank"][0], rel=1e-9)
