@@ -18,18 +18,25 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    DP / DEP on and off, for the tests' tiny config and a wider one; the median of --steps
    steps after --warmup, over two rounds. Calibration, never on the checked layouts: a gloo
    ping at world 2 gives the CPU time and the latency of a collective and of a send or
-   receive; world-1 runs of each config (micro-batch count and tokens varied, each twice) give
-   seconds per FLOP, per layer action and per owned parameter of the optimizer step, and DEP's
-   fixed cost; world-2 runs of four layouts outside the checked twelve (EVENT_CALIBRATION, each
-   four times) give the runtime's CPU per event (per ZeRO-1 parameter moved, per MoE layer
-   pass under EP, per communicating pipeline action, per DEP exchange), which the planner
-   counts for each checked layout from its own schedule (parallel/plan.py cpu_event_counts).
-   The calibration runs are interleaved with the checked ones, so both see the same spells of
-   the machine's other users. The planner then predicts every layout on the cores those users
-   left free while its steps ran (their threads' CPU time, read from /proc), the ranks sharing
-   those cores (processor sharing in the schedule replay; a rank waiting on a receive or a
-   collective uses none). Goal: within 20%. The machine is shared; the cores left and the
-   load average are recorded with each run.
+   receive; world-1 runs of each config (micro-batch count and tokens varied, DEP on and off)
+   and runs of seven layouts outside the checked twelve (EVENT_CALIBRATION: four at world 2,
+   three at world 4, each four times) give, by non-negative least squares on each rank's
+   measured CPU time per step (process time, the gloo threads included), seconds per FLOP,
+   per layer action, per owned parameter of the optimizer step, DEP's fixed cost and the
+   runtime's CPU per event (per ZeRO-1 parameter moved, per MoE layer pass under EP, per
+   communicating pipeline action, per DEP exchange, per communication operation of ranks
+   crowding their cores), which the planner counts for each layout from its own schedule
+   (parallel/plan.py cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the
+   schedule's waits fall, so these need no replay. One wall-time constant is then fitted on
+   the same runs' step times: the wait per communication operation of crowded ranks (a rank
+   that blocks sleeps until its peer gets a core). The calibration runs are interleaved with
+   the checked ones, so both see the same spells of the machine's other users. The planner
+   then predicts every layout on the cores those users left free while its steps ran (their
+   threads' CPU time, read from /proc), the ranks sharing those cores (processor sharing in
+   the schedule replay; a rank waiting on a receive or a collective uses none). Goal: within
+   20%. The machine is shared; the cores left and the load average are recorded with each
+   run, and each checked layout's measured and predicted CPU per pipeline rank beside its
+   step.
 """
 
 from __future__ import annotations
@@ -282,7 +289,7 @@ def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float |
     ranks, shared by them, the calibrated CPU seconds per FLOP, per layer action, per owned
     parameter of the optimizer step and DEP's fixed cost (cal's, unless given), the pinged
     CPU cost and latency of a collective and of a send or receive, and the runtime's fitted
-    CPU per event (EVENT_FIELDS; 0 before they are fitted)."""
+    CPU per event and the crowded wait (EVENT_FIELDS; 0 before they are fitted)."""
     pick = lambda x, key: cal.get(key, 0.0) if x is None else x  # noqa: E731
     gpu = GPU("cpu", 1e12, 1 / max(pick(sec_per_flop, "sec_per_flop"), 1e-30), 2e9, 1e12)
     return Hardware(gpu, gpus_per_node=world, roce_bytes_per_s_per_node=2e9 * world,
@@ -529,9 +536,10 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     pipeline rank's measured CPU seconds per step (process time, the gloo threads included)
     against the planner's (`cpu_s_per_rank`), which is linear in these constants, so its
     columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
-    result), the world-1 runs and the world-2 EVENT_CALIBRATION runs. CPU time does not
-    depend on how the ranks share the cores, so the fit needs neither the cores left nor the
-    schedule's waits; the pinged latencies stay as measured."""
+    result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
+    where the schedule's waits fall, so the fit needs no replay; the cores left enter only
+    through the crowding of crowded_op_cpu_s. The pinged latencies stay as measured; the
+    crowded wait is fitted after (fit_crowded_wait)."""
     zero = {k: 0.0 for k in CPU_FIELDS}
     rows_a, target, index = [], [], []
     for c, cfg, got in runs:
@@ -570,9 +578,9 @@ STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_t
 
 
 def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
-    """Per config, STEP_ROUNDS rounds of: half of the world-2 event calibration, the world-1
-    calibration (and its DEP-off run), the twelve checked layouts' halves, the other half of
-    the event calibration. The machine's other users come and go over minutes; interleaving
+    """Per config, STEP_ROUNDS rounds of: half of the EVENT_CALIBRATION runs, the world-1
+    calibration (DEP on and off), the twelve checked layouts' halves, the other half of the
+    EVENT_CALIBRATION runs. The machine's other users come and go over minutes; interleaving
     the calibration with the checked runs lets both see the same spells. Only the calibration
     runs are fitted; a checked layout's step is the median of its steps over the rounds, on
     the mean of its rounds' cores left."""
