@@ -75,6 +75,7 @@ import numpy as np
 from data.columnar import Columns, encode_columns, open_columns
 from data.mix import RowsWithout, SourceSpec
 from data.pack import piece_cuts
+from data.restarts import Restarts
 from data.shards import ShardError, read_index
 from train.errors import InvalidInput
 
@@ -529,6 +530,7 @@ class Catalog:
         self.plans: list[Columns] = []  # [source] -> its plan table (totals in .meta)
         self.derived_plans: list[str] = []  # sources whose plan table was built on load
         self.derived_holdout: list[str] = []  # sources whose hold-out split was computed on load
+        self.restarts: list[Restarts | None] = []  # [source] -> its tokenizer restart points
         listed = {c["source"]: c for c in manifest.get("catalogs", [])}
         for name, kind in zip(self.names, self.kinds):
             src = SourceCatalog(self._sample_catalog(name, kind, listed.get(name)), name, kind)
@@ -552,6 +554,7 @@ class Catalog:
                 total = float(held_tokens if split == "val" else plan.meta["tokens"] - held_tokens)
             weight = weights.get(name, total)  # default: by size in tokens
             self.catalogs.append(src)
+            self.restarts.append(self._restarts(src, listed.get(name)))
             self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,
                                            sample, offset, rows=rows))
             self.plans.append(plan)
@@ -568,6 +571,13 @@ class Catalog:
                                  f"the manifest says {s['num_samples']}")
         cols, meta = catalog_columns(name, kind, shards, indexes)
         return _in_memory(cols, meta, f"{name} (from {len(shards)} JSON indexes)")
+
+    def _restarts(self, src: SourceCatalog, listed: dict | None) -> Restarts | None:
+        entry = (listed or {}).get("restarts")
+        if entry is None:  # none stored (short texts, or an older dataset): whole documents
+            return None
+        cols = open_columns(self.store, entry["key"], int(entry["size"]), entry["sha256"])
+        return Restarts(cols, src.name, self.manifest["tokenizer"]["fingerprint"], src.n)
 
     def _held_out_units(self, src: SourceCatalog, plan: Columns,
                         fraction: float) -> tuple[np.ndarray, int]:
