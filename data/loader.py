@@ -69,6 +69,7 @@ from train.errors import InvalidInput, UserError
 # data/catalog.py's unit_pieces(S, B) pieces (a saved position counts units)
 STATE_FORMAT = "mmpt-loader/4"
 UNIT_CACHE = 128  # units whose tokens a worker keeps (the pieces of a unit reuse one tokenization)
+DOC_TEXTS = 64  # documents whose text a worker keeps
 log = logging.getLogger(__name__)
 
 
@@ -179,6 +180,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.read = read
         self._metas: OrderedDict = OrderedDict()
         self._token_cache: OrderedDict = OrderedDict()
+        self._texts: OrderedDict = OrderedDict()
 
     # -- planning (metadata only)
     def _fresh_state(self) -> PlanState:
@@ -262,6 +264,16 @@ class PackedStream(torch.utils.data.IterableDataset):
             tokens[-1] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
         return tokens
 
+    def _doc_texts(self, meta: DocMeta) -> dict:
+        """The document's text members as read so far (member -> text), kept per worker for the
+        last DOC_TEXTS documents: the units of a document built close together read it once."""
+        raw = self._texts.get(meta.name)
+        if raw is None:
+            raw = self._texts[meta.name] = {}
+            while len(self._texts) > DOC_TEXTS:
+                self._texts.popitem(last=False)
+        return raw
+
     def _read_tokens(self, meta: DocMeta, lo: int = 0, hi: int | None = None,
                      restarts=None, sample: int = -1) -> np.ndarray:
         """Document tokens [lo, hi) (default: all): text read and tokenized, media from the layout.
@@ -271,7 +283,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         hi = meta.length if hi is None else hi
         # The index gives the document's length; fill one buffer (no per-segment arrays to join).
         tokens = self._layout_tokens(meta, 0, lo, hi)
-        at, raw = 0, {}
+        at, raw = 0, self._doc_texts(meta)
         for seg in meta.segs:
             if seg.kind != "text":
                 at += seg.tokens
@@ -378,7 +390,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 got = self._tokens(d, meta, skipped)
                 if got is None:  # unreadable text: the document is left out of its row
                     continue
-                tokens, first = got
+                tokens, base = got  # tokens of document positions [base, base + len(tokens))
                 items = self._media(meta, d.source, d.sample, d.epoch) if meta.items else []
                 if isinstance(items, str):  # undecodable media: likewise
                     self._skip(skipped, d.source, d.sample, items, log_it=False)
@@ -389,7 +401,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                         spans.append((r, at + start - lo, n))
                         patches.append(pt)
                         grids.append(grid)
-                pieces.append((tokens, lo - first, hi - first))
+                pieces.append((tokens, lo - base, hi - base))
                 sids.append((r, d.source, shard, member, d.epoch, lo, hi))
                 roles.append((r, at, lo, hi, d.source, meta.media_end))
                 at += hi - lo
@@ -523,13 +535,13 @@ class PackedStream(torch.utils.data.IterableDataset):
                         unread.append((r, at, hi - lo))
                 else:
                     got = np.zeros(min(hi + 1, meta.length) - lo, np.int64), lo
-                tokens, first = got
+                tokens, base = got  # tokens of document positions [base, base + len(tokens))
                 for start, n, grid, k, c in meta.items:
                     if lo <= start and start + n <= hi:
                         spans.append((r, at + start - lo, n))
                         grids.append(grid)
                         items.append((d.source, d.sample, d.epoch, k, c, grid))
-                pieces.append((tokens, lo - first, hi - first))
+                pieces.append((tokens, lo - base, hi - base))
                 shard, member = self.catalog.locate(d.source, d.sample)
                 sids.append((r, d.source, shard, member, d.epoch, lo, hi))
                 roles.append((r, at, lo, hi, d.source, meta.media_end))
