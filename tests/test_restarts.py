@@ -99,7 +99,7 @@ def _pieces_match(tok, text: str, points) -> bool:
 
 @pytest.mark.parametrize("backend", ["hf", "tiktoken"])
 def test_every_recorded_split_reproduces_the_whole_tokenization(built, backend):
-    (ds, texts, _), naive_bad = built, 0
+    ds, texts, _ = built
     path = ds.tokenizer if backend == "hf" else ds.tokenizer.with_suffix(".tiktoken")
     tok = load_tokenizer(path)
     assert tok.backend == backend
