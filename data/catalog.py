@@ -36,14 +36,17 @@ an atom), and consecutive pieces into units of at most U pieces (unit_pieces; UN
 the rule, and U enters the planning key): U = S (window_sequences) when a window holds at most
 one global batch of B sequences (S <= B), U = max(1, S // B) when it holds several. The mixer
 orders units, so a long document's units are shuffled like separate documents (they could not
-attend to each other anyway), and the loader tokenizes a document once per unit it builds (its
-document cache does not span shuffled units). Why U: the mixer's every-prefix bound holds within
+attend to each other anyway). The loader builds a unit by tokenizing only the text of its own
+tokens (and the next one, its last label), widened to the enclosing tokenizer restart points
+recorded at ingest (data/restarts.py), with the same ids as the whole document's tokenization;
+without restart points (short texts, older datasets) it tokenizes each text segment the unit
+meets whole, once per unit. Why U: the mixer's every-prefix bound holds within
 one unit's tokens, so units of at most a batch's worth of pieces (S // B) keep it at the scale
 that lets every global batch of a window carry the vision share (units of a whole window let a
 window hold one long text unit and no vision); where a window holds at most one batch that
-bound is not asked for, and units of a whole window tokenize a long document once per window
-instead of once per sequence. A unit's last token still predicts the next unit's first token:
-the loader labels in document coordinates.
+bound is not asked for, and units of a whole window need fewer lookups and restarts. A unit's
+last token still predicts the next unit's first token: the loader labels in document
+coordinates.
 Samples that can never be packed (an atom longer than seq_len) are left out of the order and
 counted in `skipped` by reason.
 

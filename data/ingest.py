@@ -28,6 +28,10 @@ stay inside them. A symlink whose target lies inside the same input directory is
 file it names); one leading out of it is refused, and so are document images named by an absolute
 path or with '..'; each refusal is a counted skip with path and reason.
 
+Tokenizer restart points (data/restarts.py) are recorded for every text segment of more than
+2 x --restart-every tokens (default 512; 0: none), each verified at ingest, so the loader can
+tokenize a unit of a long document without tokenizing the whole document.
+
 Atomic for readers: shards and indexes go under a fresh generation prefix (gen-NNNNNN/) and the
 manifest is switched last; the superseded generation stays for readers that opened it until an
 ingest with --prune. Shards, indexes and the fingerprint are byte-identical for the same inputs

@@ -21,7 +21,9 @@ the few deferred units), so a resume never replays the stream.
 
 Workers plan windows (metadata only, cheap) and materialize only their own rows: ranged GETs
 through the tiered cache, online tokenization, image/video decoding and patchification (pixels
-stay uint8; they are normalised where they are encoded).
+stay uint8; they are normalised where they are encoded). A unit of a long document is tokenized
+from its own text only, between the tokenizer restart points recorded at ingest
+(data/restarts.py): the same ids as tokenizing the whole document, cached per unit.
 
 Stage-aware reading (`read=ReadRole(...)`): a rank reads only the fields its role names - token
 ids (pipeline stage 0), targets (the last stage), the media it encodes (this replica's, or under
