@@ -36,14 +36,17 @@ an atom), and consecutive pieces into units of at most U pieces (unit_pieces; UN
 the rule, and U enters the planning key): U = S (window_sequences) when a window holds at most
 one global batch of B sequences (S <= B), U = max(1, S // B) when it holds several. The mixer
 orders units, so a long document's units are shuffled like separate documents (they could not
-attend to each other anyway), and the loader tokenizes a document once per unit it builds (its
-document cache does not span shuffled units). Why U: the mixer's every-prefix bound holds within
+attend to each other anyway). The loader builds a unit by tokenizing only the text of its own
+tokens (and the next one, its last label), widened to the enclosing tokenizer restart points
+recorded at ingest (data/restarts.py), with the same ids as the whole document's tokenization;
+without restart points (short texts, older datasets) it tokenizes each text segment the unit
+meets whole, once per unit. Why U: the mixer's every-prefix bound holds within
 one unit's tokens, so units of at most a batch's worth of pieces (S // B) keep it at the scale
 that lets every global batch of a window carry the vision share (units of a whole window let a
 window hold one long text unit and no vision); where a window holds at most one batch that
-bound is not asked for, and units of a whole window tokenize a long document once per window
-instead of once per sequence. A unit's last token still predicts the next unit's first token:
-the loader labels in document coordinates.
+bound is not asked for, and units of a whole window need fewer lookups and restarts. A unit's
+last token still predicts the next unit's first token: the loader labels in document
+coordinates.
 Samples that can never be packed (an atom longer than seq_len) are left out of the order and
 counted in `skipped` by reason.
 
@@ -75,6 +78,7 @@ import numpy as np
 from data.columnar import Columns, encode_columns, open_columns
 from data.mix import RowsWithout, SourceSpec
 from data.pack import piece_cuts
+from data.restarts import Restarts
 from data.shards import ShardError, read_index
 from train.errors import InvalidInput
 
@@ -529,6 +533,7 @@ class Catalog:
         self.plans: list[Columns] = []  # [source] -> its plan table (totals in .meta)
         self.derived_plans: list[str] = []  # sources whose plan table was built on load
         self.derived_holdout: list[str] = []  # sources whose hold-out split was computed on load
+        self.restarts: list[Restarts | None] = []  # [source] -> its tokenizer restart points
         listed = {c["source"]: c for c in manifest.get("catalogs", [])}
         for name, kind in zip(self.names, self.kinds):
             src = SourceCatalog(self._sample_catalog(name, kind, listed.get(name)), name, kind)
@@ -552,6 +557,7 @@ class Catalog:
                 total = float(held_tokens if split == "val" else plan.meta["tokens"] - held_tokens)
             weight = weights.get(name, total)  # default: by size in tokens
             self.catalogs.append(src)
+            self.restarts.append(self._restarts(src, listed.get(name)))
             self.sources.append(SourceSpec(name, GROUP_OF_KIND[kind], weight, tokens, vision,
                                            sample, offset, rows=rows))
             self.plans.append(plan)
@@ -568,6 +574,13 @@ class Catalog:
                                  f"the manifest says {s['num_samples']}")
         cols, meta = catalog_columns(name, kind, shards, indexes)
         return _in_memory(cols, meta, f"{name} (from {len(shards)} JSON indexes)")
+
+    def _restarts(self, src: SourceCatalog, listed: dict | None) -> Restarts | None:
+        entry = (listed or {}).get("restarts")
+        if entry is None:  # none stored (short texts, or an older dataset): whole documents
+            return None
+        cols = open_columns(self.store, entry["key"], int(entry["size"]), entry["sha256"])
+        return Restarts(cols, src.name, self.manifest["tokenizer"]["fingerprint"], src.n)
 
     def _held_out_units(self, src: SourceCatalog, plan: Columns,
                         fraction: float) -> tuple[np.ndarray, int]:

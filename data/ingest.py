@@ -28,6 +28,10 @@ stay inside them. A symlink whose target lies inside the same input directory is
 file it names); one leading out of it is refused, and so are document images named by an absolute
 path or with '..'; each refusal is a counted skip with path and reason.
 
+Tokenizer restart points (data/restarts.py) are recorded for every text segment of more than
+2 x --restart-every tokens (default 512; 0: none), each verified at ingest, so the loader can
+tokenize a unit of a long document without tokenizing the whole document.
+
 Atomic for readers: shards and indexes go under a fresh generation prefix (gen-NNNNNN/) and the
 manifest is switched last; the superseded generation stays for readers that opened it until an
 ingest with --prune. Shards, indexes and the fingerprint are byte-identical for the same inputs
@@ -46,6 +50,7 @@ from pathlib import Path
 
 from data.decode import DEFAULT_MAX_PIXELS
 from data.inputs import InputError, Sample, Source, enumerate_inputs
+from data.restarts import RESTART_EVERY, restart_points
 from data.shards import (GENERATION_PREFIX, MANIFEST_KEY, ShardBuilder, build_manifest, canonical_json,
                          generation_prefix, shard_keys)
 
@@ -93,6 +98,8 @@ def manifest_keys(manifest: dict) -> set[str]:
     keep = {k for s in manifest["shards"] for k in (s["key"], s["index"])}
     for c in manifest.get("catalogs", []):
         keep |= {c["key"], *(p["key"] for p in c.get("plans", {}).values())}
+        if "restarts" in c:
+            keep.add(c["restarts"]["key"])
     return keep
 
 
@@ -112,20 +119,41 @@ def prune(store, manifest: dict, previous: dict | None) -> list[str]:
     return stale
 
 
+def _put(store, key: str, data: bytes) -> dict:
+    store.put(key, data)
+    return {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_restarts(store, gen: str, name: str, restarts: dict | None) -> dict | None:
+    """Put one source's restart points (data/restarts.py) under `gen`; their manifest entry, or
+    None when no segment has any. restarts: {"tokenizer", "num_samples", "every", "rows"}."""
+    from data.columnar import encode_columns
+    from data.restarts import restart_columns
+
+    if not restarts or not any(points for _, _, points in restarts["rows"]):
+        return None
+    cols, meta = restart_columns(name, restarts["tokenizer"], restarts["num_samples"],
+                                 restarts["every"], restarts["rows"])
+    return _put(store, f"{gen}{name}/restarts.cols", encode_columns(cols, meta))
+
+
 def write_catalog(store, gen: str, name: str, kind: str, shards: list[dict], indexes: list[dict],
-                  plans: list[tuple] = ()) -> dict:
-    """Put one source's sample catalog and plan tables (data/catalog.py) under the generation;
-    returns its manifest entry. plans: [(MediaRules, seq_len, window_sequences, global_batch)]."""
+                  plans: list[tuple] = (), restarts: dict | None = None) -> dict:
+    """Put one source's sample catalog, plan tables (data/catalog.py) and restart points under
+    the generation; returns its manifest entry. plans: [(MediaRules, seq_len, window_sequences,
+    global_batch)]; restarts: see write_restarts."""
     from data.catalog import Columns, Layout, SourceCatalog, catalog_columns, plan_columns, plan_key
     from data.columnar import encode_columns
 
     def put(key: str, data: bytes) -> dict:
-        store.put(key, data)
-        return {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return _put(store, key, data)
 
     cols, meta = catalog_columns(name, kind, shards, indexes)
     raw = encode_columns(cols, meta)
     entry = {"source": name, **put(f"{gen}{name}/catalog.cols", raw), "plans": {}}
+    listed = write_restarts(store, gen, name, restarts)
+    if listed is not None:
+        entry["restarts"] = listed
     src = SourceCatalog(Columns(raw, name), name, kind)
     for media, seq_len, window, global_batch in plans:
         key = plan_key(media, seq_len, window, global_batch)
@@ -159,10 +187,12 @@ def _part_of(items, part: int, parts: int):
 def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20,
            max_pixels: int = DEFAULT_MAX_PIXELS, video_backend: str = "auto", timeout_s: float = 30.0,
            progress: bool = True, log=print, prune_old: bool = False, plans: list[tuple] = (),
-           part: tuple[int, int] | None = None, run_id: str = "") -> dict:
+           part: tuple[int, int] | None = None, run_id: str = "",
+           restart_every: int = RESTART_EVERY) -> dict:
     """Write shards, indexes, column catalogs and the manifest of `sources` to `store`; return
     the manifest. ``plans``: [(MediaRules, seq_len, window_sequences, global_batch)] (data.ingest.plan_setting
-    of a training config) to write plan tables for.
+    of a training config) to write plan tables for. ``restart_every``: tokens between the
+    tokenizer restart points of long text segments (data/restarts.py; 0: none).
 
     Atomic for readers: everything goes under a new generation prefix and manifest.json is put
     last, so a reader sees the old dataset or the new one, never a mix. The previous generation
@@ -187,10 +217,10 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
         before, previous, used = _generations(store)
         generation = used + 1
         gen = generation_prefix(generation)
-    shards, skipped, catalogs = [], [], []
+    shards, skipped, catalogs, part_restarts = [], [], [], {}
     bar = tqdm(desc="ingest", unit="input", disable=not progress, file=sys.stderr)
     for src in sources:
-        number, count, indexes = 0, 0, []
+        number, count, indexes, rows = 0, 0, [], []
         builder = ShardBuilder(src.name, shard_keys(src.name, 0)[0])
 
         def flush():
@@ -223,6 +253,8 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
                         text_tokens=tokenizer.count(sample.text) if sample.text else 0,
                         text_bytes=len(sample.text.encode("utf-8")), images=sample.images,
                         videos=sample.videos, layout=_layout(sample, tokenizer))
+            rows += [(count, t, points) for t, text in _texts(sample)
+                     if (points := restart_points(tokenizer, text, restart_every))]
             count += 1
             if builder.nbytes >= shard_size:
                 flush()
@@ -230,15 +262,20 @@ def ingest(sources: list[Source], store, tokenizer, shard_size: int = 64 * 2**20
             flush()
         if count == 0 and part is None:
             log(f"warning: source {src.name!r} ({src.path}) produced no samples")
+        restarts = {"tokenizer": tokenizer.fingerprint, "num_samples": count,
+                    "every": restart_every, "rows": rows}
         if part is None:
             catalogs.append(write_catalog(store, gen, src.name, src.kind,
-                                          [s for s in shards if s["source"] == src.name], indexes, plans))
+                                          [s for s in shards if s["source"] == src.name], indexes, plans,
+                                          restarts))
+        elif (listed := write_restarts(store, gen, src.name, restarts)) is not None:
+            part_restarts[src.name] = listed
     bar.close()
     srcs = [{"name": s.name, "kind": s.kind} for s in sources]
     if part is not None:
         manifest = {"format": PART_FORMAT, "run_id": run_id, "part": part[0], "parts": part[1],
                     "sources": srcs, "shards": shards, "tokenizer": tokenizer.info(),
-                    "skipped": skipped}
+                    "skipped": skipped, "restarts": part_restarts}
         store.put(gen + "part-manifest.json", canonical_json(manifest))
         return manifest
     manifest = build_manifest(srcs, shards, tokenizer.info(),
@@ -299,7 +336,9 @@ def merge(store, run_id: str, parts: int, plans: list[tuple] = (), prune_old: bo
     for src in pms[0]["sources"]:
         mine = [s for pm in pms for s in pm["shards"] if s["source"] == src["name"]]
         indexes = [read_index(store, s["index"], s["index_sha256"]) for s in mine]
-        catalogs.append(write_catalog(store, gen, src["name"], src["kind"], mine, indexes, plans))
+        restarts = _merged_restarts(store, pms, src["name"])
+        catalogs.append(write_catalog(store, gen, src["name"], src["kind"], mine, indexes, plans,
+                                      restarts))
         shards += mine
         skipped += [{"path": x["path"], "reason": x["reason"]} for pm in pms for x in pm["skipped"]
                     if x["source"] == src["name"]]
@@ -309,6 +348,38 @@ def merge(store, run_id: str, parts: int, plans: list[tuple] = (), prune_old: bo
                               catalogs)
     _switch(store, before, previous, manifest, gen, prune_old, log)
     return manifest
+
+
+def _merged_restarts(store, pms: list[dict], name: str) -> dict | None:
+    """One source's restart points over the parts, with sample numbers counted from the first
+    part's first sample (the rows a one-process ingest gathers), or None if no part has any."""
+    from data.columnar import open_columns
+    from data.restarts import Restarts
+
+    tokenizer = pms[0]["tokenizer"]["fingerprint"]
+    rows, offset, every = [], 0, set()
+    for pm in pms:
+        n = sum(s["num_samples"] for s in pm["shards"] if s["source"] == name)
+        listed = pm.get("restarts", {}).get(name)
+        if listed is not None:
+            cols = open_columns(store, listed["key"], int(listed["size"]), listed["sha256"])
+            rows += Restarts(cols, name, tokenizer, n).rows(offset)
+            every.add(int(cols.meta["every"]))
+        offset += n
+    if not rows:
+        return None
+    if len(every) > 1:
+        raise SystemExit(f"mmpt ingest merge: the parts of source {name!r} used different "
+                         f"--restart-every values {sorted(every)}")
+    return {"tokenizer": tokenizer, "num_samples": offset, "every": every.pop(), "rows": rows}
+
+
+def _texts(sample: Sample) -> list[tuple[int, str]]:
+    """(text segment number, text) of each text the loader tokenizes on its own: a text sample's
+    text or a caption (the "txt" member), an interleaved sample's text segments."""
+    if sample.segments is not None:
+        return list(enumerate(s["text"] for s in sample.segments if "text" in s))
+    return [(0, sample.text)] if "txt" in sample.members else []
 
 
 def _skip_reason(e: Exception) -> str:
@@ -438,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="append", default=[], metavar="'CONFIG.toml [--data.x=y ...]'",
                     help="also write the plan tables (data/catalog.py) for this training config and "
                          "overrides, so its runs start without a pass over every sample (repeatable)")
+    ap.add_argument("--restart-every", type=int, default=RESTART_EVERY, metavar="TOKENS",
+                    help="tokens between the tokenizer restart points of long texts, which let the "
+                         f"loader tokenize a unit's own text (data/restarts.py; default {RESTART_EVERY}, "
+                         "0: none)")
     ap.add_argument("--prune", action="store_true",
                     help="after the switch, delete superseded generations (no reader may still use them)")
     ap.add_argument("--part", type=_part_arg, metavar="I/N",
@@ -463,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     part = {"part": args.part, "run_id": _run_id(args.run_id)} if args.part else {}
     manifest = ingest(sources, store, load_tokenizer(args.tokenizer), args.shard_size, args.max_pixels,
                       args.video_backend, args.timeout, progress=not args.no_progress,
-                      log=_log, prune_old=args.prune, plans=[plan_setting(p) for p in args.plan], **part)
+                      log=_log, prune_old=args.prune, plans=[plan_setting(p) for p in args.plan],
+                      restart_every=max(args.restart_every, 0), **part)
     if args.part:
         print(f"wrote part {args.part[0]}/{args.part[1]} of run {part['run_id']}: "
               f"{sum(s['num_samples'] for s in manifest['shards'])} samples, "

@@ -21,7 +21,9 @@ the few deferred units), so a resume never replays the stream.
 
 Workers plan windows (metadata only, cheap) and materialize only their own rows: ranged GETs
 through the tiered cache, online tokenization, image/video decoding and patchification (pixels
-stay uint8; they are normalised where they are encoded).
+stay uint8; they are normalised where they are encoded). A unit of a long document is tokenized
+from its own text only, between the tokenizer restart points recorded at ingest
+(data/restarts.py): the same ids as tokenizing the whole document, cached per unit.
 
 Stage-aware reading (`read=ReadRole(...)`): a rank reads only the fields its role names - token
 ids (pipeline stage 0), targets (the last stage), the media it encodes (this replica's, or under
@@ -60,6 +62,7 @@ from data.decode import DecodeError
 from data.media import MediaRules
 from data.mix import MixState, TokenMixer
 from data.pack import PlanState, Window, WindowPlanner, pack_rows
+from data.restarts import covering
 from data.shards import ShardError, read_member
 from data.store import redact
 from train.errors import InvalidInput, UserError
@@ -67,6 +70,8 @@ from train.errors import InvalidInput, UserError
 # /2: sequences spread over global batches; /3: units of one piece; /4: units of up to
 # data/catalog.py's unit_pieces(S, B) pieces (a saved position counts units)
 STATE_FORMAT = "mmpt-loader/4"
+UNIT_CACHE = 128  # units whose tokens a worker keeps (the pieces of a unit reuse one tokenization)
+DOC_TEXTS = 64  # documents whose text a worker keeps
 log = logging.getLogger(__name__)
 
 
@@ -177,6 +182,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.read = read
         self._metas: OrderedDict = OrderedDict()
         self._token_cache: OrderedDict = OrderedDict()
+        self._texts: OrderedDict = OrderedDict()
 
     # -- planning (metadata only)
     def _fresh_state(self) -> PlanState:
@@ -242,39 +248,76 @@ class PackedStream(torch.utils.data.IterableDataset):
                 self._metas.popitem(last=False)
         return meta
 
-    def _layout_tokens(self, meta: DocMeta, text_id: int) -> np.ndarray:
-        """The document's token ids with every text token set to `text_id`: media markers and
-        placeholders where they are, <|eos|> last."""
+    def _layout_tokens(self, meta: DocMeta, text_id: int, lo: int = 0,
+                       hi: int | None = None) -> np.ndarray:
+        """Document tokens [lo, hi) (default: all) with every text token set to `text_id`: media
+        markers and placeholders where they are, <|eos|> last."""
         tok = self.tokenizer
-        tokens = np.full(meta.length, text_id, dtype=np.int64)
+        hi = meta.length if hi is None else hi
+        tokens = np.full(hi - lo, text_id, dtype=np.int64)
         for start, n, _, k, _ in meta.items:
-            tokens[start - 1] = tok.media_begin_id
-            tokens[start:start + n] = tok.image_id if meta.segs[k].kind == "image" else tok.video_id
-            tokens[start + n] = tok.media_end_id
-        tokens[-1] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
+            if start + n < lo or start - 1 >= hi:
+                continue
+            ids = np.full(n + 2, tok.image_id if meta.segs[k].kind == "image" else tok.video_id)
+            ids[0], ids[-1] = tok.media_begin_id, tok.media_end_id
+            a, b = max(start - 1, lo), min(start + n + 1, hi)
+            tokens[a - lo:b - lo] = ids[a - start + 1:b - start + 1]
+        if hi == meta.length:
+            tokens[-1] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
         return tokens
 
-    def _read_tokens(self, meta: DocMeta) -> np.ndarray:
-        """The document's token ids: its text read and tokenized, media from the layout."""
+    def _doc_texts(self, meta: DocMeta) -> dict:
+        """The document's text members as read so far (member -> text), kept per worker for the
+        last DOC_TEXTS documents: the units of a document built close together read it once."""
+        raw = self._texts.get(meta.name)
+        if raw is None:
+            raw = self._texts[meta.name] = {}
+            while len(self._texts) > DOC_TEXTS:
+                self._texts.popitem(last=False)
+        return raw
+
+    def _read_tokens(self, meta: DocMeta, lo: int = 0, hi: int | None = None,
+                     restarts=None, sample: int = -1) -> np.ndarray:
+        """Document tokens [lo, hi) (default: all): text read and tokenized, media from the layout.
+        With the source's restart points (data/restarts.py), a text segment only partly inside
+        [lo, hi) is tokenized only between the restart points around that part: the same ids."""
         tok = self.tokenizer
+        hi = meta.length if hi is None else hi
         # The index gives the document's length; fill one buffer (no per-segment arrays to join).
-        tokens = self._layout_tokens(meta, 0)
-        at, raw = 0, {}
+        tokens = self._layout_tokens(meta, 0, lo, hi)
+        at, raw = 0, self._doc_texts(meta)
         for seg in meta.segs:
             if seg.kind != "text":
                 at += seg.tokens
                 continue
+            # Every text member is read and decoded, in the span or not: a document that cannot
+            # be read is a skip whichever of its units is built.
             if seg.member == "json":
                 if "json texts" not in raw:
                     raw["json texts"] = [s["text"] for s in json.loads(
                         self._text(meta.shard_key, meta.entry, "json", raw))["segments"] if "text" in s]
-                ids = tok.encode_array(raw["json texts"][seg.text_index])
+                text = raw["json texts"][seg.text_index]
             else:
-                ids = tok.encode_array(self._text(meta.shard_key, meta.entry, seg.member, raw))
-            if len(ids) != seg.tokens:
-                raise ValueError(f"{meta.name}: {len(ids)} tokens, the index says {seg.tokens}: the "
-                                 "tokenizer differs from the one used at ingest")
-            tokens[at:at + seg.tokens] = ids
+                text = self._text(meta.shard_key, meta.entry, seg.member, raw)
+            a, b = max(lo - at, 0), min(hi - at, seg.tokens)  # the segment's tokens in the span
+            points = (restarts.points(sample, seg.text_index)
+                      if restarts is not None and a < b and (a, b) != (0, seg.tokens) else None)
+            if points is not None:
+                for c0, c1, t0, t1 in covering(*points, seg.tokens, len(text), a, b):
+                    ids = tok.encode_array(text[c0:c1])
+                    if len(ids) != t1 - t0:
+                        raise ValueError(f"{meta.name}: {len(ids)} tokens, the restart points say "
+                                         f"{t1 - t0} (tokens [{t0}, {t1}) of a text of "
+                                         f"{seg.tokens}): the tokenizer differs from the one used "
+                                         "at ingest")
+                    x0, x1 = max(t0, a), min(t1, b)
+                    tokens[at + x0 - lo:at + x1 - lo] = ids[x0 - t0:x1 - t0]
+            elif a < b:
+                ids = tok.encode_array(text)
+                if len(ids) != seg.tokens:
+                    raise ValueError(f"{meta.name}: {len(ids)} tokens, the index says {seg.tokens}: the "
+                                     "tokenizer differs from the one used at ingest")
+                tokens[at + a - lo:at + b - lo] = ids[a:b]
             at += seg.tokens
         return tokens
 
@@ -298,27 +341,39 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     def _build_doc(self, source: int, sample: int, epoch: int) -> Doc:
         meta = self.doc_meta(source, sample)
-        tokens = self._read_tokens(meta)
+        return Doc(self._read_tokens(meta), self._doc_items(meta, source, sample, epoch))
+
+    def _doc_items(self, meta: DocMeta, source: int, sample: int, epoch: int) -> list[tuple]:
+        """(start, count, patches, grid) of every media item of the document: each media
+        segment read and decoded once."""
         patches = {}
         for k in sorted({it[3] for it in meta.items}):
             for c, pt in enumerate(self._decode(meta, source, sample, epoch, k)):
                 patches[k, c] = pt
-        return Doc(tokens, [(start, n, patches[k, c], grid)
-                            for start, n, grid, k, c in meta.items])
+        return [(start, n, patches[k, c], grid) for start, n, grid, k, c in meta.items]
 
-    def doc(self, source: int, sample: int, epoch: int) -> Doc:
+    def _media(self, meta: DocMeta, source: int, sample: int, epoch: int) -> list[tuple] | str:
+        """The document's media items (cached per worker while in use), or why they cannot be
+        decoded (logged once)."""
         key = (source, sample, epoch)
         if key not in self._docs:
             try:
-                self._docs[key] = self._build_doc(source, sample, epoch)
-            except (DecodeError, ShardError, UnicodeDecodeError) as e:
-                reason = self._reason(e)
+                self._docs[key] = self._doc_items(meta, source, sample, epoch)
+            except (DecodeError, ShardError) as e:
+                self._docs[key] = reason = self._reason(e)
                 log.warning("skipping %s sample %s: %s", self.catalog.names[source],
                             self.catalog.locate(source, sample), reason)
-                self._docs[key] = Doc(np.zeros(0, np.int64), [], reason)
             while len(self._docs) > 64:
                 self._docs.popitem(last=False)
         return self._docs[key]
+
+    def doc(self, source: int, sample: int, epoch: int) -> Doc:
+        """The whole document (all its tokens, every media item decoded): an empty one with the
+        reason if it cannot be read. Not cached: batches read units (`_tokens`, `_media`)."""
+        try:
+            return self._build_doc(source, sample, epoch)
+        except (DecodeError, ShardError, UnicodeDecodeError) as e:
+            return Doc(np.zeros(0, np.int64), [], self._reason(e))
 
     def build_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
         """The local batch of these global sequences, read as `self.read` says."""
@@ -332,25 +387,25 @@ class PackedStream(torch.utils.data.IterableDataset):
         rows, spans, patches, grids, sids, skipped = [], [], [], [], [], []
         roles = []  # (row, first position, lo, hi, source, end of the document's first media)
         for r, g in enumerate(sequences):
-            window = cursor.get(g // self.S)
             pieces, at = [], 0
-            for p in window.sequences[g % self.S]:
-                d = window.docs[p.doc]
-                doc = self.doc(d.source, d.sample, d.epoch)
-                if doc.error:
-                    self._skip(skipped, d.source, d.sample, doc.error, log_it=False)
+            for d, meta, lo, hi in self._pieces(cursor, g):  # lo, hi: document coordinates
+                got = self._tokens(d, meta, skipped)
+                if got is None:  # unreadable text: the document is left out of its row
+                    continue
+                tokens, base = got  # tokens of document positions [base, base + len(tokens))
+                items = self._media(meta, d.source, d.sample, d.epoch) if meta.items else []
+                if isinstance(items, str):  # undecodable media: likewise
+                    self._skip(skipped, d.source, d.sample, items, log_it=False)
                     continue
                 shard, member = self.catalog.locate(d.source, d.sample)
-                lo, hi = d.offset + p.start, d.offset + p.end  # document coordinates
-                for start, n, pt, grid in doc.items:
+                for start, n, pt, grid in items:
                     if lo <= start and start + n <= hi:
                         spans.append((r, at + start - lo, n))
                         patches.append(pt)
                         grids.append(grid)
-                pieces.append((doc.tokens, lo, hi))
+                pieces.append((tokens, lo - base, hi - base))
                 sids.append((r, d.source, shard, member, d.epoch, lo, hi))
-                roles.append((r, at, lo, hi, d.source,
-                              doc.items[0][0] + doc.items[0][1] if doc.items else len(doc.tokens)))
+                roles.append((r, at, lo, hi, d.source, meta.media_end))
                 at += hi - lo
             rows.append(pieces)
         packed = pack_rows(rows, self.seq_len, tok.pad_id, no_loss)
@@ -421,17 +476,21 @@ class PackedStream(torch.utils.data.IterableDataset):
         # Object addresses in library messages would make the batch differ run to run.
         return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
 
-    def _tokens(self, source: int, sample: int, meta: DocMeta, skipped: list) -> np.ndarray | None:
-        """The document's tokens (read once per worker while it is in use), None if unreadable
-        (a counted skip in every batch that meets it)."""
-        key = (source, sample)
+    def _tokens(self, d, meta: DocMeta, skipped: list) -> tuple[np.ndarray, int] | None:
+        """(tokens, first): the ids of document tokens [first, first + len(tokens)), the planned
+        unit d's tokens and the one after (its last token's label); read once per worker while
+        in use, None if unreadable (a counted skip in every batch that meets it)."""
+        source, sample = d.source, d.sample
+        lo, hi = d.offset, min(d.offset + d.tokens + 1, meta.length)
+        key = (source, sample, lo, hi)
         if key not in self._token_cache:
             try:
-                self._token_cache[key] = self._read_tokens(meta)
+                self._token_cache[key] = (self._read_tokens(meta, lo, hi, self.catalog.restarts[source],
+                                                            sample), lo)
             except (ShardError, UnicodeDecodeError) as e:
                 self._token_cache[key] = self._reason(e)
                 self._skip(skipped, source, sample, self._token_cache[key])
-            while len(self._token_cache) > 64:
+            while len(self._token_cache) > UNIT_CACHE:
                 self._token_cache.popitem(last=False)
         got = self._token_cache[key]
         if isinstance(got, str):
@@ -472,18 +531,19 @@ class PackedStream(torch.utils.data.IterableDataset):
             pieces, at = [], 0
             for d, meta, lo, hi in self._pieces(cursor, g):
                 if read.reads_text:
-                    tokens = self._tokens(d.source, d.sample, meta, skipped)
-                    if tokens is None:  # keeps its slot (every stage has the same layout), no loss
-                        tokens = self._layout_tokens(meta, tok.pad_id)
+                    got = self._tokens(d, meta, skipped)
+                    if got is None:  # keeps its slot (every stage has the same layout), no loss
+                        got = self._layout_tokens(meta, tok.pad_id, lo, min(hi + 1, meta.length)), lo
                         unread.append((r, at, hi - lo))
                 else:
-                    tokens = np.zeros(meta.length, np.int64)
+                    got = np.zeros(min(hi + 1, meta.length) - lo, np.int64), lo
+                tokens, base = got  # tokens of document positions [base, base + len(tokens))
                 for start, n, grid, k, c in meta.items:
                     if lo <= start and start + n <= hi:
                         spans.append((r, at + start - lo, n))
                         grids.append(grid)
                         items.append((d.source, d.sample, d.epoch, k, c, grid))
-                pieces.append((tokens, lo, hi))
+                pieces.append((tokens, lo - base, hi - base))
                 shard, member = self.catalog.locate(d.source, d.sample)
                 sids.append((r, d.source, shard, member, d.epoch, lo, hi))
                 roles.append((r, at, lo, hi, d.source, meta.media_end))

@@ -74,8 +74,11 @@ Manifest (manifest.json)
   "catalogs": [                          # column files per source (data/catalog.py): the sample
     {"source": "text", "key": "gen-000001/text/catalog.cols", "size": 4096, "sha256": "...",
      "plans": {"<plan key>": {"key": "gen-000001/text/plan-<plan key>.cols", "size": ...,
-                              "sha256": "...", "seq_len": 4096, "window_sequences": 32}}}
-  ],                                     # catalog and the plan tables written by --plan
+                              "sha256": "...", "seq_len": 4096, "window_sequences": 32}},
+     "restarts": {"key": "gen-000001/text/restarts.cols", "size": ..., "sha256": "..."}}
+  ],                                     # catalog, the plan tables written by --plan and the
+                                         # tokenizer restart points (data/restarts.py; only
+                                         # for a source with long texts)
   "tokenizer": {"fingerprint": "<sha256>", "vocab_size": 2048, "special_tokens": {"<|pad|>": 0, ...}},
   "fingerprint": "<sha256>",             # sha256 over the index files' sha256 in shard order and the
                                          # tokenizer fingerprint: identifies the dataset's content
@@ -87,8 +90,8 @@ Manifest (manifest.json)
 A sample is identified by (source, shard number within the source, sample number within the shard).
 Training reads the column files, not the JSON indexes (which stay for webdataset tools and for
 datasets written before column files; see data/catalog.py). The fingerprint covers the indexes
-and the tokenizer; the column files are derived from the indexes and checked by their sha256
-when a host fetches them.
+and the tokenizer; the column files are derived from the indexes (the restart points from the
+texts and the tokenizer) and checked by their sha256 when a host fetches them.
 Keys in the manifest/index are relative to the dataset prefix (the directory holding manifest.json).
 """
 

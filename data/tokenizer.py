@@ -65,6 +65,13 @@ class Tokenizer(abc.ABC):
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
+    @abc.abstractmethod
+    def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, starts): the ids of encode(text) and, per token, the character offset in `text`
+        where it starts, or -1 where it does not start on a character boundary (a byte-level
+        token can hold part of a UTF-8 character) or the backend cannot tell. Only candidates:
+        data/restarts.py verifies every split it keeps."""
+
     def __getattr__(self, name: str) -> int:  # tok.pad_id, tok.image_id, ...
         if name.endswith("_id") and name[:-3] in self.__dict__.get("special", {}):
             return self.special[name[:-3]]
@@ -105,6 +112,16 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        starts = offsets[:, 0].copy()
+        # Pieces of one character all carry the character's offsets: a token that starts before
+        # the previous one ends is inside a character.
+        starts[1:][offsets[1:, 0] < offsets[:-1, 1]] = -1
+        return ids, starts
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -156,6 +173,7 @@ class TiktokenTokenizer(Tokenizer):
                                       special_tokens=specials)
         self.vocab_size = max(max(ranks.values()), max(specials.values(), default=0)) + 1
         self._set_special(specials, str(path))
+        self._lengths: np.ndarray | None = None
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -170,6 +188,32 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self._enc.encode_ordinary(t) for t in texts]
+
+    def _byte_lengths(self) -> np.ndarray:
+        """UTF-8 byte length of every ordinary token, by id (built on first use)."""
+        if self._lengths is None:
+            lengths = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(self.vocab_size):
+                try:
+                    lengths[i] = len(self._enc.decode_single_token_bytes(i))
+                except KeyError:  # an id no token has
+                    pass
+            self._lengths = lengths
+        return self._lengths
+
+    def encode_with_starts(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(self.encode_array(text), dtype=np.int64)
+        try:
+            raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        except UnicodeEncodeError:  # lone surrogates (tiktoken repaired them): no candidates
+            return ids, np.full(len(ids), -1, dtype=np.int64)
+        byte_end = np.cumsum(self._byte_lengths()[ids])
+        if len(ids) == 0 or byte_end[-1] != len(raw):
+            return ids, np.full(len(ids), -1, dtype=np.int64)
+        byte_start = byte_end - self._byte_lengths()[ids]
+        lead = np.append((raw & 0xC0) != 0x80, True)  # a character starts at this byte
+        chars_before = np.concatenate([[0], np.cumsum(lead[:-1])])
+        return ids, np.where(lead[byte_start], chars_before[byte_start], -1)
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)

@@ -367,9 +367,10 @@ def _samples(url):
 
 def test_three_parts_merged_give_the_samples_of_one_process_in_its_order(inputs, tmp_path, capsys):
     root, corpus, tok = inputs
-    assert _run(tmp_path / "one", corpus, tok) == 0
+    every = ("--restart-every", "16")  # tokenizer restart points in most texts (data/restarts.py)
+    assert _run(tmp_path / "one", corpus, tok, *every) == 0
     for i in range(3):
-        assert _run(tmp_path / "parts", corpus, tok, "--part", f"{i}/3", "--run-id", "r1") == 0
+        assert _run(tmp_path / "parts", corpus, tok, "--part", f"{i}/3", "--run-id", "r1", *every) == 0
         assert f"wrote part {i}/3 of run r1" in capsys.readouterr().out
     assert not (tmp_path / "parts" / "manifest.json").exists()  # nothing for readers before merge
     assert mmpt(["ingest", "merge", "--out", str(tmp_path / "parts"), "--parts", "3",
@@ -379,6 +380,18 @@ def test_three_parts_merged_give_the_samples_of_one_process_in_its_order(inputs,
     assert [s["name"] for s in m3["sources"]] == [s["name"] for s in m1["sources"]]
     assert merged == one and sum(map(len, one.values())) == m1["num_samples"] > 0
     assert m3["skipped"] == m1["skipped"]
+    # the restart points are carried: the merged files are the one-process ones, byte for byte
+    import hashlib
+
+    restarts = [{c["source"]: c.get("restarts") for c in m["catalogs"]} for m in (m1, m3)]
+    assert restarts[0]["text"] is not None and restarts[0].keys() == restarts[1].keys()
+    for name, one_entry in restarts[0].items():
+        merged_entry = restarts[1][name]
+        assert (merged_entry is None) == (one_entry is None)
+        if one_entry is not None:
+            raw = (tmp_path / "parts" / merged_entry["key"]).read_bytes()  # kept by --prune
+            assert hashlib.sha256(raw).hexdigest() == merged_entry["sha256"] == one_entry["sha256"]
+            assert raw == (tmp_path / "one" / one_entry["key"]).read_bytes()
     # every part held a share of every source's shards, in part order
     assert {s["key"].split("/")[2] for s in m3["shards"]} == {f"part-{i:05d}-of-00003" for i in range(3)}
     # a missing part is refused by name
