@@ -19,7 +19,7 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    steps after --warmup, over two rounds. Calibration, never on the checked layouts: a gloo
    ping at world 2 gives the CPU time and the latency of a collective and of a send or
    receive; world-1 runs of each config (micro-batch count and tokens varied, DEP on and off)
-   and runs of seven layouts outside the checked twelve (EVENT_CALIBRATION: four at world 2,
+   and runs of eight layouts outside the checked twelve (EVENT_CALIBRATION: five at world 2,
    three at world 4, each four times) give, by non-negative least squares on each rank's
    measured CPU time per step (process time, the gloo threads included), seconds per FLOP,
    per layer action, per owned parameter of the optimizer step, DEP's fixed cost and the
@@ -27,9 +27,10 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    communicating pipeline action, per DEP exchange, per communication operation of ranks
    crowding their cores), which the planner counts for each layout from its own schedule
    (parallel/plan.py cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the
-   schedule's waits fall, so these need no replay. One wall-time constant is then fitted on
-   the same runs' step times: the wait per communication operation of crowded ranks (a rank
-   that blocks sleeps until its peer gets a core). The calibration runs are interleaved with
+   schedule's waits fall, so these need no replay. Two wall-time constants are then fitted on
+   the same runs' step times: the wait per communication operation (its peer arrives late, a
+   blocked rank is woken) and the extra wait of crowded ranks (a rank that blocks sleeps
+   until its peer gets a core). The calibration runs are interleaved with
    the checked ones, so both see the same spells of the machine's other users. The planner
    then predicts every layout on the cores those users left free while its steps ran (their
    threads' CPU time, read from /proc), the ranks sharing those cores (processor sharing in
@@ -459,6 +460,8 @@ EVENT_CALIBRATION = [
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=8),
     # PP2 x V1, 8 micro-batches of one row: pipeline actions only
     dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
+    # PP2 x V2 under interleaved 1F1B (the checked layouts' schedule), 8 micro-batches
+    dict(pp=2, virtual_stages=2, dp=1, ep=1, microbatches=8, dep=False, rows=8),
     # DP2 x EP2, no DEP, 2 micro-batches of 2 rows: EP layer passes (and ZeRO-1's dense)
     dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
     # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and ZeRO-1 of the encoder too)
@@ -474,7 +477,7 @@ EVENT_PASSES = 4  # each of these layouts four times, spread over the rounds
 CPU_FIELDS = ("sec_per_flop", "layer_overhead_s", "optimizer_s_per_param", "dep_overhead_s",
               "zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s",
               "crowded_op_cpu_s")
-EVENT_FIELDS = CPU_FIELDS[4:] + ("crowded_op_wait_s",)
+EVENT_FIELDS = CPU_FIELDS[4:] + ("crowded_op_wait_s", "op_wait_s")
 
 
 def _layout_key(par: dict) -> tuple:
@@ -509,26 +512,31 @@ def _measured_cpu(cfg, got: dict) -> list[float]:
     return [sum(got["cpu_s"][r * dp:(r + 1) * dp]) / dp for r in range(cfg.parallel.pp)]
 
 
-def fit_crowded_wait(runs: list[tuple[dict, object, dict]], cal: dict, step: float = 1e-4
-                     ) -> float:
-    """The one wall-time constant beside the pinged latencies, `crowded_op_wait_s`, by
-    non-negative least squares on the calibration runs' relative step-time errors (Gauss-
-    Newton on the planner's replay, four iterations), the CPU constants held at cal's."""
-    def predict(c, cfg, got, wait):
+WAIT_FIELDS = ("op_wait_s", "crowded_op_wait_s")
+
+
+def fit_waits(runs: list[tuple[dict, object, dict]], cal: dict, step: float = 1e-4) -> dict:
+    """The wall-time constants beside the pinged latencies (WAIT_FIELDS: the wait per
+    communication operation, and the extra wait of crowded ranks) by non-negative least
+    squares on the calibration runs' relative step-time errors (Gauss-Newton on the planner's
+    replay, four iterations), the CPU constants held at cal's."""
+    def predict(c, cfg, got, waits):
         world = cfg.parallel.pp * cfg.parallel.dp
         return _with_rows(c["rows"], _predict, cfg, cpu_hardware(
-            dict(cal, crowded_op_wait_s=wait), world, got["cores_free"]))
+            dict(cal, **waits), world, got["cores_free"]))
 
-    wait = 0.0
+    est = {k: 0.0 for k in WAIT_FIELDS}
     for _ in range(4):
         rows_a, target = [], []
         for c, cfg, got in runs:
-            p0 = predict(c, cfg, got, wait)
-            slope = (predict(c, cfg, got, wait + step) - p0) / step
-            rows_a.append([slope / got["step_s"]])
-            target.append((got["step_s"] - p0 + slope * wait) / got["step_s"])
-        wait = nonneg_lstsq(rows_a, target)[0]
-    return wait
+            p0 = predict(c, cfg, got, est)
+            slopes = [(predict(c, cfg, got, dict(est, **{k: est[k] + step})) - p0) / step
+                      for k in WAIT_FIELDS]
+            rows_a.append([x / got["step_s"] for x in slopes])
+            target.append((got["step_s"] - p0 + sum(x * est[k] for x, k in zip(slopes, WAIT_FIELDS)))
+                          / got["step_s"])
+        est = dict(zip(WAIT_FIELDS, nonneg_lstsq(rows_a, target)))
+    return est
 
 
 def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
@@ -539,7 +547,7 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
     where the schedule's waits fall, so the fit needs no replay; the cores left enter only
     through the crowding of crowded_op_cpu_s. The pinged latencies stay as measured; the
-    crowded wait is fitted after (fit_crowded_wait)."""
+    waits are fitted after (fit_waits)."""
     zero = {k: 0.0 for k in CPU_FIELDS}
     rows_a, target, index = [], [], []
     for c, cfg, got in runs:
@@ -561,7 +569,7 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     sol = [float(x / n) for x, n in zip(nonneg_lstsq((a / norm).tolist(), target), norm)]
     cal = dict(comm, **dict(zip(CPU_FIELDS, sol)))
     cal["sec_per_flop"] = max(cal["sec_per_flop"], 1e-30)
-    cal["crowded_op_wait_s"] = fit_crowded_wait(runs, cal)
+    cal.update(fit_waits(runs, cal))
     fitted = []
     for (c, cfg, got, r, b0), row, t in zip(index, rows_a, target):
         world = cfg.parallel.pp * cfg.parallel.dp

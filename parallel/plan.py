@@ -110,6 +110,9 @@ class Hardware:
     # max(0, 1 - cores / ranks) (0 with a core per rank)
     crowded_op_cpu_s: float = 0.0
     crowded_op_wait_s: float = 0.0
+    # CPU ranks: per communication operation, a wait beyond the pinged latency even with a
+    # core per rank (the peer arrives late, a blocked rank is woken)
+    op_wait_s: float = 0.0
 
     @property
     def roce_per_gpu(self) -> float:
@@ -489,7 +492,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         crowd = crowding * blocking_ops(stage, kind)
         extra = (p2p_ops(stage, kind) * hw.p2p_cpu_s + event_cpu(stage, kind)
                  + crowd * hw.crowded_op_cpu_s)
-        wait = crowd * hw.crowded_op_wait_s
+        wait = crowd * hw.crowded_op_wait_s + blocking_ops(stage, kind) * hw.op_wait_s
         if kind == "F":
             return fwd_cpu[stage] + extra, fwd_wait[stage] + wait
         if kind == "B":
@@ -563,7 +566,8 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         wall = max(sums[longest], p.dp * sum(sums) / hw.cores)
         stretch = wall / sums[longest] if sums[longest] > 0 else 0.0
         post = posts[longest]
-        dp_s = post["dp"] * stretch + dp_wait + crowding * (n_dp + n_enc) * hw.crowded_op_wait_s
+        ops_wait = (n_dp + n_enc) * (crowding * hw.crowded_op_wait_s + hw.op_wait_s)
+        dp_s = post["dp"] * stretch + dp_wait + ops_wait
         enc_s = post["enc"] * stretch + enc_ring + enc_latency
         optimizer_s = post["opt"] * stretch
         extra["cpu_s_per_rank"] = [r["cpu_s"][pr] + sums[pr] for pr in range(p.pp)]

@@ -286,12 +286,13 @@ def test_cpu_event_costs_add_count_times_cost():
 
 
 def test_crowded_operation_costs_hand_counted():
-    """Ranks outnumbering their cores: each communication operation costs crowded_op_cpu_s of
-    CPU and crowded_op_wait_s of wait, times the crowding 1 - cores / ranks. Tiny DP2 x EP2, no
-    PP, 2 micro-batches, DEP: per rank 3 MoE layers x (3 all-to-alls forward + 2 backward) x 2
-    micro-batches = 30, the step's 2 x DP2 ZeRO-1 collectives (experts: DP / EP = 1, none) + 5
-    small all-reduces = 9, DEP's 6 + 2 x world = 10: 49 operations. With a core per rank, or on
-    a GPU, they cost nothing."""
+    """Each communication operation of CPU ranks waits op_wait_s; ranks outnumbering their
+    cores: also crowded_op_cpu_s of CPU and crowded_op_wait_s of wait, times the crowding
+    1 - cores / ranks. Tiny DP2 x EP2, no PP, 2 micro-batches, DEP: per rank 3 MoE layers x (3
+    all-to-alls forward + 2 backward) x 2 micro-batches = 30, the step's 2 x DP2 ZeRO-1
+    collectives (experts: DP / EP = 1, none) + 5 small all-reduces = 9, DEP's 6 + 2 x world =
+    10: 49 operations. With a core per rank the crowded costs are nothing; on a GPU all
+    three."""
     cfg = _tiny(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, dep=True, schedule="1f1b")
     items = ([64, 48, 16], [0, 1, 1])
 
@@ -307,9 +308,12 @@ def test_crowded_operation_costs_hand_counted():
     assert step(1.0, crowded_op_wait_s=1e-4)["step_s"] - one["step_s"] == pytest.approx(
         0.5 * 49 * 1e-4, rel=1e-9)
     assert step(2.0, crowded_op_cpu_s=1.0, crowded_op_wait_s=1.0) == step(2.0)
+    # a core each: the wait per operation adds to the step as it is
+    assert step(2.0, op_wait_s=1e-4)["step_s"] - step(2.0)["step_s"] == pytest.approx(
+        49 * 1e-4, rel=1e-9)
     gpu = plan(cfg, HW, vision_items=items).step_time_s
-    assert plan(cfg, dataclasses.replace(HW, crowded_op_cpu_s=1.0, crowded_op_wait_s=1.0),
-                vision_items=items).step_time_s == gpu
+    assert plan(cfg, dataclasses.replace(HW, crowded_op_cpu_s=1.0, crowded_op_wait_s=1.0,
+                                         op_wait_s=1.0), vision_items=items).step_time_s == gpu
 
 
 def test_cpu_plan_counts_each_pipeline_rank_cpu():
