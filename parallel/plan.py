@@ -368,6 +368,11 @@ def _p2p_ops(p, n_stages: int, stage: int, kind: str) -> int:
     return (stage > 0) + (stage < n_stages - 1)
 
 
+# parallel/expert.py's all-to-alls per MoE layer and micro-batch: token counts, dispatch and
+# combine forward, dispatch and combine backward (a split backward runs them in its I)
+EP_ALL_TO_ALLS = {"F": 3, "B": 2, "I": 2, "W": 0}
+
+
 def _moe_layers(m: ModelConfig, layers: list[int]) -> int:
     return sum(1 for i in layers if i >= m.first_k_dense)
 
@@ -448,7 +453,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
         rc = sum(recompute_flops_per_token(m, act, i < m.first_k_dense, seq) for i in layers)
         if s == n_stages - 1:
             f += 2 * h * m.vocab_size
-        n_moe = sum(1 for i in layers if i >= m.first_k_dense)
+        n_moe = moe_of[s]
         f_s = f * tokens_mb / hw.flops + len(layers) * hw.layer_overhead_s
         b_s = (2 * f + rc) * tokens_mb / hw.flops + 2 * len(layers) * hw.layer_overhead_s
         f_comm, b_comm = 2 * n_moe * a2a_s, (2 + (2 if act.recompute == "full" else 0)) * n_moe * a2a_s
@@ -457,12 +462,11 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
             f_s, b_s = f_s + enc, b_s + 2 * enc
         fwd[s] = max(f_s, f_comm) if hw.overlap_ep else f_s + f_comm
         bwd[s] = max(b_s, b_comm) if hw.overlap_ep else b_s + b_comm
-        # CPU ranks: parallel/expert.py runs three all-to-alls per MoE layer forward (token
-        # counts, dispatch, combine) and two backward, each with its CPU cost; the transfers
-        # are waits
+        # CPU ranks: each all-to-all (EP_ALL_TO_ALLS) has its CPU cost; the transfers are waits
         a2a_cpu = 0.0 if p.ep == 1 else (hw.collective_cpu_s if hw.ep_all_to_all_cpu_s is None
                                          else hw.ep_all_to_all_cpu_s)
-        fwd_cpu[s], bwd_cpu[s] = f_s + 3 * n_moe * a2a_cpu, b_s + 2 * n_moe * a2a_cpu
+        fwd_cpu[s] = f_s + EP_ALL_TO_ALLS["F"] * n_moe * a2a_cpu
+        bwd_cpu[s] = b_s + EP_ALL_TO_ALLS["B"] * n_moe * a2a_cpu
         fwd_wait[s], bwd_wait[s] = f_comm, b_comm
 
     def p2p_ops(stage: int, kind: str) -> int:
@@ -483,9 +487,9 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     crowding = max(0.0, 1.0 - hw.cores / world) if hw.cores is not None else 0.0
 
     def blocking_ops(stage: int, kind: str) -> int:
-        """Communication operations of one action: its sends and receives, and under EP
-        three all-to-alls per MoE layer forward and two backward (in a split backward's I)."""
-        a2a = 0 if p.ep == 1 else {"F": 3, "B": 2, "I": 2, "W": 0}[kind] * moe_of[stage]
+        """Communication operations of one action: its sends and receives, and under EP its
+        all-to-alls."""
+        a2a = 0 if p.ep == 1 else EP_ALL_TO_ALLS[kind] * moe_of[stage]
         return p2p_ops(stage, kind) + a2a
 
     def cpu_cost(stage, kind, mb) -> tuple[float, float]:
