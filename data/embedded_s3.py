@@ -125,7 +125,7 @@ class EmbeddedS3:
 
     def store(self, prefix: str = "", **opts):
         """An S3Store on this server's bucket (credentials passed explicitly, not via os.environ)."""
-        from data.store import S3Store
+        from data.s3_store import S3Store
 
         return S3Store(self.bucket, prefix, endpoint_url=self.endpoint, access_key=self.access_key,
                        secret_key=self.secret_key, **opts)

@@ -375,7 +375,7 @@ def test_each_rank_checks_what_it_reads_and_all_skip_a_damaged_object_alike(tmp_
 
 
 def test_adaptive_concurrency_halves_on_throttling_and_grows_back():
-    from data.store import _AdaptiveLimit
+    from data.s3_store import _AdaptiveLimit
 
     lim = _AdaptiveLimit(8)
     for _ in range(3):
@@ -390,7 +390,7 @@ def test_adaptive_concurrency_halves_on_throttling_and_grows_back():
 
 def test_s3_multipart_save_through_30_percent_slowdown_outlasts_the_old_budget(tmp_path):
     from data.embedded_s3 import EmbeddedS3
-    from data.store import S3Store
+    from data.s3_store import S3Store
     from tests.fault_proxy import FaultProxy
 
     gen = torch.Generator().manual_seed(0)

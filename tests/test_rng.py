@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from data.store import retry_jitter_seed
+from data.s3_store import retry_jitter_seed
 from train.model import _generator
 from train.rng import seed_torch, stream_seed
 

@@ -12,7 +12,8 @@ import pytest
 
 from data.cache import TieredCache
 from data.embedded_s3 import EmbeddedS3, free_port
-from data.store import REFUSED_RETRY_S, S3Store, StoreUnavailable
+from data.s3_store import REFUSED_RETRY_S, S3Store
+from data.store import StoreUnavailable
 from tests.fault_proxy import FaultProxy
 
 N_OBJECTS = 16
@@ -167,13 +168,13 @@ def test_hanging_store_gives_up_after_retry_time_and_says_what_it_waits_for(s3, 
                              retry_time=2.5)
         endpoint = proxy.endpoint
         t0 = time.monotonic()
-        with caplog.at_level("WARNING", logger="data.store"), \
+        with caplog.at_level("WARNING", logger="data.s3_store"), \
                 pytest.raises(StoreUnavailable, match=r"retry time 2\.5 s\)") as info:
             store.get("obj/000", 0, 10)
         elapsed = time.monotonic() - t0
     assert "no reply within read_timeout=0.3 s" in str(info.value)
     assert 2.5 - 0.05 <= elapsed < 2.5 + 0.6 + 3.0, elapsed  # never sleeps past the budget
-    waits = [r.getMessage() for r in caplog.records if r.name == "data.store"]
+    waits = [r.getMessage() for r in caplog.records if r.name == "data.s3_store"]
     assert waits and all("no reply within read_timeout=0.3 s" in w and endpoint in w
                          and "giving up after 2.5 s" in w for w in waits), waits
 

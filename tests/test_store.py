@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from data.embedded_s3 import EmbeddedS3
-from data.store import (LocalStore, NotFound, S3Store, StoreError, StoreUnavailable, open_store,
-                        redact, validate_key)
+from data.s3_store import S3Store
+from data.store import (LocalStore, NotFound, StoreError, StoreUnavailable, open_store, redact,
+                        validate_key)
 
 BLOB = bytes((i * 7 + i // 251) % 256 for i in range(50_000))
 
@@ -274,7 +275,7 @@ def test_stalled_store_fails_data_inspect_in_bounded_time(monkeypatch, caplog, c
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
     try:
         t0 = time.monotonic()
-        with caplog.at_level("WARNING", logger="data.store"):
+        with caplog.at_level("WARNING", logger="data.s3_store"):
             rc = main(["data", "inspect", "--manifest", "s3://mmpt-stalled/ds",
                        "--store.read_timeout=0.3", "--store.connect_timeout=0.3",
                        "--store.retry_time=3"])
@@ -286,7 +287,7 @@ def test_stalled_store_fails_data_inspect_in_bounded_time(monkeypatch, caplog, c
     assert rc == 2 and msg.startswith("mmpt data: error: "), (rc, msg)
     assert "manifest.json" in msg and "no reply within read_timeout=0.3 s" in msg, msg
     assert elapsed < 3 + 0.6 + 4, elapsed  # the budget, one attempt's timeouts, start-up
-    logged = [r.getMessage() for r in caplog.records if r.name == "data.store"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "data.s3_store"]
     assert logged and "retry" in logged[0] and f"http://***@127.0.0.1:{port}" in logged[0]
     for text in [msg, *logged]:
         assert "secret" not in text and "user" not in text

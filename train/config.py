@@ -199,7 +199,7 @@ class StoreConfig:
     checkpoint_max_attempts: int = 1000
 
     def store_opts(self) -> dict[str, Any]:
-        """Keyword arguments for data.store.open_store / S3Store."""
+        """Keyword arguments for data.store.open_store / data.s3_store.S3Store."""
         return {"connect_timeout": self.connect_timeout, "read_timeout": self.read_timeout,
                 "retry_time": self.retry_time, "max_attempts": self.max_attempts}
 
