@@ -5,7 +5,7 @@ blake2b (data.mix.derive_key), never Python's `hash`, the wall clock or the proc
     model init       (train.seed, parameter name[, expert index])  no          train/model
     torch global     (train.seed, "torch", rank)                   yes         seed_torch()
     augmentation     (data.seed, sample id, epoch)                 no          data/augment.py
-    S3 retry jitter  (store seed, "s3-retry-jitter", rank, worker) yes         data/store.py
+    S3 retry jitter  (store seed, "s3-retry-jitter", rank, worker) yes         data/s3_store.py
 
 Model init and augmentation are deliberately the same on every rank: replicas must hold the same
 weights, and the data stream must not depend on the layout. The torch global generator serves
