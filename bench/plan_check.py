@@ -1,9 +1,9 @@
 """`mmpt plan` against measurement: activation bytes at K2.5 width, the pipeline bubble, and the
 step time of real gloo runs on this CPU machine after a calibration pass.
 
-    .venv/bin/python bench/plan_check.py                 # all parts (~5.5 min)
+    .venv/bin/python bench/plan_check.py                 # all parts (~10 min)
     .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes
-    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~4.5 min)
+    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~9 min)
 
 1. Activations: the planner's per-token bytes of one K2.5-width MoE layer (probed at 128 and
    256 tokens with top-8 local experts, parallel/plan.py) against bench/activation_memory.py's
@@ -15,29 +15,30 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    `bubble_schedule` (stand-in layers that sleep, gloo P2P). Goal: within 10%.
 3. Step time: real training steps (train.step.training_step; fp32, MuonClip, synthetic packed
    batches with images and video chunks) on forked gloo ranks at world 2, 4 and 8, PP / EP /
-   DP / DEP on and off, for the tests' tiny config and a wider one; the median of --steps
-   steps after --warmup, over two rounds. Calibration, never on the checked layouts: a gloo
-   ping at world 2 gives the CPU time and the latency of a collective and of a send or
-   receive; world-1 runs of each config (micro-batch count and tokens varied, DEP on and off)
-   and runs of eight layouts outside the checked twelve (EVENT_CALIBRATION: five at world 2,
-   three at world 4, each four times) give, by non-negative least squares on each rank's
-   measured CPU time per step (process time, the gloo threads included), seconds per FLOP,
-   per layer action, per owned parameter of the optimizer step, DEP's fixed cost and the
-   runtime's CPU per event (per ZeRO-1 parameter moved, per MoE layer pass under EP, per
-   communicating pipeline action, per DEP exchange, per communication operation of ranks
-   crowding their cores), which the planner counts for each layout from its own schedule
-   (parallel/plan.py cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the
-   schedule's waits fall, so these need no replay. Two wall-time constants are then fitted on
-   the same runs' step times: the wait per communication operation (its peer arrives late, a
-   blocked rank is woken) and the extra wait of crowded ranks (a rank that blocks sleeps
-   until its peer gets a core). The calibration runs are interleaved with
-   the checked ones, so both see the same spells of the machine's other users. The planner
-   then predicts every layout on the cores those users left free while its steps ran (their
-   threads' CPU time, read from /proc), the ranks sharing those cores (processor sharing in
-   the schedule replay; a rank waiting on a receive or a collective uses none). Goal: within
-   20%. The machine is shared; the cores left and the load average are recorded with each
-   run, and each checked layout's measured and predicted CPU per pipeline rank beside its
-   step.
+   DP / DEP on and off, for the tests' tiny config and a wider one; per run at least --steps
+   steps and about --timed-s seconds of them after --warmup, the median over two rounds.
+   Calibration, never on the checked layouts: a gloo ping at world 2 gives the CPU time and
+   the latency of a collective and of a send or receive; world-1 runs of each config
+   (micro-batch count and tokens varied, DEP on and off) and runs of eleven layouts outside the
+   checked twelve (EVENT_CALIBRATION: five at world 2, four at world 4, two at world 8, each
+   four times, with 2-row micro-batches as the checked layouts have) give, by non-negative
+   least squares on each rank's measured CPU time per step (process time, the gloo threads
+   included; relative residuals), seconds per FLOP, per layer action, per owned parameter of
+   the optimizer step, DEP's fixed cost and the runtime's CPU per event (per ZeRO-1
+   parameter moved, per MoE layer pass under EP, per communicating pipeline action, per DEP
+   exchange, per communication operation of ranks crowding their cores), which the planner
+   counts for each layout from its own schedule (parallel/plan.py cpu_event_counts,
+   cpu_s_per_rank). CPU time does not depend on how the schedule's waits fall, so these need
+   no replay. Two wall-time constants are then fitted on the same runs' step times: the wait
+   per communication operation (its peer arrives late, a blocked rank is woken) and the extra
+   wait of crowded ranks (a rank that blocks sleeps until its peer gets a core). The
+   calibration runs are interleaved with the checked ones, so both see the same spells of
+   the machine's other users. The planner then predicts every layout on the cores those
+   users left free while its steps ran (their threads' CPU time, read from /proc), the ranks
+   sharing those cores (processor sharing in the schedule replay; a rank waiting on a
+   receive or a collective uses none). Goal: within 20%. The machine is shared; the cores
+   left and the load average are recorded with each run, and each checked layout's measured
+   and predicted CPU per pipeline rank beside its step.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ def batches(cfg, seed: int = 0) -> list[dict]:
             for d in range(cfg.parallel.dp)]
 
 
-def _timed_steps(rank, world, cfg, per_replica, warmup, steps, watch):
+def _timed_steps(rank, world, cfg, per_replica, warmup, steps, timed_s, watch):
     from parallel.mesh import build_mesh
     from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
     from parallel.runtime import ParallelRuntime
@@ -249,7 +250,13 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, watch):
     # DEP: each rank holds the pixels of the items it encodes (what the loader reads for it)
     batch = rank_batch(per_replica, mesh) if cfg.parallel.dep else per_replica[mesh.dp_rank]
     for _ in range(warmup):
+        t0 = time.perf_counter()
         training_step(rt, batch)
+        last = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    # at least `steps` steps and about timed_s seconds of them (10 steps of a world-2 layout
+    # last about a second); every rank runs the same count
+    dist.all_reduce(last, op=dist.ReduceOp.MAX)
+    steps = max(steps, round(timed_s / float(last)))
     dist.barrier()
     if rank == 0:  # the bench watches the other sessions' demand while the steps run
         watch.started.set()
@@ -266,7 +273,7 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, watch):
     return times, cpus
 
 
-def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
+def measure_step(cfg, world: int, warmup: int, steps: int, timed_s: float) -> dict:
     """The median step (a step ends when its slowest rank ends), each rank's median CPU
     seconds per step, and the cores the other users leave the ranks while the steps run
     (OthersCpuWatch)."""
@@ -275,34 +282,31 @@ def measure_step(cfg, world: int, warmup: int, steps: int) -> dict:
     from tests.dist import run_distributed
 
     with OthersCpuWatch() as watch:
-        out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, watch,
-                              timeout=900)
-    per_step = [max(t[i] for t, _ in out) for i in range(steps)]
+        out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, timed_s,
+                              watch, timeout=900)
+    per_step = [max(t[i] for t, _ in out) for i in range(len(out[0][0]))]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
             "per_step": per_step, "cpu_s": [statistics.median(c) for _, c in out],
             "cores_free": max(0.1, cores() - watch.cores_used())}
 
 
-def cpu_hardware(cal: dict, world: int, cores_free: float, sec_per_flop: float | None = None,
-                 layer_s: float | None = None, opt_s_per_param: float | None = None,
-                 dep_s: float | None = None) -> Hardware:
-    """This machine as the planner sees it: the `cores_free` cores the other users left the
-    ranks, shared by them, the calibrated CPU seconds per FLOP, per layer action, per owned
-    parameter of the optimizer step and DEP's fixed cost (cal's, unless given), the pinged
-    CPU cost and latency of a collective and of a send or receive, and the runtime's fitted
-    CPU per event and the crowded wait (EVENT_FIELDS; 0 before they are fitted)."""
-    pick = lambda x, key: cal.get(key, 0.0) if x is None else x  # noqa: E731
-    gpu = GPU("cpu", 1e12, 1 / max(pick(sec_per_flop, "sec_per_flop"), 1e-30), 2e9, 1e12)
+def cpu_hardware(cal: dict, world: int, cores_free: float) -> Hardware:
+    """This machine as the planner sees it while a run's steps ran: the `cores_free` cores the
+    other users left the ranks, shared by them; cal's CPU seconds per FLOP, per layer action,
+    per owned parameter of the optimizer step, DEP's fixed cost, the pinged CPU and latency
+    per collective, send or receive and EP all-to-all, the runtime's CPU per event and the
+    fitted waits (EVENT_FIELDS; 0 before they are fitted)."""
+    c = {k: cal.get(k, 0.0) for k in CPU_FIELDS + EVENT_FIELDS}
+    gpu = GPU("cpu", 1e12, 1 / max(c["sec_per_flop"], 1e-30), 2e9, 1e12)
     return Hardware(gpu, gpus_per_node=world, roce_bytes_per_s_per_node=2e9 * world,
                     efficiency=1.0, p2p_latency_s=cal["p2p_latency_s"], attention="sdpa",
-                    overlap_ep=False, layer_overhead_s=pick(layer_s, "layer_overhead_s"),
+                    overlap_ep=False, layer_overhead_s=c["layer_overhead_s"],
                     collective_latency_s=cal["collective_latency_s"],
-                    optimizer_s_per_param=pick(opt_s_per_param, "optimizer_s_per_param"),
-                    dep_overhead_s=pick(dep_s, "dep_overhead_s"), cores=cores_free,
+                    optimizer_s_per_param=c["optimizer_s_per_param"],
+                    dep_overhead_s=c["dep_overhead_s"], cores=cores_free,
                     collective_cpu_s=cal["collective_cpu_s"],
-                    ep_all_to_all_cpu_s=cal["ep_all_to_all_cpu_s"],
-                    p2p_cpu_s=cal["p2p_cpu_s"],
-                    **{k: cal.get(k, 0.0) for k in EVENT_FIELDS})
+                    ep_all_to_all_cpu_s=cal["ep_all_to_all_cpu_s"], p2p_cpu_s=cal["p2p_cpu_s"],
+                    **{k: c[k] for k in EVENT_FIELDS})
 
 
 def _latency(rank, world, reps):
@@ -453,23 +457,30 @@ def world1_config(base, c: dict):
         k: v for k, v in c.items() if k != "rows"}))
 
 
-# World-2 layouts that are not among LAYOUTS, calibrating the runtime's CPU per event
-# (parallel/plan.py Hardware, counted by cpu_event_counts); what each run has:
+# Layouts that are not among LAYOUTS, calibrating the runtime's CPU per event (parallel/plan.py
+# Hardware, counted by cpu_event_counts). Their micro-batches have 2 rows, as the checked
+# layouts' do: a layer's CPU is not linear in its tokens at a row or two, so a fit on other
+# micro-batch sizes charges the difference to the per-event constants. What each run has:
 EVENT_CALIBRATION = [
     # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1's parameters only (dense and experts)
-    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=8),
-    # PP2 x V1, 8 micro-batches of one row: pipeline actions only
-    dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
+    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=4),
+    # PP2 x V1, 8 micro-batches: pipeline actions only
+    dict(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=16),
     # PP2 x V2 under interleaved 1F1B (the checked layouts' schedule), 8 micro-batches
-    dict(pp=2, virtual_stages=2, dp=1, ep=1, microbatches=8, dep=False, rows=8),
+    dict(pp=2, virtual_stages=2, dp=1, ep=1, microbatches=8, dep=False, rows=16),
     # DP2 x EP2, no DEP, 2 micro-batches of 2 rows: EP layer passes (and ZeRO-1's dense)
     dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
     # DP2, EP1, DEP, 2 micro-batches: DEP exchanges (and ZeRO-1 of the encoder too)
-    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=8),
+    dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=True, rows=4),
     # world 4, twice the ranks of the cores: crowded communication (and the events above)
     dict(pp=1, virtual_stages=1, dp=4, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
-    dict(pp=4, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=8),
+    dict(pp=4, virtual_stages=1, dp=1, ep=1, microbatches=8, schedule="1f1b", dep=False, rows=16),
     dict(pp=2, virtual_stages=1, dp=2, ep=1, microbatches=4, schedule="1f1b", dep=True, rows=8),
+    # PP2 x DP2 x EP2: EP in a pipeline, which costs a rank less per MoE layer than EP alone
+    dict(pp=2, virtual_stages=1, dp=2, ep=2, microbatches=4, schedule="1f1b", dep=False, rows=8),
+    # world 8, four times the ranks of the cores: the crowding of the checked world-8 layouts
+    dict(pp=1, virtual_stages=1, dp=8, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
+    dict(pp=2, virtual_stages=1, dp=4, ep=1, microbatches=4, schedule="1f1b", dep=True, rows=8),
 ]
 EVENT_PASSES = 4  # each of these layouts four times, spread over the rounds
 # The CPU constants fitted on the calibration runs' CPU time (Hardware's fields; the pinged
@@ -540,8 +551,8 @@ def fit_waits(runs: list[tuple[dict, object, dict]], cal: dict, step: float = 1e
 
 
 def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
-    """CPU_FIELDS by non-negative least squares on the calibration runs' CPU time: each
-    pipeline rank's measured CPU seconds per step (process time, the gloo threads included)
+    """CPU_FIELDS by non-negative least squares on the calibration runs' CPU time (relative
+    residuals): each pipeline rank's measured CPU seconds per step (process time, the gloo threads included)
     against the planner's (`cpu_s_per_rank`), which is linear in these constants, so its
     columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
     result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
@@ -557,9 +568,10 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
         base_cpu = predict(zero)
         unit = [predict(dict(zero, **{k: 1.0})) for k in CPU_FIELDS]
         for r, measured in enumerate(_measured_cpu(cfg, got)):
-            rows_a.append([u[r] - base_cpu[r] for u in unit])
-            target.append(measured - base_cpu[r])
-            index.append((c, cfg, got, r, base_cpu[r]))
+            # relative residuals, as the goal is relative: a fast rank counts as a slow one
+            rows_a.append([(u[r] - base_cpu[r]) / measured for u in unit])
+            target.append((measured - base_cpu[r]) / measured)
+            index.append((c, cfg, got, r, base_cpu[r], measured))
     # columns scaled to unit norm: the constants differ by orders of magnitude
     import numpy as np
 
@@ -571,10 +583,11 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     cal["sec_per_flop"] = max(cal["sec_per_flop"], 1e-30)
     cal.update(fit_waits(runs, cal))
     fitted = []
-    for (c, cfg, got, r, b0), row, t in zip(index, rows_a, target):
+    for (c, cfg, got, r, b0, measured), row in zip(index, rows_a):
         world = cfg.parallel.pp * cfg.parallel.dp
-        fitted.append(dict(c, world=world, pp_rank=r, measured_cpu_s=round(t + b0, 4),
-                           fitted_cpu_s=round(b0 + sum(x * y for x, y in zip(row, sol)), 4),
+        fitted.append(dict(c, world=world, pp_rank=r, measured_cpu_s=round(measured, 4),
+                           fitted_cpu_s=round(b0 + measured * sum(x * y for x, y in zip(row, sol)),
+                                              4),
                            measured_step_s=round(got["step_s"], 4),
                            fitted_step_s=round(_with_rows(c["rows"], _predict, cfg, cpu_hardware(
                                cal, world, got["cores_free"])), 4),
@@ -585,15 +598,40 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
 STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_time)
 
 
-def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
+def _checked_row(name: str, layout: tuple[int, dict], got: list[dict], cal: dict,
+                 loads: list[float]) -> dict:
+    """A checked layout's measurement (the median of its steps over the rounds) against the
+    planner on the mean of its rounds' cores left."""
+    import statistics
+
+    world, par = layout
+    cfg = layout_config(configs()[name], par)
+    per_step = [t for g in got for t in g["per_step"]]
+    measured = statistics.median(per_step)
+    cores_free = sum(g["cores_free"] for g in got) / len(got)
+    hw = cpu_hardware(cal, world, cores_free)
+    pred = _predict(cfg, hw)
+    cpu_measured = [sum(x) / len(x) for x in zip(*(_measured_cpu(cfg, g) for g in got))]
+    return dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
+                fastest_step_s=round(min(per_step), 4),
+                round_medians_s=[round(g["step_s"], 4) for g in got],
+                predicted_step_s=round(pred, 4),
+                measured_cpu_s=[round(x, 4) for x in cpu_measured],
+                predicted_cpu_s=[round(x, 4) for x in _plan_cpu(cfg, hw)],
+                rel_error=round(abs(pred - measured) / measured, 4),
+                within_20pct=abs(pred - measured) <= 0.2 * measured,
+                cores=cores(), cores_free=round(cores_free, 2),
+                round_cores_free=[round(g["cores_free"], 2) for g in got],
+                loadavg_before=loads[0], loadavg_after=loads[-1])
+
+
+def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict], dict]:
     """Per config, STEP_ROUNDS rounds of: half of the EVENT_CALIBRATION runs, the world-1
     calibration (DEP on and off), the twelve checked layouts' halves, the other half of the
     EVENT_CALIBRATION runs. The machine's other users come and go over minutes; interleaving
     the calibration with the checked runs lets both see the same spells. Only the calibration
-    runs are fitted; a checked layout's step is the median of its steps over the rounds, on
-    the mean of its rounds' cores left."""
-    import statistics
-
+    runs are fitted; a checked layout's step is the median of its steps over the rounds,
+    predicted on the mean of its rounds' cores left (_checked_row)."""
     comm = measure_comm()
     print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
@@ -607,41 +645,25 @@ def check_step_time(warmup: int, steps: int) -> tuple[list[dict], dict]:
             for c in EVENT_CALIBRATION * half:
                 cfg = event_config(base, c)
                 runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, c["pp"] * c["dp"],
-                                                warmup, steps)))
+                                                warmup, steps, timed_s)))
 
         for _ in range(STEP_ROUNDS):
             events()
             for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
                 cfg = world1_config(base, c)
-                runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, 1, warmup, steps)))
+                runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, 1, warmup, steps,
+                                                timed_s)))
             for i in checked:
                 world, par = LAYOUTS[i]
                 loads[i].append(loadavg())
-                checked[i].append(measure_step(layout_config(base, par), world, warmup, steps))
+                checked[i].append(measure_step(layout_config(base, par), world, warmup, steps,
+                                               timed_s))
                 loads[i].append(loadavg())
             events()
         cal = calibrations[name] = calibrate(base, comm, runs)
         print(json.dumps({name: cal}), flush=True)
         for i, got in checked.items():
-            world, par = LAYOUTS[i]
-            cfg = layout_config(base, par)
-            per_step = [t for g in got for t in g["per_step"]]
-            measured = statistics.median(per_step)
-            cores_free = sum(g["cores_free"] for g in got) / len(got)
-            pred = _predict(cfg, cpu_hardware(cal, world, cores_free))
-            cpu_measured = [sum(x) / len(x) for x in zip(*(_measured_cpu(cfg, g) for g in got))]
-            cpu_pred = _plan_cpu(cfg, cpu_hardware(cal, world, cores_free))
-            rows.append(dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
-                             fastest_step_s=round(min(per_step), 4),
-                             round_medians_s=[round(g["step_s"], 4) for g in got],
-                             predicted_step_s=round(pred, 4),
-                             measured_cpu_s=[round(x, 4) for x in cpu_measured],
-                             predicted_cpu_s=[round(x, 4) for x in cpu_pred],
-                             rel_error=round(abs(pred - measured) / measured, 4),
-                             within_20pct=abs(pred - measured) <= 0.2 * measured,
-                             cores=cores(), cores_free=round(cores_free, 2),
-                             round_cores_free=[round(g["cores_free"], 2) for g in got],
-                             loadavg_before=loads[i][0], loadavg_after=loads[i][-1]))
+            rows.append(_checked_row(name, LAYOUTS[i], got, cal, loads[i]))
             print(json.dumps(rows[-1]), flush=True)
     return rows, calibrations
 
@@ -655,7 +677,9 @@ def main(argv=None) -> int:
                     help="only the step-time part (--skip-k25 --skip-bubble)")
     ap.add_argument("--bubble-cost-ms", type=float, default=200.0)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run, at least")
+    ap.add_argument("--timed-s", type=float, default=3.0,
+                    help="seconds of timed steps per run, about (more steps if needed)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/plan_check.json"))
     args = ap.parse_args(argv)
     if args.steps_only:
@@ -670,7 +694,7 @@ def main(argv=None) -> int:
     if not args.skip_bubble:
         out["bubble"] = check_bubble(args.bubble_cost_ms)
     if not args.skip_steps:
-        out["step_time"], out["calibration"] = check_step_time(args.warmup, args.steps)
+        out["step_time"], out["calibration"] = check_step_time(args.warmup, args.steps, args.timed_s)
     out["loadavg_end"] = loadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
