@@ -1,10 +1,7 @@
-"""`mmpt plan`: per-GPU memory and step time of a layout, counted from the real modules.
+"""The planner: per-GPU memory and step time of a layout, counted from the real modules
+(`mmpt plan`, parallel/plan_cli.py; the fixes and the layout search: parallel/plan_search.py).
 
-    mmpt plan --config configs/k2.5.toml --gpus 2048 --gpu h800 [--json] [--tokens 15.5T]
-              [--search] [--section.field=value ...]
-
-`--gpus N` keeps `parallel.pp` and sets `parallel.dp = N / pp`. For each distinct pipeline
-position (first, middle, last) it counts:
+For each distinct pipeline position (first, middle, last) it counts:
 - states: weights, fp32 main gradients, owned masters and optimizer state, the ZeRO-1 reduce
   buffers: exactly those of the rank's pieces built on the meta device (parallel/rank_memory.py);
 - activations: the bytes autograd saves per token for each layer kind (dense, MoE), measured by
@@ -20,16 +17,13 @@ Step time: per-action compute from the model's FLOPs (train/model/flops.py) at a
 efficiency, EP all-to-all and ZeRO-1 reduce/gather volumes over NVLink and RoCE, replayed along
 torch's action list to get the step and its bubble; DEP's encoder load from the real planner
 (parallel/dep_plan.py) on sampled image/video sizes (parallel/dep_workload.py's sampler). A layout
-that cannot run or fit is reported with the reason and the smallest change that fixes it.
+that cannot run or fit carries the reasons.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -42,7 +36,7 @@ from parallel.plan_costs import (layer_saved_per_token, layer_training_flops_per
                                  vision_flops_per_patch, vision_saved_per_patch)
 from parallel.rank_memory import RankMemory, rank_memory
 from parallel.schedule_replay import peak_in_flight, replay, replay_shared, schedule_actions
-from train.config import Config, ConfigError, ModelConfig, load_config, replace
+from train.config import Config, ConfigError, ModelConfig, replace
 from train.model import flops
 
 GB = 1e9
@@ -191,7 +185,8 @@ def _chunk_layers(cfg: Config) -> list[list[int]]:
 
 
 @memoise_by_repr
-def _rank_memory(cfg: Config, rank: int) -> RankMemory:
+def rank_memory_of(cfg: Config, rank: int) -> RankMemory:
+    """parallel/rank_memory.py's count of a rank's pieces, once per config and rank."""
     return rank_memory(cfg, rank)
 
 
@@ -285,7 +280,7 @@ def plan(cfg: Config, hw: Hardware, token_budget: float | None = None,
     stages: list[StagePlan] = []
     for name, pp_rank in positions(p.pp):
         rank = pp_rank * p.dp
-        mem: RankMemory = _rank_memory(cfg, rank)
+        mem: RankMemory = rank_memory_of(cfg, rank)
         mine = [s for s in range(pp_rank, n_stages, p.pp)]
         bytes_of = dict(stage_dev)
         if vision_on and not p.dep and 0 in mine:  # the tower runs inside chunk 0's forward
@@ -409,7 +404,7 @@ def cpu_event_counts(cfg: Config) -> list[dict[str, int]]:
     dep_on = p.dep and cfg.vision.enabled and cfg.data.vision_fraction > 0
     out = []
     for r in range(p.pp):
-        counts = dict(step_events(cfg, dep_on, _rank_memory(cfg, r * p.dp)), pp_actions=0,
+        counts = dict(step_events(cfg, dep_on, rank_memory_of(cfg, r * p.dp)), pp_actions=0,
                       ep_layer_passes=0)
         for stage, kind, _mb in order[r]:
             for k, v in action_events(cfg, chunks, stage, kind).items():
@@ -512,7 +507,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
 
     # ZeRO-1 (parallel/runtime.py): fp32 gradients reduced to their owners, bf16 parameters
     # gathered back, over DP for dense pieces and over DP / EP for experts.
-    mem = _rank_memory(cfg, (p.pp // 2) * p.dp)
+    mem = rank_memory_of(cfg, (p.pp // 2) * p.dp)
     expert = mem.expert_parameters
     dense = mem.parameters - expert - mem.encoder_parameters
 
@@ -564,7 +559,7 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
     else:
         # every rank computes at once after the pipeline (processor sharing of independent
         # work: the longest rank's CPU, or all of it over the cores), then the waits
-        posts = [after_pipeline_cpu(_rank_memory(cfg, pr * p.dp)) for pr in range(p.pp)]
+        posts = [after_pipeline_cpu(rank_memory_of(cfg, pr * p.dp)) for pr in range(p.pp)]
         sums = [sum(x.values()) for x in posts]
         longest = max(range(p.pp), key=lambda pr: sums[pr])
         wall = max(sums[longest], p.dp * sum(sums) / hw.cores)
@@ -581,263 +576,3 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
             "bubble_fraction": r["bubble_fraction"],
             "ep_all_to_all_s_per_layer": a2a_s, "pp_hop_s": hop,
             "forward_s_per_chunk": {str(k): v for k, v in fwd.items()}, **extra}
-
-
-# --------------------------------------------------------------------------------------------
-# Fixes and search
-# --------------------------------------------------------------------------------------------
-
-K2_SETTINGS = {"recompute": "selective", "fp8_storage": True, "offload": True}
-
-
-def candidate_changes(cfg: Config) -> list[tuple[str, dict]]:
-    """Single changes, smallest first: memory knobs, then micro-batch count, then layout."""
-    p, a = cfg.parallel, cfg.activations
-    out: list[tuple[str, dict]] = []
-    if a.recompute == "none":
-        out.append(("--activations.recompute=selective", {"activations": {"recompute": "selective"}}))
-    if not a.fp8_storage and a.recompute != "full":
-        out.append(("--activations.fp8_storage=true", {"activations": {"fp8_storage": True}}))
-    if not a.offload:
-        out.append(("--activations.offload=true", {"activations": {"offload": True}}))
-    if a.recompute == "selective" and not a.recompute_moe_down:
-        out.append(("--activations.recompute_moe_down=true",
-                    {"activations": {"recompute_moe_down": True}}))
-    if a.recompute != "full":
-        out.append(("--activations.recompute=full",
-                    {"activations": {"recompute": "full", "fp8_storage": False}}))
-    for mb in (p.microbatches * 2, p.microbatches // 2):
-        if mb >= 1:
-            out.append((f"--parallel.microbatches={mb}", {"parallel": {"microbatches": mb}}))
-    for v in range(p.virtual_stages - 1, 0, -1):
-        out.append((f"--parallel.virtual_stages={v}", {"parallel": {"virtual_stages": v}}))
-    for ep in (p.ep * 2, p.ep // 2):
-        if ep >= 1:
-            out.append((f"--parallel.ep={ep}", {"parallel": {"ep": ep}}))
-    for pp in (p.pp * 2, p.pp // 2):
-        if pp >= 1:
-            out.append((f"--parallel.pp={pp} (dp={p.pp * p.dp // pp})",
-                        {"parallel": {"pp": pp, "dp": p.pp * p.dp // pp}}))
-    return out
-
-
-def _try_replace(cfg: Config, change: dict) -> Config | None:
-    try:
-        return replace(cfg, **change)
-    except ConfigError:
-        return None
-
-
-def smallest_fix(cfg: Config, hw: Hardware, result: Plan) -> str | None:
-    """The first single change (candidate_changes' order) that makes the layout run and fit."""
-    for label, change in candidate_changes(cfg):
-        new = _try_replace(cfg, change)
-        if new is None:
-            continue
-        if not result.runs:
-            try:
-                check_parallel_config(new, new.parallel.pp * new.parallel.dp)
-            except ConfigError:
-                continue
-        r = plan(new, hw)
-        if r.runs and r.fits:
-            return label
-    return None
-
-
-def _raw_parallel(path: str, overrides: list[str]) -> dict:
-    """The [parallel] values a config file and its overrides give, before validation."""
-    import tomllib
-
-    from train.config import parse_overrides
-
-    raw = tomllib.loads(Path(path).read_text()) if Path(path).is_file() else {}
-    for section, values in parse_overrides(overrides).items():
-        raw.setdefault(section, {}).update(values)
-    return {**dataclasses.asdict(Config().parallel), **raw.get("parallel", {})}
-
-
-def with_gpus(path: str, overrides: list[str], gpus: int) -> list[str]:
-    """overrides plus --parallel.dp = gpus / pp (ConfigError when pp does not divide gpus)."""
-    pp = _raw_parallel(path, overrides)["pp"]
-    if not isinstance(pp, int) or pp < 1 or gpus % pp:
-        raise ConfigError(f"--gpus {gpus} is not divisible by parallel.pp={pp!r}")
-    return [*overrides, f"--parallel.dp={gpus // pp}"]
-
-
-def fix_for_invalid(path: str, overrides: list[str], gpus: int, hw: Hardware) -> str | None:
-    """For a config or layout that does not validate: the first single override (fewer
-    virtual stages, another pp, micro-batch count) with which it validates, runs and fits."""
-    par = _raw_parallel(path, overrides)
-    cands = [f"--parallel.virtual_stages={v}" for v in range(par["virtual_stages"] - 1, 0, -1)]
-    pps = sorted((x for x in range(1, gpus + 1) if gpus % x == 0 and x != par["pp"]),
-                 key=lambda x: (abs(x - par["pp"]), x))
-    cands += [f"--parallel.pp={x}" for x in pps[:6]]
-    cands += [f"--parallel.microbatches={x}" for x in (par["microbatches"] // 2,
-                                                        par["microbatches"] * 2) if x >= 1]
-    for extra in cands:
-        try:
-            cfg = load_config(path, with_gpus(path, [*overrides, extra], gpus))
-            r = plan(cfg, hw)
-        except ConfigError:
-            continue
-        if r.runs and r.fits:
-            return extra
-    return None
-
-
-def search(cfg: Config, hw: Hardware, gpus: int, limit: int = 10) -> list[Plan]:
-    """Layouts on `gpus` GPUs that run and fit, best predicted tokens/s/GPU first: pp, virtual
-    stages (1, 2, 4), ep (at most 64 local experts), pp or 2 pp micro-batches, and three memory
-    settings (the config's, K2's, full recomputation)."""
-    m = cfg.model
-    found = []
-    pps = [x for x in (1, 2, 4, 8, 16, 32) if gpus % x == 0]
-    settings = [dict(cfg.activations.__dict__),
-                {**cfg.activations.__dict__, **K2_SETTINGS},
-                {**cfg.activations.__dict__, "recompute": "full", "fp8_storage": False}]
-    seen = set()
-    for pp in pps:
-        dp = gpus // pp
-        for v in (1, 2, 4):
-            if m.num_layers < pp * v:
-                continue
-            for ep in (1, 2, 4, 8, 16, 32, 64):
-                # at most 64 local experts per rank; EP must divide DP and the experts
-                if dp % ep or m.n_routed_experts % ep or m.n_routed_experts > 64 * ep:
-                    continue
-                for mbk in (1, 2):
-                    mb = pp * mbk
-                    for s in settings:
-                        key = (pp, v, ep, mb, tuple(sorted(s.items())))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        new = _try_replace(cfg, {"parallel": {"pp": pp, "dp": dp, "ep": ep,
-                                                              "virtual_stages": v,
-                                                              "microbatches": mb},
-                                                 "activations": s})
-                        if new is None:
-                            continue
-                        try:
-                            check_parallel_config(new, gpus)
-                        except ConfigError:
-                            continue
-                        # the states of the middle rank alone: a cheap first filter
-                        if _rank_memory(new, (pp // 2) * dp).peak_state_bytes > hw.gpu.memory_bytes:
-                            continue
-                        r = plan(new, hw)
-                        if r.runs and r.fits:
-                            found.append(r)
-    found.sort(key=lambda r: -r.tokens_per_s_per_gpu)
-    return found[:limit]
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def parse_tokens(text: str) -> float:
-    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
-    t = text.strip().upper()
-    try:
-        return float(t[:-1]) * units[t[-1]] if t[-1] in units else float(t)
-    except (ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"--tokens {text!r}: a number, optionally with K/M/B/T")
-
-
-def render(r: Plan) -> str:
-    lay = r.layout
-    if "pp" not in lay:  # the config itself did not validate
-        lines = ["CANNOT RUN: " + "; ".join(r.reasons)]
-        lines.append(f"smallest change that runs and fits: {r.fix}" if r.fix else
-                     "no single change of virtual_stages, pp or microbatches makes it run and fit")
-        return "\n".join(lines)
-    lines = [f"layout PP{lay['pp']} x V{lay['virtual_stages']} x DP{lay['dp']}, EP{lay['ep']}, "
-             f"{lay['microbatches']} micro-batches ({lay['schedule']}), DEP "
-             f"{'on' if lay['dep'] else 'off'}, {lay['gpus']} x {r.gpu}; activations: recompute "
-             f"{lay['recompute']}{' + moe_down' if lay['recompute_moe_down'] else ''}, fp8 "
-             f"{lay['fp8_storage']}, offload {lay['offload']}"]
-    if not r.runs:
-        lines.append("CANNOT RUN: " + "; ".join(r.reasons))
-        if r.fix:
-            lines.append(f"smallest change that runs and fits: {r.fix}")
-        return "\n".join(lines)
-    lines.append(("FITS" if r.fits else "DOES NOT FIT: " + "; ".join(r.reasons)))
-    if not r.fits and r.fix:
-        lines.append(f"smallest change that fits: {r.fix}")
-    head = ["GB", *(f"{s.stage} (pp {s.pp_rank})" for s in r.per_stage)]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in r.per_stage[0].bytes:
-        lines.append(f"| {key} | " + " | ".join(f"{s.bytes[key] / GB:.2f}" for s in r.per_stage)
-                     + " |")
-    lines.append("| **total** | " + " | ".join(f"**{s.total_bytes / GB:.2f}**" for s in r.per_stage)
-                 + " |")
-    lines.append("| host (offload) | " + " | ".join(f"{s.host_bytes / GB:.1f}" for s in r.per_stage)
-                 + " |")
-    lines.append("| micro-batch chunks in flight | "
-                 + " | ".join(str(s.microbatches_in_flight) for s in r.per_stage) + " |")
-    st = r.step
-    lines.append(f"step {r.step_time_s:.2f} s (pipeline {st['pipeline_s']:.2f}, bubble "
-                 f"{r.bubble_fraction:.3f}; ZeRO-1 reduce/gather {st['dp_reduce_gather_s']:.2f}; "
-                 f"DEP encoder {st['dep_encoder_s']:.2f}); EP all-to-all "
-                 f"{st['ep_all_to_all_s_per_layer'] * 1e3:.2f} ms per layer and micro-batch")
-    lines.append(f"{r.tokens_per_s_per_gpu:.0f} tokens/s/GPU, MFU {r.mfu:.1%}, DEP encoder "
-                 f"max/mean {r.dep_max_over_mean:.3f}")
-    if r.multimodal_over_text_step:
-        mm = r.multimodal_over_text_step
-        lines.append(f"multimodal / text-only step time: {mm['dep']:.3f} with DEP, "
-                     f"{mm['encoder_on_stage0']:.3f} with the encoder on stage 0")
-    if r.gpu_days is not None:
-        lines.append(f"GPU-days for the token budget: {r.gpu_days:,.0f} "
-                     f"({r.gpu_days / lay['gpus']:.1f} days on {lay['gpus']} GPUs)")
-    return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="mmpt plan", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="TOML config file")
-    ap.add_argument("--gpus", type=int, required=True, help="total GPUs (dp = gpus / pp)")
-    ap.add_argument("--gpu", choices=sorted(GPUS), required=True)
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--tokens", type=parse_tokens, default=None, help="token budget, e.g. 15.5T")
-    ap.add_argument("--search", action="store_true", help="rank the layouts that fit")
-    ap.add_argument("--efficiency", type=float, default=0.5,
-                    help="achieved fraction of bf16 peak for the model's math (default 0.5)")
-    ap.add_argument("--roce-gbps", type=float, default=8 * 400.0,
-                    help="RoCE bandwidth per node in Gb/s (default 8 x 400)")
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--attention", choices=["flash", "sdpa"], default="flash",
-                    help="what attention saves: flash (GPU kernels) or sdpa (CPU math path)")
-    ap.add_argument("--no-ep-overlap", action="store_true",
-                    help="EP all-to-all adds to compute instead of hiding behind it")
-    args, overrides = ap.parse_known_args(argv)
-    if args.gpus < 1:
-        ap.error(f"--gpus {args.gpus} must be >= 1")
-    hw = Hardware(GPUS[args.gpu], gpus_per_node=args.gpus_per_node,
-                  roce_bytes_per_s_per_node=args.roce_gbps * 1e9 / 8,
-                  efficiency=args.efficiency, attention=args.attention,
-                  overlap_ep=not args.no_ep_overlap)
-    try:
-        overrides = with_gpus(args.config, overrides, args.gpus)
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:  # a layout the config validation rejects cannot run
-        r = Plan({"gpus": args.gpus}, hw.gpu.name, fits=False, runs=False, reasons=[str(e)])
-        r.fix = fix_for_invalid(args.config, overrides, args.gpus, hw)
-        print(json.dumps(r.to_dict(), indent=1) if args.json else render(r))
-        return 1
-    if args.search:
-        found = search(cfg, hw, args.gpus)
-        if args.json:
-            print(json.dumps([r.to_dict() for r in found], indent=1))
-        else:
-            print(f"{len(found)} layouts fit; best first")
-            for r in found:
-                print(render(r), "\n")
-        return 0 if found else 1
-    r = plan(cfg, hw, args.tokens)
-    if not (r.runs and r.fits):
-        r.fix = smallest_fix(cfg, hw, r)
-    print(json.dumps(r.to_dict(), indent=1) if args.json else render(r))
-    return 0 if r.runs and r.fits else 1

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from parallel.pieces import RankCoords, build_rank_pieces
-from parallel.plan import GPUS, Hardware, layout_of, main, plan, search
+from parallel.plan import GPUS, Hardware, layout_of, plan
+from parallel.plan_cli import main
+from parallel.plan_search import search
 from parallel.plan_costs import layer_saved_per_token
 from parallel.schedule_replay import peak_in_flight, replay, schedule_actions
 from parallel.rank_memory import rank_memory
@@ -139,7 +141,8 @@ def test_plan_json_and_a_layout_that_cannot_run(capsys):
 
 def test_a_layout_that_does_not_fit_names_the_fix():
     """Tiny on a GPU with room for its states and half its activations."""
-    from parallel.plan import GPU, smallest_fix
+    from parallel.plan import GPU
+    from parallel.plan_search import smallest_fix
 
     cfg = replace(_tiny(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=2),
                   vision={"enabled": False})

@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "model-info": ("train.model.info", "main", "parameter counts (total / activated) of a config"),
     "rank-memory": ("parallel.rank_memory", "main",
                     "what one rank holds at a layout: weights, fp32 grads, masters, optimizer state"),
-    "plan": ("parallel.plan", "main",
+    "plan": ("parallel.plan_cli", "main",
              "per-GPU memory by pipeline stage, step time, tokens/s/GPU and MFU of a layout"),
     "ingest": ("data.ingest", "main", "build webdataset shards + indexes + manifest from local inputs"),
     "data": ("data.inspect", "main", "data inspect: realised mix, packing efficiency, cache stats, PNG of a sequence"),
