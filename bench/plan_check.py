@@ -249,14 +249,16 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, timed_s, watch):
 
     # DEP: each rank holds the pixels of the items it encodes (what the loader reads for it)
     batch = rank_batch(per_replica, mesh) if cfg.parallel.dep else per_replica[mesh.dp_rank]
+    last = torch.zeros(1, dtype=torch.float64)  # the last warm-up step's seconds
     for _ in range(warmup):
         t0 = time.perf_counter()
         training_step(rt, batch)
-        last = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        last.fill_(time.perf_counter() - t0)
     # at least `steps` steps and about timed_s seconds of them (10 steps of a world-2 layout
     # last about a second); every rank runs the same count
     dist.all_reduce(last, op=dist.ReduceOp.MAX)
-    steps = max(steps, round(timed_s / float(last)))
+    if float(last) > 0:
+        steps = max(steps, round(timed_s / float(last)))
     dist.barrier()
     if rank == 0:  # the bench watches the other sessions' demand while the steps run
         watch.started.set()
@@ -598,14 +600,14 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
 STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_time)
 
 
-def _checked_row(name: str, layout: tuple[int, dict], got: list[dict], cal: dict,
+def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal: dict,
                  loads: list[float]) -> dict:
     """A checked layout's measurement (the median of its steps over the rounds) against the
     planner on the mean of its rounds' cores left."""
     import statistics
 
     world, par = layout
-    cfg = layout_config(configs()[name], par)
+    cfg = layout_config(base, par)
     per_step = [t for g in got for t in g["per_step"]]
     measured = statistics.median(per_step)
     cores_free = sum(g["cores_free"] for g in got) / len(got)
@@ -663,7 +665,7 @@ def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict]
         cal = calibrations[name] = calibrate(base, comm, runs)
         print(json.dumps({name: cal}), flush=True)
         for i, got in checked.items():
-            rows.append(_checked_row(name, LAYOUTS[i], got, cal, loads[i]))
+            rows.append(_checked_row(name, base, LAYOUTS[i], got, cal, loads[i]))
             print(json.dumps(rows[-1]), flush=True)
     return rows, calibrations
 

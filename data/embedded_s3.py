@@ -143,18 +143,17 @@ class EmbeddedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         config.chmod(0o600)
         chosen_port = self.port
-        for attempt in range(START_ATTEMPTS):
-            self.port = chosen_port
+        for _ in range(START_ATTEMPTS - 1):
             log_at = self.log_path.stat().st_size if self.log_path.exists() else 0
             try:
                 return self._launch(weed, config)
             except EmbeddedS3Error:
                 # Another process bound one of the chosen ports before weed did (weed's own
                 # outgoing connections can): start again on fresh ports.
-                if attempt + 1 < START_ATTEMPTS and self._log_since(log_at, "address already in use"):
-                    continue
-                raise
-        return self
+                if not self._log_since(log_at, "address already in use"):
+                    raise
+                self.port = chosen_port
+        return self._launch(weed, config)
 
     def _log_since(self, offset: int, text: str) -> bool:
         try:
