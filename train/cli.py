@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                     "what one rank holds at a layout: weights, fp32 grads, masters, optimizer state"),
     "plan": ("parallel.plan_cli", "main",
              "per-GPU memory by pipeline stage, step time, tokens/s/GPU and MFU of a layout"),
-    "ingest": ("data.ingest", "main", "build webdataset shards + indexes + manifest from local inputs"),
+    "ingest": ("data.ingest_cli", "main", "build webdataset shards + indexes + manifest from local inputs"),
     "data": ("data.inspect", "main", "data inspect: realised mix, packing efficiency, cache stats, PNG of a sequence"),
     "plot": ("train.plot", "main", "PNG of loss, throughput and expert balance of a run"),
     "train": ("launch.train", "main", "train from a TOML config (one rank per process under torchrun)"),
