@@ -87,8 +87,9 @@ def write_dataset(root: Path, n: int, global_batch: int = PLAN_GLOBAL_BATCH) -> 
     what was written."""
     import numpy as np
 
-    from data.catalog import (CATALOG_FORMAT, PLAN_FORMAT, SEG_IMAGE, SEGMENT_DTYPE, Layout,
-                              holdout_columns, holdout_scores, plan_key, unit_dtype)
+    from data.catalog import CATALOG_FORMAT, SEGMENT_DTYPE
+    from data.plan_table import (PLAN_FORMAT, SEG_IMAGE, Layout, holdout_columns, holdout_scores,
+                                 plan_key, unit_dtype)
     from data.shards import build_manifest, canonical_json, generation_prefix
 
     media = _media()

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mix_bound.json"))
     ap.add_argument("--batches", type=int, default=2000, help="global batches of 8 sequences (scaled)")
     args = ap.parse_args(argv)
-    from data.catalog import unit_pieces
+    from data.plan_table import unit_pieces
     from data.loader import PackedStream
     from data.media import MediaRules
     from train.config import load_config

@@ -101,8 +101,9 @@ def write_catalog(store, gen: str, name: str, kind: str, shards: list[dict], ind
     """Put one source's sample catalog, plan tables (data/catalog.py) and restart points under
     the generation; returns its manifest entry. plans: [(MediaRules, seq_len, window_sequences,
     global_batch)]; restarts: see write_restarts."""
-    from data.catalog import Columns, Layout, SourceCatalog, catalog_columns, plan_columns, plan_key
-    from data.columnar import encode_columns
+    from data.catalog import SourceCatalog, catalog_columns
+    from data.columnar import Columns, encode_columns
+    from data.plan_table import Layout, plan_columns, plan_key
 
     def put(key: str, data: bytes) -> dict:
         return _put(store, key, data)

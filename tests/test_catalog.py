@@ -143,7 +143,7 @@ def _holdout_dataset(tmp_path, seq_len=64, window=2, global_batch=8):
 
 def _old_split(catalog, s, fraction, split):
     """The split as it was computed before the hold-out columns: hash every sample, filter."""
-    from data.catalog import held_out
+    from data.plan_table import held_out
 
     src, units = catalog.catalogs[s], catalog.plans[s]["units"]
     val = held_out(src.name, src.identities(), fraction)
@@ -190,11 +190,12 @@ def test_holdout_columns_give_the_split_of_the_per_sample_computation(tmp_path, 
 
 def test_a_plan_table_without_holdout_columns_falls_back_to_hashing(tmp_path, monkeypatch):
     import data.catalog as catalog_mod
+    import data.plan_table
 
-    real = catalog_mod.plan_columns
-    monkeypatch.setattr(catalog_mod, "plan_columns",
+    real = data.plan_table.plan_columns
+    monkeypatch.setattr(data.plan_table, "plan_columns",
                         lambda *a, **k: real(*a, **{**k, "holdout": False}))
-    import data.ingest  # write_catalog imports plan_columns from data.catalog when it runs
+    import data.ingest  # write_catalog imports plan_columns from data.plan_table when it runs
 
     store, manifest, media = _holdout_dataset(tmp_path)
     monkeypatch.undo()
@@ -256,7 +257,7 @@ def test_the_scale_benchmarks_synthetic_plan_table_is_the_one_the_catalog_derive
 
 
 def test_unit_pieces_rule():
-    from data.catalog import unit_pieces
+    from data.plan_table import unit_pieces
 
     # a window of at most one global batch: units of a whole window (S pieces)
     assert [unit_pieces(32, b) for b in (32, 64, 4096)] == [32, 32, 32]
@@ -270,7 +271,8 @@ def test_unit_pieces_rule():
 def test_text_units_of_the_vectorized_path_are_the_per_document_units(window, global_batch):
     """plan_columns cuts text sources without a per-document pass: it must give the units that
     Layout.units gives each document (U pieces of seq_len tokens, the last one shorter)."""
-    from data.catalog import Layout, SourceCatalog, catalog_columns, plan_columns
+    from data.catalog import SourceCatalog, catalog_columns
+    from data.plan_table import Layout, plan_columns
     from data.media import MediaRules
     from data.vision import VisionPreprocess
 

@@ -347,8 +347,8 @@ def test_a_dataset_without_generations_reads_and_is_replaced(inputs, tmp_path):
 
 def _samples(url):
     """Every sample per source in dataset order: its members' bytes and its index metadata."""
-    from data.catalog import Columns, SourceCatalog
-    from data.columnar import open_columns
+    from data.catalog import SourceCatalog
+    from data.columnar import Columns, open_columns
 
     store, manifest = open_dataset(url)
     out = {}

@@ -259,7 +259,8 @@ def _quickstart_like_planner(batch, seq_len=128, window=32, unit_batch=None):
     as stdlib sources and pydoc pages at seq_len 128), image-caption pairs of small images and
     interleaved documents with long text around one image (so some of their units have no
     vision), at the quickstart's small vision settings."""
-    from data.catalog import Layout, SourceCatalog, catalog_columns, plan_columns
+    from data.catalog import SourceCatalog, catalog_columns
+    from data.plan_table import Layout, plan_columns
     from data.columnar import Columns, encode_columns
     from data.media import MediaRules
     from data.pack import WindowPlanner

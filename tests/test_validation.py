@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from data.batch import ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES
-from data.catalog import held_out, holdout_score
+from data.plan_table import held_out, holdout_score
 from data.loader import DataLoaderWithState
 from parallel.mesh import build_mesh
 from parallel.runtime import ParallelRuntime
