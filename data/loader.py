@@ -46,10 +46,8 @@ training loader then never reads; `rewind()` restarts it at its first batch.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -59,33 +57,23 @@ import torch
 from data.batch import IGNORE, ROLE_CAPTION, ROLE_MARKER, ROLE_TEXT, ROLES, Batch
 from data.catalog import Catalog, parse_weights
 from data.decode import DecodeError
+from data.documents import DocMeta, DocumentReader, skip_reason
 from data.media import MediaRules
 from data.mix import MixState, TokenMixer
 from data.pack import PlanState, Window, WindowPlanner, pack_rows
-from data.restarts import covering
-from data.shards import ShardError, read_member
+from data.shards import ShardError
 from data.store import redact
-from train.errors import InvalidInput, UserError
+from train.errors import UserError
 
 # /2: sequences spread over global batches; /3: units of one piece; /4: units of up to
 # data/catalog.py's unit_pieces(S, B) pieces (a saved position counts units)
 STATE_FORMAT = "mmpt-loader/4"
 UNIT_CACHE = 128  # units whose tokens a worker keeps (the pieces of a unit reuse one tokenization)
-DOC_TEXTS = 64  # documents whose text a worker keeps
 log = logging.getLogger(__name__)
 
 
 class ResumeError(UserError, ValueError):
     """A loader state does not belong to this dataset / configuration."""
-
-
-@dataclass
-class Doc:
-    """A materialized document: its tokens and its media items (placeholder run start, patches, grid)."""
-
-    tokens: np.ndarray
-    items: list[tuple[int, int, torch.Tensor, tuple[int, int, int]]]  # (start, count, patches, grid)
-    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,20 +103,6 @@ class ReadRole:
 
 
 FULL_READ = ReadRole()
-
-
-@dataclass
-class DocMeta:
-    """A document's layout from the catalog alone: what every rank knows without reading."""
-
-    shard_key: str
-    entry: dict
-    segs: list
-    name: str
-    length: int  # tokens with the final <|eos|>
-    # (start of the placeholder run, placeholders, grid (t, h, w), segment index, chunk index)
-    items: list[tuple[int, int, tuple[int, int, int], int, int]]
-    media_end: int  # end of the first item's placeholder run (length without media)
 
 
 class WindowCursor:
@@ -167,7 +141,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.rank, self.dp = dp_rank, dp_size
         self.local = global_batch // dp_size
         self.seed, self.fraction, self.media = seed, vision_fraction, media
-        self.tokenizer_path, self.store_opts, self.cache_opts = tokenizer, store_opts or {}, cache_opts
+        self.store_opts, self.cache_opts = store_opts or {}, cache_opts
         self.store = _open_cached(url, self.store_opts, cache_opts)
         self.manifest = _read_manifest(url, self.store)
         self.catalog = Catalog(self.store, self.manifest, media=media, seq_len=seq_len,
@@ -177,12 +151,11 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.holdout_fraction = holdout_fraction
         self.fingerprint = self.catalog.fingerprint
         self.start, self.start_window, self.start_state = 0, 0, self._fresh_state()
-        self._tokenizer = None
-        self._docs: OrderedDict = OrderedDict()
+        self.reader = DocumentReader(self.store, self.manifest, self.catalog, media, tokenizer,
+                                     seed, self.fingerprint)
         self.read = read
-        self._metas: OrderedDict = OrderedDict()
+        self._docs: OrderedDict = OrderedDict()  # decoded media items of the documents in use
         self._token_cache: OrderedDict = OrderedDict()
-        self._texts: OrderedDict = OrderedDict()
 
     # -- planning (metadata only)
     def _fresh_state(self) -> PlanState:
@@ -207,173 +180,20 @@ class PackedStream(torch.utils.data.IterableDataset):
         return range(first, first + self.local)
 
     # -- materialization (inside workers)
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from data.tokenizer import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
-            fp = self.manifest["tokenizer"]["fingerprint"]
-            if self._tokenizer.fingerprint != fp:
-                raise InvalidInput(f"tokenizer {self.tokenizer_path} (data.tokenizer) has "
-                                   f"fingerprint {self._tokenizer.fingerprint[:16]}, the dataset "
-                                   f"was tokenized with {fp[:16]}: token counts would not match "
-                                   "the index; pass the tokenizer the dataset was ingested with")
-        return self._tokenizer
-
-    def _text(self, shard_key: str, entry: dict, member: str, cache: dict) -> str:
-        if member not in cache:
-            cache[member] = read_member(self.store, shard_key, entry, member).decode("utf-8")
-        return cache[member]
-
-    def doc_meta(self, source: int, sample: int) -> DocMeta:
-        """The document's layout and item grids from the catalog (no store request)."""
-        key = (source, sample)
-        meta = self._metas.get(key)
-        if meta is None:
-            shard_key, entry, segs = self.catalog.document(source, sample)
-            items, at = [], 0
-            for k, seg in enumerate(segs):
-                if seg.kind != "text":
-                    grids = self.media.chunk_grids(seg.kind, seg.meta)
-                    for c, (grid, n) in enumerate(zip(grids, seg.chunks, strict=True)):
-                        items.append((at + 1, n, grid, k, c))
-                        at += n + 2
-                else:
-                    at += seg.tokens
-            meta = DocMeta(shard_key, entry, segs, f"{self.catalog.names[source]}/{entry['key']}",
-                           at + 1, items, items[0][0] + items[0][1] if items else at + 1)
-            self._metas[key] = meta
-            while len(self._metas) > 256:
-                self._metas.popitem(last=False)
-        return meta
-
-    def _layout_tokens(self, meta: DocMeta, text_id: int, lo: int = 0,
-                       hi: int | None = None) -> np.ndarray:
-        """Document tokens [lo, hi) (default: all) with every text token set to `text_id`: media
-        markers and placeholders where they are, <|eos|> last."""
-        tok = self.tokenizer
-        hi = meta.length if hi is None else hi
-        tokens = np.full(hi - lo, text_id, dtype=np.int64)
-        for start, n, _, k, _ in meta.items:
-            if start + n < lo or start - 1 >= hi:
-                continue
-            ids = np.full(n + 2, tok.image_id if meta.segs[k].kind == "image" else tok.video_id)
-            ids[0], ids[-1] = tok.media_begin_id, tok.media_end_id
-            a, b = max(start - 1, lo), min(start + n + 1, hi)
-            tokens[a - lo:b - lo] = ids[a - start + 1:b - start + 1]
-        if hi == meta.length:
-            tokens[-1] = tok.special["eos"]  # (the tok.eos_id spelling goes through __getattr__: slow)
-        return tokens
-
-    def _doc_texts(self, meta: DocMeta) -> dict:
-        """The document's text members as read so far (member -> text), kept per worker for the
-        last DOC_TEXTS documents: the units of a document built close together read it once."""
-        raw = self._texts.get(meta.name)
-        if raw is None:
-            raw = self._texts[meta.name] = {}
-            while len(self._texts) > DOC_TEXTS:
-                self._texts.popitem(last=False)
-        return raw
-
-    def _read_tokens(self, meta: DocMeta, lo: int = 0, hi: int | None = None,
-                     restarts=None, sample: int = -1) -> np.ndarray:
-        """Document tokens [lo, hi) (default: all): text read and tokenized, media from the layout.
-        With the source's restart points (data/restarts.py), a text segment only partly inside
-        [lo, hi) is tokenized only between the restart points around that part: the same ids."""
-        tok = self.tokenizer
-        hi = meta.length if hi is None else hi
-        # The index gives the document's length; fill one buffer (no per-segment arrays to join).
-        tokens = self._layout_tokens(meta, 0, lo, hi)
-        at, raw = 0, self._doc_texts(meta)
-        for seg in meta.segs:
-            if seg.kind != "text":
-                at += seg.tokens
-                continue
-            # Every text member is read and decoded, in the span or not: a document that cannot
-            # be read is a skip whichever of its units is built.
-            if seg.member == "json":
-                if "json texts" not in raw:
-                    raw["json texts"] = [s["text"] for s in json.loads(
-                        self._text(meta.shard_key, meta.entry, "json", raw))["segments"] if "text" in s]
-                text = raw["json texts"][seg.text_index]
-            else:
-                text = self._text(meta.shard_key, meta.entry, seg.member, raw)
-            a, b = max(lo - at, 0), min(hi - at, seg.tokens)  # the segment's tokens in the span
-            points = (restarts.points(sample, seg.text_index)
-                      if restarts is not None and a < b and (a, b) != (0, seg.tokens) else None)
-            if points is not None:
-                for c0, c1, t0, t1 in covering(*points, seg.tokens, len(text), a, b):
-                    ids = tok.encode_array(text[c0:c1])
-                    if len(ids) != t1 - t0:
-                        raise ValueError(f"{meta.name}: {len(ids)} tokens, the restart points say "
-                                         f"{t1 - t0} (tokens [{t0}, {t1}) of a text of "
-                                         f"{seg.tokens}): the tokenizer differs from the one used "
-                                         "at ingest")
-                    x0, x1 = max(t0, a), min(t1, b)
-                    tokens[at + x0 - lo:at + x1 - lo] = ids[x0 - t0:x1 - t0]
-            elif a < b:
-                ids = tok.encode_array(text)
-                if len(ids) != seg.tokens:
-                    raise ValueError(f"{meta.name}: {len(ids)} tokens, the index says {seg.tokens}: the "
-                                     "tokenizer differs from the one used at ingest")
-                tokens[at + a - lo:at + b - lo] = ids[a:b]
-            at += seg.tokens
-        return tokens
-
-    def _decode(self, meta: DocMeta, source: int, sample: int, epoch: int, k: int,
-                chunks: list[int] | None = None) -> list[torch.Tensor]:
-        """Patches of the chunks (None: all) of the document's media segment k, checked
-        against the grids its metadata gives."""
-        seg = meta.segs[k]
-        data = read_member(self.store, meta.shard_key, meta.entry, seg.member)
-        got = self.media.load(seg.kind, data, seg.meta, f"{meta.name}.{seg.member}",
-                              (self.seed, self.fingerprint, source, sample, epoch), chunks)
-        want = [it[2] for it in meta.items if it[3] == k]
-        if chunks is not None:
-            want = [want[c] for c in chunks]
-        for (_, grid), expect in zip(got, want, strict=True):
-            if tuple(grid) != tuple(expect):
-                raise ValueError(f"{meta.name}.{seg.member}: media gives grid {tuple(grid)} "
-                                 f"({self.media.tokens_of(grid)} tokens), the index metadata "
-                                 f"{tuple(expect)}")
-        return [patches for patches, _ in got]
-
-    def _build_doc(self, source: int, sample: int, epoch: int) -> Doc:
-        meta = self.doc_meta(source, sample)
-        return Doc(self._read_tokens(meta), self._doc_items(meta, source, sample, epoch))
-
-    def _doc_items(self, meta: DocMeta, source: int, sample: int, epoch: int) -> list[tuple]:
-        """(start, count, patches, grid) of every media item of the document: each media
-        segment read and decoded once."""
-        patches = {}
-        for k in sorted({it[3] for it in meta.items}):
-            for c, pt in enumerate(self._decode(meta, source, sample, epoch, k)):
-                patches[k, c] = pt
-        return [(start, n, patches[k, c], grid) for start, n, grid, k, c in meta.items]
-
     def _media(self, meta: DocMeta, source: int, sample: int, epoch: int) -> list[tuple] | str:
         """The document's media items (cached per worker while in use), or why they cannot be
         decoded (logged once)."""
         key = (source, sample, epoch)
         if key not in self._docs:
             try:
-                self._docs[key] = self._doc_items(meta, source, sample, epoch)
+                self._docs[key] = self.reader.doc_items(meta, source, sample, epoch)
             except (DecodeError, ShardError) as e:
-                self._docs[key] = reason = self._reason(e)
+                self._docs[key] = reason = skip_reason(e)
                 log.warning("skipping %s sample %s: %s", self.catalog.names[source],
                             self.catalog.locate(source, sample), reason)
             while len(self._docs) > 64:
                 self._docs.popitem(last=False)
         return self._docs[key]
-
-    def doc(self, source: int, sample: int, epoch: int) -> Doc:
-        """The whole document (all its tokens, every media item decoded): an empty one with the
-        reason if it cannot be read. Not cached: batches read units (`_tokens`, `_media`)."""
-        try:
-            return self._build_doc(source, sample, epoch)
-        except (DecodeError, ShardError, UnicodeDecodeError) as e:
-            return Doc(np.zeros(0, np.int64), [], self._reason(e))
 
     def build_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
         """The local batch of these global sequences, read as `self.read` says."""
@@ -382,7 +202,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         return self._role_batch(cursor, sequences)
 
     def _full_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
-        tok = self.tokenizer
+        tok = self.reader.tokenizer
         no_loss = np.array([tok.image_id, tok.video_id, tok.media_end_id])
         rows, spans, patches, grids, sids, skipped = [], [], [], [], [], []
         roles = []  # (row, first position, lo, hi, source, end of the document's first media)
@@ -424,7 +244,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             token_category=torch.from_numpy(category), skipped=skipped)
 
     def _categories(self, packed, roles: list) -> np.ndarray:
-        tok = self.tokenizer
+        tok = self.reader.tokenizer
         category = np.full(packed.labels.shape, -1, dtype=np.int64)
         for r, at, lo, hi, source, media_end in roles:
             # Position j predicts document token lo + j + 1: text after the first media item
@@ -443,7 +263,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         out = []
         for p in window.sequences[g % self.S]:
             d = window.docs[p.doc]
-            out.append((d, self.doc_meta(d.source, d.sample), d.offset + p.start, d.offset + p.end))
+            meta = self.reader.doc_meta(d.source, d.sample)
+            out.append((d, meta, d.offset + p.start, d.offset + p.end))
         return out
 
     def _replica_items(self, cursor: WindowCursor, sequences) -> list[tuple]:
@@ -456,7 +277,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                 d = window.docs[p.doc]
                 if d.vision == 0:  # most documents: no catalog lookup at all
                     continue
-                meta, lo, hi = self.doc_meta(d.source, d.sample), d.offset + p.start, d.offset + p.end
+                meta = self.reader.doc_meta(d.source, d.sample)
+                lo, hi = d.offset + p.start, d.offset + p.end
                 items += [(d.source, d.sample, d.epoch, k, c, grid)
                           for start, n, grid, k, c in meta.items if lo <= start and start + n <= hi]
         return items
@@ -471,11 +293,6 @@ class PackedStream(torch.utils.data.IterableDataset):
         if entry not in skipped:
             skipped.append(entry)
 
-    @staticmethod
-    def _reason(error: Exception) -> str:
-        # Object addresses in library messages would make the batch differ run to run.
-        return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
-
     def _tokens(self, d, meta: DocMeta, skipped: list) -> tuple[np.ndarray, int] | None:
         """(tokens, first): the ids of document tokens [first, first + len(tokens)), the planned
         unit d's tokens and the one after (its last token's label); read once per worker while
@@ -485,10 +302,10 @@ class PackedStream(torch.utils.data.IterableDataset):
         key = (source, sample, lo, hi)
         if key not in self._token_cache:
             try:
-                self._token_cache[key] = (self._read_tokens(meta, lo, hi, self.catalog.restarts[source],
-                                                            sample), lo)
+                self._token_cache[key] = (self.reader.read_tokens(
+                    meta, lo, hi, self.catalog.restarts[source], sample), lo)
             except (ShardError, UnicodeDecodeError) as e:
-                self._token_cache[key] = self._reason(e)
+                self._token_cache[key] = skip_reason(e)
                 self._skip(skipped, source, sample, self._token_cache[key])
             while len(self._token_cache) > UNIT_CACHE:
                 self._token_cache.popitem(last=False)
@@ -507,11 +324,11 @@ class PackedStream(torch.utils.data.IterableDataset):
             groups.setdefault((source, sample, epoch, k), []).append(c)
         got = {}
         for (source, sample, epoch, k), chunks in groups.items():
-            meta = self.doc_meta(source, sample)
+            meta = self.reader.doc_meta(source, sample)
             try:
-                patches = self._decode(meta, source, sample, epoch, k, chunks)
+                patches = self.reader.decode(meta, source, sample, epoch, k, chunks)
             except (DecodeError, ShardError) as e:
-                self._skip(skipped, source, sample, self._reason(e))
+                self._skip(skipped, source, sample, skip_reason(e))
                 grids = [it[2] for it in meta.items if it[3] == k]
                 patches = [torch.zeros(math.prod(grids[c]), self.media.patch_dim, dtype=torch.uint8)
                            for c in chunks]
@@ -520,7 +337,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         return [got[it[:5]] for it in items]
 
     def _role_batch(self, cursor: WindowCursor, sequences: range) -> Batch:
-        read, tok = self.read, self.tokenizer
+        read, tok = self.read, self.reader.tokenizer
         rows, spans, grids, items, sids, skipped, roles, unread = [], [], [], [], [], [], [], []
         selector = read.media not in (None, "replica")  # DEP: items of the whole global batch
         first = sequences[0] - self.rank * self.local
@@ -533,7 +350,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                 if read.reads_text:
                     got = self._tokens(d, meta, skipped)
                     if got is None:  # keeps its slot (every stage has the same layout), no loss
-                        got = self._layout_tokens(meta, tok.pad_id, lo, min(hi + 1, meta.length)), lo
+                        got = (self.reader.layout_tokens(meta, tok.pad_id, lo,
+                                                         min(hi + 1, meta.length)), lo)
                         unread.append((r, at, hi - lo))
                 else:
                     got = np.zeros(min(hi + 1, meta.length) - lo, np.int64), lo
@@ -597,9 +415,10 @@ class PackedStream(torch.utils.data.IterableDataset):
             if (source, shard, member) not in docs:
                 continue
             if batch.input_ids is not None:
-                meta = self.doc_meta(source, self.catalog.catalogs[source].sample_of(shard, member))
+                sample = self.catalog.catalogs[source].sample_of(shard, member)
+                meta = self.reader.doc_meta(source, sample)
                 batch.input_ids[r, start:start + hi - lo] = torch.from_numpy(
-                    self._layout_tokens(meta, self.tokenizer.pad_id)[lo:hi])
+                    self.reader.layout_tokens(meta, self.reader.tokenizer.pad_id)[lo:hi])
             if batch.labels is not None:
                 batch.labels[r, start:start + hi - lo] = IGNORE
                 batch.loss_mask[r, start:start + hi - lo] = False

@@ -160,7 +160,7 @@ def test_batches_are_consistent_and_cover_every_planned_unit_once(ds, tmp_path):
     planned = sorted((d.source, d.sample, d.epoch, d.offset, d.offset + d.tokens)
                      for k in range(4) for d in cursor.get(k).docs)
     pieces = {}
-    tok = loader.stream.tokenizer
+    tok = loader.stream.reader.tokenizer
     for b in batches:
         B, S = b.input_ids.shape
         assert (B, S) == (GLOBAL, SEQ)

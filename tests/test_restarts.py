@@ -193,7 +193,7 @@ def test_batches_are_bit_identical_with_and_without_restart_points(built, tmp_pa
             loader.stream.read = read
         stream = loader.stream
         counts[name] = [0]
-        stream.tokenizer.encode_array = _count_chars(stream.tokenizer, counts[name])
+        stream.reader.tokenizer.encode_array = _count_chars(stream.reader.tokenizer, counts[name])
         batches = [b for _, b in zip(range(40), loader)]
         digests[name] = [b.digest() for b in batches]
         assert sum(b.non_padding_tokens() for b in batches) > 40 * 2 * 100
@@ -211,12 +211,12 @@ def test_each_unit_tokenizes_about_its_own_text(built, tmp_path):
     for d, with_points in ((ds, True), (_stripped(ds, tmp_path / "plain"), False)):
         stream = _loader(d).stream
         counter, multi = [0], 0
-        stream.tokenizer.encode_array = _count_chars(stream.tokenizer, counter)
+        stream.reader.tokenizer.encode_array = _count_chars(stream.reader.tokenizer, counter)
         for source in range(len(stream.catalog.names)):
             units = stream.catalog.plans[source]["units"]
             for sample in np.unique(units["sample"]).tolist():
-                meta = stream.doc_meta(source, sample)
-                whole = stream._read_tokens(meta)
+                meta = stream.reader.doc_meta(source, sample)
+                whole = stream.reader.read_tokens(meta)
                 mine = units[units["sample"] == sample]
                 counter[0] = 0
                 for u in mine:
@@ -239,6 +239,6 @@ def test_each_unit_tokenizes_about_its_own_text(built, tmp_path):
 
 def _doc_chars(stream, meta) -> int:
     if meta.segs[0].member == "txt" or any(s.member == "txt" for s in meta.segs):
-        return len(stream._text(meta.shard_key, meta.entry, "txt", {}))
-    doc = json.loads(stream._text(meta.shard_key, meta.entry, "json", {}))
+        return len(stream.reader.text(meta.shard_key, meta.entry, "txt", {}))
+    doc = json.loads(stream.reader.text(meta.shard_key, meta.entry, "json", {}))
     return sum(len(s["text"]) for s in doc["segments"] if "text" in s)

@@ -57,7 +57,7 @@ def _loader(ds, read=None, gets=None, dp_rank=0, dp_size=1, **data):
     loader = DataLoaderWithState(_cfg(ds, **data), dp_rank=dp_rank, dp_size=dp_size,
                                  **({} if read is None else {"read": read}))
     if gets is not None:
-        loader.stream.store = Counting(loader.stream.store, gets)
+        loader.stream.reader.store = Counting(loader.stream.reader.store, gets)  # document reads
     return loader
 
 
@@ -200,7 +200,7 @@ def _identify(stream, batch):
     for r, pos, n in batch.vision_spans.tolist():
         _, start, lo, _, source, sample = next(p for p in pieces if p[0] == r
                                                and p[1] <= pos < p[1] + p[3] - p[2])
-        meta = stream.doc_meta(source, sample)
+        meta = stream.reader.doc_meta(source, sample)
         _, _, _, k, c = next(it for it in meta.items if it[0] == lo + pos - start)
         items.append((source, sample, k, c))
     return items, pieces
@@ -222,7 +222,7 @@ def _expected(ds, cfg):
         return items, [(p[4], p[5]) for p in pieces]
 
     def member_get(source, sample, member):
-        meta = stream.doc_meta(source, sample)
+        meta = stream.reader.doc_meta(source, sample)
         loc = meta.entry["members"][member]
         return ("get", meta.shard_key, loc["offset"], loc["offset"] + loc["size"])
 
@@ -242,7 +242,7 @@ def _expected(ds, cfg):
                 groups.setdefault((src, sample, seg), []).append(chunk)
             want = expected[s][rank]
             for (src, sample, seg), chunks in groups.items():
-                meta = stream.doc_meta(src, sample)
+                meta = stream.reader.doc_meta(src, sample)
                 sg = meta.segs[seg]
                 frames = ()
                 if sg.kind == "video":
@@ -255,7 +255,7 @@ def _expected(ds, cfg):
             for doc in dict.fromkeys(ident[d][1]):
                 if doc in texts_read[d]:
                     continue
-                members = dict.fromkeys(sg.member for sg in stream.doc_meta(*doc).segs
+                members = dict.fromkeys(sg.member for sg in stream.reader.doc_meta(*doc).segs
                                         if sg.kind == "text")
                 want["gets"] += [member_get(*doc, m) for m in members]
         for d in range(2):
@@ -444,7 +444,7 @@ def test_pp2_dp2_dep_an_image_that_fails_on_another_rank_gives_its_document_no_l
     cfg = _run_cfg(ds, tmp_path / "ref", *PP2_DP2_DEP, "--train.steps=1")
     full = [DataLoaderWithState(cfg, dp_rank=d, dp_size=2) for d in range(2)]
     batches = [_take(loader, 1)[0] for loader in full]
-    stream, tok = full[0].stream, full[0].stream.tokenizer
+    stream, tok = full[0].stream, full[0].stream.reader.tokenizer
     ident = [_identify(stream, b) for b in batches]
     flat = [(d, i) for d in range(2) for i in range(len(ident[d][0]))]
     plan = plan_encoder_work([int(batches[d].grid_thw[i].prod()) for d, i in flat], 4)
@@ -457,7 +457,7 @@ def test_pp2_dp2_dep_an_image_that_fails_on_another_rank_gives_its_document_no_l
     def fits(k):  # a still image decoded off its replica's last stage, whose document takes loss
         d, i = flat[k]
         source, sample, seg, _ = ident[d][0][i]
-        member = stream.doc_meta(source, sample).segs[seg].member
+        member = stream.reader.doc_meta(source, sample).segs[seg].member
         return (member.endswith(("jpg", "png")) and decoder[k] != 2 + d
                 and any(batches[e].loss_mask[r, at:at + n].any()
                         for e, r, at, n in pieces_of((source, sample))))
@@ -470,7 +470,7 @@ def test_pp2_dp2_dep_an_image_that_fails_on_another_rank_gives_its_document_no_l
     root = tmp_path / "ds"
     shutil.copytree(ds.url, root)
     _overwrite_member(root, full[0], SimpleNamespace(source=source, sample=sample),
-                      stream.doc_meta(source, sample).segs[seg].member,
+                      stream.reader.doc_meta(source, sample).segs[seg].member,
                       lambda b: b"\0" * 64 + b[64:])
     catalog_name = stream.catalog.names[source]
     key = (catalog_name, *stream.catalog.locate(source, sample))

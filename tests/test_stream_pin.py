@@ -164,14 +164,14 @@ def test_labels_follow_the_document_across_unit_boundaries(quickstart_ds):
     cfg = load_config(TINY, [f"--data.{k}={json.dumps(v)}" for k, v in over.items()])
     loader = DataLoaderWithState(cfg)
     stream = loader.stream
-    tok = stream.tokenizer
+    tok = stream.reader.tokenizer
     no_loss = [tok.image_id, tok.video_id, tok.media_end_id]
     boundaries = ends = 0
     for _, batch in zip(range(10), loader):
         at = {}
         for r, source, shard, member, epoch, lo, hi in batch.sample_ids.tolist():
             sample = stream.catalog.catalogs[source].sample_of(shard, member)
-            tokens = stream.doc(source, sample, epoch).tokens
+            tokens = stream.reader.doc(source, sample, epoch).tokens
             expected = [t if t not in no_loss else -100 for t in tokens[lo + 1:hi + 1].tolist()]
             expected += [-100] * (hi - lo - len(expected))  # the document's last token
             start = at.get(r, 0)

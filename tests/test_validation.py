@@ -234,7 +234,7 @@ def test_a_resume_state_records_the_holdout(ds):
 def test_token_categories_name_the_source_and_role_of_every_target(ds):
     loader = DataLoaderWithState(_data_cfg(ds, vision_fraction=0.3))
     cat = loader.stream.catalog
-    tok = loader.stream.tokenizer
+    tok = loader.stream.reader.tokenizer
     seen = set()
     for b in _take(loader, 12):
         c = b.token_category
