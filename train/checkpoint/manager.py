@@ -77,15 +77,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from data.store import NotFound, ObjectStore, StoreError, StoreUnavailable, open_store
-from train.checkpoint.layout import Entry, entries, fresh_like
+from data.store import NotFound, ObjectStore, StoreError, open_store
+from train.checkpoint import ranks
+from train.checkpoint.layout import Entry, entries
+from train.checkpoint.load_plan import damage_reason, read_plan
 from train.checkpoint.save_plan import RowCheck, global_plan, override_chunks, with_overrides
-from train.checkpoint.storage import (METADATA, CorruptCheckpoint, Read, Staged, build_metadata,
-                                      dtype_name, master_key, parse_metadata, read_chunks,
-                                      write_chunks)
+from train.checkpoint.storage import (METADATA, CorruptCheckpoint, Staged, build_metadata,
+                                      dtype_name, parse_metadata, read_chunks, write_chunks)
 from train.errors import InvalidInput
 
 log = logging.getLogger("mmpt.checkpoint")
@@ -112,39 +111,6 @@ class Loaded:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist() else 0
-
-
-def _barrier() -> None:
-    if _dist():
-        dist.barrier()
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist() else 1
-
-
-def _broadcast(obj):
-    if not _dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(obj) -> list:
-    if not _dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 class CheckpointWriteError(RuntimeError):
@@ -274,7 +240,7 @@ class CheckpointManager:
             self._write(job, staged, rows, table, meta_bytes)
             self._pending = job
             self.wait()
-            _barrier()
+            ranks.barrier()
             return name
         job.thread = threading.Thread(target=self._write,
                                       args=(job, staged, rows, table, meta_bytes),
@@ -300,7 +266,7 @@ class CheckpointManager:
     def close(self) -> None:
         """Before exit: the last save is waited for and committed on every rank."""
         self.wait()
-        _barrier()
+        ranks.barrier()
 
     def _plan(self, ents: list[Entry]):
         """(indices of the entries this rank writes, its row checks (master index, weight index,
@@ -314,20 +280,20 @@ class CheckpointManager:
                  for e in ents]
         signature = hashlib.blake2b(repr(local).encode(), digest_size=16).digest()
         cached = self._last_plan
-        stale, salt = _any_rank(cached is None or cached[0] != signature)
+        stale, salt = ranks.any_rank(cached is None or cached[0] != signature)
         if not stale:
             _, mine, checks, table = cached
             return mine, checks, table, f"{salt:016x}", True
-        if _dist():
-            plans = [None] * _world() if _rank() == 0 else None
+        if ranks.distributed():
+            plans = [None] * ranks.world() if ranks.rank() == 0 else None
             dist.gather_object(local, plans, dst=0)
         else:
             plans = [local]
-        picks, table = (global_plan(plans) if _rank() == 0 else (None, None))
+        picks, table = (global_plan(plans) if ranks.rank() == 0 else (None, None))
         if picks is not None:
             attempt = uuid.uuid4().hex[:16]
             picks = [(*p, attempt) for p in picks]
-        if _dist():
+        if ranks.distributed():
             box = [None]
             dist.scatter_object_list(box, picks, src=0)
             mine, checks, attempt = box[0]
@@ -374,7 +340,7 @@ class CheckpointManager:
     def _write(self, job: _Pending, staged: list[Staged], rows: list[RowCheck],
                table: dict | None, meta_bytes: bytes) -> None:
         """Steps 2-4 of the protocol (module docstring); failures land in job.error."""
-        rank, name = _rank(), job.name
+        rank, name = ranks.rank(), job.name
         t0 = time.monotonic()
         done = f"{name}/{DONE}/{job.attempt}/rank-{rank:05d}.json"
         try:
@@ -406,7 +372,7 @@ class CheckpointManager:
     def _commit(self, step: int, name: str, table: dict, meta_bytes: bytes, attempt: str) -> None:
         """Rank 0: wait for every rank's done marker of this attempt, drop what an interrupted
         attempt left under the step, then metadata, meta and COMMITTED."""
-        world, delay, waited = _world(), 0.01, time.monotonic()
+        world, delay, waited = ranks.world(), 0.01, time.monotonic()
         while True:
             done = self.store.list(f"{name}/{DONE}/{attempt}/")
             if len(done) >= world:
@@ -496,7 +462,7 @@ class CheckpointManager:
         quarantines every committed checkpoint newer than the loaded one (every one, when none
         loaded), since the run's saves replace that abandoned timeline."""
         loaded = self.load_latest(tensors, optional=optional)
-        if _rank() == 0:
+        if ranks.rank() == 0:
             start = loaded.step if loaded is not None else -1
             why = dict(self.skipped)
             for s in self.committed_steps():
@@ -518,7 +484,7 @@ class CheckpointManager:
         tried: set[int] = set()
         while True:
             step, found = -1, None
-            if _rank() == 0:
+            if ranks.rank() == 0:
                 committed, incomplete = self._steps()
                 for s in reversed(committed):
                     if s in tried:
@@ -535,17 +501,17 @@ class CheckpointManager:
                                                   "(the write was interrupted)")
                         tried.add(s)
                 found = (step, found["metadata"], found["meta"]) if found else (step, None, None)
-            step, metadata_bytes, meta_bytes = _broadcast(found)
+            step, metadata_bytes, meta_bytes = ranks.broadcast(found)
             if step < 0:
                 return None
             loaded, problem, damage, error = self._load(step, tensors, optional, metadata_bytes,
                                                         meta_bytes)
             # One small collective: every rank learns every rank's outcome, so all skip alike.
-            outcomes = _all_gather((problem, damage, None if error is None else
+            outcomes = ranks.all_gather((problem, damage, None if error is None else
                                     f"{type(error).__name__}: {error}"))
             if error is not None:
                 raise error
-            others = [(r, o) for r, o in enumerate(outcomes) if r != _rank()]
+            others = [(r, o) for r, o in enumerate(outcomes) if r != ranks.rank()]
             # A state that cannot take the checkpoint is a config error, not damage: every rank
             # raises the lowest failing rank's reason, so rank 0 can report it.
             problem = next((o[0] for o in outcomes if o[0] is not None), None)
@@ -571,7 +537,7 @@ class CheckpointManager:
         try:
             metadata, doc = parse_metadata(metadata_bytes, f"{name}/{METADATA}")
             stacks = doc["format"] != "mmpt-dcp-v1"  # v1 stored one key per routed expert
-            plan, missing, problem = _read_plan(
+            plan, missing, problem = read_plan(
                 self.store.url, name, entries(tensors, stacks=stacks),
                 metadata.state_dict_metadata, set(doc["from_master"]), optional)
             if problem is not None:
@@ -581,7 +547,7 @@ class CheckpointManager:
             requests = read_chunks(self.store, name, metadata, doc, reads, after=overlays,
                                    concurrency=self.concurrency)
         except (CorruptCheckpoint, StoreError) as e:
-            reason = _damage(e)
+            reason = damage_reason(e)
             if reason is None:
                 return None, None, None, e
             return None, None, reason, None
@@ -594,69 +560,3 @@ class CheckpointManager:
                           "bytes": sum(f.numel() * f.element_size() for _, f, _, _ in plan)}
         return Loaded(step=step, meta=json.loads(meta_bytes), name=name, missing=missing), \
             None, None, None
-
-
-def _any_rank(flag: bool) -> tuple[bool, int]:
-    """(flag is set on some rank, a random 62-bit number drawn by rank 0) in one all_reduce."""
-    salt = uuid.uuid4().int >> 66 if _rank() == 0 else 0
-    if not _dist():
-        return flag, salt
-    device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend() == "nccl" else torch.device("cpu"))
-    box = torch.tensor([int(flag), salt], dtype=torch.int64, device=device)
-    dist.all_reduce(box)
-    return bool(box[0].item()), int(box[1].item())
-
-
-def _read_plan(url: str, name: str, ents: list[Entry], stored: dict, from_master: set[str],
-               optional: tuple[str, ...]):
-    """([(entry, fresh buffer, reads, overlay reads)], missing in-memory keys, config problem
-    or None). A weight rebuilt from its master reads the master, then the rows stored of its
-    own (overlay reads, applied after the first ones)."""
-    plan, missing = [], []
-    for e in ents:
-        if e.key in from_master:
-            sources = [master_key(e.key)] + ([e.key] if e.key in stored else [])
-        elif e.key in stored:
-            sources = [e.key]
-        else:
-            missing += e.members
-            continue
-        fresh = fresh_like(e)
-        chunk = ChunkStorageMetadata(offsets=torch.Size(e.offsets), sizes=torch.Size(e.sizes))
-        reads: list[list[Read]] = []
-        for src in sources:
-            md = stored[src]
-            size, t = tuple(md.size), e.tensor
-            fits = (len(size) == t.dim() and (e.stacked or e.sizes == size)
-                    and all(o + z <= n for o, z, n in zip(e.offsets, e.sizes, size)))
-            same_kind = (md.properties.dtype == t.dtype if src == e.key
-                         else t.is_floating_point())
-            if not (fits and same_kind):
-                rows = f" rows {e.offsets[0]}..{e.offsets[0] + e.sizes[0]}" if e.stacked else ""
-                shown = src + rows
-                return [], [], (f"checkpoint {url}/{name}: {shown} is {md.properties.dtype} "
-                                f"{size} there and {t.dtype} {tuple(t.shape)} here (model config "
-                                "differs?)")
-            reads.append([])
-            for ri in create_read_items_for_chunk_list(src, md, [chunk]):
-                target = fresh
-                for dim, (o, n) in enumerate(zip(ri.dest_offsets, ri.lengths)):
-                    target = target.narrow(dim, o, n)
-                reads[-1].append(Read(storage=ri.storage_index,
-                                      src_offsets=tuple(ri.storage_offsets), target=target))
-        plan.append((e, fresh, reads[0], reads[1] if len(reads) > 1 else []))
-    required = [k for k in missing if not k.startswith(optional)]
-    if required:
-        return [], missing, (f"checkpoint {url}/{name} lacks {len(required)} entries, e.g. "
-                             f"{required[:3]}; was it written by a different model config?")
-    return plan, missing, None
-
-
-def _damage(e: BaseException) -> str | None:
-    """The reason when e means damaged or unreadable stored data, else None."""
-    if isinstance(e, StoreUnavailable):  # the store is down, the checkpoint may be fine
-        return None
-    if isinstance(e, (CorruptCheckpoint, StoreError)):
-        return f"{type(e).__name__}: {e}"
-    return None
