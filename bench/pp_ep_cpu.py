@@ -13,7 +13,7 @@ CPU of a receive by how long it waits.
 2. A gloo receive's CPU (process time) when its sender computes for a given time first: what a
    wait costs a rank.
 
-    .venv/bin/python bench/pp_ep_cpu.py              # both configs, 3 repeats (~4 min idle)
+    .venv/bin/python bench/pp_ep_cpu.py              # both configs, 5 repeats (~6 min idle)
     .venv/bin/python bench/pp_ep_cpu.py --repeats 1  # a quick look
 
 Writes bench/results/pp_ep_cpu.json. Needs an idle machine (2 cores here, so the world-4
@@ -120,7 +120,7 @@ def recv_cpu(reps: int = 100) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calibration", default=str(ROOT / "bench/results/plan_check.json"),
                     help="plan_check results whose calibration the planner predicts with")
     ap.add_argument("--out", default=str(ROOT / "bench/results/pp_ep_cpu.json"))
