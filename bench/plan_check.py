@@ -4,6 +4,7 @@ step time of real gloo runs on this CPU machine after a calibration pass.
     .venv/bin/python bench/plan_check.py                 # all parts (~10 min)
     .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes
     .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~9 min)
+    .venv/bin/python bench/plan_check.py --refit IN --out OUT  # IN's step-time runs refitted
 
 1. Activations: the planner's per-token bytes of one K2.5-width MoE layer (probed at 128 and
    256 tokens with top-8 local experts, parallel/plan.py) against bench/activation_memory.py's
@@ -25,10 +26,10 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    least squares on each rank's measured CPU time per step (process time, the gloo threads
    included; relative residuals), seconds per FLOP, per layer action, per owned parameter of
    the optimizer step, DEP's fixed cost and the runtime's CPU per event (per ZeRO-1
-   parameter moved, per MoE layer pass under EP, per communicating pipeline action, per DEP
-   exchange, per communication operation of ranks crowding their cores), which the planner
-   counts for each layout from its own schedule (parallel/plan.py cpu_event_counts,
-   cpu_s_per_rank). CPU time does not depend on how the schedule's waits fall, so these need
+   parameter moved, per MoE layer pass under EP, per communicating pipeline action without
+   and with EP, per DEP exchange, per communication operation of ranks crowding their cores),
+   which the planner counts for each layout from its own schedule (parallel/plan.py
+   cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the schedule's waits fall, so these need
    no replay. Two wall-time constants are then fitted on the same runs' step times: the wait
    per communication operation (its peer arrives late, a blocked rank is woken) and the extra
    wait of crowded ranks (a rank that blocks sleeps until its peer gets a core). The
@@ -488,8 +489,8 @@ EVENT_PASSES = 4  # each of these layouts four times, spread over the rounds
 # The CPU constants fitted on the calibration runs' CPU time (Hardware's fields; the pinged
 # CPU per collective, send or receive and EP all-to-all are kept as measured)
 CPU_FIELDS = ("sec_per_flop", "layer_overhead_s", "optimizer_s_per_param", "dep_overhead_s",
-              "zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "dep_exchange_cpu_s",
-              "crowded_op_cpu_s")
+              "zero_param_cpu_s", "ep_layer_cpu_s", "pp_action_cpu_s", "ep_pp_action_cpu_s",
+              "dep_exchange_cpu_s", "crowded_op_cpu_s")
 EVENT_FIELDS = CPU_FIELDS[4:] + ("crowded_op_wait_s", "op_wait_s")
 
 
@@ -627,6 +628,51 @@ def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal
                 loadavg_before=loads[0], loadavg_after=loads[-1])
 
 
+COMM_FIELDS = ("collective_cpu_s", "ep_all_to_all_cpu_s", "collective_latency_s", "p2p_cpu_s",
+               "p2p_latency_s")  # measure_comm's, kept in a calibration as measured
+_RUN_RECORD = ("world", "pp_rank", "measured_cpu_s", "fitted_cpu_s", "measured_step_s",
+               "fitted_step_s", "cores_free")  # what calibrate() adds to a run's entry
+
+
+def _recorded_runs(base, cal: dict) -> list[tuple[dict, object, dict]]:
+    """The calibration runs of a recorded calibration (its `runs`, a row per pipeline rank
+    with the mean CPU of its DP replicas) as calibrate() takes them."""
+    runs = []
+    for e in cal["runs"]:
+        if e["pp_rank"] == 0:
+            c = {k: v for k, v in e.items() if k not in _RUN_RECORD}
+            cfg = event_config(base, c) if "pp" in c else world1_config(base, c)
+            runs.append((c, cfg, {"cpu_s": [], "step_s": e["measured_step_s"],
+                                  "cores_free": e["cores_free"]}))
+        _, cfg, got = runs[-1]
+        got["cpu_s"] += [e["measured_cpu_s"]] * cfg.parallel.dp
+    return runs
+
+
+def refit_step_time(recorded: dict) -> tuple[list[dict], dict]:
+    """The step-time part of a recorded result calibrated and predicted again from its
+    measurements, with the planner as it is now (nothing is measured): what a change of the
+    model does to the same runs."""
+    rows, calibrations = [], {}
+    for name, base in configs().items():
+        old = recorded["calibration"][name]
+        cal = calibrations[name] = calibrate(base, {k: old[k] for k in COMM_FIELDS},
+                                             _recorded_runs(base, old))
+        for row in recorded["step_time"]:
+            if row["config"] != name:
+                continue
+            world, par = next(lay for lay in LAYOUTS[1:] if lay[0] == row["world"] and all(
+                row.get(k) == v for k, v in lay[1].items()))
+            cfg = layout_config(base, par)
+            hw = cpu_hardware(cal, world, row["cores_free"])
+            pred, measured = _predict(cfg, hw), row["measured_step_s"]
+            rows.append(dict(row, predicted_step_s=round(pred, 4),
+                             predicted_cpu_s=[round(x, 4) for x in _plan_cpu(cfg, hw)],
+                             rel_error=round(abs(pred - measured) / measured, 4),
+                             within_20pct=abs(pred - measured) <= 0.2 * measured))
+    return rows, calibrations
+
+
 def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict], dict]:
     """Per config, STEP_ROUNDS rounds of: half of the EVENT_CALIBRATION runs, the world-1
     calibration (DEP on and off), the twelve checked layouts' halves, the other half of the
@@ -683,7 +729,19 @@ def main(argv=None) -> int:
     ap.add_argument("--timed-s", type=float, default=3.0,
                     help="seconds of timed steps per run, about (more steps if needed)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/plan_check.json"))
+    ap.add_argument("--refit", metavar="FILE",
+                    help="measure nothing: calibrate and predict the step-time part of a recorded "
+                         "result again with the planner as it is now; writes --out")
     args = ap.parse_args(argv)
+    if args.refit:
+        out = json.loads(Path(args.refit).read_text())
+        out["step_time"], out["calibration"] = refit_step_time(out)
+        out["step_time_refit"] = True  # the measurements are the recorded run's
+        for row in out["step_time"]:
+            print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return 0
     if args.steps_only:
         args.skip_k25 = args.skip_bubble = True
     # parts skipped in this run keep their results from an earlier one
@@ -697,6 +755,7 @@ def main(argv=None) -> int:
         out["bubble"] = check_bubble(args.bubble_cost_ms)
     if not args.skip_steps:
         out["step_time"], out["calibration"] = check_step_time(args.warmup, args.steps, args.timed_s)
+        out.pop("step_time_refit", None)
     out["loadavg_end"] = loadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

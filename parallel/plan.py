@@ -97,6 +97,10 @@ class Hardware:
     zero_param_cpu_s: float = 0.0
     ep_layer_cpu_s: float = 0.0
     pp_action_cpu_s: float = 0.0
+    # a communicating pipeline action on a rank under EP (None: pp_action_cpu_s). Measured
+    # lower: virtual stages' extra actions add 35-45% less CPU under EP (bench/pp_ep_cpu.py),
+    # and the fit puts it at 0-40% of pp_action_cpu_s (bench/plan_check.py)
+    ep_pp_action_cpu_s: float | None = None
     dep_exchange_cpu_s: float = 0.0
     # CPU ranks that outnumber their cores: a rank blocking in a communication operation
     # (send, receive, collective, all-to-all) sleeps and is woken when its peer gets a core:
@@ -469,7 +473,9 @@ def step_time(cfg: Config, hw: Hardware, order, chunks, tokens_mb: int, dep_max_
 
     def event_cpu(stage: int, kind: str) -> float:
         ev = action_events(cfg, chunks, stage, kind)
-        return ev["pp_actions"] * hw.pp_action_cpu_s + ev["ep_layer_passes"] * hw.ep_layer_cpu_s
+        action_s = (hw.ep_pp_action_cpu_s if p.ep > 1 and hw.ep_pp_action_cpu_s is not None
+                    else hw.pp_action_cpu_s)
+        return ev["pp_actions"] * action_s + ev["ep_layer_passes"] * hw.ep_layer_cpu_s
 
     def cost(stage, kind, mb):
         extra = p2p_ops(stage, kind) * hw.p2p_cpu_s

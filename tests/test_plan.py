@@ -288,6 +288,33 @@ def test_cpu_event_costs_add_count_times_cost():
                 vision_items=items).step_time_s == gpu
 
 
+def test_pipeline_actions_under_ep_cost_their_own_constant():
+    """On CPU ranks a communicating pipeline action costs ep_pp_action_cpu_s under EP and
+    pp_action_cpu_s without (or when the former is None): each pipeline rank's CPU grows by its
+    action count times the one that applies."""
+    from parallel.plan import cpu_event_counts
+
+    items = ([64, 48, 16], [0, 1, 1])
+    cpu = dataclasses.replace(HW, cores=64.0)
+
+    def rank_cpu(cfg, **costs):
+        got = plan(cfg, dataclasses.replace(cpu, **costs), vision_items=items)
+        return got.step["cpu_s_per_rank"]
+
+    for ep in (1, 2):
+        cfg = _tiny(pp=2, virtual_stages=1, dp=2, ep=ep, microbatches=2, dep=False,
+                    schedule="1f1b")
+        actions = [c["pp_actions"] for c in cpu_event_counts(cfg)]
+        assert actions == [4, 4]  # 2 micro-batches x (F, B), each sends or receives
+        base = rank_cpu(cfg)
+        plain = rank_cpu(cfg, pp_action_cpu_s=1e-6)
+        split = rank_cpu(cfg, pp_action_cpu_s=1e-6, ep_pp_action_cpu_s=3e-7)
+        per_action = 3e-7 if ep > 1 else 1e-6
+        for r in range(2):
+            assert plain[r] - base[r] == pytest.approx(actions[r] * 1e-6, rel=1e-9)
+            assert split[r] - base[r] == pytest.approx(actions[r] * per_action, rel=1e-9), ep
+
+
 def test_crowded_operation_costs_hand_counted():
     """Each communication operation of CPU ranks waits op_wait_s; ranks outnumbering their
     cores: also crowded_op_cpu_s of CPU and crowded_op_wait_s of wait, times the crowding
