@@ -98,8 +98,8 @@ class Hardware:
     ep_layer_cpu_s: float = 0.0
     pp_action_cpu_s: float = 0.0
     # a communicating pipeline action on a rank under EP (None: pp_action_cpu_s). Measured
-    # lower: virtual stages' extra actions add 35-45% less CPU under EP (bench/pp_ep_cpu.py),
-    # and the fit puts it at 0-40% of pp_action_cpu_s (bench/plan_check.py)
+    # lower: virtual stages' extra actions add less CPU under EP (bench/pp_ep_cpu.py), and
+    # nine of ten fits put it at 0-25% of pp_action_cpu_s (bench/plan_check.py)
     ep_pp_action_cpu_s: float | None = None
     dep_exchange_cpu_s: float = 0.0
     # CPU ranks that outnumber their cores: a rank blocking in a communication operation
