@@ -29,8 +29,8 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    parameter moved, per MoE layer pass under EP, per communicating pipeline action without
    and with EP, per DEP exchange, per communication operation of ranks crowding their cores),
    which the planner counts for each layout from its own schedule (parallel/plan.py
-   cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the schedule's waits fall, so these need
-   no replay. Two wall-time constants are then fitted on the same runs' step times: the wait
+   cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the schedule's waits
+   fall, so these need no replay. Two wall-time constants are then fitted on the same runs' step times: the wait
    per communication operation (its peer arrives late, a blocked rank is woken) and the extra
    wait of crowded ranks (a rank that blocks sleeps until its peer gets a core). The
    calibration runs are interleaved with the checked ones, so both see the same spells of
@@ -555,8 +555,8 @@ def fit_waits(runs: list[tuple[dict, object, dict]], cal: dict, step: float = 1e
 
 def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     """CPU_FIELDS by non-negative least squares on the calibration runs' CPU time (relative
-    residuals): each pipeline rank's measured CPU seconds per step (process time, the gloo threads included)
-    against the planner's (`cpu_s_per_rank`), which is linear in these constants, so its
+    residuals): each pipeline rank's measured CPU seconds per step (process time, the gloo
+    threads included) against the planner's (`cpu_s_per_rank`), which is linear in these constants, so its
     columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
     result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
     where the schedule's waits fall, so the fit needs no replay; the cores left enter only
@@ -601,6 +601,17 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
 STEP_ROUNDS = 2  # rounds of the interleaved measurement order (see check_step_time)
 
 
+def _prediction(cfg, cal: dict, world: int, cores_free: float, measured: float) -> dict:
+    """The planner's step and per-rank CPU for a checked layout on `cores_free` cores, and its
+    error against the measured step."""
+    hw = cpu_hardware(cal, world, cores_free)
+    pred = _predict(cfg, hw)
+    return dict(predicted_step_s=round(pred, 4),
+                predicted_cpu_s=[round(x, 4) for x in _plan_cpu(cfg, hw)],
+                rel_error=round(abs(pred - measured) / measured, 4),
+                within_20pct=abs(pred - measured) <= 0.2 * measured)
+
+
 def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal: dict,
                  loads: list[float]) -> dict:
     """A checked layout's measurement (the median of its steps over the rounds) against the
@@ -612,17 +623,12 @@ def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal
     per_step = [t for g in got for t in g["per_step"]]
     measured = statistics.median(per_step)
     cores_free = sum(g["cores_free"] for g in got) / len(got)
-    hw = cpu_hardware(cal, world, cores_free)
-    pred = _predict(cfg, hw)
     cpu_measured = [sum(x) / len(x) for x in zip(*(_measured_cpu(cfg, g) for g in got))]
     return dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
                 fastest_step_s=round(min(per_step), 4),
                 round_medians_s=[round(g["step_s"], 4) for g in got],
-                predicted_step_s=round(pred, 4),
                 measured_cpu_s=[round(x, 4) for x in cpu_measured],
-                predicted_cpu_s=[round(x, 4) for x in _plan_cpu(cfg, hw)],
-                rel_error=round(abs(pred - measured) / measured, 4),
-                within_20pct=abs(pred - measured) <= 0.2 * measured,
+                **_prediction(cfg, cal, world, cores_free, measured),
                 cores=cores(), cores_free=round(cores_free, 2),
                 round_cores_free=[round(g["cores_free"], 2) for g in got],
                 loadavg_before=loads[0], loadavg_after=loads[-1])
@@ -663,13 +669,8 @@ def refit_step_time(recorded: dict) -> tuple[list[dict], dict]:
                 continue
             world, par = next(lay for lay in LAYOUTS[1:] if lay[0] == row["world"] and all(
                 row.get(k) == v for k, v in lay[1].items()))
-            cfg = layout_config(base, par)
-            hw = cpu_hardware(cal, world, row["cores_free"])
-            pred, measured = _predict(cfg, hw), row["measured_step_s"]
-            rows.append(dict(row, predicted_step_s=round(pred, 4),
-                             predicted_cpu_s=[round(x, 4) for x in _plan_cpu(cfg, hw)],
-                             rel_error=round(abs(pred - measured) / measured, 4),
-                             within_20pct=abs(pred - measured) <= 0.2 * measured))
+            rows.append(dict(row, **_prediction(layout_config(base, par), cal, world,
+                                                row["cores_free"], row["measured_step_s"])))
     return rows, calibrations
 
 

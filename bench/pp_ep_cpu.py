@@ -37,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 
 import plan_check as pc  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = pc.ROOT
 LAYOUTS = {
     "pp1_ep1": dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=4, schedule="1f1b", dep=False),
     "pp1_ep2": dict(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=4, schedule="1f1b", dep=False),
