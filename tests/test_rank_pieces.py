@@ -150,17 +150,16 @@ def test_runtime_from_pieces_trains_like_the_whole_model_world4():
             assert torch.equal(state[name], ref_state[name]), name
 
 
+def _runtime_of_meta_pieces(rank, world, cfg):
+    mesh = build_mesh(cfg)
+    pieces = build_rank_pieces(cfg, RankCoords.of_mesh(mesh))
+    with pytest.raises(ValueError, match="meta device"):
+        ParallelRuntime(cfg, pieces, mesh, lambda named: None)
+    return True
+
+
 def test_runtime_rejects_meta_pieces():
-    cfg = tiny_config()
-
-    def body(rank, world):
-        mesh = build_mesh(cfg)
-        pieces = build_rank_pieces(cfg, RankCoords.of_mesh(mesh))
-        with pytest.raises(ValueError, match="meta device"):
-            ParallelRuntime(cfg, pieces, mesh, lambda named: None)
-        return True
-
-    assert run_distributed(body, 1) == [True]
+    assert run_distributed(_runtime_of_meta_pieces, 1, tiny_config()) == [True]
 
 
 def test_take_rank_pieces_leaves_other_layers_out():

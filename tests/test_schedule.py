@@ -116,11 +116,13 @@ def test_distributed_norm_and_clip_equal_single_process(max_norm):
         assert ref_norm > 10
 
 
+def _naive_norm(rank, world):
+    return global_grad_norm(_rank_params(rank)).item()
+
+
 def test_norm_without_copies_double_counts_replicas():
     """The contract matters: counting each replica's copy inflates the norm."""
-    def body(rank, world):
-        return global_grad_norm(_rank_params(rank)).item()
-    naive = run_distributed(body, 4)[0]
+    naive = run_distributed(_naive_norm, 4)[0]
     dense, experts = _global_grads()
     ref = torch.sqrt(sum(g.pow(2).sum() for gs in dense for g in gs)
                      + sum(e.pow(2).sum() for e in experts)).item()

@@ -153,13 +153,15 @@ def test_placeholder_ids_must_match_the_tokenizer(ds):
         check_tokenizer(load_config(TINY, ["--model.vocab_size=64"]), tok)
 
 
-def test_an_empty_manifest_is_a_config_error(tmp_path):
+def _trainer_without_manifest(rank, world, run_dir):
     from train.trainer import Trainer
 
-    def body(rank, world):
-        with pytest.raises(ConfigError, match="data.manifest is empty"):
-            Trainer(load_config(TINY, [f"--train.run_dir={tmp_path}"]))
-    run_distributed(body, 1, timeout=60)
+    with pytest.raises(ConfigError, match="data.manifest is empty"):
+        Trainer(load_config(TINY, [f"--train.run_dir={run_dir}"]))
+
+
+def test_an_empty_manifest_is_a_config_error(tmp_path):
+    run_distributed(_trainer_without_manifest, 1, tmp_path, timeout=60)
 
 
 def test_four_ranks_pp2_v2_dp2_ep2_dep_match_one_process(ds, tmp_path):
