@@ -15,7 +15,7 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    the measured gloo latency per hop) against bench/pipeline_bubble.py's measured
    `bubble_schedule` (stand-in layers that sleep, gloo P2P). Goal: within 10%.
 3. Step time: real training steps (train.step.training_step; fp32, MuonClip, synthetic packed
-   batches with images and video chunks) on forked gloo ranks at world 2, 4 and 8, PP / EP /
+   batches with images and video chunks) on gloo ranks at world 2, 4 and 8, PP / EP /
    DP / DEP on and off, for the tests' tiny config and a wider one; per run at least --steps
    steps and about --timed-s seconds of them after --warmup, the median over two rounds.
    Calibration, never on the checked layouts: a gloo ping at world 2 gives the CPU time and
@@ -95,12 +95,13 @@ class OthersCpuWatch:
     counts up to its last look; one born in it counts from its birth."""
 
     def __init__(self, interval_s: float = 0.1):
-        import multiprocessing as mp
         import threading
 
+        from tests.dist import rank_context
+
         self.interval_s = interval_s
-        # set by rank 0 around its timed steps (the forked ranks share them)
-        ctx = mp.get_context("fork")
+        # set by rank 0 around its timed steps (handed to the ranks)
+        ctx = rank_context()
         self.started, self.finished = ctx.Event(), ctx.Event()
         self._first: dict[str, int] = {}
         self._last: dict[str, int] = {}
@@ -234,7 +235,7 @@ def batches(cfg, seed: int = 0) -> list[dict]:
             for d in range(cfg.parallel.dp)]
 
 
-def _timed_steps(rank, world, cfg, per_replica, warmup, steps, timed_s, watch):
+def _timed_steps(rank, world, cfg, per_replica, warmup, steps, timed_s, started, finished):
     from parallel.mesh import build_mesh
     from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
     from parallel.runtime import ParallelRuntime
@@ -262,7 +263,7 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, timed_s, watch):
         steps = max(steps, round(timed_s / float(last)))
     dist.barrier()
     if rank == 0:  # the bench watches the other sessions' demand while the steps run
-        watch.started.set()
+        started.set()
     times, cpus = [], []
     for _ in range(steps):
         dist.barrier()
@@ -272,7 +273,7 @@ def _timed_steps(rank, world, cfg, per_replica, warmup, steps, timed_s, watch):
         cpus.append(time.process_time() - c0)  # the rank's threads, gloo's included
     dist.barrier()
     if rank == 0:
-        watch.finished.set()
+        finished.set()
     return times, cpus
 
 
@@ -286,7 +287,7 @@ def measure_step(cfg, world: int, warmup: int, steps: int, timed_s: float) -> di
 
     with OthersCpuWatch() as watch:
         out = run_distributed(_timed_steps, world, cfg, batches(cfg), warmup, steps, timed_s,
-                              watch, timeout=900)
+                              watch.started, watch.finished, timeout=900)
     per_step = [max(t[i] for t, _ in out) for i in range(len(out[0][0]))]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
             "per_step": per_step, "cpu_s": [statistics.median(c) for _, c in out],

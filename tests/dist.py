@@ -101,7 +101,9 @@ def _child(fn: Callable, rank: int, world: int, port: int, args: tuple, kwargs: 
 _PRELOAD = ["torch", "torch.distributed", "numpy", "tests.dist", "train.trainer"]
 
 
-def _context(backend: str):
+def rank_context(backend: str = "gloo"):
+    """The multiprocessing context ranks start in; a lock or event handed to a rank comes
+    from it."""
     if backend == "nccl":
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -112,7 +114,7 @@ def _context(backend: str):
 def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 300.0,
                     backend: str = "gloo", **kwargs: Any) -> list[Any]:
     """Run fn(rank, world, *args, **kwargs) on `world` ranks; return results by rank."""
-    ctx = _context(backend)
+    ctx = rank_context(backend)
     results: mp.Queue = ctx.Queue()
     port = free_port()
     logs = tempfile.mkdtemp(prefix="ranks-")
