@@ -20,8 +20,8 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    steps and about --timed-s seconds of them after --warmup, the median over two rounds.
    Calibration, never on the checked layouts: a gloo ping at world 2 gives the CPU time and
    the latency of a collective and of a send or receive; world-1 runs of each config
-   (micro-batch count and tokens varied, DEP on and off) and runs of eleven layouts outside the
-   checked twelve (EVENT_CALIBRATION: five at world 2, four at world 4, two at world 8, each
+   (micro-batch count and tokens varied, DEP on and off) and runs of twelve layouts outside the
+   checked twelve (EVENT_CALIBRATION: five at world 2, five at world 4, two at world 8, each
    four times, with 2-row micro-batches as the checked layouts have) give, by non-negative
    least squares on each rank's measured CPU time per step (process time, the gloo threads
    included; relative residuals), seconds per FLOP, per layer action, per owned parameter of
@@ -482,6 +482,8 @@ EVENT_CALIBRATION = [
     dict(pp=2, virtual_stages=1, dp=2, ep=1, microbatches=4, schedule="1f1b", dep=True, rows=8),
     # PP2 x DP2 x EP2: EP in a pipeline, which costs a rank less per MoE layer than EP alone
     dict(pp=2, virtual_stages=1, dp=2, ep=2, microbatches=4, schedule="1f1b", dep=False, rows=8),
+    # PP2 x V2 x DP2 x EP2, 8 micro-batches: interleaving's extra actions on ranks under EP
+    dict(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=8, dep=False, rows=16),
     # world 8, four times the ranks of the cores: the crowding of the checked world-8 layouts
     dict(pp=1, virtual_stages=1, dp=8, ep=2, microbatches=2, schedule="1f1b", dep=False, rows=4),
     dict(pp=2, virtual_stages=1, dp=4, ep=1, microbatches=4, schedule="1f1b", dep=True, rows=8),
