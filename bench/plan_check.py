@@ -18,8 +18,9 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    batches with images and video chunks) on gloo ranks at world 2, 4 and 8, PP / EP /
    DP / DEP on and off, for the tests' tiny config and a wider one; per run at least --steps
    steps and about --timed-s seconds of them after --warmup, the median over two rounds.
-   Calibration, never on the checked layouts: a gloo ping at world 2 gives the CPU time and
-   the latency of a collective and of a send or receive; world-1 runs of each config
+   Calibration, never on the checked layouts: gloo pings at world 2 (three at the start, one
+   before each round, the fastest of each kind kept) give the CPU time and the latency of a
+   collective and of a send or receive; world-1 runs of each config
    (micro-batch count and tokens varied, DEP on and off) and runs of twelve layouts outside the
    checked twelve (EVENT_CALIBRATION: five at world 2, five at world 4, two at world 8, each
    four times, with 2-row micro-batches as the checked layouts have) give, by non-negative
@@ -394,14 +395,16 @@ def _comm_ping(rank, world, reps):
     return out
 
 
-def measure_comm(reps: int = 200, repeats: int = 3) -> dict:
+def measure_comm(reps: int = 200, repeats: int = 3,
+                 best: dict[str, tuple[float, float, float]] | None = None) -> dict:
     """Gloo at world 2 (one rank per core): CPU seconds per operation when one side arrives
     late (the mean over the two ranks; an EP layer's split over its five all-to-alls) and the
-    latency, the wall time of back-to-back operations beyond their CPU. The least disturbed of
-    `repeats` pings is kept."""
+    latency, the wall time of back-to-back operations beyond their CPU. Per kind of operation
+    the least disturbed (fastest) of `repeats` pings is kept, and of the earlier pings in
+    `best` (updated in place), so that pings spread over a run outlast a busy spell."""
     from tests.dist import run_distributed
 
-    best: dict[str, tuple[float, float, float]] = {}
+    best = {} if best is None else best
     for _ in range(repeats):
         out = run_distributed(_comm_ping, 2, reps, timeout=300)
         for kind in out[0]:
@@ -678,13 +681,16 @@ def refit_step_time(recorded: dict) -> tuple[list[dict], dict]:
 
 
 def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict], dict]:
-    """Per config, STEP_ROUNDS rounds of: half of the EVENT_CALIBRATION runs, the world-1
-    calibration (DEP on and off), the twelve checked layouts' halves, the other half of the
-    EVENT_CALIBRATION runs. The machine's other users come and go over minutes; interleaving
-    the calibration with the checked runs lets both see the same spells. Only the calibration
-    runs are fitted; a checked layout's step is the median of its steps over the rounds,
-    predicted on the mean of its rounds' cores left (_checked_row)."""
-    comm = measure_comm()
+    """Three gloo pings, then per config STEP_ROUNDS rounds of: a ping, half of the
+    EVENT_CALIBRATION runs, the world-1 calibration (DEP on and off), the twelve checked
+    layouts' halves, the other half of the EVENT_CALIBRATION runs. The machine's other users
+    come and go over minutes; interleaving the calibration with the checked runs lets both see
+    the same spells, and a config's calibration takes the fastest ping of each kind so far (a
+    busy spell at the start once doubled every pinged cost). Only the calibration runs are
+    fitted; a checked layout's step is the median of its steps over the rounds, predicted on
+    the mean of its rounds' cores left (_checked_row)."""
+    pings: dict = {}
+    comm = measure_comm(best=pings)
     print(json.dumps({"comm": comm}), flush=True)
     rows, calibrations = [], {}
     for name, base in configs().items():
@@ -700,6 +706,7 @@ def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict]
                                                 warmup, steps, timed_s)))
 
         for _ in range(STEP_ROUNDS):
+            comm = measure_comm(repeats=1, best=pings)
             events()
             for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
                 cfg = world1_config(base, c)
