@@ -29,7 +29,7 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    the optimizer step, DEP's fixed cost and the runtime's CPU per event (per ZeRO-1
    parameter moved, per MoE layer pass under EP, per communicating pipeline action without
    and with EP, per DEP exchange, per communication operation of ranks crowding their cores),
-   which the planner counts for each layout from its own schedule (parallel/plan.py
+   which the planner counts for each layout from its own schedule (parallel/step_time.py
    cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the schedule's waits
    fall, so these need no replay. Two wall-time constants are then fitted on the same runs' step times: the wait
    per communication operation (its peer arrives late, a blocked rank is woken) and the extra
@@ -57,7 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel.plan import GPU, Hardware, plan  # noqa: E402
+from parallel.plan import plan  # noqa: E402
+from parallel.step_time import GPU, Hardware  # noqa: E402
 from parallel.plan_costs import layer_saved_per_token  # noqa: E402
 from parallel.schedule_replay import replay, schedule_actions  # noqa: E402
 from train.config import load_config, replace  # noqa: E402
@@ -464,7 +465,7 @@ def world1_config(base, c: dict):
         k: v for k, v in c.items() if k != "rows"}))
 
 
-# Layouts that are not among LAYOUTS, calibrating the runtime's CPU per event (parallel/plan.py
+# Layouts that are not among LAYOUTS, calibrating the runtime's CPU per event (parallel/step_time.py
 # Hardware, counted by cpu_event_counts). Their micro-batches have 2 rows, as the checked
 # layouts' do: a layer's CPU is not linear in its tokens at a row or two, so a fit on other
 # micro-batch sizes charges the difference to the per-event constants. What each run has:

@@ -7,7 +7,7 @@ CPU of a receive by how long it waits.
    --repeats times, the layouts interleaved so that every repeat sees the same spell of the
    machine. The differences (what EP adds at PP1 and at PP2 x V1; what V2 adds without and with
    EP, per pipeline rank, the median over repeats of the same-repeat differences) are set
-   against the planner's (parallel/plan.py cpu_s_per_rank under the calibration recorded in
+   against the planner's (parallel/step_time.py cpu_s_per_rank under the calibration recorded in
    bench/results/plan_check.json). The planner's per-event costs add: V2's extra pipeline
    actions cost the same with EP as without.
 2. A gloo receive's CPU (process time) when its sender computes for a given time first: what a

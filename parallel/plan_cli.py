@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from parallel.plan import GB, GPUS, Hardware, Plan, plan
+from parallel.plan import GB, Plan, plan
+from parallel.step_time import GPUS, Hardware
 from parallel.plan_search import fix_for_invalid, search, smallest_fix, with_gpus
 from train.config import ConfigError, load_config
 

@@ -8,7 +8,9 @@ import dataclasses
 from pathlib import Path
 
 from parallel.mesh import check_parallel_config
-from parallel.plan import Hardware, Plan, plan, rank_memory_of
+from parallel.plan import Plan, plan
+from parallel.rank_memory import rank_memory_of
+from parallel.step_time import Hardware
 from train.config import Config, ConfigError, load_config, replace
 
 K2_SETTINGS = {"recompute": "selective", "fp8_storage": True, "offload": True}

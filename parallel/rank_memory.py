@@ -20,6 +20,7 @@ import torch
 
 from parallel.expert import is_expert_param
 from parallel.pieces import RankCoords, build_rank_pieces
+from parallel.plan_costs import memoise_by_repr
 from parallel.zero import plan_ownership
 from train.config import Config, load_config
 from train.optim.muon import uses_muon
@@ -105,6 +106,12 @@ ROWS = (("parameters", "parameters", False),
         ("reduced fp32 grads (owned pieces)", "owned_grad_bytes", True),
         ("largest transient reduce bucket", "transient_reduce_bytes", True),
         ("peak of the states (at the reduce)", "peak_state_bytes", True))
+
+
+@memoise_by_repr
+def rank_memory_of(cfg: Config, rank: int) -> RankMemory:
+    """rank_memory, once per config and rank (the planner asks for the same ranks often)."""
+    return rank_memory(cfg, rank)
 
 
 def table(cfg: Config, mems: list[RankMemory]) -> str:

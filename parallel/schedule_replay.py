@@ -1,7 +1,7 @@
 """The pipeline schedule as torch generates it: per-rank action lists, the micro-batches alive
 at once, and a replay of the actions with per-action costs (makespan, busy time, bubble).
 
-Used by the planner (parallel/plan.py) and bench/rank_slice.py; the action lists come from
+Used by the planner (parallel/step_time.py) and bench/rank_slice.py; the action lists come from
 torch.distributed.pipelining's own schedule classes, never from a formula.
 """
 

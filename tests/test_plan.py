@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from parallel.pieces import RankCoords, build_rank_pieces
-from parallel.plan import GPUS, Hardware, layout_of, plan
+from parallel.plan import layout_of, plan
+from parallel.step_time import GPUS, Hardware
 from parallel.plan_cli import main
 from parallel.plan_search import search
 from parallel.plan_costs import layer_saved_per_token
@@ -141,7 +142,7 @@ def test_plan_json_and_a_layout_that_cannot_run(capsys):
 
 def test_a_layout_that_does_not_fit_names_the_fix():
     """Tiny on a GPU with room for its states and half its activations."""
-    from parallel.plan import GPU
+    from parallel.step_time import GPU
     from parallel.plan_search import smallest_fix
 
     cfg = replace(_tiny(pp=2, virtual_stages=1, dp=1, ep=1, microbatches=2),
@@ -206,12 +207,12 @@ def test_processor_sharing_replay_with_enough_cores_is_the_replay(schedule, pp, 
 def test_gpu_plans_do_not_share_and_enough_cores_give_the_gpu_replay(monkeypatch):
     """A GPU plan (hw.cores None) replays without processor sharing; a CPU plan with a core
     for every rank, no other groups and no per-operation CPU cost gives the same step."""
-    import parallel.plan as plan_mod
+    import parallel.step_time as step_time_mod
 
     cfg = _tiny(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4)
     ref = plan(cfg, HW, vision_items=([], [])).step
     with monkeypatch.context() as m:
-        m.setattr(plan_mod, "replay_shared", lambda *a, **k: pytest.fail("shared replay on GPU"))
+        m.setattr(step_time_mod, "replay_shared", lambda *a, **k: pytest.fail("shared replay on GPU"))
         assert plan(cfg, HW, vision_items=([], [])).step == ref
     cpu = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False), vision_items=([], [])).step
     gpu = plan(cfg, dataclasses.replace(HW, overlap_ep=False), vision_items=([], [])).step
@@ -227,7 +228,7 @@ def test_gpu_plans_do_not_share_and_enough_cores_give_the_gpu_replay(monkeypatch
 def test_cpu_event_counts_hand_counted():
     """Per pipeline rank, the events the per-event CPU costs are charged for (tiny: 4 layers,
     the first dense; PP2 x V2 puts one layer on each chunk, rank 0 holds chunks 0 and 2)."""
-    from parallel.plan import cpu_event_counts
+    from parallel.step_time import cpu_event_counts
 
     def zero(cfg, rank, dense, expert, encoder):
         mem = rank_memory(cfg, rank)
@@ -268,7 +269,7 @@ def test_cpu_event_counts_hand_counted():
 def test_cpu_event_costs_add_count_times_cost():
     """On CPU ranks with a core each and no pipeline, each per-event cost adds exactly its
     count times the cost to the step; a GPU plan ignores them."""
-    from parallel.plan import cpu_event_counts
+    from parallel.step_time import cpu_event_counts
 
     cfg = _tiny(pp=1, virtual_stages=1, dp=2, ep=2, microbatches=2, dep=True, schedule="1f1b")
     items = ([64, 48, 16], [0, 1, 1])
@@ -292,7 +293,7 @@ def test_pipeline_actions_under_ep_cost_their_own_constant():
     """On CPU ranks a communicating pipeline action costs ep_pp_action_cpu_s under EP and
     pp_action_cpu_s without (or when the former is None): each pipeline rank's CPU grows by its
     action count times the one that applies."""
-    from parallel.plan import cpu_event_counts
+    from parallel.step_time import cpu_event_counts
 
     items = ([64, 48, 16], [0, 1, 1])
     cpu = dataclasses.replace(HW, cores=64.0)
