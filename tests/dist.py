@@ -167,7 +167,10 @@ _STDERR_TAIL = 4000  # characters of a crashed rank's stderr kept in the error
 
 def _stop(p) -> None:
     """SIGABRT first, so that faulthandler prints where every thread of the rank was stuck."""
-    os.kill(p.pid, signal.SIGABRT)
+    try:
+        os.kill(p.pid, signal.SIGABRT)
+    except ProcessLookupError:  # it has just exited
+        pass
     p.join(timeout=5.0)
     if p.is_alive():
         p.kill()
