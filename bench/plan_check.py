@@ -1,9 +1,9 @@
 """`mmpt plan` against measurement: activation bytes at K2.5 width, the pipeline bubble, and the
 step time of real gloo runs on this CPU machine after a calibration pass.
 
-    .venv/bin/python bench/plan_check.py                 # all parts (~10 min)
+    .venv/bin/python bench/plan_check.py                 # all parts (~13 min)
     .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes
-    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~9 min)
+    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~11.5 min)
     .venv/bin/python bench/plan_check.py --refit IN --out OUT  # IN's step-time runs refitted
 
 1. Activations: the planner's per-token bytes of one K2.5-width MoE layer (probed at 128 and
@@ -31,9 +31,9 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    and with EP, per DEP exchange, per communication operation of ranks crowding their cores),
    which the planner counts for each layout from its own schedule (parallel/step_time.py
    cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the schedule's waits
-   fall, so these need no replay. Two wall-time constants are then fitted on the same runs' step times: the wait
-   per communication operation (its peer arrives late, a blocked rank is woken) and the extra
-   wait of crowded ranks (a rank that blocks sleeps until its peer gets a core). The
+   fall, so these need no replay. Two wall-time constants are then fitted on the same runs'
+   step times: the wait per communication operation (its peer arrives late, a blocked rank is
+   woken) and the extra wait of crowded ranks (a rank that blocks sleeps until its peer gets a core). The
    calibration runs are interleaved with the checked ones, so both see the same spells of
    the machine's other users. The planner then predicts every layout on the cores those
    users left free while its steps ran (their threads' CPU time, read from /proc), the ranks
@@ -58,9 +58,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from parallel.plan import plan  # noqa: E402
-from parallel.step_time import GPU, Hardware  # noqa: E402
 from parallel.plan_costs import layer_saved_per_token  # noqa: E402
 from parallel.schedule_replay import replay, schedule_actions  # noqa: E402
+from parallel.step_time import GPU, Hardware  # noqa: E402
 from train.config import load_config, replace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,8 +465,8 @@ def world1_config(base, c: dict):
         k: v for k, v in c.items() if k != "rows"}))
 
 
-# Layouts that are not among LAYOUTS, calibrating the runtime's CPU per event (parallel/step_time.py
-# Hardware, counted by cpu_event_counts). Their micro-batches have 2 rows, as the checked
+# Layouts that are not among LAYOUTS, calibrating the runtime's CPU per event
+# (parallel/step_time.py Hardware, counted by cpu_event_counts). Their micro-batches have 2 rows, as the checked
 # layouts' do: a layer's CPU is not linear in its tokens at a row or two, so a fit on other
 # micro-batch sizes charges the difference to the per-event constants. What each run has:
 EVENT_CALIBRATION = [
@@ -563,8 +563,8 @@ def fit_waits(runs: list[tuple[dict, object, dict]], cal: dict, step: float = 1e
 def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     """CPU_FIELDS by non-negative least squares on the calibration runs' CPU time (relative
     residuals): each pipeline rank's measured CPU seconds per step (process time, the gloo
-    threads included) against the planner's (`cpu_s_per_rank`), which is linear in these constants, so its
-    columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
+    threads included) against the planner's (`cpu_s_per_rank`), which is linear in these
+    constants, so its columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
     result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
     where the schedule's waits fall, so the fit needs no replay; the cores left enter only
     through the crowding of crowded_op_cpu_s. The pinged latencies stay as measured; the
