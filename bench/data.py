@@ -162,7 +162,7 @@ def main(argv=None) -> int:
 
         import gc
 
-        gc.freeze()  # as a DataLoader worker does (data/loader.py): long-lived objects not rescanned
+        gc.freeze()  # as a DataLoader worker does (data/loader.py _worker_init): long-lived objects not rescanned
         # -- text: ours (text only) vs plain webdataset + tokenizers / tiktoken
         text_cfg = cfg_for(url, tik_path, vision_fraction=0.0)
         ours = DataLoaderWithState(text_cfg)

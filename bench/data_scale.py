@@ -241,7 +241,7 @@ def _rss_mb(field: str = "VmRSS") -> float:
 def measure(url: str, holdout: float = 0.0, profile: bool = False) -> dict:
     """One rank's start-up and planning (runs in a fresh process)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
-    from data.loader import PackedStream
+    from data.stream import PackedStream
 
     imports = {"wall_s": time.perf_counter() - t_wall, "cpu_s": time.process_time() - t_cpu,
                "rss_mb": _rss_mb(), "rss_anon_mb": _rss_mb("RssAnon")}

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, default=2000, help="global batches of 8 sequences (scaled)")
     args = ap.parse_args(argv)
     from data.plan_table import unit_pieces
-    from data.loader import PackedStream
+    from data.stream import PackedStream
     from data.media import MediaRules
     from train.config import load_config
 

@@ -28,7 +28,7 @@ Packing / provenance:
                   the per-modality / per-source losses are summed by
     skipped       [(source name, shard, member, reason)] documents dropped while building this
                   batch (unreadable media): their tokens became padding, counted, deterministic
-Stage-aware reading (data/loader.py ReadRole): a rank that does not read a field gets None for
+Stage-aware reading (data/stream.py ReadRole): a rank that does not read a field gets None for
 it (input_ids off pipeline stage 0; labels, loss_mask, token_category off the last stage;
 pixel_patches where no media is decoded). Under DEP the batch carries the pixels this rank
 encodes, of any replica:

@@ -1,7 +1,7 @@
 """Documents read from a dataset: their layout from the catalog, their text read and tokenized
 (between the tokenizer restart points recorded at ingest, data/restarts.py, for a unit of a long
 document), their media read and decoded. One DocumentReader per loader worker; its caches keep
-the layouts and texts of the documents the worker's units are building (data/loader.py).
+the layouts and texts of the documents the worker's units are building (data/stream.py).
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class DocumentReader:
 
     def doc(self, source: int, sample: int, epoch: int) -> Doc:
         """The whole document (all its tokens, every media item decoded): an empty one with the
-        reason if it cannot be read. Not cached: batches read units (data/loader.py)."""
+        reason if it cannot be read. Not cached: batches read units (data/stream.py)."""
         try:
             return self._build_doc(source, sample, epoch)
         except (DecodeError, ShardError, UnicodeDecodeError) as e:

@@ -3,7 +3,7 @@
 A *restart point* of a text segment is a pair (character offset into the text, token index) such
 that the text between consecutive points (from the start, to the end) tokenizes on its own to
 exactly the ids the whole text has at those token positions. Then the ids of any token span are
-the ids of the pieces that cover it, each tokenized alone: the loader (data/loader.py) reads a
+the ids of the pieces that cover it, each tokenized alone: the loader (data/stream.py) reads a
 unit of a long document by tokenizing about the unit's own text instead of the whole document.
 
 Found at ingest (`restart_points`), about every `every` tokens, for each text segment of more

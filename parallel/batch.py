@@ -12,7 +12,7 @@ Fields (the data loader produces them):
   pixel_items: [K, 2] (replica, item) and global_items: [M_all, 4] (replica, t, h, w), DEP:
       pixel_patches then holds the items this rank encodes (parallel/dep.py), of any replica
   token_category: [B, S] long, optional: what per-category losses are summed by (-1: none).
-Stage-aware reading gives a rank None for what its stage does not need (data/loader.py ReadRole).
+Stage-aware reading gives a rank None for what its stage does not need (data/stream.py ReadRole).
 Vision items are listed in the order their placeholder runs appear in input_ids (row-major), each
 item fills (h/merge)*(w/merge) placeholder positions of one row.
 """

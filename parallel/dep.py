@@ -44,7 +44,7 @@ def rank_batch(per_replica: Sequence[Mapping], mesh: ParallelMesh) -> dict:
     """This rank's DEP batch from every replica's whole batch: its replica's batch, with
     pixel_patches replaced by the patches of the items this rank encodes (of any replica) and
     their pixel_items and the step's global_items. The stage-aware loader builds the same from
-    metadata, reading only those pixels (data/loader.py ReadRole with EncoderItems)."""
+    metadata, reading only those pixels (data/stream.py ReadRole with EncoderItems)."""
     grids = [b.get("grid_thw") for b in per_replica]
     mine = EncoderItems(mesh.rank, mesh.world_size)([item_patches(g) for g in grids])
     parts = []

@@ -92,7 +92,7 @@ def _refine(patches: Sequence[int], owner: list[int], load: list[int], rounds: i
 @dataclass(frozen=True)
 class EncoderItems:
     """The items one rank encodes under DEP, as a picklable callable for the data loader
-    (data/loader.py ReadRole.media): given the patch counts of every replica's items (replica
+    (data/stream.py ReadRole.media): given the patch counts of every replica's items (replica
     d's list in its grid_thw order), the (replica, item) pairs `rank` of `world` encodes, in
     replica-major order. The same plan parallel/dep.py computes on every rank, so a rank reads
     and decodes exactly the images and video chunks it encodes."""

@@ -122,7 +122,7 @@ def zero_update(zero):
 
 def rank_view(cfg, mesh, per_replica: list[dict]) -> dict:
     """This rank's batch of a step from every replica's whole batch, as the stage-aware loader
-    gives it (data/loader.py ReadRole): under DEP the pixels of exactly the items it encodes
+    gives it (data/stream.py ReadRole): under DEP the pixels of exactly the items it encodes
     (parallel.dep.rank_batch), without DEP pixels on pipeline stage 0 only; input_ids on stage
     0 only, labels, loss_mask and token_category on the last stage only."""
     from parallel.dep import rank_batch

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import DataLoaderWithState, ResumeError, plan_report
+from data.loader import DataLoaderWithState, plan_report
+from data.stream import ResumeError
 from tests.corpus_fixtures import make_dataset
 from train.config import load_config
 

@@ -180,7 +180,7 @@ def _count_chars(tok, counter: list):
 
 @pytest.mark.parametrize("role", [False, True])
 def test_batches_are_bit_identical_with_and_without_restart_points(built, tmp_path, role):
-    from data.loader import ReadRole
+    from data.stream import ReadRole
 
     ds, _, _ = built
     plain = _stripped(ds, tmp_path / "plain")

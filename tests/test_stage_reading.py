@@ -1,4 +1,4 @@
-"""Stage-aware reading (data/loader.py ReadRole): a rank reads only what its pipeline stage or
+"""Stage-aware reading (data/stream.py ReadRole): a rank reads only what its pipeline stage or
 its DEP encoder work needs, and what it builds equals the full reader's batch where they overlap.
 The distributed count of store GETs and media decodes per rank is at the end."""
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import DataLoaderWithState, ReadRole
+from data.loader import DataLoaderWithState
+from data.stream import ReadRole
 from tests.corpus_fixtures import make_dataset
 from train.config import load_config
 
@@ -152,12 +153,12 @@ def _run_cfg(ds, run_dir, *extra):
 def _counted_training(rank, world, cfg):
     """Train with counting wrappers around the store and the decoders (put in by this test);
     returns per step the tar GETs (key, start, end) and the decodes (kind, name, frames)."""
-    import data.loader
+    import data.stream
     import data.media
     from train.trainer import Trainer
 
     events: list = []
-    open_cached, decode_image, decode_video = (data.loader._open_cached, data.media.decode_image,
+    open_cached, decode_image, decode_video = (data.stream._open_cached, data.media.decode_image,
                                                data.media.decode_video_frames)
 
     class Store(Counting):
@@ -174,7 +175,7 @@ def _counted_training(rank, world, cfg):
         events.append(("decode", "video", name, tuple(indices)))
         return decode_video(data_, indices, name, *args, **kwargs)
 
-    data.loader._open_cached = lambda *a, **k: Store(open_cached(*a, **k), [])
+    data.stream._open_cached = lambda *a, **k: Store(open_cached(*a, **k), [])
     data.media.decode_image, data.media.decode_video_frames = counted_image, counted_video
     per_step: list = []
 

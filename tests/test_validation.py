@@ -218,7 +218,7 @@ def test_holdout_is_keyed_by_sample_identity_and_never_reaches_training(ds):
 
 
 def test_a_resume_state_records_the_holdout(ds):
-    from data.loader import ResumeError
+    from data.stream import ResumeError
 
     a = DataLoaderWithState(_data_cfg(ds, holdout_fraction=0.2))
     _take(a, 2)

@@ -1,4 +1,4 @@
-"""What this rank reads of the data stream: stage-aware reading (data/loader.py ReadRole).
+"""What this rank reads of the data stream: stage-aware reading (data/stream.py ReadRole).
 
 Pipeline stage 0 reads the token ids, the last stage the labels, loss mask and token categories;
 every stage builds the layout (positions, documents, vision items) from the catalog's metadata.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from data.loader import ReadRole
+from data.stream import ReadRole
 from parallel.dep_plan import EncoderItems
 from parallel.mesh import ParallelMesh
 from train.config import Config
