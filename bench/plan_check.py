@@ -33,14 +33,15 @@ step time of real gloo runs on this CPU machine after a calibration pass.
    cpu_event_counts, cpu_s_per_rank). CPU time does not depend on how the schedule's waits
    fall, so these need no replay. Two wall-time constants are then fitted on the same runs'
    step times: the wait per communication operation (its peer arrives late, a blocked rank is
-   woken) and the extra wait of crowded ranks (a rank that blocks sleeps until its peer gets a core). The
-   calibration runs are interleaved with the checked ones, so both see the same spells of
-   the machine's other users. The planner then predicts every layout on the cores those
-   users left free while its steps ran (their threads' CPU time, read from /proc), the ranks
-   sharing those cores (processor sharing in the schedule replay; a rank waiting on a
-   receive or a collective uses none). Goal: within 20%. The machine is shared; the cores
-   left and the load average are recorded with each run, and each checked layout's measured
-   and predicted CPU per pipeline rank beside its step.
+   woken) and the extra wait of crowded ranks (a rank that blocks sleeps until its peer gets
+   a core). The calibration runs are interleaved with the checked ones, so both see the same
+   spells of the machine's other users. The planner then predicts every layout on the cores
+   those users left free while its steps ran (their threads' CPU time, read from /proc, and
+   the time the hypervisor stole from this machine's cores, /proc/stat), the ranks sharing
+   those cores (processor sharing in the schedule replay; a rank waiting on a receive or a
+   collective uses none). Goal: within 20%. The machine is shared; the cores left, the cores
+   stolen and the load average are recorded with each run, and each checked layout's
+   measured and predicted CPU per pipeline rank beside its step.
 """
 
 from __future__ import annotations
@@ -90,11 +91,19 @@ def _others_cpu_ns() -> dict[str, int]:
     return out
 
 
+def _steal_s() -> float:
+    """Seconds so far, summed over this machine's cores, that the hypervisor ran something else
+    while a core of this virtual machine had work (/proc/stat's `steal`)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+
+
 class OthersCpuWatch:
     """The cores the machine's other users took while the timed steps ran (their threads' CPU
-    time over the window's length): the bench gives the planner the cores left. /proc is read
-    every `interval_s`, so a thread that ends in the window (others' short test processes)
-    counts up to its last look; one born in it counts from its birth."""
+    time over the window's length, plus the time the hypervisor stole from this machine's
+    cores): the bench gives the planner the cores left. /proc is read every `interval_s`, so a
+    thread that ends in the window (others' short test processes) counts up to its last look;
+    one born in it counts from its birth."""
 
     def __init__(self, interval_s: float = 0.1):
         import threading
@@ -108,6 +117,7 @@ class OthersCpuWatch:
         self._first: dict[str, int] = {}
         self._last: dict[str, int] = {}
         self._window = 0.0
+        self._steal = [0.0, 0.0]  # at the first look and at the last
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _look(self, first_look: bool) -> None:
@@ -119,9 +129,11 @@ class OthersCpuWatch:
         self.started.wait()
         t0 = time.perf_counter()
         self._look(True)
+        self._steal[0] = _steal_s()
         while not self.finished.wait(self.interval_s):
             self._look(False)
         self._look(False)
+        self._steal[1] = _steal_s()
         self._window = time.perf_counter() - t0
 
     def __enter__(self):
@@ -134,8 +146,13 @@ class OthersCpuWatch:
         self._thread.join()
 
     def cores_used(self) -> float:
-        ns = sum(max(0, last - self._first[tid]) for tid, last in self._last.items())
-        return ns / 1e9 / max(self._window, 1e-9)
+        """Others' cores, the stolen ones included."""
+        return self.cores_stolen() + sum(
+            max(0, last - self._first[tid]) for tid, last in self._last.items()) / 1e9 / max(
+            self._window, 1e-9)
+
+    def cores_stolen(self) -> float:
+        return (self._steal[1] - self._steal[0]) / max(self._window, 1e-9)
 
 
 def cores() -> int:
@@ -293,7 +310,8 @@ def measure_step(cfg, world: int, warmup: int, steps: int, timed_s: float) -> di
     per_step = [max(t[i] for t, _ in out) for i in range(len(out[0][0]))]
     return {"step_s": statistics.median(per_step), "fastest_s": min(per_step),
             "per_step": per_step, "cpu_s": [statistics.median(c) for _, c in out],
-            "cores_free": max(0.1, cores() - watch.cores_used())}
+            "cores_free": max(0.1, cores() - watch.cores_used()),
+            "cores_stolen": watch.cores_stolen()}
 
 
 def cpu_hardware(cal: dict, world: int, cores_free: float) -> Hardware:
@@ -601,7 +619,8 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
                            measured_step_s=round(got["step_s"], 4),
                            fitted_step_s=round(_with_rows(c["rows"], _predict, cfg, cpu_hardware(
                                cal, world, got["cores_free"])), 4),
-                           cores_free=round(got["cores_free"], 2)))
+                           cores_free=round(got["cores_free"], 2),
+                           cores_stolen=round(got.get("cores_stolen", 0.0), 3)))
     return dict(cal, runs=fitted)
 
 
@@ -638,13 +657,15 @@ def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal
                 **_prediction(cfg, cal, world, cores_free, measured),
                 cores=cores(), cores_free=round(cores_free, 2),
                 round_cores_free=[round(g["cores_free"], 2) for g in got],
+                round_cores_stolen=[round(g["cores_stolen"], 3) for g in got],
                 loadavg_before=loads[0], loadavg_after=loads[-1])
 
 
 COMM_FIELDS = ("collective_cpu_s", "ep_all_to_all_cpu_s", "collective_latency_s", "p2p_cpu_s",
                "p2p_latency_s")  # measure_comm's, kept in a calibration as measured
+# what calibrate() adds to a run's entry
 _RUN_RECORD = ("world", "pp_rank", "measured_cpu_s", "fitted_cpu_s", "measured_step_s",
-               "fitted_step_s", "cores_free")  # what calibrate() adds to a run's entry
+               "fitted_step_s", "cores_free", "cores_stolen")
 
 
 def _recorded_runs(base, cal: dict) -> list[tuple[dict, object, dict]]:
