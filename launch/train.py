@@ -26,7 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from train.config import Config, ConfigError, load_config
+from train.config import Config, load_config
+from train.errors import ConfigError
 
 
 def _env_int(name: str, default: int) -> int:

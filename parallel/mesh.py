@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from train.config import Config, ConfigError
+from train.config import Config
+from train.errors import ConfigError
 
 SCHEDULES = ("interleaved_1f1b", "1f1b", "interleaved_zero_bubble")
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from parallel.expert import slice_experts
 from parallel.pipeline import StageModule, split_model
-from train.config import Config, ConfigError
+from train.config import Config
+from train.errors import ConfigError
 from train.model import build_model, init_weights
 
 

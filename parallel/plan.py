@@ -36,7 +36,8 @@ from parallel.plan_costs import (layer_saved_per_token, loss_saved_per_token, me
 from parallel.rank_memory import RankMemory, rank_memory_of
 from parallel.schedule_replay import peak_in_flight, schedule_actions
 from parallel.step_time import Hardware, chunk_layers, step_time
-from train.config import Config, ConfigError, replace
+from train.config import Config, replace
+from train.errors import ConfigError
 from train.model import flops
 
 GB = 1e9

@@ -17,7 +17,8 @@ import json
 from parallel.plan import GB, Plan, plan
 from parallel.step_time import GPUS, Hardware
 from parallel.plan_search import fix_for_invalid, search, smallest_fix, with_gpus
-from train.config import ConfigError, load_config
+from train.config import load_config
+from train.errors import ConfigError
 
 def parse_tokens(text: str) -> float:
     units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}

@@ -11,7 +11,8 @@ from parallel.mesh import check_parallel_config
 from parallel.plan import Plan, plan
 from parallel.rank_memory import rank_memory_of
 from parallel.step_time import Hardware
-from train.config import Config, ConfigError, load_config, replace
+from train.config import Config, load_config, replace
+from train.errors import ConfigError
 
 K2_SETTINGS = {"recompute": "selective", "fp8_storage": True, "offload": True}
 

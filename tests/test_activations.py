@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.parallel_fixtures import make_batch, tiny_config
-from train.config import ActivationConfig, ConfigError, replace
+from train.config import ActivationConfig, replace
+from train.errors import ConfigError
 from train.model import build_lm, init_weights
 from train.model.activations import (HostStore, apply_activation_memory, check_support,
                                      fp8_dequantize, fp8_quantize)

@@ -430,7 +430,8 @@ def _metadata_s3(store):
 
 @pytest.mark.parametrize("field,value", [("part_mib", 4), ("object_mib", 8), ("concurrency", 0)])
 def test_checkpoint_write_options_are_validated(field, value):
-    from train.config import ConfigError, load_config
+    from train.config import load_config
+    from train.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"checkpoint.{field}"):
         load_config("configs/tiny.toml", [f"--checkpoint.{field}={value}"])

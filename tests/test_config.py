@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import Config, ConfigError, load_config, parse_overrides, replace
+from train.config import Config, load_config, parse_overrides, replace
+from train.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

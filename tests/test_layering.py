@@ -22,7 +22,8 @@ REPO_PACKAGES = {"bench", "data", "launch", "parallel", "tests", "train"}
 # train/errors.py (the user-facing error types) imports nothing and sits below everything.
 LAYERS = {
     "train/errors.py": ((), {}),
-    "train/config.py": (("train.errors",), {}),
+    "train/config.py": (("train.errors", "train.config_checks"), {}),
+    "train/config_checks.py": (("train.errors", "train.config"), {}),  # Config as a type only
     "train/model": (("train.errors", "train.config", "train.model"), {}),
     "parallel": (("parallel", "train.errors", "train.config", "train.model",
                   "train.optim.grad_norm"), {"train.optim.muon": {"uses_muon"}}),

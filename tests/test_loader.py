@@ -354,7 +354,7 @@ def test_micro_batch_split_keeps_each_rows_vision_items_and_segments(ds):
 
 
 def test_source_weights_split_a_modality_by_tokens_and_bad_weights_are_rejected(ds):
-    from train.config import ConfigError
+    from train.errors import ConfigError
 
     loader = _loader(ds, source_weights="images=1,videos=1,interleaved=2")
     rep = plan_report(loader.stream, 40)["mix"]["sources"]

@@ -219,7 +219,8 @@ def test_update_router_bias_sign_rule_and_load_collection():
 def test_balancing_is_aux_loss_free_only():
     """The recipe balances experts by the selection bias alone; there is no aux-loss option
     (an old config that sets one is rejected, naming the key)."""
-    from train.config import ConfigError, load_config
+    from train.config import load_config
+    from train.errors import ConfigError
 
     with pytest.raises(ConfigError, match="seq_aux_loss_coef"):
         load_config("configs/tiny.toml", ["--model.seq_aux_loss_coef=0.01"])

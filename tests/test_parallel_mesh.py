@@ -4,7 +4,8 @@ import torch.distributed as dist
 
 from parallel.mesh import build_mesh, check_parallel_config
 from tests.dist import run_distributed
-from train.config import ConfigError, Config, replace
+from train.config import Config, replace
+from train.errors import ConfigError
 
 
 def _cfg(**parallel):

@@ -24,7 +24,8 @@ from parallel.rank_memory import rank_memory
 from parallel.runtime import ParallelRuntime
 from tests.dist import run_distributed
 from tests.parallel_fixtures import make_batch, rank_view, tiny_config
-from train.config import ConfigError, load_config, replace
+from train.config import load_config, replace
+from train.errors import ConfigError
 from train.model import build_model, init_weights
 from train.step import training_step
 

@@ -14,7 +14,8 @@ import torch
 from tests.corpus_fixtures import make_dataset
 from tests.dist import DistributedTestError, run_distributed
 from tests.grad_check import assemble, assert_grads_match, capture_reduced_grads, merge_ranks
-from train.config import ConfigError, load_config
+from train.config import load_config
+from train.errors import ConfigError
 from train.metrics import read_metrics
 
 TINY = "configs/tiny.toml"

@@ -26,7 +26,8 @@ from parallel.runtime import ParallelRuntime
 from tests.corpus_fixtures import make_dataset
 from tests.dist import run_distributed
 from tests.parallel_fixtures import concat_batches, make_batch, rank_view, tiny_config
-from train.config import ConfigError, load_config
+from train.config import load_config
+from train.errors import ConfigError
 from train.metrics import read_metrics
 from train.model import build_model, init_weights
 from train.model.lm import token_losses

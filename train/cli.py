@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 
-from train.errors import UserError
+from train.errors import ConfigError, UserError
 
 DEBUG_ENV = "MMPT_DEBUG"
 PEER_REPORT_DELAY_S = 3.0
@@ -62,8 +62,6 @@ def debug_enabled() -> bool:
 
 def report_user_error(command: str, e: UserError) -> int:
     """Print e as one line (see the module docstring); returns the exit status, 2."""
-    from train.config import ConfigError
-
     if debug_enabled():
         traceback.print_exception(e)
     kind = "config error" if isinstance(e, ConfigError) else "error"

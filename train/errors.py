@@ -7,9 +7,11 @@ message is one line that names the field or file and says what to do. The `mmpt`
 `mmpt COMMAND: error: MESSAGE`, exit status 2; the traceback only with MMPT_DEBUG=1. Any other
 exception is a bug and keeps its traceback.
 
-The error classes of the layers (ConfigError, StoreError, ShardError, ResumeError, ...) derive
-from UserError; `MissingInput` and `InvalidInput` are for facts no layer class covers, and keep
-the builtin type callers already catch. This module imports nothing, so every layer can use it.
+The error classes of the layers (StoreError, ShardError, ResumeError, ...) derive from UserError;
+`ConfigError` is defined here, since loading a config (train/config.py) and checking its rules
+(train/config_checks.py) both raise it. `MissingInput` and `InvalidInput` are for facts no layer
+class covers, and keep the builtin type callers already catch. This module imports nothing, so
+every layer can use it.
 """
 
 from __future__ import annotations
@@ -25,3 +27,7 @@ class MissingInput(UserError, FileNotFoundError):
 
 class InvalidInput(UserError, ValueError):
     """A file or checkpoint exists but does not fit (another model size, another tokenizer...)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is missing, unknown or invalid; the message names the field."""

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from train.checkpoint import CheckpointManager, model_tensors, step_dir
-from train.config import Config, ConfigError, from_dict, load_config
-from train.errors import InvalidInput, MissingInput, UserError
+from train.config import Config, from_dict, load_config
+from train.errors import ConfigError, InvalidInput, MissingInput, UserError
 from train.model import build_model
 
 WEIGHTS_ONLY = "weights_only"  # meta.json flag of an imported checkpoint

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from data.batch import ROLE_CAPTION, ROLE_TEXT, ROLES
-from train.config import ConfigError
+from train.errors import ConfigError
 
 KINDS = ("text", "image", "video", "interleaved")
 ROLE_KEYS = {ROLE_CAPTION: "caption", ROLE_TEXT: "plain_text"}  # (markers: only in the totals)

@@ -50,8 +50,8 @@ from parallel.mesh import build_mesh
 from parallel.pieces import RankCoords, build_rank_pieces, materialize_pieces
 from parallel.runtime import ParallelRuntime
 from train.checkpoint import CheckpointManager, fill_masters, restore_rng, training_state
-from train.config import Config, ConfigError
-from train.errors import InvalidInput, UserError
+from train.config import Config
+from train.errors import ConfigError, InvalidInput, UserError
 from train.hf_export import WEIGHTS_ONLY
 from train.metrics import CategoryNames, MetricsLogger, category_metrics
 from train.model.flops import training_flops_per_token

@@ -32,7 +32,8 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
-from train.config import ActivationConfig, ConfigError
+from train.config import ActivationConfig
+from train.errors import ConfigError
 from train.model.lm import DecoderLayer
 from train.model.mla import MLA
 from train.model.moe import MLP, GroupedExperts
