@@ -17,7 +17,8 @@ step time of real gloo runs on this CPU machine after a calibration pass.
 3. Step time: real training steps (train.step.training_step; fp32, MuonClip, synthetic packed
    batches with images and video chunks) on gloo ranks at world 2, 4 and 8, PP / EP /
    DP / DEP on and off, for the tests' tiny config and a wider one; per run at least --steps
-   steps and about --timed-s seconds of them after --warmup, the median over two rounds.
+   steps and about --timed-s seconds of them after --warmup; a checked layout's step is the
+   median of its steps over four runs, two in each of two rounds.
    Calibration, never on the checked layouts: gloo pings at world 2 (three at the start, one
    before each round, the fastest of each kind kept) give the CPU time and the latency of a
    collective and of a send or receive; world-1 runs of each config
@@ -640,8 +641,9 @@ def _prediction(cfg, cal: dict, world: int, cores_free: float, measured: float) 
 
 def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal: dict,
                  loads: list[float]) -> dict:
-    """A checked layout's measurement (the median of its steps over the rounds) against the
-    planner on the mean of its rounds' cores left."""
+    """A checked layout's measurement (the median of its steps over all its runs) against the
+    planner on the mean of its runs' cores left; `run_cv` is the spread of its runs' medians
+    (standard deviation over mean): how far the machine itself moves one layout's step."""
     import statistics
 
     world, par = layout
@@ -652,12 +654,14 @@ def _checked_row(name: str, base, layout: tuple[int, dict], got: list[dict], cal
     cpu_measured = [sum(x) / len(x) for x in zip(*(_measured_cpu(cfg, g) for g in got))]
     return dict(config=name, world=world, **par, measured_step_s=round(measured, 4),
                 fastest_step_s=round(min(per_step), 4),
-                round_medians_s=[round(g["step_s"], 4) for g in got],
+                run_medians_s=[round(g["step_s"], 4) for g in got],
+                run_cv=round(statistics.pstdev([g["step_s"] for g in got])
+                             / statistics.mean(g["step_s"] for g in got), 4),
                 measured_cpu_s=[round(x, 4) for x in cpu_measured],
                 **_prediction(cfg, cal, world, cores_free, measured),
                 cores=cores(), cores_free=round(cores_free, 2),
-                round_cores_free=[round(g["cores_free"], 2) for g in got],
-                round_cores_stolen=[round(g["cores_stolen"], 3) for g in got],
+                run_cores_free=[round(g["cores_free"], 2) for g in got],
+                run_cores_stolen=[round(g["cores_stolen"], 3) for g in got],
                 loadavg_before=loads[0], loadavg_after=loads[-1])
 
 
@@ -703,14 +707,18 @@ def refit_step_time(recorded: dict) -> tuple[list[dict], dict]:
 
 
 def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict], dict]:
-    """Three gloo pings, then per config STEP_ROUNDS rounds of: a ping, half of the
-    EVENT_CALIBRATION runs, the world-1 calibration (DEP on and off), the twelve checked
-    layouts' halves, the other half of the EVENT_CALIBRATION runs. The machine's other users
-    come and go over minutes; interleaving the calibration with the checked runs lets both see
-    the same spells, and a config's calibration takes the fastest ping of each kind so far (a
-    busy spell at the start once doubled every pinged cost). Only the calibration runs are
-    fitted; a checked layout's step is the median of its steps over the rounds, predicted on
-    the mean of its rounds' cores left (_checked_row)."""
+    """Three gloo pings, then per config STEP_ROUNDS rounds of: a ping, a pass over the twelve
+    checked layouts, half of the EVENT_CALIBRATION runs, the world-1 calibration (DEP on and
+    off), a pass over the checked layouts in the reverse order, the other half of the
+    EVENT_CALIBRATION runs. The machine's speed drifts over minutes (one layout's runs a few
+    minutes apart differ by up to a third on an idle machine); interleaving the calibration
+    with the checked runs lets both see the same spells, four runs of each checked layout
+    spread over the config's measurement average the drift as the calibration's repeats do,
+    and the alternating order puts every layout's mean time at the middle. A config's
+    calibration takes the fastest ping of each kind so far (a busy spell at the start once
+    doubled every pinged cost). Only the calibration runs are fitted; a checked layout's step
+    is the median of its steps over its runs, predicted on the mean of its runs' cores left
+    (_checked_row)."""
     pings: dict = {}
     comm = measure_comm(best=pings)
     print(json.dumps({"comm": comm}), flush=True)
@@ -727,19 +735,23 @@ def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict]
                 runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, c["pp"] * c["dp"],
                                                 warmup, steps, timed_s)))
 
-        for _ in range(STEP_ROUNDS):
-            comm = measure_comm(repeats=1, best=pings)
-            events()
-            for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
-                cfg = world1_config(base, c)
-                runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, 1, warmup, steps,
-                                                timed_s)))
-            for i in checked:
+        def check_pass(order):
+            for i in order:
                 world, par = LAYOUTS[i]
                 loads[i].append(loadavg())
                 checked[i].append(measure_step(layout_config(base, par), world, warmup, steps,
                                                timed_s))
                 loads[i].append(loadavg())
+
+        for _ in range(STEP_ROUNDS):
+            comm = measure_comm(repeats=1, best=pings)
+            check_pass(list(checked))
+            events()
+            for c in CALIBRATION * (CALIBRATION_PASSES // STEP_ROUNDS):
+                cfg = world1_config(base, c)
+                runs.append((c, cfg, _with_rows(c["rows"], measure_step, cfg, 1, warmup, steps,
+                                                timed_s)))
+            check_pass(list(reversed(checked)))
             events()
         cal = calibrations[name] = calibrate(base, comm, runs)
         print(json.dumps({name: cal}), flush=True)
