@@ -3,7 +3,7 @@ step time of real gloo runs on this CPU machine after a calibration pass.
 
     .venv/bin/python bench/plan_check.py                 # all parts (~13 min)
     .venv/bin/python bench/plan_check.py --skip-k25      # without the K2.5-width probes
-    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~11.5 min)
+    .venv/bin/python bench/plan_check.py --steps-only    # the step-time part alone (~12.5 min)
     .venv/bin/python bench/plan_check.py --refit IN --out OUT  # IN's step-time runs refitted
 
 1. Activations: the planner's per-token bytes of one K2.5-width MoE layer (probed at 128 and
