@@ -714,7 +714,7 @@ def check_step_time(warmup: int, steps: int, timed_s: float) -> tuple[list[dict]
     minutes apart differ by up to a third on an idle machine); interleaving the calibration
     with the checked runs lets both see the same spells, four runs of each checked layout
     spread over the config's measurement average the drift as the calibration's repeats do,
-    and the alternating order puts every layout's mean time at the middle. A config's
+    and the alternating order evens out the layouts' mean times. A config's
     calibration takes the fastest ping of each kind so far (a busy spell at the start once
     doubled every pinged cost). Only the calibration runs are fitted; a checked layout's step
     is the median of its steps over its runs, predicted on the mean of its runs' cores left
