@@ -11,7 +11,8 @@ marker, the same for both backends:
      flag says whether every rank's list is unchanged (and carries rank 0's new attempt id);
      only if one changed do the ranks plan afresh (one gather, one scatter). No store request.
      Each rank then copies the chunks it writes to host memory (pinned on CUDA), and the
-     owner of each master the weight rows it covers. This copy is all that training waits for.
+     owner of each master the weight rows it covers. This copy is all that training waits for
+     (staging.py).
   2. (background thread, every rank) the owner compares those weight rows with its masters
      rounded; the chunks, and the weight rows that do not round, are written
      (storage.write_chunks: parallel parts, every object durable), then a done marker
@@ -71,20 +72,19 @@ import logging
 import re
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from data.store import NotFound, ObjectStore, StoreError, open_store
 from train.checkpoint import ranks
-from train.checkpoint.layout import Entry, entries
+from train.checkpoint.layout import entries
 from train.checkpoint.load_plan import damage_reason, read_plan
-from train.checkpoint.save_plan import RowCheck, global_plan, override_chunks, with_overrides
+from train.checkpoint.save_plan import RowCheck, override_chunks, with_overrides
+from train.checkpoint.staging import SaveStaging
 from train.checkpoint.storage import (METADATA, CorruptCheckpoint, Staged, build_metadata,
-                                      dtype_name, parse_metadata, read_chunks, write_chunks)
+                                      parse_metadata, read_chunks, write_chunks)
 from train.errors import InvalidInput
 
 log = logging.getLogger("mmpt.checkpoint")
@@ -142,8 +142,7 @@ class CheckpointManager:
         self.async_save, self.concurrency = async_save, concurrency
         self.part_bytes, self.object_bytes = part_bytes, object_bytes
         self._pending: _Pending | None = None
-        self._staging: dict[tuple, torch.Tensor] = {}  # host buffers, reused save after save
-        self._last_plan: tuple | None = None  # (chunk lists' signature, mine, checks, table)
+        self._staging = SaveStaging(asynchronous=async_save)
         self.last_save: dict[str, Any] = {}  # figures of the newest finished save
         self.last_load: dict[str, Any] = {}  # figures of the newest load
         self.skipped: list[tuple[str, str]] = []  # (checkpoint name, reason), in report order
@@ -227,9 +226,9 @@ class CheckpointManager:
         name = step_dir(step)
         meta_bytes = json.dumps({"step": step, **(meta or {})}, sort_keys=True).encode()
         ents = entries(tensors)
-        mine, checks, table, attempt, reused = self._plan(ents)
+        mine, checks, table, attempt, reused = self._staging.plan(ents)
         planned = time.monotonic()
-        staged, rows = self._stage(ents, mine, checks)
+        staged, rows = self._staging.stage(ents, mine, checks)
         job = _Pending(step=step, name=name, started=t0, attempt=attempt)
         job.stats = {"stall_s": time.monotonic() - t0, "wait_s": waited,
                      "plan_s": planned - t0 - waited, "stage_s": time.monotonic() - planned,
@@ -267,75 +266,6 @@ class CheckpointManager:
         """Before exit: the last save is waited for and committed on every rank."""
         self.wait()
         ranks.barrier()
-
-    def _plan(self, ents: list[Entry]):
-        """(indices of the entries this rank writes, its row checks (master index, weight index,
-        first row), rank 0: the table of logical tensors for metadata, the attempt id, whether
-        the previous save's plan was reused).
-
-        The plan depends only on the ranks' chunk lists (keys, offsets, sizes, dtypes), never
-        on values, so the last one is kept: one all_reduce tells whether every rank's list is
-        the one it was made from; otherwise the ranks plan afresh (one gather, one scatter)."""
-        local = [(e.key, e.offsets, e.sizes, dtype_name(e.tensor.dtype), e.nbytes, e.stacked)
-                 for e in ents]
-        signature = hashlib.blake2b(repr(local).encode(), digest_size=16).digest()
-        cached = self._last_plan
-        stale, salt = ranks.any_rank(cached is None or cached[0] != signature)
-        if not stale:
-            _, mine, checks, table = cached
-            return mine, checks, table, f"{salt:016x}", True
-        if ranks.distributed():
-            plans = [None] * ranks.world() if ranks.rank() == 0 else None
-            dist.gather_object(local, plans, dst=0)
-        else:
-            plans = [local]
-        picks, table = (global_plan(plans) if ranks.rank() == 0 else (None, None))
-        if picks is not None:
-            attempt = uuid.uuid4().hex[:16]
-            picks = [(*p, attempt) for p in picks]
-        if ranks.distributed():
-            box = [None]
-            dist.scatter_object_list(box, picks, src=0)
-            mine, checks, attempt = box[0]
-        else:
-            mine, checks, attempt = picks[0]
-        self._last_plan = (signature, mine, checks, table)
-        return mine, checks, table, attempt, False
-
-    def _host(self, spec: tuple, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of t (what training waits for). Asynchronous saves keep the buffers for
-        the next save (pinned on CUDA); a synchronous save uses contiguous CPU tensors as they
-        are."""
-        t = t.detach()
-        if not self.async_save and t.device.type == "cpu" and t.is_contiguous():
-            return t
-        buf = self._staging.get(spec)
-        if buf is None:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu",
-                              pin_memory=t.device.type == "cuda")
-            if self.async_save:
-                self._staging[spec] = buf
-        buf.copy_(t, non_blocking=t.device.type == "cuda")
-        return buf
-
-    def _stage(self, ents: list[Entry], mine: list[int], checks: list[tuple[int, int, int]]
-               ) -> tuple[list[Staged], list[RowCheck]]:
-        """Host copies of the chunks this rank writes, and of the weight rows its masters are
-        compared with in the background."""
-        staged = {}
-        for i in mine:
-            e = ents[i]
-            staged[i] = Staged(e.key, e.offsets, self._host(
-                ("chunk", e.key, e.offsets, e.sizes, e.tensor.dtype), e.tensor))
-        rows = []
-        for i, j, lo in checks:
-            m, w = ents[i], ents[j]
-            t = w.tensor.narrow(0, lo, m.sizes[0]) if m.sizes else w.tensor
-            rows.append(RowCheck(w.key, m.offsets, staged[i].tensor, self._host(
-                ("rows", w.key, m.offsets, m.sizes, t.dtype), t)))
-        if any(ents[i].tensor.device.type == "cuda" for i in mine + [j for _, j, _ in checks]):
-            torch.cuda.synchronize()  # the copies were non-blocking
-        return list(staged.values()), rows
 
     def _write(self, job: _Pending, staged: list[Staged], rows: list[RowCheck],
                table: dict | None, meta_bytes: bytes) -> None:
