@@ -485,9 +485,10 @@ def world1_config(base, c: dict):
 
 
 # Layouts that are not among LAYOUTS, calibrating the runtime's CPU per event
-# (parallel/step_time.py Hardware, counted by cpu_event_counts). Their micro-batches have 2 rows, as the checked
-# layouts' do: a layer's CPU is not linear in its tokens at a row or two, so a fit on other
-# micro-batch sizes charges the difference to the per-event constants. What each run has:
+# (parallel/step_time.py Hardware, counted by cpu_event_counts). Their micro-batches have 2
+# rows, as the checked layouts' do: a layer's CPU is not linear in its tokens at a row or two,
+# so a fit on other micro-batch sizes charges the difference to the per-event constants. What
+# each run has:
 EVENT_CALIBRATION = [
     # DP2, EP1, no DEP, 2 micro-batches: ZeRO-1's parameters only (dense and experts)
     dict(pp=1, virtual_stages=1, dp=2, ep=1, microbatches=2, schedule="1f1b", dep=False, rows=4),
@@ -583,8 +584,8 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
     """CPU_FIELDS by non-negative least squares on the calibration runs' CPU time (relative
     residuals): each pipeline rank's measured CPU seconds per step (process time, the gloo
     threads included) against the planner's (`cpu_s_per_rank`), which is linear in these
-    constants, so its columns are its values at a unit of each. `runs`: (entry, its config, measure_step's
-    result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
+    constants, so its columns are its values at a unit of each. `runs`: (entry, its config,
+    measure_step's result), the world-1 runs and the EVENT_CALIBRATION runs. CPU time does not depend on
     where the schedule's waits fall, so the fit needs no replay; the cores left enter only
     through the crowding of crowded_op_cpu_s. The pinged latencies stay as measured; the
     waits are fitted after (fit_waits)."""
@@ -621,7 +622,7 @@ def calibrate(base, comm: dict, runs: list[tuple[dict, object, dict]]) -> dict:
                            fitted_step_s=round(_with_rows(c["rows"], _predict, cfg, cpu_hardware(
                                cal, world, got["cores_free"])), 4),
                            cores_free=round(got["cores_free"], 2),
-                           cores_stolen=round(got.get("cores_stolen", 0.0), 3)))
+                           cores_stolen=round(got["cores_stolen"], 3)))
     return dict(cal, runs=fitted)
 
 
@@ -680,8 +681,10 @@ def _recorded_runs(base, cal: dict) -> list[tuple[dict, object, dict]]:
         if e["pp_rank"] == 0:
             c = {k: v for k, v in e.items() if k not in _RUN_RECORD}
             cfg = event_config(base, c) if "pp" in c else world1_config(base, c)
+            # runs recorded before stolen time was counted have none
             runs.append((c, cfg, {"cpu_s": [], "step_s": e["measured_step_s"],
-                                  "cores_free": e["cores_free"]}))
+                                  "cores_free": e["cores_free"],
+                                  "cores_stolen": e.get("cores_stolen", 0.0)}))
         _, cfg, got = runs[-1]
         got["cpu_s"] += [e["measured_cpu_s"]] * cfg.parallel.dp
     return runs

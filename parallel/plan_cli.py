@@ -15,8 +15,8 @@ import argparse
 import json
 
 from parallel.plan import GB, Plan, plan
-from parallel.step_time import GPUS, Hardware
 from parallel.plan_search import fix_for_invalid, search, smallest_fix, with_gpus
+from parallel.step_time import GPUS, Hardware
 from train.config import load_config
 from train.errors import ConfigError
 

@@ -12,10 +12,10 @@ import torch
 
 from parallel.pieces import RankCoords, build_rank_pieces
 from parallel.plan import layout_of, plan
-from parallel.step_time import GPUS, Hardware
 from parallel.plan_cli import main
-from parallel.plan_search import search
 from parallel.plan_costs import layer_saved_per_token
+from parallel.plan_search import search
+from parallel.step_time import GPUS, Hardware
 from parallel.schedule_replay import peak_in_flight, replay, schedule_actions
 from parallel.rank_memory import rank_memory
 from train.config import ActivationConfig, load_config, replace
@@ -212,7 +212,8 @@ def test_gpu_plans_do_not_share_and_enough_cores_give_the_gpu_replay(monkeypatch
     cfg = _tiny(pp=2, virtual_stages=2, dp=2, ep=2, microbatches=4)
     ref = plan(cfg, HW, vision_items=([], [])).step
     with monkeypatch.context() as m:
-        m.setattr(step_time_mod, "replay_shared", lambda *a, **k: pytest.fail("shared replay on GPU"))
+        m.setattr(step_time_mod, "replay_shared",
+                  lambda *a, **k: pytest.fail("shared replay on GPU"))
         assert plan(cfg, HW, vision_items=([], [])).step == ref
     cpu = plan(cfg, dataclasses.replace(HW, cores=4, overlap_ep=False), vision_items=([], [])).step
     gpu = plan(cfg, dataclasses.replace(HW, overlap_ep=False), vision_items=([], [])).step
